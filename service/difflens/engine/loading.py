@@ -1,0 +1,187 @@
+"""Load a local diffusers Stable-Diffusion-format folder (model_index.json), offline and safetensors-only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflens.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHTED_COMPONENTS = ("unet", "text_encoder", "vae")
+REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
+DEFAULTS_FILE = "difflens.json"  # recommended sampling defaults, beside model_index.json
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults used when a request leaves a field unset. SD's usual values unless the folder says."""
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    width: int | None = None  # None: unet.sample_size * vae_scale_factor
+    height: int | None = None
+
+    @classmethod
+    def read(cls, folder: Path) -> ModelDefaults:
+        f = folder / DEFAULTS_FILE
+        if not f.exists():
+            return cls()
+        try:
+            raw = json.loads(f.read_text())
+            known = {k: raw[k] for k in ("steps", "guidance_scale", "scheduler", "width", "height") if k in raw}
+            return cls(**known)
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(str(f), f"malformed defaults file: {e}") from e
+
+
+@dataclass
+class Model:
+    """The loaded components. `vae` is None for a pixel-space model (the UNet works on RGB directly)."""
+
+    path: Path
+    unet: Any
+    scheduler: Any
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any | None
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (the VAE factor x 8)."""
+        return self.vae_scale_factor * 8
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = int(self.unet.config.sample_size) * self.vae_scale_factor
+        return (self.defaults.width or side, self.defaults.height or side)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+
+def _read_index(folder: Path) -> dict[str, Any]:
+    if not folder.exists():
+        raise ModelLoadError(str(folder), "folder does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(str(folder), "is not a folder (expected a diffusers model folder)")
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise ModelLoadError(str(folder), "no model_index.json: not a diffusers model folder")
+    try:
+        data = json.loads(index.read_text())
+    except ValueError as e:
+        raise ModelLoadError(str(index), f"malformed JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(str(index), "must hold a JSON object")
+    return data
+
+
+def _declared(index: dict[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
+
+
+def _check_weights(folder: Path, name: str) -> None:
+    sub = folder / name
+    if not sub.is_dir():
+        raise ModelLoadError(str(sub), f"component '{name}' is declared in model_index.json but its folder is missing")
+    files = [p for p in sub.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ModelLoadError(
+            str(sub),
+            f"only pickle weights found ({', '.join(sorted(pickles))}); difflens loads safetensors only "
+            "(convert them with safetensors first)",
+        )
+    raise ModelLoadError(str(sub), f"no .safetensors weights for component '{name}'")
+
+
+def _load(what: str, path: Path, fn: Any) -> Any:
+    try:
+        return fn()
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(str(path), f"cannot load {what}: {e}") from e
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Model:
+    """Load unet, scheduler, text_encoder, tokenizer and (optional) vae from a local folder.
+
+    Never contacts a hub (local_files_only, HF_HUB_OFFLINE); refuses pickle weights.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces beside local_files_only
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(path).resolve()
+    index = _read_index(folder)
+    for name in REQUIRED:
+        if not _declared(index, name):
+            raise ModelLoadError(str(folder / "model_index.json"), f"required component '{name}' is not declared")
+    has_vae = _declared(index, "vae")
+    for name in WEIGHTED_COMPONENTS:
+        if name != "vae" or has_vae:
+            _check_weights(folder, name)
+    for name in ("scheduler", "tokenizer"):
+        if not (folder / name).is_dir():
+            raise ModelLoadError(str(folder / name), f"component '{name}' folder is missing")
+
+    kw = {"local_files_only": True, "use_safetensors": True}
+    unet = _load("unet", folder / "unet",
+                 lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kw))
+    text_encoder = _load("text_encoder", folder / "text_encoder",
+                         lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **kw))
+    tokenizer = _load("tokenizer", folder / "tokenizer",
+                      lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True))
+    scheduler = _load("scheduler", folder / "scheduler", lambda: _load_scheduler(folder / "scheduler", index))
+    vae = None
+    if has_vae:
+        vae = _load("vae", folder / "vae",
+                    lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **kw))
+    for module in (unet, text_encoder, vae):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return Model(folder, unet, scheduler, text_encoder, tokenizer, vae, ModelDefaults.read(folder))
+
+
+def _load_scheduler(sub: Path, index: dict[str, Any]) -> Any:
+    import diffusers
+
+    cls_name = index["scheduler"][1]
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(str(sub), f"unknown scheduler class {cls_name!r}")
+    config_file = sub / "scheduler_config.json"
+    if not config_file.exists():
+        raise ModelLoadError(str(sub), "scheduler_config.json is missing")
+    return cls.from_pretrained(sub, local_files_only=True)

@@ -1,0 +1,176 @@
+"""Request-level parameters of a generation and of its explanation, as plain frozen dataclasses.
+
+These are the domain types every edge (Python API, CLI, gRPC) converts into. `None` on a generation field means
+"the model's recommended default" (see `loading.ModelDefaults`). Validation of values that need the model
+(resolution multiples, layer paths) happens in `validate.py`; values that do not are checked here on creation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+
+from difflens.errors import InvalidArgument
+
+SchedulerName = Literal["ddim", "ddpm", "dpmsolver++", "euler"]
+SamplingKind = Literal["uniform", "early", "late", "explicit"]
+MaskKind = Literal["pixel", "grid"]
+Substrate = Literal["zero", "blur"]
+ScoreKind = Literal["structure", "cosine"]
+RiseTarget = Literal["eps", "x_prev"]
+CamTarget = Literal["output_sum", "guided_sum", "guided_sqnorm"]
+StepsKind = Literal["all", "list", "every"]
+MethodName = Literal["rise", "cam", "attn"]
+
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+METHODS: tuple[str, ...] = get_args(MethodName)
+
+
+def check_choice(field_name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidArgument(field_name, f"got {value!r}; allowed: {', '.join(allowed)}")
+
+
+def check_range(field_name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise InvalidArgument(field_name, f"got {value}; allowed range [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which timesteps the generation visits.
+
+    uniform: the scheduler's own spacing; early/late: exponential packing with shift lambda (METHOD.md);
+    explicit: `timesteps`, strictly decreasing, each in [0, num_train_timesteps).
+    """
+
+    kind: SamplingKind = "uniform"
+    shift: float = 60.0
+    timesteps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("sampling.kind", self.kind, get_args(SamplingKind))
+        check_range("sampling.shift", self.shift, 0.0, 10_000.0)
+        if self.kind == "explicit":
+            if not self.timesteps:
+                raise InvalidArgument("sampling.timesteps", "explicit sampling needs a non-empty list")
+        elif self.timesteps is not None:
+            raise InvalidArgument("sampling.timesteps", f"only allowed with kind 'explicit', got kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What to generate. `None` fields take the model's recommended defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: SchedulerName | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise InvalidArgument("prompt", "must be a string")
+        check_range("seed", self.seed, 0, 2**63 - 1)
+        if self.steps is not None:
+            check_range("steps", self.steps, 1, 1000)
+        if self.guidance_scale is not None:
+            check_range("guidance_scale", self.guidance_scale, 0.0, 50.0)
+        if self.scheduler is not None:
+            check_choice("scheduler", self.scheduler, SCHEDULERS)
+
+
+@dataclass(frozen=True)
+class StepSelector:
+    """Which denoising steps (indices 0..n-1) to explain: all, an explicit list, or every k-th from 0."""
+
+    kind: StepsKind = "all"
+    indices: tuple[int, ...] = ()
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("explain.steps.kind", self.kind, get_args(StepsKind))
+        if self.kind == "list" and not self.indices:
+            raise InvalidArgument("explain.steps.indices", "kind 'list' needs at least one step index")
+        if self.kind == "every":
+            check_range("explain.steps.every", self.every, 1, 1000)
+
+    def select(self, num_steps: int) -> list[int]:
+        if self.kind == "all":
+            return list(range(num_steps))
+        if self.kind == "every":
+            return list(range(0, num_steps, self.every))
+        bad = [i for i in self.indices if not 0 <= i < num_steps]
+        if bad:
+            raise InvalidArgument("explain.steps.indices", f"{bad} out of range; allowed 0..{num_steps - 1}")
+        return sorted(set(self.indices))
+
+
+@dataclass(frozen=True)
+class RiseOptions:
+    """DF-RISE (METHOD.md). `masks`, when given, is (N, h, w) in [0, 1] and overrides num_masks/p/kind/seed.
+
+    structure_2x: the reference code's 2*sigma_xy numerator (parity flag).
+    """
+
+    num_masks: int = 256
+    p: float = 0.5
+    mask: MaskKind = "pixel"
+    grid_size: int = 8
+    substrate: Substrate = "zero"
+    score: ScoreKind = "structure"
+    structure_2x: bool = False
+    target: RiseTarget = "eps"
+    batch_size: int = 32
+    seed: int = 0
+    masks: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_range("rise.num_masks", self.num_masks, 1, 1_000_000)
+        check_range("rise.p", self.p, 1e-6, 1.0)
+        check_choice("rise.mask", self.mask, get_args(MaskKind))
+        check_range("rise.grid_size", self.grid_size, 1, 1024)
+        check_choice("rise.substrate", self.substrate, get_args(Substrate))
+        check_choice("rise.score", self.score, get_args(ScoreKind))
+        check_choice("rise.target", self.target, get_args(RiseTarget))
+        check_range("rise.batch_size", self.batch_size, 1, 4096)
+        if self.masks is not None and self.masks.dim() != 3:
+            raise InvalidArgument("rise.masks", f"must be (N, h, w), got shape {tuple(self.masks.shape)}")
+
+
+DEFAULT_CAM_LAYERS: tuple[str, ...] = ()  # empty = every resnet, attention and sampler of the UNet's blocks
+
+
+@dataclass(frozen=True)
+class CamOptions:
+    """DF-CAM. `layers` are UNet module paths (e.g. 'up_blocks.0.resnets.1'); empty means the reference's set."""
+
+    layers: tuple[str, ...] = DEFAULT_CAM_LAYERS
+    target: CamTarget = "output_sum"
+
+    def __post_init__(self) -> None:
+        check_choice("cam.target", self.target, get_args(CamTarget))
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Cross-attention token maps (no options yet; presence turns it on)."""
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    steps: StepSelector = field(default_factory=StepSelector)
+    rise: RiseOptions | None = None
+    cam: CamOptions | None = None
+    attention: AttentionOptions | None = None
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        named = (("rise", self.rise), ("cam", self.cam), ("attn", self.attention))
+        return tuple(name for name, opt in named if opt is not None)

@@ -1,0 +1,88 @@
+"""UNet backends (eager, torch.compile) behind one call that does classifier-free guidance in one batch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, get_args
+
+import torch
+
+from difflens.engine.options import check_choice
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["eager", "compile"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+class UNetRunner:
+    """Runs the UNet for the sampler and the explainers.
+
+    `unet` stays the eager module: hooks and attention processors are installed on it (DF-CAM, attention maps
+    always run eager). `backend` selects what the batched no-grad calls use (denoising and DF-RISE).
+    """
+
+    def __init__(self, unet: Any, backend: Backend = "eager") -> None:
+        check_choice("unet_backend", backend, BACKENDS)
+        self.unet = unet
+        self.requested_backend = backend
+        self.backend: str = backend
+        self._fn: Any = unet
+        if backend == "compile":
+            try:
+                self._fn = torch.compile(unet, dynamic=False)
+            except Exception as e:  # noqa: BLE001 - any failure to compile means: run eager
+                self._fall_back(e)
+
+    def _fall_back(self, err: BaseException) -> None:
+        log.warning("torch.compile unavailable for the UNet (%s: %s); falling back to eager",
+                     type(err).__name__, err)
+        self._fn = self.unet
+        self.backend = "eager"
+
+    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or (N,). -> (N, C, h, w)."""
+        if self._fn is not self.unet:
+            try:
+                return self._fn(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+            except Exception as e:  # noqa: BLE001 - compile errors surface on the first call
+                self._fall_back(e)
+        return self.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def guided(self, latents: torch.Tensor, timestep: int | torch.Tensor, cond: CFGConditioning) -> torch.Tensor:
+        """Guided noise prediction eps_w for each latent. latents: (B, C, h, w) -> (B, C, h, w).
+
+        With CFG both branches see the same latent, in one UNet call laid out [uncond x B; cond x B], which for
+        B = 1 is exactly StableDiffusionPipeline's layout (bit-identical results).
+        """
+        b = latents.shape[0]
+        if not cond.cfg:
+            return self.raw(latents, timestep, cond.batch(b))
+        out = self.raw(torch.cat([latents, latents]), timestep, cond.batch(b))
+        uncond, text = out.chunk(2)
+        return uncond + cond.scale * (text - uncond)
+
+
+class CFGConditioning:
+    """Prompt embeddings for guided calls. embeds: (2, L, D) = [uncond; cond]. CFG is on when scale > 1
+    (as in StableDiffusionPipeline); off, only the conditional branch runs.
+
+    Batched conditioning is built once per batch size and reused (the explainers call with the same B
+    many times per step), rather than copied for each UNet call.
+    """
+
+    def __init__(self, embeds: torch.Tensor, scale: float) -> None:
+        self.embeds = embeds
+        self.scale = float(scale)
+        self.cfg = self.scale > 1.0
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def batch(self, b: int) -> torch.Tensor:
+        """(2B, L, D) laid out [uncond x B; cond x B] with CFG, else (B, L, D) of the conditional branch."""
+        if b not in self._cache:
+            _, seq, dim = self.embeds.shape
+            if self.cfg:
+                self._cache[b] = self.embeds[:, None].expand(2, b, seq, dim).reshape(2 * b, seq, dim)
+            else:
+                self._cache[b] = self.embeds[1:2].expand(b, seq, dim)
+        return self._cache[b]

@@ -1,0 +1,198 @@
+"""The denoising loop: CFG, seeded, any of four schedulers, any strictly decreasing timestep list.
+
+It matches diffusers' StableDiffusionPipeline step for step (same noise draw, same batch layout, same scheduler
+calls) so that, for the uniform schedule, its image equals the pipeline's. A per-step hook sees everything an
+explainer or progress reporter needs; explainers must not (and cannot, through StepState) alter the trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from difflens.engine.loading import Model
+from difflens.engine.options import GenerationParams
+from difflens.engine.runner import CFGConditioning, UNetRunner
+from difflens.engine.schedule import check_timesteps, exponential_timesteps
+from difflens.engine.validate import resolve_generation
+from difflens.errors import InvalidArgument
+
+SCHEDULER_CLASSES = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What the per-step hook sees at step `index` (the UNet call at timestep t_index).
+
+    latent_in: (1, C, h, w) the UNet's input at this step (after the scheduler's input scaling).
+    eps: (1, C, h, w) guided noise prediction; x0: (1, C, h, w) predicted clean latent;
+    latent_next: (1, C, h, w) the scheduler's x_{t_next}. `t` is the exact timestep value given to the UNet.
+    """
+
+    index: int
+    num_steps: int
+    timestep: int
+    t: torch.Tensor
+    latent_in: torch.Tensor
+    eps: torch.Tensor
+    x0: torch.Tensor
+    latent_next: torch.Tensor
+    cond: CFGConditioning
+    runner: UNetRunner
+
+
+StepHook = Callable[[StepState], None]
+
+
+@dataclass
+class Generation:
+    """image: (H, W, 3) float32 in [0, 1]; latents: (1, C, h, w) the final latent."""
+
+    image: np.ndarray
+    latents: torch.Tensor
+    timesteps: list[int]
+    params: GenerationParams
+    token_ids: list[int]
+
+
+def make_scheduler(model: Model, name: str):
+    import diffusers
+
+    cls_name, extra = SCHEDULER_CLASSES[name]
+    return getattr(diffusers, cls_name).from_config(model.scheduler.config, **extra)
+
+
+def encode_prompt(model: Model, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, list[int]]:
+    """Embeddings (2, L, D) = [negative; prompt] as StableDiffusionPipeline.encode_prompt computes them."""
+    tok = model.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    neg = tok(negative_prompt, padding="max_length", max_length=ids.shape[-1], truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        enc = model.text_encoder
+        pos_e = enc(ids.to(model.device), attention_mask=None)[0]
+        neg_e = enc(neg.to(model.device), attention_mask=None)[0]
+    return torch.cat([neg_e, pos_e]).to(model.dtype), ids[0].tolist()
+
+
+def plan_timesteps(model: Model, scheduler, params: GenerationParams) -> list[int]:
+    """The timestep list this generation visits; sets it on `scheduler` (except DDIM, stepped here)."""
+    s = params.sampling
+    n = int(params.steps or 0)
+    T = model.num_train_timesteps
+    if s.kind == "uniform":
+        scheduler.set_timesteps(n, device=model.device)
+        return [int(t) for t in scheduler.timesteps]
+    ts = exponential_timesteps(s.kind, n, s.shift, T) if s.kind in ("early", "late") \
+        else check_timesteps(s.timesteps or (), T)
+    if params.scheduler == "ddim":
+        scheduler.set_timesteps(len(ts), device=model.device)  # initialises its state; timesteps replaced below
+        scheduler.timesteps = torch.tensor(ts, dtype=torch.int64, device=model.device)
+    else:
+        scheduler.set_timesteps(timesteps=ts, device=model.device)
+    return ts
+
+
+def ddim_step(scheduler, eps: torch.Tensor, t: int, t_next: int | None, sample: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) update from t to the actual next timestep t_next (None: the end).
+
+    diffusers' DDIMScheduler.step assumes a uniform stride; this uses the schedule's alphas at t_next, with
+    the same arithmetic as diffusers so that, on the uniform list, results are bit-identical to it.
+    """
+    cfg = scheduler.config
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = scheduler.alphas_cumprod[t_next] if t_next is not None else scheduler.final_alpha_cumprod
+    beta_prod_t = 1 - alpha_prod_t
+    if cfg.prediction_type == "epsilon":
+        x0 = (sample - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
+        pred_eps = eps
+    elif cfg.prediction_type == "sample":
+        x0 = eps
+        pred_eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+    elif cfg.prediction_type == "v_prediction":
+        x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * eps
+        pred_eps = (alpha_prod_t**0.5) * eps + (beta_prod_t**0.5) * sample
+    else:
+        raise InvalidArgument("scheduler.prediction_type", f"got {cfg.prediction_type!r}")
+    if cfg.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    std_dev_t = 0.0 * alpha_prod_t  # eta = 0, kept as a tensor exactly as diffusers has it
+    direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_eps
+    return alpha_prod_t_prev ** (0.5) * x0 + direction
+
+
+def predict_x0(scheduler, latent_in: torch.Tensor, eps: torch.Tensor, timestep: int) -> torch.Tensor:
+    """x0 from the (variance-preserving) UNet input and its output at an integer timestep."""
+    a = scheduler.alphas_cumprod[timestep].to(latent_in.dtype)
+    pt = scheduler.config.prediction_type
+    if pt == "v_prediction":
+        return a.sqrt() * latent_in - (1 - a).sqrt() * eps
+    if pt == "sample":
+        return eps
+    return (latent_in - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
+    """latents: (1, C, h, w) -> image (H, W, 3) float32 in [0, 1] (pixel-space models: latents are RGB)."""
+    with torch.no_grad():
+        x = latents
+        if model.vae is not None:
+            x = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
+        x = (x / 2 + 0.5).clamp(0, 1)
+    return x[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+def generate(
+    model: Model,
+    params: GenerationParams,
+    *,
+    runner: UNetRunner | None = None,
+    on_step: StepHook | None = None,
+    check: Callable[[int], None] | None = None,
+) -> Generation:
+    """Run the denoising loop. `check(i)` runs before step i and may raise (Cancelled, DeadlineExceeded)."""
+    params = resolve_generation(model, params)
+    runner = runner or UNetRunner(model.unet)
+    assert params.scheduler is not None and params.width is not None and params.height is not None
+    scheduler = make_scheduler(model, params.scheduler)
+    timesteps = plan_timesteps(model, scheduler, params)
+    params = dataclasses.replace(params, steps=len(timesteps))
+    embeds, token_ids = encode_prompt(model, params.prompt, params.negative_prompt)
+    cond = CFGConditioning(embeds, float(params.guidance_scale or 0.0))
+
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generator = torch.Generator(device=model.device).manual_seed(params.seed)
+    f = model.vae_scale_factor
+    shape = (1, model.unet.config.in_channels, params.height // f, params.width // f)
+    latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    is_ddim = params.scheduler == "ddim"
+    n = len(timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        if check is not None:
+            check(i)
+        with torch.no_grad():
+            latent_in = scheduler.scale_model_input(latents, t)
+            eps = runner.guided(latent_in, t, cond)
+            if is_ddim:
+                nxt = ddim_step(scheduler, eps, int(t), timesteps[i + 1] if i + 1 < n else None, latents)
+            else:
+                nxt = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+        if on_step is not None:
+            x0 = predict_x0(scheduler, latent_in, eps, timesteps[i])
+            on_step(StepState(i, n, timesteps[i], t, latent_in, eps, x0, nxt, cond, runner))
+        latents = nxt
+    return Generation(decode(model, latents), latents, timesteps, params, token_ids)

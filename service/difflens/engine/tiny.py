@@ -1,0 +1,124 @@
+"""A tiny random-weights SD-format model, built entirely in code and written locally (no hub).
+
+Used by the tests and, until a trained model ships, by `make demo`. The components mirror diffusers' own
+`get_dummy_components` for StableDiffusionPipeline, with a CLIP tokenizer whose vocabulary is written here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+BASE_WORDS = (
+    "a an the and of on in at to with photo picture painting drawing image small large big tiny huge "
+    "red green blue yellow orange purple black white pink brown gray "
+    "circle square triangle star cat dog house tree car flower mountain river sky sun moon "
+    "striped dotted plain left right top bottom center middle background foreground"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte -> printable-unicode table (GPT-2 BPE convention).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_length: int = 77) -> None:
+    """Write a CLIPTokenizer (vocab.json, merges.txt) in which every word of `words` is one token.
+
+    Byte-level base vocabulary, so any text still tokenizes; merges chain each word's letters left to right.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    seen: set[str] = set()
+    for word in dict.fromkeys(w.lower() for w in words):
+        if len(word) < 2:
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = f"{left} {right}"
+            left = left + right
+            if merge not in seen:
+                seen.add(merge)
+                merges.append(merge)
+                vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "do_lower_case": True,
+    }, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }, indent=2))
+
+
+def build_tiny_components(seed: int = 0, sample_size: int = 16, tokenizer_dir: str | Path | None = None) -> dict:
+    """Random-weights components (fixed seed). Latents are (4, sample_size, sample_size); images 2x that."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=sample_size * 2)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
+                                 layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
+                                 vocab_size=1000, max_position_embeddings=77)
+    text_encoder = CLIPTextModel(text_config)
+    if tokenizer_dir is None:
+        raise ValueError("tokenizer_dir is required: the tokenizer is written to disk first")
+    write_word_tokenizer(tokenizer_dir, BASE_WORDS)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_config.vocab_size = len(tokenizer)
+    text_config.bos_token_id = tokenizer.bos_token_id
+    text_config.eos_token_id = tokenizer.eos_token_id
+    text_config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config)
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return {"unet": unet, "scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16) -> Path:
+    """Write the tiny model as a standard diffusers folder with safetensors weights. Returns the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    comps = build_tiny_components(seed, sample_size, tokenizer_dir=folder / "tokenizer")
+    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

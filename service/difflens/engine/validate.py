@@ -1,0 +1,35 @@
+"""Checks that need the model (resolution multiples, step counts) and filling in the model's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from difflens.engine.loading import Model
+from difflens.engine.options import SCHEDULERS, GenerationParams, check_choice, check_range
+from difflens.errors import InvalidArgument
+
+MAX_SIDE = 4096
+
+
+def resolve_generation(model: Model, params: GenerationParams) -> GenerationParams:
+    """Fill unset fields from the model's recommended defaults and validate against the model."""
+    d = model.defaults
+    w_default, h_default = model.default_size
+    p = dataclasses.replace(
+        params,
+        steps=params.steps if params.steps is not None else d.steps,
+        guidance_scale=params.guidance_scale if params.guidance_scale is not None else d.guidance_scale,
+        width=params.width if params.width is not None else w_default,
+        height=params.height if params.height is not None else h_default,
+        scheduler=params.scheduler if params.scheduler is not None else d.scheduler,  # type: ignore[arg-type]
+    )
+    check_choice("scheduler", str(p.scheduler), SCHEDULERS)
+    m = model.size_multiple
+    for name in ("width", "height"):
+        v = getattr(p, name)
+        check_range(name, v, m, MAX_SIDE)
+        if v % m:
+            raise InvalidArgument(name, f"got {v}; must be a multiple of {m} (VAE factor {model.vae_scale_factor} x 8)")
+    if p.sampling.kind in ("uniform", "early", "late"):
+        check_range("steps", int(p.steps or 0), 1, model.num_train_timesteps)
+    return p

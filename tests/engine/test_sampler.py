@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from difflens.engine.options import GenerationParams, Sampling
+from difflens.engine.sampler import generate, make_scheduler
+from difflens.errors import InvalidArgument
+
+SCHEDULERS = ["ddim", "ddpm", "dpmsolver++", "euler"]
+
+
+def pipeline_image(model, name, prompt, seed, steps, guidance, negative=""):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=make_scheduler(model, name), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+               generator=g, output_type="np", height=32, width=32)
+    return out.images[0]
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_loop_equals_stable_diffusion_pipeline(tiny_model, name, guidance):
+    params = GenerationParams("a red circle on the left", negative_prompt="blue", seed=3, steps=6,
+                              guidance_scale=guidance, scheduler=name)
+    ours = generate(tiny_model, params).image
+    ref = pipeline_image(tiny_model, name, params.prompt, 3, 6, guidance, negative="blue")
+    assert ours.shape == ref.shape == (32, 32, 3)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_uniform_list_passed_explicitly_equals_default_path(tiny_model, name):
+    base = GenerationParams("a green square", seed=1, steps=7, guidance_scale=4.0, scheduler=name)
+    default = generate(tiny_model, base)
+    explicit = generate(tiny_model, GenerationParams(
+        "a green square", seed=1, guidance_scale=4.0, scheduler=name,
+        sampling=Sampling("explicit", timesteps=tuple(default.timesteps))))
+    assert explicit.timesteps == default.timesteps
+    assert np.array_equal(explicit.image, default.image)
+
+
+def test_ddim_steps_exactly_between_arbitrary_timesteps(tiny_model):
+    """The DDIM update uses alpha at the real next timestep, not t - T/n: check one step by hand."""
+    from difflens.engine.sampler import ddim_step
+
+    sched = make_scheduler(tiny_model, "ddim")
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    a_t, a_n = sched.alphas_cumprod[900].double(), sched.alphas_cumprod[123].double()
+    x0 = (x.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+    expected = a_n.sqrt() * x0 + (1 - a_n).sqrt() * eps.double()
+    got = ddim_step(sched, eps, 900, 123, x)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("kind", ["early", "late"])
+def test_exponential_sampling_runs_the_exact_list(tiny_model, name, kind):
+    from difflens.engine.schedule import exponential_timesteps
+
+    g = generate(tiny_model, GenerationParams("a cat", steps=5, guidance_scale=3.0, scheduler=name,
+                                              sampling=Sampling(kind, shift=20)))
+    assert g.timesteps == exponential_timesteps(kind, 5, 20)
+    assert np.isfinite(g.image).all()
+
+
+def test_seed_is_deterministic_and_matters(tiny_model):
+    p = GenerationParams("a dog", seed=5, steps=3, guidance_scale=3.0)
+    a, b = generate(tiny_model, p).image, generate(tiny_model, p).image
+    c = generate(tiny_model, GenerationParams("a dog", seed=6, steps=3, guidance_scale=3.0)).image
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("width", {"width": 40}),
+    ("height", {"height": 8}),
+    ("width", {"width": 100_000}),
+])
+def test_resolution_is_validated(tiny_model, field, kwargs):
+    with pytest.raises(InvalidArgument) as e:
+        generate(tiny_model, GenerationParams("x", steps=1, **kwargs))
+    assert e.value.field == field
+    assert "16" in e.value.message
+
+
+def test_check_runs_before_each_step_and_can_stop(tiny_model):
+    from difflens.errors import Cancelled
+
+    seen = []
+
+    def check(i):
+        seen.append(i)
+        if i == 2:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        generate(tiny_model, GenerationParams("x", steps=5, guidance_scale=2.0), check=check)
+    assert seen == [0, 1, 2]
+
+
+def test_hook_sees_each_step(tiny_model):
+    states = []
+    g = generate(tiny_model, GenerationParams("x", steps=4, guidance_scale=2.0, scheduler="euler"),
+                 on_step=states.append)
+    assert [s.index for s in states] == [0, 1, 2, 3]
+    assert [s.timestep for s in states] == g.timesteps
+    assert torch.equal(states[-1].latent_next, g.latents)
+    for s in states:
+        assert s.latent_in.shape == s.eps.shape == s.x0.shape == (1, 4, 16, 16)
