@@ -1,0 +1,128 @@
+"""Orchestration: run a generation and, at the selected steps, every requested explainer.
+
+Explainers are functions of the step's StepState and their options; they return named maps (tensors) and do no
+I/O. Nothing here changes the trajectory: explainers get read-only tensors and their own RNGs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from difflens.engine import attention, cam, rise
+from difflens.engine.loading import Model
+from difflens.engine.options import ExplainOptions, GenerationParams
+from difflens.engine.runner import UNetRunner
+from difflens.engine.sampler import Generation, StepState, generate
+from difflens.engine.tokens import prompt_tokens
+
+
+@dataclass
+class StepExplanation:
+    """The maps of one explained step. Map names and shapes (h, w = latent size, T = prompt tokens):
+
+    rise: (h, w) count-normalised DF-RISE map; rise_raw: (h, w) sum_k M_k s_k;
+    cam: (h, w) sum over layers of min-max maps; cam/<layer path>: (h, w) per layer;
+    attn: (T, h, w) token maps; attn_relevance: (T,) token relevance in [0, 1].
+    """
+
+    index: int
+    timestep: int
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Explanation:
+    """image: (H, W, 3) uint8. `tokens` are the prompt's words (BPE pieces merged) that attn maps index."""
+
+    image: np.ndarray
+    timesteps: list[int]
+    steps: list[StepExplanation]
+    tokens: list[str]
+    params: dict[str, Any]
+    generation: Generation
+
+    def series(self, name: str) -> torch.Tensor:
+        """Stack one map over the explained steps: (S, ...)."""
+        return torch.stack([s.maps[name] for s in self.steps])
+
+
+StepCallback = Callable[[StepExplanation], None]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (image * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def run_explanation(
+    model: Model,
+    params: GenerationParams,
+    options: ExplainOptions,
+    *,
+    runner: UNetRunner | None = None,
+    on_step: StepCallback | None = None,
+    check: Callable[[int], None] | None = None,
+) -> Explanation:
+    """Generate and explain. `on_step` receives each step as soon as it is explained (streaming, progress);
+    with no method requested it still receives every step (with no maps) so progress can be shown."""
+    runner = runner or UNetRunner(model.unet)
+    tokens = prompt_tokens(model.tokenizer, params.prompt)
+    explained: list[StepExplanation] = []
+    selected: set[int] | None = None
+    masks: torch.Tensor | None = None
+    cam_layers = cam.resolve_layers(model.unet, options.cam.layers) if options.cam else ()
+
+    def hook(state: StepState) -> None:
+        nonlocal selected, masks
+        if selected is None:
+            selected = set(options.steps.select(state.num_steps))
+        if not options.methods or state.index not in selected:
+            if on_step is not None and not options.methods:
+                on_step(StepExplanation(state.index, state.timestep))
+            return
+        out = StepExplanation(state.index, state.timestep)
+        if options.rise is not None:
+            if masks is None:
+                masks = rise.make_masks(options.rise, tuple(state.latent_in.shape[-2:]), state.latent_in.device)
+            _timed(out, "rise", lambda: rise.explain_step(state, options.rise, masks))
+        if options.cam is not None:
+            _timed(out, "cam", lambda: cam.explain_step(state, options.cam, cam_layers))
+        if options.attention is not None:
+            _timed(out, "attn", lambda: attention.explain_step(state, tokens))
+        explained.append(out)
+        if on_step is not None:
+            on_step(out)
+
+    gen = generate(model, params, runner=runner, on_step=hook, check=check)
+    record = {
+        "generation": _plain(gen.params), "explain": _plain(options), "model": str(model.path),
+        "unet_backend": runner.backend, "timesteps": gen.timesteps, "methods": list(options.methods),
+        "explained_steps": [s.index for s in explained],
+    }
+    return Explanation(to_uint8(gen.image), gen.timesteps, explained, [t.text for t in tokens], record, gen)
+
+
+def _timed(out: StepExplanation, name: str, fn: Callable[[], dict[str, torch.Tensor]]) -> None:
+    t0 = time.perf_counter()
+    maps = fn()
+    out.seconds[name] = time.perf_counter() - t0
+    out.maps.update({k: v.detach().float().cpu() for k, v in maps.items()})
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses -> JSON-ready dicts (tensors dropped: explicit masks are recorded by shape only)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, torch.Tensor):
+        return {"tensor_shape": list(obj.shape)}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    return obj
