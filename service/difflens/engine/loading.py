@@ -140,8 +140,15 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     Never contacts a hub (local_files_only, HF_HUB_OFFLINE); refuses pickle weights.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces beside local_files_only
+    import diffusers
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    # Their per-file progress bars and "install accelerate" hints are noise in a service log.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     folder = Path(path).resolve()
     index = _read_index(folder)

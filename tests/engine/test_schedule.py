@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+
+from difflens.engine.schedule import check_timesteps, exponential_timesteps
+from difflens.errors import InvalidArgument
+
+
+def reference(stage, n, lam, T=1000):
+    # METHOD.md, written out independently of the module.
+    a = T ** (1 / (n + lam))
+    if stage == "late":
+        t = sorted([int(a ** (k + 1 + lam)) for k in range(n)], reverse=True)
+        if t[0] == 1000:
+            t[0] = 999
+        return t
+    return [999] + [T - int(a ** (k + 1 + lam)) for k in range(n - 1)]
+
+
+@pytest.mark.parametrize("stage", ["early", "late"])
+@pytest.mark.parametrize("n", [5, 10, 30, 50])
+@pytest.mark.parametrize("lam", [30, 60, 100, 290])
+def test_matches_reference_strictly_decreasing_right_length(stage, n, lam):
+    ts = exponential_timesteps(stage, n, lam)
+    assert ts == reference(stage, n, lam)
+    assert len(ts) == n
+    assert all(b < a for a, b in zip(ts, ts[1:], strict=False))
+    assert ts[0] == 999 and ts[-1] >= 0
+
+
+def test_known_values_at_lambda_60():
+    late = exponential_timesteps("late", 30, 60)
+    early = exponential_timesteps("early", 30, 60)
+    assert late[:4] == [999, 926, 857, 794] and late[-3:] == [125, 116, 107]
+    assert early[:4] == [999, 893, 884, 875] and early[-3:] == [206, 143, 74]
+    # late packs toward 0 (small gaps at the end), early toward T (small gaps at the start)
+    assert late[-2] - late[-1] < late[0] - late[1]
+    assert early[1] - early[2] < early[-2] - early[-1]
+
+
+def test_known_values_at_lambda_30():
+    assert exponential_timesteps("late", 10, 30)[:3] == reference("late", 10, 30)[:3]
+    assert exponential_timesteps("early", 10, 30) == reference("early", 10, 30)
+
+
+def test_lambda_zero_repeats_are_rejected_naming_n_and_lambda():
+    with pytest.raises(InvalidArgument) as e:
+        exponential_timesteps("late", 30, 0)
+    assert e.value.field == "sampling.shift"
+    assert "n=30" in e.value.message and "lambda=0" in e.value.message
+
+
+def test_lambda_zero_small_n_is_fine():
+    assert exponential_timesteps("late", 3, 0) == reference("late", 3, 0)
+
+
+@pytest.mark.parametrize("bad,why", [([999, 999], "strictly decreasing"), ([10, 20], "strictly decreasing"),
+                                     ([1000, 5], "out of range"), ([5, -1], "out of range"), ([], "empty")])
+def test_explicit_lists_are_checked(bad, why):
+    with pytest.raises(InvalidArgument, match=why):
+        check_timesteps(bad)
