@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from difflens.engine.explain import Explanation, StepCallback, run_explanation
+from difflens.engine.explain import Explanation, ProgressCallback, StepCallback, run_explanation
 from difflens.engine.loading import Model, load_model
 from difflens.engine.options import (
     METHODS,
@@ -36,6 +36,7 @@ def explain(
     backend: str = "eager",
     device: str = "cpu",
     on_step: StepCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Explanation:
     """Generate `prompt` with the model and explain the selected steps with `methods` (rise, cam, attn).
 
@@ -57,4 +58,5 @@ def explain(
         cam=(cam or CamOptions()) if "cam" in methods else None,
         attention=AttentionOptions() if "attn" in methods else None,
     )
-    return run_explanation(loaded, params, options, runner=UNetRunner(loaded.unet, backend), on_step=on_step)
+    return run_explanation(loaded, params, options, runner=UNetRunner(loaded.unet, backend),
+                           on_step=on_step, on_progress=on_progress)

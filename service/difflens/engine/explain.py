@@ -54,6 +54,7 @@ class Explanation:
 
 
 StepCallback = Callable[[StepExplanation], None]
+ProgressCallback = Callable[[int, int, int], None]  # (step index, number of steps, timestep)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -67,10 +68,11 @@ def run_explanation(
     *,
     runner: UNetRunner | None = None,
     on_step: StepCallback | None = None,
+    on_progress: ProgressCallback | None = None,
     check: Callable[[int], None] | None = None,
 ) -> Explanation:
-    """Generate and explain. `on_step` receives each step as soon as it is explained (streaming, progress);
-    with no method requested it still receives every step (with no maps) so progress can be shown."""
+    """Generate and explain. `on_step` receives each explained step as soon as its maps exist (streaming);
+    `on_progress` is called after every denoising step, explained or not (progress bars)."""
     runner = runner or UNetRunner(model.unet)
     tokens = prompt_tokens(model.tokenizer, params.prompt)
     explained: list[StepExplanation] = []
@@ -83,8 +85,8 @@ def run_explanation(
         if selected is None:
             selected = set(options.steps.select(state.num_steps))
         if not options.methods or state.index not in selected:
-            if on_step is not None and not options.methods:
-                on_step(StepExplanation(state.index, state.timestep))
+            if on_progress is not None:
+                on_progress(state.index, state.num_steps, state.timestep)
             return
         out = StepExplanation(state.index, state.timestep)
         if options.rise is not None:
@@ -98,6 +100,8 @@ def run_explanation(
         explained.append(out)
         if on_step is not None:
             on_step(out)
+        if on_progress is not None:
+            on_progress(state.index, state.num_steps, state.timestep)
 
     gen = generate(model, params, runner=runner, on_step=hook, check=check)
     record = {
