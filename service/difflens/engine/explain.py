@@ -20,6 +20,7 @@ from difflens.engine.options import ExplainOptions, GenerationParams
 from difflens.engine.runner import UNetRunner
 from difflens.engine.sampler import Generation, StepState, generate
 from difflens.engine.tokens import prompt_tokens
+from difflens.engine.validate import resolve_generation
 
 
 @dataclass
@@ -76,22 +77,23 @@ def run_explanation(
     runner = runner or UNetRunner(model.unet)
     tokens = prompt_tokens(model.tokenizer, params.prompt)
     explained: list[StepExplanation] = []
-    selected: set[int] | None = None
-    masks: torch.Tensor | None = None
+    # Everything that can be wrong with the request is checked before the first UNet call.
+    resolved = resolve_generation(model, params)
+    n = len(resolved.sampling.timesteps or ()) if resolved.sampling.kind == "explicit" else int(resolved.steps or 0)
+    selected = set(options.steps.select(n))
     cam_layers = cam.resolve_layers(model.unet, options.cam.layers) if options.cam else ()
+    f = model.vae_scale_factor
+    latent_size = (int(resolved.height or 0) // f, int(resolved.width or 0) // f)
+    # One mask set for every explained step: cross-step comparisons see identical perturbations.
+    masks = rise.make_masks(options.rise, latent_size, model.device) if options.rise else None
 
     def hook(state: StepState) -> None:
-        nonlocal selected, masks
-        if selected is None:
-            selected = set(options.steps.select(state.num_steps))
         if not options.methods or state.index not in selected:
             if on_progress is not None:
                 on_progress(state.index, state.num_steps, state.timestep)
             return
         out = StepExplanation(state.index, state.timestep)
-        if options.rise is not None:
-            if masks is None:
-                masks = rise.make_masks(options.rise, tuple(state.latent_in.shape[-2:]), state.latent_in.device)
+        if options.rise is not None and masks is not None:
             _timed(out, "rise", lambda: rise.explain_step(state, options.rise, masks))
         if options.cam is not None:
             _timed(out, "cam", lambda: cam.explain_step(state, options.cam, cam_layers))
