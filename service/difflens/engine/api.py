@@ -20,7 +20,7 @@ from difflens.engine.options import (
     Sampling,
     StepSelector,
 )
-from difflens.engine.runner import UNetRunner
+from difflens.engine.runner import Backend, UNetRunner
 from difflens.errors import InvalidArgument
 
 
@@ -33,7 +33,7 @@ def explain(
     rise: RiseOptions | None = None,
     cam: CamOptions | None = None,
     steps: StepSelector | None = None,
-    backend: str = "eager",
+    backend: Backend = "eager",
     device: str = "cpu",
     on_step: StepCallback | None = None,
     on_progress: ProgressCallback | None = None,

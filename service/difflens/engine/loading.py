@@ -163,7 +163,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         if not (folder / name).is_dir():
             raise ModelLoadError(str(folder / name), f"component '{name}' folder is missing")
 
-    kw = {"local_files_only": True, "use_safetensors": True}
+    kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     unet = _load("unet", folder / "unet",
                  lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kw))
     text_encoder = _load("text_encoder", folder / "text_encoder",

@@ -165,8 +165,7 @@ def generate(
     """Run the denoising loop. `check(i)` runs before step i and may raise (Cancelled, DeadlineExceeded)."""
     params = resolve_generation(model, params)
     runner = runner or UNetRunner(model.unet)
-    assert params.scheduler is not None and params.width is not None and params.height is not None
-    scheduler = make_scheduler(model, params.scheduler)
+    scheduler = make_scheduler(model, str(params.scheduler))
     timesteps = plan_timesteps(model, scheduler, params)
     params = dataclasses.replace(params, steps=len(timesteps))
     embeds, token_ids = encode_prompt(model, params.prompt, params.negative_prompt)
@@ -176,7 +175,7 @@ def generate(
 
     generator = torch.Generator(device=model.device).manual_seed(params.seed)
     f = model.vae_scale_factor
-    shape = (1, model.unet.config.in_channels, params.height // f, params.width // f)
+    shape = (1, model.unet.config.in_channels, int(params.height or 0) // f, int(params.width or 0) // f)
     latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     latents = latents * scheduler.init_noise_sigma
     is_ddim = params.scheduler == "ddim"

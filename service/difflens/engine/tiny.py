@@ -106,8 +106,9 @@ def build_tiny_components(seed: int = 0, sample_size: int = 16, tokenizer_dir: s
     text_config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
-    for m in (unet, vae, text_encoder):
-        m.eval()
+    unet.eval()
+    vae.eval()  # type: ignore[attr-defined]
+    text_encoder.eval()
     return {"unet": unet, "scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
@@ -120,5 +121,5 @@ def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16) ->
     comps = build_tiny_components(seed, sample_size, tokenizer_dir=folder / "tokenizer")
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
     return folder
