@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,9 +107,9 @@ def build_tiny_components(seed: int = 0, sample_size: int = 16, tokenizer_dir: s
     text_config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
-    unet.eval()
-    vae.eval()  # type: ignore[attr-defined]
-    text_encoder.eval()
+    modules: tuple[Any, ...] = (unet, vae, text_encoder)
+    for m in modules:
+        m.eval()
     return {"unet": unet, "scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
