@@ -117,3 +117,18 @@ def test_hook_sees_each_step(tiny_model):
     assert torch.equal(states[-1].latent_next, g.latents)
     for s in states:
         assert s.latent_in.shape == s.eps.shape == s.x0.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_replayed_step_reproduces_the_real_one(tiny_model, name):
+    """StepState.step / .scale replay the step on a snapshot: same result, and the run is unaffected."""
+    states = []
+    params = GenerationParams("x", steps=4, guidance_scale=2.0, scheduler=name)
+    g = generate(tiny_model, params, on_step=states.append)
+    for s in states[:3]:
+        assert torch.allclose(s.scale(s.sample), s.latent_in)
+        replay = s.step(s.eps, s.sample)
+        if name in ("ddim", "dpmsolver++", "euler"):  # deterministic updates: exactly the real one
+            assert torch.allclose(replay, s.latent_next, atol=1e-6)
+        assert s.step(s.eps, s.sample).equal(replay)  # replay is repeatable
+    assert np.array_equal(g.image, generate(tiny_model, params).image)

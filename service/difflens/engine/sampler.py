@@ -7,6 +7,7 @@ explainer or progress reporter needs; explainers must not (and cannot, through S
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class StepState:
     latent_in: (1, C, h, w) the UNet's input at this step (after the scheduler's input scaling).
     eps: (1, C, h, w) guided noise prediction; x0: (1, C, h, w) predicted clean latent;
     latent_next: (1, C, h, w) the scheduler's x_{t_next}. `t` is the exact timestep value given to the UNet.
+    sample: (1, C, h, w) the scheduler-space latent x_t (equals latent_in except for sigma-scaled schedulers
+    such as Euler). `step(eps, sample)` replays this step's scheduler update on other inputs, (B, C, h, w)
+    each, without touching the running scheduler (faithfulness curves); `scale(sample)` is the input scaling.
     """
 
     index: int
@@ -48,6 +52,9 @@ class StepState:
     latent_next: torch.Tensor
     cond: CFGConditioning
     runner: UNetRunner
+    sample: torch.Tensor | None = None
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 StepHook = Callable[[StepState], None]
@@ -144,6 +151,22 @@ def predict_x0(scheduler, latent_in: torch.Tensor, eps: torch.Tensor, timestep: 
     return (latent_in - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+def _replay(scheduler, is_ddim: bool, t: torch.Tensor, t_next: int | None, seed: int):
+    """(step, scale) closures over a snapshot of the scheduler taken before step t."""
+    if is_ddim:
+        return (lambda eps, sample: ddim_step(scheduler, eps, int(t), t_next, sample)), (lambda x: x)
+
+    def step(eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        s = copy.deepcopy(scheduler)
+        g = torch.Generator(device=sample.device).manual_seed(seed)  # stochastic schedulers: fixed noise
+        return s.step(eps, t, sample, generator=g, return_dict=False)[0]
+
+    def scale(sample: torch.Tensor) -> torch.Tensor:
+        return copy.deepcopy(scheduler).scale_model_input(sample, t)
+
+    return step, scale
+
+
 def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
     """latents: (1, C, h, w) -> image (H, W, 3) float32 in [0, 1] (pixel-space models: latents are RGB)."""
     with torch.no_grad():
@@ -183,15 +206,20 @@ def generate(
     for i, t in enumerate(scheduler.timesteps):
         if check is not None:
             check(i)
+        t_next = timesteps[i + 1] if i + 1 < n else None
+        # A copy of the scheduler before it steps, so a hook can replay this step on perturbed inputs.
+        before = None if is_ddim or on_step is None else copy.deepcopy(scheduler)
         with torch.no_grad():
             latent_in = scheduler.scale_model_input(latents, t)
             eps = runner.guided(latent_in, t, cond)
             if is_ddim:
-                nxt = ddim_step(scheduler, eps, int(t), timesteps[i + 1] if i + 1 < n else None, latents)
+                nxt = ddim_step(scheduler, eps, int(t), t_next, latents)
             else:
                 nxt = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
         if on_step is not None:
             x0 = predict_x0(scheduler, latent_in, eps, timesteps[i])
-            on_step(StepState(i, n, timesteps[i], t, latent_in, eps, x0, nxt, cond, runner))
+            step_fn, scale_fn = _replay(scheduler if is_ddim else before, is_ddim, t, t_next, params.seed)
+            on_step(StepState(i, n, timesteps[i], t, latent_in, eps, x0, nxt, cond, runner,
+                              latents, step_fn, scale_fn))
         latents = nxt
     return Generation(decode(model, latents), latents, timesteps, params, token_ids)
