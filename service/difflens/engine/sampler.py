@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ class StepState:
     latent_next: (1, C, h, w) the scheduler's x_{t_next}. `t` is the exact timestep value given to the UNet.
     sample: (1, C, h, w) the scheduler-space latent x_t (equals latent_in except for sigma-scaled schedulers
     such as Euler). `step(eps, sample)` replays this step's scheduler update on other inputs, (B, C, h, w)
-    each, without touching the running scheduler (faithfulness curves); `scale(sample)` is the input scaling.
+    each, without touching the running scheduler (faithfulness curves); `scale(sample)` is the input scaling;
+    `to_x0(latent_in, eps)` the x0 prediction at this timestep.
     """
 
     index: int
@@ -55,6 +57,7 @@ class StepState:
     sample: torch.Tensor | None = None
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    to_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 StepHook = Callable[[StepState], None]
@@ -219,7 +222,8 @@ def generate(
         if on_step is not None:
             x0 = predict_x0(scheduler, latent_in, eps, timesteps[i])
             step_fn, scale_fn = _replay(scheduler if is_ddim else before, is_ddim, t, t_next, params.seed)
+            to_x0 = functools.partial(predict_x0, scheduler, timestep=timesteps[i])
             on_step(StepState(i, n, timesteps[i], t, latent_in, eps, x0, nxt, cond, runner,
-                              latents, step_fn, scale_fn))
+                              latents, step_fn, scale_fn, to_x0))
         latents = nxt
     return Generation(decode(model, latents), latents, timesteps, params, token_ids)
