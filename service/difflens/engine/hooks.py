@@ -1,0 +1,186 @@
+"""Capture inside the UNet: module outputs and their gradients, and cross-attention probabilities.
+
+Capture only: these context managers collect tensors and compute nothing an explainer needs (the maps are built
+in cam.py and attention.py). Each one restores exactly what it changed on exit, exceptions included, raises
+HookError when the same module (or UNet) is already being captured, and never swallows an exception.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflens.errors import HookError
+
+_lock = threading.Lock()
+# Modules whose outputs are being captured, and UNets whose cross-attention processors are swapped: process-wide,
+# so that two captures of the same module fail loudly whoever starts them. Weak: the registry never keeps a model
+# alive.
+_captured_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_swapped_unets: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The tensor a module's output stands for: itself, or the first tensor of a tuple, list or BaseOutput
+    (e.g. Transformer2DModel returns Transformer2DModelOutput(sample=...) or (sample,))."""
+    if isinstance(output, torch.Tensor):
+        return output
+    candidates = list(output.values()) if isinstance(output, dict) else output  # BaseOutput is an OrderedDict
+    if isinstance(candidates, tuple | list):
+        for v in candidates:
+            if isinstance(v, torch.Tensor):
+                return v
+    raise HookError(f"cannot capture a module output of type {type(output).__name__}: it holds no tensor")
+
+
+def _claim(registry: weakref.WeakSet, items: Sequence[nn.Module], names: Sequence[str], what: str) -> None:
+    with _lock:
+        busy = [n for n, m in zip(names, items, strict=True) if m in registry]
+        if busy:
+            raise HookError(f"{what} already being captured: {', '.join(busy)}")
+        for m in items:
+            registry.add(m)
+
+
+def _release(registry: weakref.WeakSet, items: Sequence[nn.Module]) -> None:
+    with _lock:
+        for m in items:
+            registry.discard(m)
+
+
+class Capture:
+    """What `capture_outputs` collected, by module path.
+
+    activations[path]: the module's output of the last forward (detached), e.g. (B, K, h_l, w_l) for a resnet;
+    gradients[path]: d(target)/d(output), same shape, filled by the backward pass (absent until then, and absent
+    if the output did not require grad).
+    """
+
+    def __init__(self) -> None:
+        self.activations: dict[str, torch.Tensor] = {}
+        self.gradients: dict[str, torch.Tensor] = {}
+
+
+@contextmanager
+def capture_outputs(root: nn.Module, paths: Sequence[str]) -> Iterator[Capture]:
+    """Capture the forward output and its gradient of each module `root.get_submodule(path)`.
+
+    A forward hook stores the output (the first tensor of a tuple / BaseOutput) and, when it requires grad,
+    registers a tensor hook that stores its gradient. Forward and tensor hooks are removed on exit. One forward per
+    context: a module that runs twice raises HookError, since its activation and gradient could then come from
+    different calls (a UNet calls each of its blocks once per forward).
+    Raises HookError if one of the modules is already being captured; AttributeError for an unknown path.
+    """
+    paths = list(dict.fromkeys(paths))
+    modules = [root.get_submodule(p) for p in paths]
+    _claim(_captured_modules, modules, paths, "module(s)")
+    cap = Capture()
+    handles: list[Any] = []
+
+    def make_hook(path: str):
+        def store_grad(grad: torch.Tensor) -> None:
+            cap.gradients[path] = grad.detach()
+
+        def on_forward(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if path in cap.activations:
+                raise HookError(f"module {path} ran twice while captured; capture one forward at a time")
+            out = first_tensor(output)
+            cap.activations[path] = out.detach()
+            if out.requires_grad:
+                handles.append(out.register_hook(store_grad))
+
+        return on_forward
+
+    try:
+        for path, module in zip(paths, modules, strict=True):
+            handles.append(module.register_forward_hook(make_hook(path)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+        _release(_captured_modules, modules)
+
+
+class CrossAttentionRecorder:
+    """An attention processor for one cross-attention layer that records its attention probabilities.
+
+    It computes attention the way diffusers' AttnProcessor does (explicit softmax(Q K^T / sqrt(d)) through
+    `attn.get_attention_scores`) and returns the layer's normal output; `sink[name]` gets one
+    (B, heads, N, S) tensor per call (N = h_l * w_l query pixels, S = text tokens), detached.
+    """
+
+    def __init__(self, name: str, sink: dict[str, list[torch.Tensor]]) -> None:
+        self.name = name
+        self.sink = sink
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """hidden_states: (B, N, C) or (B, C, h_l, w_l); encoder_hidden_states: (B, S, D). -> same as input."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, N, S)
+        self.sink.setdefault(self.name, []).append(probs.detach().reshape(batch, attn.heads, *probs.shape[1:]))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def is_cross_attention(processor_key: str) -> bool:
+    """Whether an `attn_processors` key names a cross-attention layer (attn2 of a transformer block)."""
+    return processor_key.endswith("attn2.processor")
+
+
+@contextmanager
+def capture_cross_attention(unet: Any) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Swap every cross-attention (attn2) processor of `unet` for a CrossAttentionRecorder.
+
+    Yields {processor key: [(B, heads, N, S) per call]}. Every other processor stays as it was, and on exit the
+    exact original processor objects are put back (identity, not copies). HookError when `unet` is already under
+    this capture.
+    """
+    _claim(_swapped_unets, [unet], ["cross-attention processors of this UNet"], "UNet")
+    sink: dict[str, list[torch.Tensor]] = {}
+    try:
+        originals = dict(unet.attn_processors)
+        swapped = {k: CrossAttentionRecorder(k, sink) if is_cross_attention(k) else p for k, p in originals.items()}
+        try:
+            unet.set_attn_processor(swapped)
+            yield sink
+        finally:
+            unet.set_attn_processor(dict(originals))  # set_attn_processor consumes the dict it is given
+    finally:
+        _release(_swapped_unets, [unet])
