@@ -15,7 +15,8 @@ from typing import Literal, get_args
 from difflens.errors import InvalidArgument
 
 DType = Literal["float32", "float16", "bfloat16"]
-UNetBackend = Literal["eager", "compile"]
+DTYPES: tuple[str, ...] = get_args(DType)
+UNetBackend = Literal["eager", "compile"]  # engine.options.Backend
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ These are the domain types every edge (Python API, CLI, gRPC) converts into. `No
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from difflens.errors import InvalidArgument
+
+if TYPE_CHECKING:  # torch stays out of this module's import so the CLI parser builds without it
+    import torch
 
 SchedulerName = Literal["ddim", "ddpm", "dpmsolver++", "euler"]
 SamplingKind = Literal["uniform", "early", "late", "explicit"]
@@ -23,9 +24,17 @@ RiseTarget = Literal["eps", "x_prev"]
 CamTarget = Literal["output_sum", "guided_sum", "guided_sqnorm"]
 StepsKind = Literal["all", "list", "every"]
 MethodName = Literal["rise", "cam", "attn"]
+Backend = Literal["eager", "compile"]
 
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 METHODS: tuple[str, ...] = get_args(MethodName)
+SAMPLING_KINDS: tuple[str, ...] = get_args(SamplingKind)
+MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+SUBSTRATES: tuple[str, ...] = get_args(Substrate)
+SCORES: tuple[str, ...] = get_args(ScoreKind)
+RISE_TARGETS: tuple[str, ...] = get_args(RiseTarget)
+CAM_TARGETS: tuple[str, ...] = get_args(CamTarget)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def check_choice(field_name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
-from difflens.engine.options import check_choice
+from difflens.engine.options import BACKENDS, Backend, check_choice
 
 log = logging.getLogger(__name__)
-
-Backend = Literal["eager", "compile"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class UNetRunner:

@@ -1,0 +1,7 @@
+"""`python -m difflens` = the `difflens` command."""
+
+from __future__ import annotations
+
+from difflens.cli import main
+
+raise SystemExit(main())

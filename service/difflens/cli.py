@@ -1,0 +1,253 @@
+"""The `difflens` command: parse -> option dataclasses -> engine.api.explain -> render.write_outputs.
+
+Subcommands: `explain`, `make-tiny-model` (later: serve, worker, replay, evaluate - one entry in COMMANDS each).
+torch is imported only when a command runs, so `difflens --help` is quick. Bad input exits with status 2 and one
+line "difflens: error: <option>: <what is allowed>", before any output is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from difflens.config import DTYPES
+from difflens.engine.options import (  # torch-free at import, so the parser builds fast
+    BACKENDS,
+    CAM_TARGETS,
+    MASK_KINDS,
+    METHODS,
+    RISE_TARGETS,
+    SAMPLING_KINDS,
+    SCHEDULERS,
+    SCORES,
+    SUBSTRATES,
+)
+from difflens.errors import DifflensError, InvalidArgument, ModelLoadError
+
+# Domain field names (InvalidArgument.field) -> the option a CLI user typed.
+FLAG_OF_FIELD = {
+    "prompt": "PROMPT", "negative_prompt": "--negative", "seed": "--seed", "steps": "--steps",
+    "guidance_scale": "--guidance", "width": "--width", "height": "--height", "scheduler": "--scheduler",
+    "sampling.kind": "--sampling", "sampling.shift": "--shift", "sampling.timesteps": "--timesteps",
+    "sampling": "--sampling", "timesteps": "--timesteps", "methods": "--methods",
+    "explain.steps": "--explain-steps", "explain.steps.kind": "--explain-steps",
+    "explain.steps.indices": "--explain-steps", "explain.steps.every": "--explain-steps",
+    "rise.num_masks": "--masks", "rise.batch_size": "--batch", "rise.mask": "--mask",
+    "rise.grid_size": "--grid-size", "rise.p": "--p", "rise.substrate": "--substrate", "rise.score": "--score",
+    "rise.target": "--rise-target", "rise.seed": "--mask-seed", "cam.layers": "--cam-layers",
+    "cam.target": "--cam-target", "unet_backend": "--backend", "device": "--device", "dtype": "--dtype",
+    "out": "--out",
+}
+
+
+def _choices(values: Sequence[str]) -> str:
+    return "|".join(values)
+
+
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="generate an image and explain its denoising steps",
+                       description="Generate PROMPT with the model in MODEL_DIR and explain the selected steps. "
+                                   "Unset generation options take the model's recommended defaults.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local diffusers folder (model_index.json)")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created; written only on success)")
+    g = p.add_argument_group("generation (default: the model's recommended values)")
+    g.add_argument("--steps", type=int, help="number of denoising steps")
+    g.add_argument("--scheduler", metavar=_choices(SCHEDULERS))
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    g.add_argument("--seed", type=int, help="noise seed (default 0)")
+    g.add_argument("--negative", help="negative prompt (default empty)")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--sampling", metavar=_choices(SAMPLING_KINDS),
+                   help="timestep spacing; early/late = exponential packing (default uniform; explicit when "
+                        "--timesteps is given)")
+    g.add_argument("--shift", type=float, help="lambda of early/late sampling (default 60)")
+    g.add_argument("--timesteps", metavar="999,800,...", help="explicit, strictly decreasing timesteps")
+    e = p.add_argument_group("explanation")
+    e.add_argument("--methods", default="rise,cam,attn", metavar="rise,cam,attn|none",
+                   help="comma-separated methods, or none (default: all three)")
+    e.add_argument("--explain-steps", default="all", metavar="all|3,5,9|every:K",
+                   help="which step indices (0-based) to explain (default all)")
+    e.add_argument("--masks", type=int, help="DF-RISE: number of masks (default 256)")
+    e.add_argument("--batch", type=int, help="DF-RISE: masks per UNet call (default 32)")
+    e.add_argument("--mask", metavar=_choices(MASK_KINDS), help="DF-RISE mask kind (default pixel)")
+    e.add_argument("--grid-size", type=int, help="DF-RISE grid masks: cells per side (default 8)")
+    e.add_argument("--p", type=float, help="DF-RISE: probability a mask keeps a pixel (default 0.5)")
+    e.add_argument("--substrate", metavar=_choices(SUBSTRATES), help="DF-RISE masked-out value (default zero)")
+    e.add_argument("--score", metavar=_choices(SCORES), help="DF-RISE per-pixel score (default structure)")
+    e.add_argument("--structure-2x", action="store_true", help="DF-RISE: the reference code's 2*sigma_xy")
+    e.add_argument("--rise-target", metavar=_choices(RISE_TARGETS), help="DF-RISE reference (default eps)")
+    e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed (default 0)")
+    e.add_argument("--cam-layers", metavar="a,b,...", help="DF-CAM UNet module paths (default: the reference set)")
+    e.add_argument("--cam-target", metavar=_choices(CAM_TARGETS), help="DF-CAM target scalar (default output_sum)")
+    r = p.add_argument_group("runtime (default: DIFFLENS_* environment, else eager / cpu / float32)")
+    r.add_argument("--backend", metavar=_choices(BACKENDS), help="UNet backend")
+    r.add_argument("--device", metavar="cpu|cuda|cuda:N")
+    r.add_argument("--dtype", metavar=_choices(DTYPES))
+    p.set_defaults(run=run_explain)
+
+
+def add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-weights SD-format model (tests, demo)")
+    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_make_tiny_model)
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_explain, add_make_tiny_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difflens", description="Generate and explain diffusion-model images.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    items = [m.strip() for m in text.split(",") if m.strip()]
+    if items == ["none"]:
+        return ()
+    bad = [m for m in items if m not in METHODS]
+    if bad or not items:
+        raise InvalidArgument("methods", f"got {text!r}; allowed: none or a comma-separated subset of "
+                                         f"{','.join(METHODS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_ints(field: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidArgument(field, f"got {text!r}; expected comma-separated integers") from None
+    if not values:
+        raise InvalidArgument(field, "expected at least one integer")
+    return values
+
+
+def parse_step_selector(text: str) -> Any:
+    from difflens.engine.options import StepSelector
+
+    text = text.strip()
+    if text == "all":
+        return StepSelector("all")
+    if text.startswith("every:"):
+        return StepSelector("every", every=parse_ints("explain.steps", text[len("every:"):])[0])
+    try:
+        return StepSelector("list", indices=parse_ints("explain.steps", text))
+    except InvalidArgument:
+        raise InvalidArgument("explain.steps", f"got {text!r}; allowed: all, every:K or a list like 3,5,9") from None
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything api.explain needs, validated (every check that does not need the model happens here)."""
+    from difflens.engine.options import CamOptions, GenerationParams, RiseOptions, Sampling
+
+    methods = parse_methods(args.methods)
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidArgument("out", f"{args.out} exists and is not a folder")
+    timesteps = parse_ints("sampling.timesteps", args.timesteps) if args.timesteps is not None else None
+    kind = args.sampling or ("explicit" if timesteps is not None else None)
+    sampling = Sampling(**_given(kind=kind, shift=args.shift, timesteps=timesteps))
+    generation = _given(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                        guidance_scale=args.guidance, width=args.width, height=args.height,
+                        scheduler=args.scheduler)
+    generation["sampling"] = sampling
+    GenerationParams(args.prompt, **generation)  # validates now, before the model is loaded
+    rise = RiseOptions(**_given(num_masks=args.masks, batch_size=args.batch, mask=args.mask,
+                                grid_size=args.grid_size, p=args.p, substrate=args.substrate, score=args.score,
+                                target=args.rise_target, seed=args.mask_seed),
+                       structure_2x=args.structure_2x)
+    layers = tuple(x.strip() for x in args.cam_layers.split(",") if x.strip()) if args.cam_layers else None
+    cam = CamOptions(**_given(layers=layers, target=args.cam_target))
+    return {"methods": methods, "generation": generation, "rise": rise, "cam": cam,
+            "steps": parse_step_selector(args.explain_steps)}
+
+
+class Progress:
+    """A tqdm bar over the denoising steps on stderr, created at the first step (when the total is known)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.explained = 0
+
+    def on_step(self, step: Any) -> None:
+        self.explained += 1
+
+    def on_progress(self, index: int, total: int, timestep: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(f"t={timestep} explained={self.explained}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from difflens.config import Settings
+
+    settings = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)
+    request = build_request(args)
+
+    from difflens.engine.api import explain
+    from difflens.engine.loading import load_model
+    from difflens.render import write_outputs
+
+    model = load_model(args.model_dir, device=settings.device, dtype=settings.torch_dtype)
+    progress = Progress()
+    try:
+        exp = explain(model, args.prompt, backend=settings.unet_backend, device=settings.device,
+                      on_step=progress.on_step, on_progress=progress.on_progress, **request)
+    finally:
+        progress.close()
+    try:
+        written = write_outputs(exp, args.out)
+    except OSError as e:
+        print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"difflens: wrote {len(written)} files to {args.out}")
+    print(f"difflens: report: {written['report.html']}")
+    return 0
+
+
+def run_make_tiny_model(args: argparse.Namespace) -> int:
+    from difflens.engine.tiny import make_tiny_model
+
+    if args.seed < 0:
+        raise InvalidArgument("seed", f"got {args.seed}; must be >= 0")
+    folder = make_tiny_model(args.dir, seed=args.seed)
+    print(f"difflens: tiny model written to {folder}")
+    return 0
+
+
+def error_line(err: DifflensError) -> str:
+    if isinstance(err, InvalidArgument):
+        return f"difflens: error: {FLAG_OF_FIELD.get(err.field, err.field)}: {err.message}"
+    if isinstance(err, ModelLoadError):
+        return f"difflens: error: MODEL_DIR: {err.path}: {err.problem}"
+    return f"difflens: error: {type(err).__name__}: {err}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except DifflensError as e:
+        print(error_line(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difflens: interrupted; nothing written", file=sys.stderr)
+        return 130

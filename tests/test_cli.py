@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from difflens import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "service")}
+    return subprocess.run([sys.executable, "-m", "difflens", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, difflens.cli as c; c.build_parser().format_help(); assert 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "service")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+@pytest.mark.slow
+def test_make_tiny_model_then_explain_without_methods(tmp_path):
+    model = tmp_path / "tiny"
+    made = _run("make-tiny-model", str(model), "--seed", "1")
+    assert made.returncode == 0, made.stderr
+    assert (model / "model_index.json").exists()
+    out = tmp_path / "run"
+    res = _run("explain", str(model), "a red circle", "--out", str(out), "--methods", "none", "--steps", "2",
+               "--guidance", "2")
+    assert res.returncode == 0, res.stderr
+    assert {p.name for p in out.iterdir()} == {"image.png", "params.json", "report.html"}
+    assert str(out) in res.stdout
+    assert "2/2" in res.stderr  # the progress bar saw every denoising step
+    params = json.loads((out / "params.json").read_text())
+    assert params["generation"]["steps"] == 2 and params["methods"] == []
+    assert params["generation"]["scheduler"] == "ddim"  # unset: the model's default, recorded
+    bad = _run("explain", str(model), "a red circle", "--out", str(tmp_path / "bad"), "--width", "40")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("difflens: error: --width: ")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--scheduler", "foo"], "--scheduler"),
+    (["--width", "40"], "--width"),
+    (["--methods", "bogus"], "--methods"),
+    (["--methods", "rise,none"], "--methods"),
+    (["--explain-steps", "99"], "--explain-steps"),
+    (["--explain-steps", "every:x"], "--explain-steps"),
+    (["--sampling", "explicit"], "--timesteps"),
+    (["--timesteps", "900,x"], "--timesteps"),
+    (["--timesteps", "500,900"], "--timesteps"),
+    (["--sampling", "late", "--shift", "0", "--steps", "30"], "--shift"),
+    (["--masks", "0"], "--masks"),
+    (["--mask", "stars"], "--mask"),
+    (["--cam-target", "x"], "--cam-target"),
+    (["--methods", "cam", "--cam-layers", "up_blocks.9"], "--cam-layers"),
+    (["--backend", "jit"], "--backend"),
+    (["--guidance", "-1"], "--guidance"),
+])
+def test_bad_values_exit_2_naming_the_option_and_write_nothing(tiny_dir, tmp_path, capsys, args, flag):
+    out = tmp_path / "run"
+    code = cli.main(["explain", str(tiny_dir), "a red circle", "--out", str(out), "--steps", "2", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"difflens: error: {flag}: "), err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_is_one_clear_line(tmp_path, capsys):
+    code = cli.main(["explain", str(tmp_path / "nope"), "x", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("difflens: error: MODEL_DIR: ") and "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_must_be_a_folder(tiny_dir, tmp_path, capsys):
+    f = tmp_path / "run"
+    f.write_text("keep")
+    assert cli.main(["explain", str(tiny_dir), "x", "--out", str(f), "--methods", "none"]) == 2
+    assert capsys.readouterr().err.startswith("difflens: error: --out: ")
+    assert f.read_text() == "keep"
+
+
+def test_step_selector_parsing():
+    assert cli.parse_step_selector("all").kind == "all"
+    assert cli.parse_step_selector("every:4").every == 4
+    assert cli.parse_step_selector("9,3,5").indices == (9, 3, 5)
+    assert cli.parse_methods("cam, rise,cam") == ("cam", "rise")
+    assert cli.parse_methods("none") == ()
+
+
+def test_explain_with_every_method(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["explain", str(tiny_dir), "a large red circle", "--out", str(out), "--steps", "3",
+                     "--guidance", "2", "--explain-steps", "0,2", "--masks", "4", "--batch", "4",
+                     "--methods", "rise,cam,attn"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "3/3" in captured.err  # all denoising steps counted, not only the explained ones
+    names = {p.name for p in out.iterdir()}
+    assert names == {"image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png",
+                     "strip_rise.png", "strip_cam.png", "strip_attn.png", "rise.gif", "cam.gif", "attn.gif"}
+    with np.load(out / "explanation.npz") as z:
+        assert z["explained_steps"].tolist() == [0, 2]
+        assert z["tokens"].tolist() == ["a", "large", "red", "circle"]
+        assert z["step002/rise"].shape == (16, 16) and z["step000/attn"].shape == (4, 16, 16)
+    params = json.loads((out / "params.json").read_text())
+    assert params["explain"]["rise"]["num_masks"] == 4 and params["methods"] == ["rise", "cam", "attn"]
+    html = (out / "report.html").read_text()
+    assert html.count('<polyline class="relevance"') == 4
