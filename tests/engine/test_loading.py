@@ -104,3 +104,16 @@ def test_defaults_file_is_read(copy_of):
     (d / "difflens.json").write_text("[1, 2")
     with pytest.raises(ModelLoadError, match="defaults"):
         load_model(d)
+
+
+def test_word_tokenizer_gives_one_token_per_word(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from difflens.engine.tiny import BASE_WORDS, write_word_tokenizer
+
+    words = list(BASE_WORDS) + ["stripes", "strip", "tristan"]
+    write_word_tokenizer(tmp_path, words)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    for w in words:
+        assert tok.tokenize(w) == [w + "</w>"], w
+    assert len(tok.tokenize("zebra")) > 1  # unknown words still tokenize, in pieces

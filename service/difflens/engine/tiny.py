@@ -34,10 +34,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(ab, len(ranks) + 1), i) for i, ab in enumerate(zip(pieces, pieces[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_length: int = 77) -> None:
     """Write a CLIPTokenizer (vocab.json, merges.txt) in which every word of `words` is one token.
 
-    Byte-level base vocabulary, so any text still tokenizes; merges chain each word's letters left to right.
+    Byte-level base vocabulary, so any text still tokenizes. Merges are added until BPE turns each word into
+    one piece: a merge added for one word can split another (merges apply by rank, not per word), so the words
+    are re-tokenised after every round until none needs a new merge.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,20 +59,22 @@ def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_len
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
-    seen: set[str] = set()
-    for word in dict.fromkeys(w.lower() for w in words):
-        if len(word) < 2:
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = f"{left} {right}"
-            left = left + right
-            if merge not in seen:
-                seen.add(merge)
-                merges.append(merge)
-                vocab.setdefault(left, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    todo = [w for w in dict.fromkeys(w.lower() for w in words) if len(w) > 1]
+    for _ in range(100):
+        changed = False
+        for word in todo:
+            pieces = _bpe(word, ranks)
+            if len(pieces) > 1:
+                pair = (pieces[0], pieces[1])
+                ranks[pair] = len(ranks)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+                changed = True
+        if not changed:
+            break
+    else:
+        raise RuntimeError("tokenizer merges did not converge")
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
