@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from difflens.engine.rise import BLUR_SIGMA, BLUR_SIZE, gaussian_1d, gaussian_filter
 from difflens.engine.sampler import StepState
 from difflens.errors import InvalidArgument
 
@@ -62,27 +63,16 @@ def _ranks(v: torch.Tensor) -> torch.Tensor:
     return (sums / counts)[inverse]
 
 
-def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Per-channel Gaussian blur with reflect padding. x: (B, C, h, w) -> (B, C, h, w)."""
-    r = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = g / g.sum()
-    c = x.shape[1]
-    pad = size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    y = F.pad(x, (pad, pad, 0, 0), mode=mode)
-    y = F.conv2d(y, g.view(1, 1, 1, size).expand(c, 1, 1, size), groups=c)
-    y = F.pad(y, (0, 0, pad, pad), mode=mode)
-    return F.conv2d(y, g.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
+def gaussian_blur(x: torch.Tensor) -> torch.Tensor:
+    """The insertion baseline: 11 x 11 Gaussian, sigma 5, reflect padding. x: (B, C, h, w) -> (B, C, h, w)."""
+    return gaussian_filter(x, BLUR_SIZE, BLUR_SIGMA, padding_mode="reflect")
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Mean SSIM per image (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, valid region).
     x, y: (B, C, H, W) -> (B,)."""
     c = x.shape[1]
-    r = torch.arange(11, dtype=x.dtype, device=x.device) - 5
-    g = torch.exp(-(r**2) / (2 * 1.5**2))
-    g = g / g.sum()
+    g = gaussian_1d(11, 1.5, x.dtype, x.device)
     w = (g[:, None] * g[None, :]).expand(c, 1, 11, 11)
     k = min(11, x.shape[-1], x.shape[-2])
     if k < 11:  # images smaller than the window: shrink it (centre crop of the kernel, renormalised)
