@@ -87,16 +87,18 @@ def run_explanation(
     # One mask set for every explained step: cross-step comparisons see identical perturbations.
     masks = rise.make_masks(options.rise, latent_size, model.device) if options.rise else None
 
+    rise_opts, cam_opts = options.rise, options.cam
+
     def hook(state: StepState) -> None:
         if not options.methods or state.index not in selected:
             if on_progress is not None:
                 on_progress(state.index, state.num_steps, state.timestep)
             return
         out = StepExplanation(state.index, state.timestep)
-        if options.rise is not None and masks is not None:
-            _timed(out, "rise", lambda: rise.explain_step(state, options.rise, masks))
-        if options.cam is not None:
-            _timed(out, "cam", lambda: cam.explain_step(state, options.cam, cam_layers))
+        if rise_opts is not None and masks is not None:
+            _timed(out, "rise", lambda: rise.explain_step(state, rise_opts, masks))
+        if cam_opts is not None:
+            _timed(out, "cam", lambda: cam.explain_step(state, cam_opts, cam_layers))
         if options.attention is not None:
             _timed(out, "attn", lambda: attention.explain_step(state, tokens))
         explained.append(out)
