@@ -29,7 +29,7 @@ demo: setup
 	@if [ -f $(DEMO_MODEL)/model_index.json ]; then model=$(DEMO_MODEL); else \
 	  model=$(OUT)/models/tiny; [ -f $$model/model_index.json ] || .venv/bin/difflens make-tiny-model $$model; fi; \
 	.venv/bin/difflens explain $$model "$(DEMO_PROMPT)" --methods rise,cam,attn --masks 64 \
-	  --explain-steps every:2 --out $(OUT)/demo
+	  --explain-steps every:5 --out $(OUT)/demo
 
 bench: setup
 	$(PY) -m bench.rise
