@@ -6,7 +6,7 @@ DEMO_MODEL ?= models/shapes
 DEMO_PROMPT ?= a large red striped circle in the center
 OUT ?= out
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean train-shapes
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ demo: setup
 	  model=$(OUT)/models/tiny; [ -f $$model/model_index.json ] || .venv/bin/difflens make-tiny-model $$model; fi; \
 	.venv/bin/difflens explain $$model "$(DEMO_PROMPT)" --methods rise,cam,attn --masks 64 \
 	  --explain-steps every:5 --out $(OUT)/demo
+
+# Trains the shipped model from scratch (seeded, resumable from out/train/shapes; ~80 min on 2 CPU cores).
+TRAIN_MINUTES ?= 85
+TRAIN_STEPS ?= 6000
+train-shapes: setup
+	mkdir -p $(OUT)/train
+	PYTHONPATH=service $(PY) -m difflens.training.shapes --out models/shapes --minutes $(TRAIN_MINUTES) \
+	  --steps $(TRAIN_STEPS) --seed 0 --arch deep4 2>&1 | tee -a $(OUT)/train/shapes.log
 
 bench: setup
 	$(PY) -m bench.rise

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from difflens.engine.loading import load_model
+from difflens.engine.options import GenerationParams
+from difflens.engine.sampler import generate
+from difflens.training.shapes import TrainConfig, lr_at, main
+
+from .conftest import TINY, make_trainer
+
+
+def test_smoke_run_trains_and_logs(smoke):
+    trainer, stats, _ = smoke
+    assert trainer.step == stats["steps"] == 20
+    log = [json.loads(line) for line in (trainer.work / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20]
+    assert all(np.isfinite(r["loss"]) and r["steps_per_s"] > 0 for r in log)
+    assert (trainer.work / "checkpoint.pt").exists()
+
+
+def test_saved_folder_loads_with_the_standard_loader_and_generates(smoke):
+    _, _, out = smoke
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert not list(out.rglob("*.bin")) and list((out / "unet").glob("*.safetensors"))
+    m = load_model(out)
+    assert m.vae is None and m.default_size == (32, 32)
+    defaults = json.loads((out / "difflens.json").read_text())
+    best = json.loads((out / "training.json").read_text())["evaluation"]["best"]
+    assert m.defaults.guidance_scale == defaults["guidance_scale"] == best["guidance"]
+    assert (m.defaults.steps, m.defaults.scheduler) == (3, best["scheduler"])
+    assert m.scheduler.config.clip_sample and m.scheduler.config.prediction_type == "epsilon"
+    assert float(m.scheduler.alphas_cumprod[-1]) == pytest.approx(0.0047, rel=1e-3)
+    for scheduler in ("ddim", "ddpm", "euler", "dpmsolver++"):
+        g = generate(m, GenerationParams("a large red striped circle on the left", seed=1, scheduler=scheduler))
+        assert g.image.shape == (32, 32, 3) and np.isfinite(g.image).all()
+        assert len(g.timesteps) == 3
+
+
+def test_record_holds_config_throughput_and_checker_accuracy(smoke):
+    _, _, out = smoke
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 20 and record["parameters"] > 0 and record["peak_rss_mb"] > 0
+    ev = record["evaluation"]
+    assert ev["images"] == {"train": 3, "held_out": 2}
+    assert {(r["scheduler"], r["guidance"]) for r in ev["runs"]} == {(s, g) for s in ("ddim", "ddpm") for g in (1, 2)}
+    assert all(0 <= r["mean"] <= 1 and set(r["train"]) == set(r["held_out"]) for r in ev["runs"])
+
+
+def test_saved_weights_are_the_ema_weights(smoke):
+    trainer, _, out = smoke
+    m = load_model(out)
+    saved = list(m.unet.parameters()) + list(m.text_encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(saved, trainer.ema.shadow, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(saved, trainer.params, strict=True))
+
+
+def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    from difflens.training.shapes import train
+
+    cfg = TrainConfig(**{**TINY.__dict__, "steps": 6})
+    straight = make_trainer(tmp_path / "a", cfg)
+    train(straight, minutes=5, checkpoint_minutes=5)
+    half = TrainConfig(**{**TINY.__dict__, "steps": 3})
+    first = make_trainer(tmp_path / "b", half)
+    train(first, minutes=5, checkpoint_minutes=5)
+    second = make_trainer(tmp_path / "b", cfg)
+    assert second.resume() and second.step == 3
+    train(second, minutes=5, checkpoint_minutes=5)
+    for a, b in zip(straight.params, second.params, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    from difflens.training.shapes import train
+
+    t = make_trainer(tmp_path, TrainConfig(**{**TINY.__dict__, "steps": 1}))
+    train(t, minutes=5, checkpoint_minutes=5)
+    other = make_trainer(tmp_path, TrainConfig(**{**TINY.__dict__, "lr": 1e-3}))
+    with pytest.raises(ValueError, match="different configuration"):
+        other.resume()
+
+
+def test_cosine_schedule_stops_at_the_terminal_alpha_bar():
+    import math
+
+    from difflens.training.build import build_noise_scheduler, cosine_betas
+
+    plain = build_noise_scheduler(None).alphas_cumprod
+    stopped = build_noise_scheduler(0.0047).alphas_cumprod
+    assert float(plain[-1]) < 1e-8 and float(stopped[-1]) == pytest.approx(0.0047, rel=1e-4)
+    assert float(stopped[0]) == pytest.approx(float(plain[0]), abs=1e-5)
+    assert (stopped[1:] < stopped[:-1]).all() and (stopped >= plain - 1e-6).all()
+    betas = cosine_betas(1000, 0.0047)
+    assert math.prod(1 - b for b in betas) == pytest.approx(0.0047, rel=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(0.55e-3) and lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, TrainConfig(lr=1e-3, warmup=10, steps=None)) == 1e-3
+
+
+def test_command_line_writes_a_loadable_model(tmp_path):
+    out = tmp_path / "m"
+    rc = main(["--out", str(out), "--work", str(tmp_path / "w"), "--arch", "tiny", "--steps", "2",
+               "--batch-size", "2", "--threads", "1", "--eval-images", "0", "--eval-held-out", "0",
+               "--eval-steps", "2"])
+    assert rc == 0
+    m = load_model(out)
+    assert (m.defaults.steps, m.defaults.guidance_scale, m.defaults.scheduler) == (2, 1.5, "ddpm")
+    assert generate(m, GenerationParams("a small blue square at the top", seed=0)).image.shape == (32, 32, 3)
