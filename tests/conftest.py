@@ -19,3 +19,20 @@ def tiny_model(tiny_dir):
     from difflens.engine.loading import load_model
 
     return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis (REDIS_URL, else a private server); tests isolate themselves with their own queue name."""
+    from tests.support.redis_server import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def queue_name(request):
+    """A queue (stream key prefix) no other test uses."""
+    import uuid
+
+    return f"test-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"

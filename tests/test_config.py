@@ -19,3 +19,34 @@ def test_bad_values_name_the_field(key, value, field):
     with pytest.raises(InvalidArgument) as e:
         Settings.from_env({key: value})
     assert e.value.field == field and value in e.value.message
+
+
+def test_service_settings_from_env_and_flags():
+    from difflens.config import SHIPPED_MODEL, ServiceSettings
+
+    s = ServiceSettings.from_env({"DIFFLENS_REDIS_URL": "redis://h:1/0", "DIFFLENS_MAX_QUEUE_DEPTH": "5"}, port=9)
+    assert (s.redis_url, s.max_queue_depth, s.port) == ("redis://h:1/0", 5, 9)
+    assert s.model_dirs() == {"default": str(SHIPPED_MODEL)}
+    assert ServiceSettings(models=(("a", "/x"),)).model_dirs() == {"a": "/x"}
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"models": (("a", "/x"), ("a", "/y"))}, "model"),
+    ({"heartbeat_interval_s": 40.0}, "heartbeat_interval_s"),
+    ({"max_deliveries": 0}, "max_deliveries"),
+])
+def test_service_settings_reject_bad_values(kwargs, field):
+    from difflens.config import ServiceSettings
+
+    with pytest.raises(InvalidArgument, match=field):
+        ServiceSettings(**kwargs)
+
+
+def test_parse_models_names_the_flag():
+    from difflens.config import ServiceSettings
+
+    assert ServiceSettings.parse_models(["a=/m", "b=rel/dir"]) == (("a", "/m"), ("b", "rel/dir"))
+    with pytest.raises(InvalidArgument, match="--model"):
+        ServiceSettings.parse_models(["nodir"])
+    with pytest.raises(InvalidArgument, match="DIFFLENS_MAX_QUEUE_DEPTH"):
+        ServiceSettings.from_env({"DIFFLENS_MAX_QUEUE_DEPTH": "many"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 from difflens.errors import InvalidArgument
@@ -49,5 +50,97 @@ class Settings:
             "dtype": env.get("DIFFLENS_DTYPE", cls.dtype),
             "unet_backend": env.get("DIFFLENS_UNET_BACKEND", cls.unet_backend),
         }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+# `difflens serve` / `difflens worker` with no --model serve this folder as "default" (the repository's models/).
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. The front checks these before anything is queued."""
+
+    max_steps: int = 200
+    max_side: int = 1024  # width and height, pixels
+    max_prompt_tokens: int = 75  # CLIP's 77 minus BOS/EOS
+    max_masks: int = 8192
+    max_mask_steps: int = 200_000  # masks x explained steps: the DF-RISE work budget of one job
+    max_rise_batch: int = 1024
+    max_cam_layers: int = 128
+    max_idempotency_key: int = 256
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Front and worker settings. `models`: (name, folder) pairs; `redis_url` None means the in-process queue.
+
+    Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
+    DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_MAX_DELIVERIES, plus Settings' variables.
+    """
+
+    engine: Settings = Settings()
+    models: tuple[tuple[str, str], ...] = ()
+    default_model: str = "default"
+    redis_url: str | None = None
+    queue_name: str = "difflens"
+    max_queue_depth: int = 1000
+    visibility_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 5.0
+    max_deliveries: int = 3
+    result_ttl_s: float = 24 * 3600.0
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    max_message_bytes: int = 64 * 2**20
+    drain_grace_s: float = 30.0
+    worker_max_jobs: int = 4  # jobs a worker runs at once (their DF-RISE masks share UNet batches)
+    worker_max_batch: int = 64  # samples per shared UNet call
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        names = [n for n, _ in self.models]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("model", f"model names must be unique, got {names}")
+        for n in names:
+            if not n or "=" in n:
+                raise InvalidArgument("model", f"bad model name {n!r}; use NAME=DIR")
+        if self.heartbeat_interval_s >= self.visibility_timeout_s:
+            raise InvalidArgument("heartbeat_interval_s", "must be shorter than visibility_timeout_s")
+        if self.max_deliveries < 1:
+            raise InvalidArgument("max_deliveries", "must be >= 1")
+
+    def model_dirs(self) -> dict[str, str]:
+        """name -> folder; with none configured, the shipped model as 'default'."""
+        if self.models:
+            return dict(self.models)
+        return {self.default_model: str(SHIPPED_MODEL)}
+
+    @staticmethod
+    def parse_models(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+        """['name=DIR', ...] -> (('name', 'DIR'), ...); errors name the --model flag."""
+        out = []
+        for v in values or []:
+            name, sep, folder = v.partition("=")
+            if not sep or not name or not folder:
+                raise InvalidArgument("--model", f"got {v!r}; expected NAME=DIR")
+            out.append((name, folder))
+        return tuple(out)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServiceSettings:
+        """Environment first, then explicit (flag) overrides that are not None."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {"engine": Settings.from_env(env)}
+        for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str), ("queue_name", "DIFFLENS_QUEUE", str),
+                               ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
+                               ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
+                               ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int)):
+            if var in env:
+                try:
+                    values[key] = conv(env[var])
+                except ValueError as e:
+                    raise InvalidArgument(var, f"got {env[var]!r}: {e}") from e
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,219 @@
+"""Jobs and their events: the domain types the gRPC front, the queue and the workers exchange.
+
+A `JobSpec` is a validated request (engine option dataclasses plus serving fields); it travels through the queue
+as JSON. An `Event` is one thing that happened to a job (queued, started, an explained step, completed, failed);
+it travels as bytes from `encode_event` (a JSON header followed by the raw little-endian tensor buffers), so
+neither the queue nor the worker needs the generated protobuf modules: only api/ converts these to pb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from difflens.engine.options import (
+    AttentionOptions,
+    CamOptions,
+    ExplainOptions,
+    GenerationParams,
+    RiseOptions,
+    Sampling,
+    StepSelector,
+    check_choice,
+)
+
+JobStateName = Literal["queued", "running", "completed", "failed", "cancelled"]
+TERMINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+MapDType = Literal["float16", "float32"]
+# Failure codes are gRPC status names; api/ maps them to grpc.StatusCode.
+FailureCode = Literal["CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL",
+                      "UNAVAILABLE", "ABORTED"]
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How maps come back: map dtype on the wire, and whether each explained step carries its x0 preview."""
+
+    map_dtype: MapDType = "float32"
+    include_x0_previews: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("output.map_dtype", self.map_dtype, get_args(MapDType))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to run a job. `deadline`: unix seconds or None; `caller` scopes idempotency."""
+
+    model: str
+    params: GenerationParams
+    explain: ExplainOptions = field(default_factory=ExplainOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    deadline: float | None = None
+    idempotency_key: str = ""
+    caller: str = ""
+
+    def to_json(self) -> str:
+        if self.explain.rise is not None and self.explain.rise.masks is not None:
+            raise ValueError("explicit RISE masks cannot travel through the queue")
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobSpec:
+        d = json.loads(text)
+        p = dict(d["params"])
+        s = p.pop("sampling")
+        sampling = Sampling(kind=s["kind"], shift=s["shift"],
+                            timesteps=tuple(s["timesteps"]) if s["timesteps"] is not None else None)
+        e = d["explain"]
+        st = e["steps"]
+        explain = ExplainOptions(
+            steps=StepSelector(kind=st["kind"], indices=tuple(st["indices"]), every=st["every"]),
+            rise=RiseOptions(**{k: v for k, v in e["rise"].items() if k != "masks"}) if e["rise"] else None,
+            cam=CamOptions(layers=tuple(e["cam"]["layers"]), target=e["cam"]["target"]) if e["cam"] else None,
+            attention=AttentionOptions() if e["attention"] is not None else None,
+        )
+        return cls(model=d["model"], params=GenerationParams(**p, sampling=sampling), explain=explain,
+                   output=OutputOptions(**d["output"]), deadline=d["deadline"],
+                   idempotency_key=d["idempotency_key"], caller=d["caller"])
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's state as the queue keeps it. Times are unix seconds; `error` is set once failed or cancelled."""
+
+    id: str
+    state: JobStateName
+    model: str
+    created_at: float
+    updated_at: float
+    queue_position: int = 0
+    error: str = ""
+    worker: str = ""
+    deliveries: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int
+
+
+@dataclass(frozen=True)
+class Started:
+    worker: str
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class TokenMap:
+    """One prompt word's attention map. map: (h, w); relevance in [0, 1]."""
+
+    token: str
+    map: np.ndarray
+    relevance: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One explained step. maps: name -> (h, w) ('rise', 'rise_raw', 'cam', 'cam/<layer>');
+    x0_preview: (3, H, W) in [0, 1] when asked for; latency_s: wall time of denoising plus explaining."""
+
+    index: int
+    timestep: int
+    num_steps: int
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: tuple[TokenMap, ...] = ()
+    latency_s: float = 0.0
+    x0_preview: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Completed:
+    image_png: bytes
+    audit_json: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: FailureCode
+    message: str
+
+
+Event = Queued | Started | Step | Completed | Failed
+TERMINAL_EVENTS = (Completed, Failed)
+_KINDS: dict[str, type] = {"queued": Queued, "started": Started, "step": Step, "completed": Completed,
+                           "failed": Failed}
+_KIND_OF = {v: k for k, v in _KINDS.items()}
+_DTYPES = ("float16", "float32", "uint8")
+
+
+class _Buffers:
+    """Collects array payloads while a header is built; each array becomes {"@": index, dtype, shape}."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def put(self, a: np.ndarray | bytes) -> dict[str, Any]:
+        if isinstance(a, bytes):
+            self.chunks.append(a)
+            return {"@": len(self.chunks) - 1, "bytes": True}
+        if a.dtype.name not in _DTYPES:
+            raise TypeError(f"event arrays must be one of {_DTYPES}, got {a.dtype}")
+        self.chunks.append(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
+        return {"@": len(self.chunks) - 1, "dtype": a.dtype.name, "shape": list(a.shape)}
+
+
+def encode_event(event: Event) -> bytes:
+    """Event -> bytes: u32 header length, JSON header, then the buffers back to back (lengths in the header)."""
+    bufs = _Buffers()
+    body: dict[str, Any]
+    if isinstance(event, Step):
+        body = {"index": event.index, "timestep": event.timestep, "num_steps": event.num_steps,
+                "latency_s": event.latency_s, "maps": {k: bufs.put(v) for k, v in event.maps.items()},
+                "tokens": [{"token": t.token, "relevance": t.relevance, "map": bufs.put(t.map)}
+                           for t in event.tokens],
+                "x0_preview": bufs.put(event.x0_preview) if event.x0_preview is not None else None}
+    elif isinstance(event, Completed):
+        body = {"image_png": bufs.put(event.image_png), "audit_json": event.audit_json}
+    else:
+        body = dataclasses.asdict(event)
+    header = json.dumps({"kind": _KIND_OF[type(event)], "body": body, "sizes": [len(c) for c in bufs.chunks]},
+                        separators=(",", ":")).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(bufs.chunks)
+
+
+def decode_event(data: bytes) -> Event:
+    (n,) = struct.unpack_from("<I", data)
+    header = json.loads(data[4:4 + n])
+    chunks, pos = [], 4 + n
+    for size in header["sizes"]:
+        chunks.append(data[pos:pos + size])
+        pos += size
+
+    def get(ref: dict[str, Any]) -> Any:
+        raw = chunks[ref["@"]]
+        if ref.get("bytes"):
+            return raw
+        return np.frombuffer(raw, dtype=np.dtype(ref["dtype"]).newbyteorder("<")).reshape(ref["shape"])
+
+    kind, body = header["kind"], header["body"]
+    if kind == "step":
+        return Step(index=body["index"], timestep=body["timestep"], num_steps=body["num_steps"],
+                    latency_s=body["latency_s"], maps={k: get(v) for k, v in body["maps"].items()},
+                    tokens=tuple(TokenMap(t["token"], get(t["map"]), t["relevance"]) for t in body["tokens"]),
+                    x0_preview=get(body["x0_preview"]) if body["x0_preview"] is not None else None)
+    if kind == "completed":
+        return Completed(image_png=get(body["image_png"]), audit_json=body["audit_json"])
+    return _KINDS[kind](**body)  # type: ignore[no-any-return]

@@ -1,0 +1,43 @@
+"""Every Prometheus collector of difflens, front and worker. Labels are low-cardinality only (never a job id).
+
+method: denoise | rise | cam | attention; t_bucket: timestep // 100 as a string ("0".."9");
+status: completed | failed | cancelled | deadline_exceeded | rejected.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Per-step work is milliseconds on a GPU and seconds on a CPU: buckets span both.
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+STEP_DURATION = Histogram(
+    "difflens_step_duration_seconds", "Wall time of one denoising step's work, by method and timestep bucket.",
+    ["model", "method", "t_bucket"], buckets=_STEP_BUCKETS, registry=REGISTRY)
+REQUEST_DURATION = Histogram(
+    "difflens_request_duration_seconds", "Time from enqueue to the job's terminal event.",
+    ["model", "status"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
+QUEUE_WAIT = Histogram(
+    "difflens_queue_wait_seconds", "Time a job waited in the queue before a worker took it.",
+    ["model"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
+QUEUE_DEPTH = Gauge("difflens_queue_depth", "Jobs waiting in the queue (sampled by the front).", registry=REGISTRY)
+JOBS = Counter("difflens_jobs_total", "Jobs that reached a terminal state, by status.", ["status"],
+               registry=REGISTRY)
+UNET_BATCH_SIZE = Histogram(
+    "difflens_unet_batch_size", "Samples per UNet call (DF-RISE batches shared across a worker's jobs).",
+    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=REGISTRY)
+RISE_MASKS = Counter("difflens_rise_masks_total", "DF-RISE masks evaluated.", ["model"], registry=REGISTRY)
+ERRORS = Counter("difflens_errors_total", "Errors by type (invalid_argument, resource_exhausted, internal, ...).",
+                 ["type"], registry=REGISTRY)
+
+
+def t_bucket(timestep: int) -> str:
+    return str(max(0, int(timestep)) // 100)
+
+
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
+    """/metrics on its own port (a daemon thread)."""
+    start_http_server(port, addr=addr, registry=REGISTRY)

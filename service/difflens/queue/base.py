@@ -1,0 +1,80 @@
+"""The queue interface between the gRPC front and the workers.
+
+Two implementations sit side by side: `redis_streams.RedisStreamsQueue` (production: Redis Streams, a consumer
+group of workers, reclaim of abandoned jobs, dead-letter stream, per-job state and event streams with a TTL) and
+`memory.InProcessQueue` (the embedded default: one process, same semantics, no Redis).
+
+Semantics every implementation keeps:
+- `enqueue` validates nothing (the front already did) but enforces the depth limit (ResourceExhausted with a
+  retry hint) and idempotency: the same (caller, idempotency_key) returns the existing job instead of a new one.
+  It appends a `Queued` event as the job's event 0.
+- `claim` hands a worker one job: a new one, or one whose worker stopped heartbeating for longer than the
+  visibility timeout (reclaimed; `Claim.delivery` counts deliveries). A job delivered more than `max_deliveries`
+  times is moved to the dead-letter stream and failed instead of being handed out. Jobs already cancelled or past
+  their deadline are failed at claim time and not handed out.
+- `publish` appends an event to the job's event stream, but only while the claim still owns the job (a reclaimed
+  job's first worker, if it was only slow, gets `False` back and must stop). `Started` moves the job to running.
+- `finish` appends the terminal event (Completed or Failed) and marks the job terminal atomically, at most once
+  per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
+  one terminal event. It also acknowledges the job in the work stream.
+- `cancel` on a queued job makes it terminal at once (a Failed(CANCELLED) event); on a running job it raises the
+  cancel flag that the worker polls (`cancel_requested`) between denoising steps and then finishes with
+  Failed(CANCELLED).
+- `events(job_id, after, block_s)` returns (sequence, event) pairs with sequence > after, waiting up to block_s
+  for the first one; sequences are 0, 1, 2, ... per job. This is how Explain and WatchJob stream from any front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from difflens.jobs import TERMINAL_EVENTS, Event, JobRecord, JobSpec
+
+
+class JobNotFound(LookupError):
+    """No job with this id (never existed, or its records expired)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} not found")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job handed to a worker. `token` identifies this delivery (ownership checks); delivery counts from 1."""
+
+    job_id: str
+    spec: JobSpec
+    worker: str
+    token: str
+    delivery: int
+    enqueued_at: float
+
+
+class JobQueue(Protocol):
+    def enqueue(self, spec: JobSpec) -> JobRecord: ...
+
+    def get(self, job_id: str) -> JobRecord: ...
+
+    def claim(self, worker: str, block_s: float = 1.0) -> Claim | None: ...
+
+    def heartbeat(self, claim: Claim) -> bool: ...
+
+    def publish(self, claim: Claim, event: Event) -> bool: ...
+
+    def finish(self, claim: Claim, event: Event) -> bool: ...
+
+    def cancel(self, job_id: str) -> JobRecord: ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]: ...
+
+    def depth(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def is_terminal(event: Event) -> bool:
+    return isinstance(event, TERMINAL_EVENTS)

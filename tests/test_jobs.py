@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from difflens.engine.options import (
+    AttentionOptions,
+    CamOptions,
+    ExplainOptions,
+    GenerationParams,
+    RiseOptions,
+    Sampling,
+    StepSelector,
+)
+from difflens.errors import InvalidArgument
+from difflens.jobs import (
+    Completed,
+    Failed,
+    JobSpec,
+    OutputOptions,
+    Queued,
+    Started,
+    Step,
+    TokenMap,
+    decode_event,
+    encode_event,
+)
+
+SPECS = [
+    JobSpec("default", GenerationParams("a red circle")),
+    JobSpec("m", GenerationParams("a blue square", negative_prompt="x", seed=7, steps=5, guidance_scale=2.5,
+                                  width=64, height=32, scheduler="euler", sampling=Sampling("early", 30.0)),
+            ExplainOptions(StepSelector("list", (1, 3)), RiseOptions(num_masks=8, mask="grid", grid_size=4,
+                                                                     structure_2x=True, target="x_prev"),
+                           CamOptions(("up_blocks.1",), "guided_sum"), AttentionOptions()),
+            OutputOptions("float16", True), deadline=1e9, idempotency_key="k", caller="app"),
+    JobSpec("m", GenerationParams("p", sampling=Sampling("explicit", timesteps=(900, 500, 10))),
+            ExplainOptions(StepSelector("every", every=3))),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_spec_round_trips_through_json(spec):
+    assert JobSpec.from_json(spec.to_json()) == spec
+
+
+def test_spec_with_explicit_masks_is_refused():
+    import torch
+
+    spec = JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions(masks=torch.ones(2, 4, 4))))
+    with pytest.raises(ValueError, match="masks"):
+        spec.to_json()
+
+
+def test_output_dtype_is_checked():
+    with pytest.raises(InvalidArgument, match="output.map_dtype"):
+        OutputOptions("int8")  # type: ignore[arg-type]
+
+
+def test_events_round_trip_with_arrays_bit_exact():
+    rng = np.random.default_rng(0)
+    step = Step(2, 801, 10, {"rise": rng.random((4, 4)).astype(np.float16),
+                             "cam/up_blocks.0": rng.random((4, 4)).astype(np.float32)},
+                (TokenMap("red", rng.random((4, 4)).astype(np.float32), 0.25),), 0.5,
+                rng.random((3, 8, 8)).astype(np.float32))
+    back = decode_event(encode_event(step))
+    assert isinstance(back, Step)
+    assert (back.index, back.timestep, back.num_steps, back.latency_s) == (2, 801, 10, 0.5)
+    for k, v in step.maps.items():
+        assert back.maps[k].dtype == v.dtype and np.array_equal(back.maps[k], v)
+    assert back.tokens[0].token == "red" and np.array_equal(back.tokens[0].map, step.tokens[0].map)
+    assert back.x0_preview is not None and np.array_equal(back.x0_preview, step.x0_preview)
+    for ev in (Queued(3), Started("w1", 2), Completed(b"\x89PNG..", '{"a": 1}'), Failed("CANCELLED", "stop")):
+        assert decode_event(encode_event(ev)) == ev
+
+
+def test_event_arrays_must_have_a_wire_dtype():
+    with pytest.raises(TypeError, match="float16"):
+        encode_event(Step(0, 1, 1, {"rise": np.zeros((2, 2), np.float64)}))
