@@ -1,0 +1,60 @@
+"""Decisions both queue implementations make the same way: job ids, the queue-full error, what a claim finds.
+
+Kept here so the Redis and in-process queues cannot drift apart on them (base.py states the semantics).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from difflens.errors import ResourceExhausted
+from difflens.jobs import Completed, Event, Failed, JobStateName
+
+# The front cannot know how fast workers drain the queue (jobs take milliseconds on a GPU, seconds on a CPU), so
+# the hint is a fixed, short wait: long enough that retrying clients do not hammer a full queue.
+QUEUE_FULL_RETRY_S = 1.0
+CANCELLED_MESSAGE = "cancelled by the caller"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def queue_full(depth: int, limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"queue full: {depth} jobs waiting (max_queue_depth={limit}); retry in {QUEUE_FULL_RETRY_S:g} s",
+        retry_after_s=QUEUE_FULL_RETRY_S)
+
+
+def terminal_state(event: Event) -> JobStateName:
+    """The state a terminal event leaves the job in."""
+    if isinstance(event, Completed):
+        return "completed"
+    if isinstance(event, Failed):
+        return "cancelled" if event.code == "CANCELLED" else "failed"
+    raise TypeError(f"not a terminal event: {type(event).__name__}")
+
+
+def error_of(event: Event) -> str:
+    return f"{event.code}: {event.message}" if isinstance(event, Failed) else ""
+
+
+def claim_verdict(*, cancel: bool, deadline: float | None, deliveries: int, max_deliveries: int,
+                  now: float) -> Failed | None:
+    """Why a job just taken off the queue must not be handed to the worker (None: hand it out).
+
+    A cancel wins over the rest (the caller asked for exactly that); a job past its deadline fails as such; a job
+    delivered more than `max_deliveries` times (its workers keep dying on it) is dead-lettered as ABORTED.
+    """
+    if cancel:
+        return Failed("CANCELLED", CANCELLED_MESSAGE)
+    if deadline is not None and now >= deadline:
+        return Failed("DEADLINE_EXCEEDED", "the job's deadline passed while it waited in the queue")
+    if deliveries > max_deliveries:
+        return Failed("ABORTED", f"the job's worker stopped {deliveries - 1} times (max_deliveries="
+                                 f"{max_deliveries}); moved to the dead-letter stream")
+    return None

@@ -1,0 +1,262 @@
+"""The in-process queue: base.py's semantics in one process with a lock and a condition variable.
+
+The embedded default (`difflens serve --embedded`): the front and its worker threads share one of these.
+Everything the Redis queue does happens here too: idempotency, the depth limit, heartbeats and reclaim after the
+visibility timeout (a worker thread that stops heartbeating loses its job), a dead-letter list, records that
+expire `result_ttl_s` after their last write.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from difflens.config import ServiceSettings
+from difflens.jobs import Event, Failed, JobRecord, JobSpec, JobStateName, Queued, Started
+from difflens.queue.base import Claim, JobNotFound, is_terminal
+from difflens.queue.common import (
+    CANCELLED_MESSAGE,
+    claim_verdict,
+    error_of,
+    new_job_id,
+    new_token,
+    queue_full,
+    terminal_state,
+)
+
+# Expired records are swept at most this often (a sweep walks every job).
+_SWEEP_EVERY_S = 1.0
+
+
+@dataclass
+class _Job:
+    id: str
+    spec: JobSpec
+    created_at: float
+    updated_at: float
+    state: JobStateName = "queued"
+    events: list[Event] = field(default_factory=list)
+    owner: str = ""  # token of the claim that holds the job; "" while never claimed
+    worker: str = ""
+    deliveries: int = 0
+    error: str = ""
+    cancel: bool = False
+    beat: float = 0.0  # monotonic time of the holder's last claim or heartbeat
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("completed", "failed", "cancelled")
+
+
+class InProcessQueue:
+    """JobQueue in memory; thread-safe. `clock` (unix seconds) is for deadlines and records; reclaim uses the
+    monotonic clock."""
+
+    def __init__(self, settings: ServiceSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._jobs: dict[str, _Job] = {}
+        self._waiting: dict[str, None] = {}  # insertion-ordered: the queue
+        self._held: dict[str, None] = {}  # claimed, not terminal: candidates for reclaim
+        self._idem: dict[tuple[str, str], str] = {}
+        self._dead: list[str] = []
+        self._swept = time.monotonic()
+
+    # ------------------------------------------------------------ front side
+
+    def enqueue(self, spec: JobSpec) -> JobRecord:
+        with self._cond:
+            self._sweep()
+            key = (spec.caller, spec.idempotency_key)
+            if spec.idempotency_key and key in self._idem and self._idem[key] in self._jobs:
+                return self._record(self._jobs[self._idem[key]])
+            if len(self._waiting) >= self.settings.max_queue_depth:
+                raise queue_full(len(self._waiting), self.settings.max_queue_depth)
+            now = self._clock()
+            job = _Job(new_job_id(), spec, now, now)
+            job.events.append(Queued(position=len(self._waiting)))
+            self._jobs[job.id] = job
+            self._waiting[job.id] = None
+            if spec.idempotency_key:
+                self._idem[key] = job.id
+            self._cond.notify_all()
+            return self._record(job)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._cond:
+            return self._record(self._job(job_id))
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._cond:
+            job = self._job(job_id)
+            if not job.done:
+                if job.owner:
+                    job.cancel = True
+                    self._touch(job)
+                else:
+                    self._terminate(job, Failed("CANCELLED", CANCELLED_MESSAGE))
+            return self._record(job)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return job is not None and job.cancel
+
+    def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]:
+        end = time.monotonic() + block_s
+        with self._cond:
+            while True:
+                job = self._job(job_id)
+                if len(job.events) > after + 1:
+                    return [(i, job.events[i]) for i in range(max(after + 1, 0), len(job.events))]
+                left = end - time.monotonic()
+                if left <= 0 or job.done:
+                    return []
+                self._cond.wait(left)
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def dead_letters(self) -> list[str]:
+        """Ids of the jobs moved to the dead-letter list, oldest first."""
+        with self._cond:
+            return list(self._dead)
+
+    def close(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ worker side
+
+    def claim(self, worker: str, block_s: float = 1.0) -> Claim | None:
+        end = time.monotonic() + block_s
+        with self._cond:
+            self._sweep()
+            while True:
+                job = self._next_job()
+                if job is not None:
+                    claim = self._hand_out(job, worker)
+                    if claim is not None:
+                        return claim
+                    continue
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, self._until_reclaimable()))
+
+    def heartbeat(self, claim: Claim) -> bool:
+        with self._cond:
+            job = self._owned(claim)
+            if job is None:
+                return False
+            job.beat = time.monotonic()
+            self._touch(job)
+            return True
+
+    def publish(self, claim: Claim, event: Event) -> bool:
+        if is_terminal(event):
+            raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
+        with self._cond:
+            job = self._owned(claim)
+            if job is None:
+                return False
+            if isinstance(event, Started):
+                job.state = "running"
+            job.events.append(event)
+            self._touch(job)
+            self._cond.notify_all()
+            return True
+
+    def finish(self, claim: Claim, event: Event) -> bool:
+        if not is_terminal(event):
+            raise ValueError(f"finish takes Completed or Failed, got {type(event).__name__}")
+        with self._cond:
+            job = self._owned(claim)
+            if job is None:
+                return False
+            self._terminate(job, event)
+            return True
+
+    # ------------------------------------------------------------ internals (caller holds the lock)
+
+    def _job(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.updated_at < self._clock() - self.settings.result_ttl_s:
+            raise JobNotFound(job_id)
+        return job
+
+    def _owned(self, claim: Claim) -> _Job | None:
+        job = self._jobs.get(claim.job_id)
+        if job is None or job.done or job.owner != claim.token:
+            return None
+        return job
+
+    def _record(self, job: _Job) -> JobRecord:
+        position = list(self._waiting).index(job.id) if job.id in self._waiting else 0
+        return JobRecord(id=job.id, state=job.state, model=job.spec.model, created_at=job.created_at,
+                         updated_at=job.updated_at, queue_position=position, error=job.error, worker=job.worker,
+                         deliveries=job.deliveries)
+
+    def _touch(self, job: _Job) -> None:
+        job.updated_at = self._clock()
+
+    def _terminate(self, job: _Job, event: Event) -> None:
+        job.events.append(event)
+        job.state = terminal_state(event)
+        job.error = error_of(event)
+        self._waiting.pop(job.id, None)
+        self._held.pop(job.id, None)
+        self._touch(job)
+        self._cond.notify_all()
+
+    def _next_job(self) -> _Job | None:
+        """A held job whose holder stopped heartbeating (reclaim first, as XAUTOCLAIM does), else the oldest
+        waiting one."""
+        now = time.monotonic()
+        for job_id in self._held:
+            if now - self._jobs[job_id].beat > self.settings.visibility_timeout_s:
+                return self._jobs[job_id]
+        for job_id in self._waiting:
+            return self._jobs[job_id]
+        return None
+
+    def _until_reclaimable(self) -> float:
+        if not self._held:
+            return self.settings.visibility_timeout_s
+        oldest = min(self._jobs[j].beat for j in self._held)
+        return max(0.001, oldest + self.settings.visibility_timeout_s - time.monotonic())
+
+    def _hand_out(self, job: _Job, worker: str) -> Claim | None:
+        self._waiting.pop(job.id, None)
+        job.deliveries += 1
+        job.owner, job.worker, job.beat = new_token(), worker, time.monotonic()
+        self._held[job.id] = None
+        self._touch(job)
+        failed = claim_verdict(cancel=job.cancel, deadline=job.spec.deadline, deliveries=job.deliveries,
+                               max_deliveries=self.settings.max_deliveries, now=self._clock())
+        if failed is not None:
+            if failed.code == "ABORTED":
+                self._dead.append(job.id)
+            self._terminate(job, failed)
+            return None
+        return Claim(job_id=job.id, spec=job.spec, worker=worker, token=job.owner, delivery=job.deliveries,
+                     enqueued_at=job.created_at)
+
+    def _sweep(self) -> None:
+        """Forget jobs not written for result_ttl_s (as the Redis keys expire)."""
+        mono = time.monotonic()
+        if mono - self._swept < _SWEEP_EVERY_S:
+            return
+        self._swept = mono
+        cutoff = self._clock() - self.settings.result_ttl_s
+        for job in [j for j in self._jobs.values() if j.updated_at < cutoff]:
+            del self._jobs[job.id]
+            self._waiting.pop(job.id, None)
+            self._held.pop(job.id, None)
+            key = (job.spec.caller, job.spec.idempotency_key)
+            if self._idem.get(key) == job.id:
+                del self._idem[key]

@@ -1,0 +1,362 @@
+"""The production queue: Redis Streams with a consumer group of workers (base.py states the semantics).
+
+Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id):
+    P:work               stream of {job: id}; consumer group "workers" reads it with XREADGROUP
+    P:waiting            sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
+    P:enqueued           counter giving those scores
+    P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
+    P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
+                         owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq
+    P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
+                         field e = encode_event bytes, or q = position for the Queued event the enqueue script writes
+    P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
+The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
+script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Any
+
+import redis
+
+from difflens.config import ServiceSettings
+from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started, decode_event, encode_event
+from difflens.queue.base import Claim, JobNotFound, is_terminal
+from difflens.queue.common import (
+    CANCELLED_MESSAGE,
+    claim_verdict,
+    error_of,
+    new_job_id,
+    new_token,
+    queue_full,
+    terminal_state,
+)
+
+GROUP = "workers"
+DEAD_LETTER_MAXLEN = 10_000
+
+# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] work stream, KEYS[4] waiting
+# zset; TTL in ms and `now` come from the caller so every script is deterministic.
+_LUA_PRELUDE = """
+local function is_terminal(state)
+  return state == 'completed' or state == 'failed' or state == 'cancelled'
+end
+local function touch(ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+local function append(field, value)
+  local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], '0-' .. n, field, value)
+end
+local function drop_entry(group, entry, job_id)
+  redis.call('XACK', KEYS[3], group, entry)
+  redis.call('XDEL', KEYS[3], entry)
+  redis.call('ZREM', KEYS[4], job_id)
+end
+-- the terminal event, the state and the acknowledgement in one step: the at-most-once finish
+local function terminate(event, state, err, now, ttl, group, job_id)
+  append('e', event)
+  redis.call('HSET', KEYS[1], 'state', state, 'error', err, 'updated_at', now)
+  drop_entry(group, redis.call('HGET', KEYS[1], 'entry'), job_id)
+  touch(ttl)
+end
+"""
+
+# KEYS[5] idempotency key, KEYS[6] score counter. ARGV: id, spec, model, deadline, now, ttl, max depth,
+# use idempotency (1/0), job key prefix.
+_ENQUEUE = _LUA_PRELUDE + """
+if ARGV[8] == '1' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return {'existing', existing} end
+end
+local depth = redis.call('ZCARD', KEYS[4])
+if depth >= tonumber(ARGV[7]) then return {'full', depth} end
+redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), ARGV[1])
+local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
+           'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
+           'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
+append('q', depth)
+touch(ARGV[6])
+if ARGV[8] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6]) end
+return {'new', tostring(depth)}
+"""
+
+# ARGV: entry, group, token, worker, now, ttl, job id. Returns false when the entry is stale (job expired or
+# already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel, created_at}.
+_CLAIM = _LUA_PRELUDE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (not state) or is_terminal(state) then
+  drop_entry(ARGV[2], ARGV[1], ARGV[7])
+  return false
+end
+local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+redis.call('ZREM', KEYS[4], ARGV[7])
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'worker', ARGV[4], 'heartbeat', ARGV[5], 'updated_at', ARGV[5])
+touch(ARGV[6])
+return {n, redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'cancel'),
+        redis.call('HGET', KEYS[1], 'created_at')}
+"""
+
+_OWNED = """
+local function owned(token)
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  return owner == token and not is_terminal(redis.call('HGET', KEYS[1], 'state'))
+end
+"""
+
+# ARGV: token, event bytes, '1' if Started, now, ttl.
+_PUBLISH = _LUA_PRELUDE + _OWNED + """
+if not owned(ARGV[1]) then return 0 end
+append('e', ARGV[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'running') end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+touch(ARGV[5])
+return 1
+"""
+
+# KEYS[5] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
+# dead-letter stream max length.
+_FINISH = _LUA_PRELUDE + _OWNED + """
+if not owned(ARGV[1]) then return 0 end
+if ARGV[9] == '1' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],
+             'entry', redis.call('HGET', KEYS[1], 'entry'), 'deliveries', redis.call('HGET', KEYS[1], 'deliveries'),
+             'worker', redis.call('HGET', KEYS[1], 'worker'))
+end
+terminate(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+return 1
+"""
+
+# ARGV: Failed(CANCELLED) bytes, error, now, ttl, group, job id. -1 unknown job, 0 already terminal,
+# 1 cancelled while never claimed (terminal now), 2 held by a worker (cancel flag raised).
+_CANCEL = _LUA_PRELUDE + """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return -1 end
+if is_terminal(redis.call('HGET', KEYS[1], 'state')) then return 0 end
+if owner == '' then
+  terminate(ARGV[1], 'cancelled', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[3])
+touch(ARGV[4])
+return 2
+"""
+
+# ARGV: token, now, ttl, group, worker. XCLAIM by the same consumer resets the entry's idle time, which is what
+# keeps XAUTOCLAIM in other workers' claim() off a job that is slow but alive.
+_HEARTBEAT = _LUA_PRELUDE + _OWNED + """
+if not owned(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'updated_at', ARGV[2])
+redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[5], 0, redis.call('HGET', KEYS[1], 'entry'), 'JUSTID')
+touch(ARGV[3])
+return 1
+"""
+
+
+def _s(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+class RedisStreamsQueue:
+    """JobQueue on Redis Streams. `url_or_client`: a redis:// URL (this object owns its connection pool) or a
+    redis.Redis created with decode_responses=False. Thread-safe: commands go through redis-py's connection pool,
+    every check-then-write is one script, and the reclaim scan's cursor has a lock."""
+
+    def __init__(self, url_or_client: str | redis.Redis, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._owns_client = isinstance(url_or_client, str)
+        self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
+        p = settings.queue_name
+        self._work, self._waiting, self._counter, self._dead = f"{p}:work", f"{p}:waiting", f"{p}:enqueued", f"{p}:dead"
+        self._job_prefix = f"{p}:job:"
+        self._ttl_ms = max(1, int(settings.result_ttl_s * 1000))
+        self._enqueue, self._claim, self._publish, self._finish, self._cancel, self._heartbeat = (
+            self._r.register_script(s) for s in (_ENQUEUE, _CLAIM, _PUBLISH, _FINISH, _CANCEL, _HEARTBEAT))
+        self._cancel_bytes = encode_event(Failed("CANCELLED", CANCELLED_MESSAGE))
+        # XAUTOCLAIM scans the pending list; doing it on every claim would cost a round trip per job for
+        # something only needed on the scale of the visibility timeout.
+        self._reclaim_every_s = min(1.0, settings.visibility_timeout_s / 3)
+        self._last_reclaim = 0.0
+        self._reclaim_cursor: bytes | str = "0-0"
+        self._reclaim_lock = threading.Lock()
+        try:
+            self._r.xgroup_create(self._work, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # ------------------------------------------------------------ keys
+
+    def _keys(self, job_id: str) -> list[str]:
+        job = self._job_prefix + job_id
+        return [job, job + ":events", self._work, self._waiting]
+
+    def _idem_key(self, spec: JobSpec) -> str:
+        digest = hashlib.sha256(f"{spec.caller}\0{spec.idempotency_key}".encode()).hexdigest()
+        return f"{self.settings.queue_name}:idem:{digest}"
+
+    # ------------------------------------------------------------ front side
+
+    def enqueue(self, spec: JobSpec) -> JobRecord:
+        job_id, now = new_job_id(), time.time()
+        kind, value = self._enqueue(
+            keys=[*self._keys(job_id), self._idem_key(spec), self._counter],
+            args=[job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
+                  self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix])
+        if kind == b"existing":
+            return self.get(_s(value))
+        if kind == b"full":
+            raise queue_full(int(value), self.settings.max_queue_depth)
+        return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
+                         queue_position=int(value))
+
+    def get(self, job_id: str) -> JobRecord:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hgetall(self._job_prefix + job_id)
+        pipe.zrank(self._waiting, job_id)
+        h, rank = pipe.execute()
+        if not h:
+            raise JobNotFound(job_id)
+        return JobRecord(id=job_id, state=_s(h[b"state"]), model=_s(h[b"model"]),  # type: ignore[arg-type]
+                         created_at=float(h[b"created_at"]), updated_at=float(h[b"updated_at"]),
+                         queue_position=int(rank or 0), error=_s(h[b"error"]), worker=_s(h[b"worker"]),
+                         deliveries=int(h[b"deliveries"]))
+
+    def cancel(self, job_id: str) -> JobRecord:
+        if self._cancel(keys=self._keys(job_id), args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}",
+                                                       time.time(), self._ttl_ms, GROUP, job_id]) == -1:
+            raise JobNotFound(job_id)
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self._r.hget(self._job_prefix + job_id, "cancel") == b"1"
+
+    def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]:
+        key = self._job_prefix + job_id + ":events"
+        start = f"0-{max(after, -1) + 1}"
+        found = self._r.xread({key: start})
+        if not found:
+            state = self._r.hget(self._job_prefix + job_id, "state")
+            if state is None:
+                raise JobNotFound(job_id)
+            # a terminal job gets no more events: nothing to wait for
+            if block_s <= 0 or state in (b"completed", b"failed", b"cancelled"):
+                return []
+            found = self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
+        return [(int(entry_id.split(b"-")[1]) - 1, self._decode(fields)) for entry_id, fields in found[0][1]] \
+            if found else []
+
+    @staticmethod
+    def _decode(fields: dict[bytes, bytes]) -> Event:
+        if b"e" in fields:
+            return decode_event(fields[b"e"])
+        return Queued(position=int(fields[b"q"]))
+
+    def depth(self) -> int:
+        return int(self._r.zcard(self._waiting))
+
+    def dead_letters(self) -> list[str]:
+        """Ids of the jobs in the dead-letter stream, oldest first."""
+        return [_s(fields[b"job"]) for _, fields in self._r.xrange(self._dead)]
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._r.close()
+
+    # ------------------------------------------------------------ worker side
+
+    def claim(self, worker: str, block_s: float = 1.0) -> Claim | None:
+        end = time.monotonic() + block_s
+        while True:
+            entry = self._reclaimable(worker) or self._read_new(worker, end - time.monotonic())
+            if entry is not None:
+                claim = self._take(worker, *entry)
+                if claim is not None:
+                    return claim
+                continue
+            if time.monotonic() >= end:
+                return None
+
+    def heartbeat(self, claim: Claim) -> bool:
+        return bool(self._heartbeat(keys=self._keys(claim.job_id),
+                                    args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker]))
+
+    def publish(self, claim: Claim, event: Event) -> bool:
+        if is_terminal(event):
+            raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
+        return bool(self._publish(keys=self._keys(claim.job_id),
+                                  args=[claim.token, encode_event(event), 1 if isinstance(event, Started) else 0,
+                                        time.time(), self._ttl_ms]))
+
+    def finish(self, claim: Claim, event: Event) -> bool:
+        if not is_terminal(event):
+            raise ValueError(f"finish takes Completed or Failed, got {type(event).__name__}")
+        return self._terminate(claim.job_id, claim.token, event)
+
+    # ------------------------------------------------------------ claim internals
+
+    def _reclaimable(self, worker: str) -> tuple[bytes, str] | None:
+        """An entry whose holder stopped heartbeating for longer than the visibility timeout, now ours.
+
+        XAUTOCLAIM looks at no more than 10 x COUNT pending entries per call, so with many live jobs held the scan
+        must walk on from the cursor it returns: restarting at 0-0 would never get past the oldest live ones."""
+        with self._reclaim_lock:
+            now = time.monotonic()
+            if now - self._last_reclaim < self._reclaim_every_s:
+                return None
+            self._last_reclaim, cursor = now, self._reclaim_cursor
+        idle_ms = max(1, int(self.settings.visibility_timeout_s * 1000))
+        next_cursor, claimed, *_ = self._r.xautoclaim(self._work, GROUP, worker, idle_ms, start_id=cursor, count=1)
+        with self._reclaim_lock:
+            self._reclaim_cursor = next_cursor
+            if claimed or next_cursor != b"0-0":
+                self._last_reclaim = 0.0  # the scan is not finished: go on at the next claim
+        if not claimed:
+            return None
+        entry_id, fields = claimed[0]
+        return (entry_id, _s(fields[b"job"])) if fields else None
+
+    def _read_new(self, worker: str, block_s: float) -> tuple[bytes, str] | None:
+        # never block past the next reclaim scan, so abandoned jobs are found while the stream is idle
+        block_ms = int(min(block_s, self._reclaim_every_s) * 1000)
+        reply = self._r.xreadgroup(GROUP, worker, {self._work: ">"}, count=1,
+                                   block=block_ms if block_ms > 0 else None)
+        if not reply or not reply[0][1]:
+            return None
+        entry_id, fields = reply[0][1][0]
+        return entry_id, _s(fields[b"job"])
+
+    def _take(self, worker: str, entry_id: bytes, job_id: str) -> Claim | None:
+        """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so."""
+        token = new_token()
+        reply = self._claim(keys=self._keys(job_id),
+                            args=[entry_id, GROUP, token, worker, time.time(), self._ttl_ms, job_id])
+        if not reply:
+            return None
+        deliveries, spec_json, cancel, created_at = int(reply[0]), reply[1], reply[2] == b"1", float(reply[3])
+        try:
+            spec = JobSpec.from_json(spec_json)
+        except (ValueError, KeyError, TypeError) as e:
+            # a front newer than this worker: fail the job rather than crash every worker it reaches
+            self._terminate(job_id, token, Failed("INTERNAL", f"this worker cannot read the job's spec: {e}"))
+            return None
+        failed = claim_verdict(cancel=cancel, deadline=spec.deadline, deliveries=deliveries,
+                               max_deliveries=self.settings.max_deliveries, now=time.time())
+        if failed is not None:
+            self._terminate(job_id, token, failed, dead_letter=failed.code == "ABORTED")
+            return None
+        return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
+                     enqueued_at=created_at)
+
+    def _terminate(self, job_id: str, token: str, event: Event, dead_letter: bool = False) -> bool:
+        """The at-most-once finish of the claim `token`; `dead_letter` also records the job in P:dead."""
+        return bool(self._finish(
+            keys=[*self._keys(job_id), self._dead],
+            args=[token, encode_event(event), terminal_state(event), error_of(event), time.time(), self._ttl_ms,
+                  GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))

@@ -1,0 +1,262 @@
+"""queue/base.py's semantics, checked the same way on both implementations (in-process and real Redis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from difflens.errors import ResourceExhausted
+from difflens.jobs import Completed, Failed, Queued, Started, Step
+from difflens.queue.base import JobNotFound
+from tests.queue.conftest import FAST, spec
+
+LAPSE_S = FAST["visibility_timeout_s"] + 0.15  # long enough for a holder to lose its job
+
+
+def kinds(q, job_id, after=-1):
+    return [(i, type(e).__name__) for i, e in q.events(job_id, after)]
+
+
+def step(i: int = 0) -> Step:
+    return Step(index=i, timestep=900 - i, num_steps=4, maps={"rise": np.arange(4, dtype=np.float32).reshape(2, 2)})
+
+
+def test_lifecycle_orders_events_with_dense_sequences(backend):
+    q = backend.queue()
+    a, b = q.enqueue(spec("a")), q.enqueue(spec("b"))
+    assert (a.state, a.queue_position, b.queue_position, q.depth()) == ("queued", 0, 1, 2)
+    assert q.events(b.id) == [(0, Queued(position=1))]
+    c = q.claim("w1", block_s=1)
+    assert (c.job_id, c.delivery, c.spec.params.prompt, c.worker) == (a.id, 1, "a", "w1")
+    assert q.depth() == 1 and q.get(b.id).queue_position == 0
+    assert q.publish(c, Started("w1", attempt=c.delivery))
+    assert q.get(a.id).state == "running"
+    assert q.publish(c, step(0)) and q.publish(c, step(1))
+    assert q.finish(c, Completed(b"png", '{"ok": true}'))
+    assert kinds(q, a.id) == [(0, "Queued"), (1, "Started"), (2, "Step"), (3, "Step"), (4, "Completed")]
+    assert kinds(q, a.id, after=2) == [(3, "Step"), (4, "Completed")]
+    (_, got), = q.events(a.id, after=2)[:1]
+    assert got.index == 1
+    np.testing.assert_array_equal(got.maps["rise"], step(0).maps["rise"])
+    rec = q.get(a.id)
+    assert (rec.state, rec.worker, rec.deliveries, rec.done) == ("completed", "w1", 1, True)
+
+
+def test_finish_twice_gives_one_terminal_event_and_closes_publishing(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    assert q.finish(c, Completed(b"png", "{}"))
+    assert not q.finish(c, Failed("INTERNAL", "late"))
+    assert not q.publish(c, step())
+    assert not q.heartbeat(c)
+    assert [k for _, k in kinds(q, job.id)] == ["Queued", "Completed"]
+
+
+def test_concurrent_finishes_of_one_claim_have_one_winner(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(q.finish(c, Completed(b"%d" % i, "{}"))))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert sum(isinstance(e, Completed) for _, e in q.events(job.id)) == 1
+
+
+def test_reclaimed_job_belongs_to_the_new_holder_only(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    first = q.claim("w1", block_s=1)
+    assert q.publish(first, Started("w1"))
+    time.sleep(LAPSE_S)  # w1 stops heartbeating
+    second = q.claim("w2", block_s=2)
+    assert second is not None and (second.job_id, second.delivery) == (job.id, 2)
+    assert second.token != first.token
+    assert not q.publish(first, step()) and not q.heartbeat(first)
+    assert not q.finish(first, Completed(b"first", "{}"))
+    assert q.publish(second, Started("w2", attempt=2))
+    assert q.finish(second, Completed(b"second", "{}"))
+    terminal = [e for _, e in q.events(job.id) if isinstance(e, (Completed, Failed))]
+    assert terminal == [Completed(b"second", "{}")]
+    assert (q.get(job.id).deliveries, q.get(job.id).worker) == (2, "w2")
+
+
+def test_heartbeats_keep_a_slow_job_from_being_stolen(backend):
+    q = backend.queue()
+    q.enqueue(spec())
+    c = q.claim("w1", block_s=1)
+    stolen = []
+    thief = threading.Thread(target=lambda: stolen.append(q.claim("w2", block_s=3 * LAPSE_S)))
+    thief.start()
+    while thief.is_alive():
+        assert q.heartbeat(c)
+        time.sleep(FAST["heartbeat_interval_s"])
+    assert stolen == [None]
+    assert q.publish(c, Started("w1"))
+
+
+def test_dead_letter_after_max_deliveries(backend):
+    q = backend.queue()  # max_deliveries=2
+    job = q.enqueue(spec())
+    for n in (1, 2):
+        c = q.claim(f"w{n}", block_s=2)
+        assert c is not None and c.delivery == n
+        time.sleep(LAPSE_S)
+    assert q.claim("w3", block_s=2 * LAPSE_S) is None  # the third delivery is refused
+    rec = q.get(job.id)
+    assert (rec.state, rec.deliveries) == ("failed", 3) and rec.error.startswith("ABORTED")
+    (_, last), = q.events(job.id)[-1:]
+    assert isinstance(last, Failed) and last.code == "ABORTED" and "max_deliveries=2" in last.message
+    assert q.dead_letters() == [job.id]
+
+
+def test_idempotency_is_scoped_by_caller(backend):
+    q = backend.queue()
+    a = q.enqueue(spec(idempotency_key="k1", caller="app"))
+    again = q.enqueue(spec("different body", idempotency_key="k1", caller="app"))
+    other_caller = q.enqueue(spec(idempotency_key="k1", caller="other"))
+    no_key = [q.enqueue(spec()).id for _ in range(2)]
+    assert again.id == a.id and other_caller.id != a.id and no_key[0] != no_key[1]
+    assert q.depth() == 4
+    assert kinds(q, a.id) == [(0, "Queued")]  # the repeat added nothing
+
+
+def test_full_queue_refuses_with_retry_hint_then_accepts_again(backend):
+    q = backend.queue(max_queue_depth=2)
+    first = q.enqueue(spec(idempotency_key="k", caller="c"))
+    q.enqueue(spec())
+    with pytest.raises(ResourceExhausted, match="max_queue_depth=2") as err:
+        q.enqueue(spec())
+    assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
+    assert q.enqueue(spec(idempotency_key="k", caller="c")).id == first.id  # a retry of an accepted job is fine
+    assert q.depth() == 2
+    assert q.claim("w", block_s=1) is not None
+    assert q.enqueue(spec()).queue_position == 1
+
+
+def test_cancel_queued_job_is_terminal_at_once(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    rec = q.cancel(job.id)
+    assert (rec.state, q.depth()) == ("cancelled", 0)
+    (_, last), = q.events(job.id)[-1:]
+    assert isinstance(last, Failed) and last.code == "CANCELLED"
+    assert q.claim("w", block_s=0.3) is None
+    assert q.cancel(job.id).state == "cancelled"  # cancelling again changes nothing
+    assert len(q.events(job.id)) == 2
+
+
+def test_cancel_running_job_raises_the_flag_the_worker_polls(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    assert q.publish(c, Started("w"))
+    assert not q.cancel_requested(job.id)
+    assert q.cancel(job.id).state == "running"
+    assert q.cancel_requested(job.id)
+    assert q.finish(c, Failed("CANCELLED", "stopped at step 3"))
+    rec = q.get(job.id)
+    assert (rec.state, rec.error) == ("cancelled", "CANCELLED: stopped at step 3")
+
+
+def test_cancelled_job_whose_worker_died_is_not_handed_out_again(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    q.claim("w1", block_s=1)
+    q.cancel(job.id)
+    time.sleep(LAPSE_S)
+    assert q.claim("w2", block_s=2 * LAPSE_S) is None
+    assert q.get(job.id).state == "cancelled"
+    assert q.dead_letters() == []
+
+
+def test_deadline_passed_at_claim_time_fails_the_job(backend):
+    q = backend.queue()
+    late = q.enqueue(spec("late", deadline=time.time() - 1))
+    fine = q.enqueue(spec("fine", deadline=time.time() + 60))
+    c = q.claim("w", block_s=1)
+    assert c is not None and c.job_id == fine.id
+    rec = q.get(late.id)
+    assert rec.state == "failed" and rec.error.startswith("DEADLINE_EXCEEDED")
+    assert [type(e).__name__ for _, e in q.events(late.id)] == ["Queued", "Failed"]
+
+
+def test_blocking_events_wake_on_publish(backend):
+    q = backend.queue()
+    watcher_q = backend.replica(q)
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    got: list = []
+    t0 = time.monotonic()
+    watcher = threading.Thread(target=lambda: got.extend(watcher_q.events(job.id, after=0, block_s=10)))
+    watcher.start()
+    time.sleep(0.2)
+    assert got == []  # still waiting
+    q.publish(c, Started("w"))
+    watcher.join(5)
+    assert got == [(1, Started("w"))] and time.monotonic() - t0 < 3
+    q.finish(c, Completed(b"png", "{}"))
+    t0 = time.monotonic()
+    assert watcher_q.events(job.id, after=2, block_s=5) == []  # terminal: nothing to wait for
+    assert time.monotonic() - t0 < 1
+
+
+def test_a_second_front_sees_the_same_jobs_and_events(backend):
+    q = backend.queue()
+    other = backend.replica(q)
+    job = q.enqueue(spec(idempotency_key="k", caller="c"))
+    assert other.enqueue(spec(idempotency_key="k", caller="c")).id == job.id
+    c = other.claim("w", block_s=1)
+    assert c.job_id == job.id and q.publish(c, Started("w"))
+    assert other.get(job.id).state == "running"
+    assert kinds(other, job.id) == kinds(q, job.id) == [(0, "Queued"), (1, "Started")]
+    other.cancel(job.id)
+    assert q.cancel_requested(job.id)
+
+
+def test_unknown_and_expired_jobs_are_not_found(backend):
+    q = backend.queue(result_ttl_s=0.5)
+    for call in (q.get, q.cancel, q.events):
+        with pytest.raises(JobNotFound):
+            call("no-such-job")
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    q.finish(c, Completed(b"png", "{}"))
+    assert q.get(job.id).state == "completed"
+    time.sleep(0.7)
+    with pytest.raises(JobNotFound):
+        q.events(job.id)
+    with pytest.raises(JobNotFound):
+        q.get(job.id)
+
+
+def test_publish_and_finish_refuse_the_wrong_kind_of_event(backend):
+    q = backend.queue()
+    q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    with pytest.raises(ValueError, match="finish"):
+        q.publish(c, Completed(b"png", "{}"))
+    with pytest.raises(ValueError, match="Completed or Failed"):
+        q.finish(c, Started("w"))
+
+
+def test_reclaim_finds_an_abandoned_job_behind_many_live_ones(backend):
+    q = backend.queue(max_queue_depth=100)
+    jobs = [q.enqueue(spec(str(i))) for i in range(25)]
+    claims = [q.claim("w1", block_s=1) for _ in jobs]
+    live, abandoned = claims[:-1], claims[-1]
+    end = time.monotonic() + 2 * LAPSE_S
+    got = None
+    while got is None and time.monotonic() < end:
+        assert all(q.heartbeat(c) for c in live)
+        got = q.claim("w2", block_s=FAST["heartbeat_interval_s"])
+    assert got is not None and (got.job_id, got.delivery) == (abandoned.job_id, 2)
+    assert all(q.publish(c, Started("w1")) for c in live)  # none of the live ones was taken

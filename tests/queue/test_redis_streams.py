@@ -1,0 +1,107 @@
+"""What only the Redis queue has: keys with a TTL, state that outlives a queue object, bounded streams."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from difflens.jobs import Completed, Failed, Started
+from tests.queue.conftest import FAST, Backend, spec
+
+
+@pytest.fixture
+def rb(redis_url, queue_name):
+    b = Backend("redis", queue_name, redis_url)
+    yield b
+    for q in b.made:
+        q.close()
+
+
+@pytest.fixture
+def r(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def job_keys(name: str, job_id: str) -> list[str]:
+    return [f"{name}:job:{job_id}", f"{name}:job:{job_id}:events"]
+
+
+def test_job_keys_carry_the_ttl_and_writes_refresh_it(rb, r, queue_name):
+    q = rb.queue(result_ttl_s=30)
+    job = q.enqueue(spec(idempotency_key="k", caller="c"))
+    idem = [k for k in r.keys(f"{queue_name}:idem:*")]
+    assert len(idem) == 1
+    for key in [*job_keys(queue_name, job.id), *idem]:
+        assert 29_000 < r.pttl(key) <= 30_000, key
+    time.sleep(1.1)
+    aged = r.pttl(job_keys(queue_name, job.id)[0])
+    assert aged < 29_000
+    c = q.claim("w", block_s=1)
+    q.publish(c, Started("w"))
+    assert all(r.pttl(k) > aged + 500 for k in job_keys(queue_name, job.id))
+    # the shared keys never expire: they are the queue itself
+    assert r.pttl(f"{queue_name}:work") == -1
+
+
+def test_a_fresh_queue_object_sees_jobs_of_a_closed_one(rb, queue_name):
+    first = rb.queue()
+    job = first.enqueue(spec("survivor"))
+    first.close()
+    second = rb.queue()  # creating the consumer group again is harmless
+    rec = second.get(job.id)
+    assert (rec.state, rec.queue_position) == ("queued", 0)
+    c = second.claim("w", block_s=1)
+    assert c.job_id == job.id and c.spec.params.prompt == "survivor"
+    assert second.finish(c, Completed(b"png", "{}"))
+    assert [type(e).__name__ for _, e in second.events(job.id)] == ["Queued", "Completed"]
+
+
+def test_finished_jobs_leave_nothing_in_the_work_stream(rb, r, queue_name):
+    q = rb.queue()
+    done = [q.enqueue(spec()) for _ in range(3)]
+    cancelled = q.enqueue(spec())
+    q.cancel(cancelled.id)
+    for _ in done:
+        c = q.claim("w", block_s=1)
+        q.finish(c, Completed(b"png", "{}"))
+    assert q.claim("w", block_s=0.2) is None  # the cancelled job's entry is gone, not delivered
+    assert r.xlen(f"{queue_name}:work") == 0
+    assert r.xpending(f"{queue_name}:work", "workers")["pending"] == 0
+    assert r.zcard(f"{queue_name}:waiting") == 0
+
+
+def test_dead_letter_entry_names_the_job_and_its_deliveries(rb, r, queue_name):
+    q = rb.queue(max_deliveries=1)
+    job = q.enqueue(spec())
+    assert q.claim("w1", block_s=1) is not None
+    time.sleep(FAST["visibility_timeout_s"] + 0.15)
+    assert q.claim("w2", block_s=1) is None
+    [(_, fields)] = r.xrange(f"{queue_name}:dead")
+    assert (fields[b"job"].decode(), fields[b"deliveries"], fields[b"worker"]) == (job.id, b"2", b"w2")
+    assert r.xlen(f"{queue_name}:work") == 0
+
+
+def test_a_spec_this_worker_cannot_read_fails_the_job_instead_of_the_worker(rb, r, queue_name):
+    q = rb.queue()
+    job = q.enqueue(spec())
+    r.hset(f"{queue_name}:job:{job.id}", "spec", '{"model": "default"}')  # e.g. written by a newer front
+    assert q.claim("w", block_s=0.5) is None
+    (_, last), = q.events(job.id)[-1:]
+    assert isinstance(last, Failed) and last.code == "INTERNAL" and "spec" in last.message
+
+
+def test_queues_with_different_names_are_isolated(rb, redis_url, queue_name):
+    q = rb.queue()
+    other = Backend("redis", queue_name + "-other", redis_url)
+    try:
+        o = other.queue()
+        o.enqueue(spec())
+        assert (q.depth(), o.depth()) == (0, 1)
+        assert q.claim("w", block_s=0.2) is None
+    finally:
+        for made in other.made:
+            made.close()
