@@ -73,3 +73,24 @@ def test_every_parameter_is_recorded_as_json(tiny_model):
     assert (g["steps"], g["guidance_scale"], g["scheduler"], g["width"], g["height"]) == (2, 7.5, "ddim", 32, 32)
     assert rec["explain"]["rise"]["num_masks"] == 2 and rec["explain"]["cam"] is None
     assert rec["timesteps"] == exp.timesteps and rec["unet_backend"] == "eager"
+
+
+def test_guard_is_entered_around_each_explainer_and_steps_carry_x0(tiny_model):
+    """The seam a service uses to serialise the hooked explainers on a shared UNet (worker/batching.py)."""
+    from contextlib import contextmanager
+
+    log = []
+
+    @contextmanager
+    def guard(method):
+        log.append(f"enter {method}")
+        yield
+        log.append(f"exit {method}")
+
+    exp = run_explanation(tiny_model, GenerationParams("a red circle", steps=2, guidance_scale=2.0),
+                          ExplainOptions(steps=StepSelector("list", indices=(1,)),
+                                         **{**ALL, "cam": CamOptions(layers=("up_blocks.1.resnets.0",))}),
+                          guard=guard)
+    assert log == ["enter rise", "exit rise", "enter cam", "exit cam", "enter attn", "exit attn"]
+    x0 = exp.steps[0].x0
+    assert x0 is not None and x0.shape == (1, 4, 16, 16) and not x0.requires_grad

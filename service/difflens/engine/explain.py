@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +31,14 @@ class StepExplanation:
     rise: (h, w) count-normalised DF-RISE map; rise_raw: (h, w) sum_k M_k s_k;
     cam: (h, w) sum over layers of min-max maps; cam/<layer path>: (h, w) per layer;
     attn: (T, h, w) token maps; attn_relevance: (T,) token relevance in [0, 1].
+    x0: (1, C, h, w) the step's predicted clean latent (previews), or None.
     """
 
     index: int
     timestep: int
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    x0: torch.Tensor | None = None
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Explanation:
 
 StepCallback = Callable[[StepExplanation], None]
 ProgressCallback = Callable[[int, int, int], None]  # (step index, number of steps, timestep)
+# Entered around each explainer of a step with its name ("rise", "cam", "attn"): a service sharing one UNet
+# between threads serialises the hooked explainers there (DF-CAM and attention install hooks on the module).
+ExplainerGuard = Callable[[str], AbstractContextManager[object]]
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -71,9 +77,11 @@ def run_explanation(
     on_step: StepCallback | None = None,
     on_progress: ProgressCallback | None = None,
     check: Callable[[int], None] | None = None,
+    guard: ExplainerGuard | None = None,
 ) -> Explanation:
     """Generate and explain. `on_step` receives each explained step as soon as its maps exist (streaming);
-    `on_progress` is called after every denoising step, explained or not (progress bars)."""
+    `on_progress` is called after every denoising step, explained or not (progress bars); `guard(method)` is
+    entered around each explainer call (its timing excludes the time spent entering the guard)."""
     runner = runner or UNetRunner(model.unet)
     tokens = prompt_tokens(model.tokenizer, params.prompt)
     explained: list[StepExplanation] = []
@@ -94,13 +102,13 @@ def run_explanation(
             if on_progress is not None:
                 on_progress(state.index, state.num_steps, state.timestep)
             return
-        out = StepExplanation(state.index, state.timestep)
+        out = StepExplanation(state.index, state.timestep, x0=state.x0.detach())
         if rise_opts is not None and masks is not None:
-            _timed(out, "rise", lambda: rise.explain_step(state, rise_opts, masks))
+            _timed(out, "rise", lambda: rise.explain_step(state, rise_opts, masks), guard)
         if cam_opts is not None:
-            _timed(out, "cam", lambda: cam.explain_step(state, cam_opts, cam_layers))
+            _timed(out, "cam", lambda: cam.explain_step(state, cam_opts, cam_layers), guard)
         if options.attention is not None:
-            _timed(out, "attn", lambda: attention.explain_step(state, tokens))
+            _timed(out, "attn", lambda: attention.explain_step(state, tokens), guard)
         explained.append(out)
         if on_step is not None:
             on_step(out)
@@ -116,10 +124,12 @@ def run_explanation(
     return Explanation(to_uint8(gen.image), gen.timesteps, explained, [t.text for t in tokens], record, gen)
 
 
-def _timed(out: StepExplanation, name: str, fn: Callable[[], dict[str, torch.Tensor]]) -> None:
-    t0 = time.perf_counter()
-    maps = fn()
-    out.seconds[name] = time.perf_counter() - t0
+def _timed(out: StepExplanation, name: str, fn: Callable[[], dict[str, torch.Tensor]],
+           guard: ExplainerGuard | None) -> None:
+    with guard(name) if guard is not None else nullcontext():
+        t0 = time.perf_counter()
+        maps = fn()
+        out.seconds[name] = time.perf_counter() - t0
     out.maps.update({k: v.detach().float().cpu() for k, v in maps.items()})
 
 

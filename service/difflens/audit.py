@@ -1,0 +1,127 @@
+"""Audit records: what a completed job was, what produced it, and hashes to check a re-run against.
+
+A record holds the job id, the model's name and the sha256 of each of its weight files, the request (the JobSpec,
+seed included) and the parameters it resolved to, library versions, device/dtype/backend, timings, and hashes of
+the image and of every map. `difflens replay` re-runs the request in-process and compares the hashes.
+
+Array hashes (ARRAY_HASH_RULE): sha256 over the ASCII header "<dtype>:<d0>x<d1>x...:" followed by the array's
+C-order little-endian bytes. Images are hashed as uint8 (H, W, 3) RGB; maps as float32, whatever dtype the job's
+events carried them in. PNG hashes are over the PNG file as the job returned it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import platform
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from difflens.jobs import JobSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from difflens.engine.explain import Explanation
+
+SCHEMA = "difflens.audit/1"
+ARRAY_HASH_RULE = ("sha256 over the ASCII header '<dtype>:<d0>x<d1>x...:' then the array's C-order little-endian "
+                   "bytes; images as uint8 (H, W, 3) RGB, maps as float32")
+LIBRARIES = ("torch", "diffusers", "transformers", "numpy", "safetensors", "pillow", "difflens")
+
+
+def array_sha256(a: np.ndarray | torch.Tensor, dtype: str | None = None) -> str:
+    """sha256 of an array under ARRAY_HASH_RULE. `dtype` converts first (e.g. 'float32' for maps)."""
+    if not isinstance(a, np.ndarray):
+        a = a.detach().cpu().numpy()
+    arr = np.ascontiguousarray(a, dtype=np.dtype(dtype or a.dtype).newbyteorder("<"))
+    header = f"{arr.dtype.name}:{'x'.join(str(d) for d in arr.shape)}:".encode("ascii")
+    return hashlib.sha256(header + arr.tobytes()).hexdigest()
+
+
+def image_hashes(image: np.ndarray, png: bytes) -> dict[str, Any]:
+    """image: (H, W, 3) uint8 -> {"rgb_uint8": hash, "shape": [H, W, 3], "png": sha256 of the PNG bytes}."""
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+    return {"rgb_uint8": array_sha256(image), "shape": list(image.shape), "png": hashlib.sha256(png).hexdigest()}
+
+
+def explanation_hashes(exp: Explanation, png: bytes) -> dict[str, Any]:
+    """The hashes a record carries and replay recomputes: the image, and every map of every explained step
+    ("maps": {"<step index>": {"<map name>": hash}})."""
+    return {
+        "image": image_hashes(exp.image, png),
+        "maps": {str(s.index): {name: array_sha256(m, "float32") for name, m in sorted(s.maps.items())}
+                 for s in exp.steps},
+    }
+
+
+@functools.cache  # metadata lookups cost ~2 ms per job; installed versions cannot change under a running process
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = "unknown"
+    return out
+
+
+def step_timings(exp: Explanation, denoise_s: Mapping[int, float]) -> list[dict[str, Any]]:
+    """Per denoising step: index, timestep, denoise seconds, and each explainer's seconds where explained."""
+    explained = {s.index: s.seconds for s in exp.steps}
+    return [{"index": i, "timestep": t, "denoise_s": round(denoise_s.get(i, 0.0), 6),
+             **{f"{k}_s": round(v, 6) for k, v in explained.get(i, {}).items()}}
+            for i, t in enumerate(exp.timesteps)]
+
+
+def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, weights: Mapping[str, str],
+                 spec: JobSpec, exp: Explanation, png: bytes, runtime: Mapping[str, Any],
+                 timings: Mapping[str, Any], rise_exact: Mapping[int, bool]) -> dict[str, Any]:
+    """The audit record of one completed job, JSON-ready.
+
+    runtime: device, dtype, unet_backend (the one used), requested_backend. timings: queue_wait_s, run_s, total_s,
+    steps (from step_timings). rise_exact: per explained step, whether its DF-RISE UNet calls held only this job's
+    samples, unsplit, i.e. the calls a solo run makes (False: batched with other jobs, so its RISE maps may differ
+    from a replay in the last bits; the image never does).
+    """
+    return {
+        "schema": SCHEMA,
+        "job_id": job_id,
+        "worker": worker,
+        "attempt": attempt,
+        "model": {"name": model_name, "weights_sha256": dict(sorted(weights.items()))},
+        "request": json.loads(spec.to_json()),
+        "seed": spec.params.seed,
+        "resolved": exp.params,
+        "runtime": dict(runtime),
+        "versions": dict(library_versions()),
+        "timings": dict(timings),
+        "rise_exact": {str(k): v for k, v in sorted(rise_exact.items())},
+        "hash_rule": ARRAY_HASH_RULE,
+        "hashes": explanation_hashes(exp, png),
+    }
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, indent=2, sort_keys=False, default=str)
+
+
+def compare_hashes(recorded: Mapping[str, Any], replayed: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """Per item (image.rgb_uint8, image.png, step<i>/<map>): (item, recorded, replayed, match). Items present on
+    only one side are listed with '-' on the other and count as mismatches."""
+    rows: list[tuple[str, str, str, bool]] = []
+    for key in ("rgb_uint8", "png"):
+        a, b = recorded.get("image", {}).get(key, "-"), replayed.get("image", {}).get(key, "-")
+        rows.append((f"image.{key}", a, b, a == b))
+    rec_maps, rep_maps = recorded.get("maps", {}), replayed.get("maps", {})
+    for step in sorted(set(rec_maps) | set(rep_maps), key=int):
+        ra, rb = rec_maps.get(step, {}), rep_maps.get(step, {})
+        for name in sorted(set(ra) | set(rb)):
+            a, b = ra.get(name, "-"), rb.get(name, "-")
+            rows.append((f"step{int(step):03d}/{name}", a, b, a == b))
+    return rows

@@ -1,0 +1,23 @@
+"""The worker: takes jobs from the queue, runs the engine on its loaded models, publishes each step as it happens.
+
+`Worker` (worker.py) is the loop; `JobRun` (job.py) one job; batching.py the cross-job UNet batching; cli.py the
+`difflens worker` and `difflens replay` commands; replay.py the re-run of an audit record.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from difflens.worker.worker import Worker
+
+__all__ = ["Worker"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `difflens --help` imports worker.cli, and must not pay for torch.
+    if name == "Worker":
+        from difflens.worker.worker import Worker
+
+        return Worker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

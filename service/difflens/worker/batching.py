@@ -1,0 +1,222 @@
+"""Cross-job UNet batching: the DF-RISE calls of a worker's concurrent jobs share UNet calls.
+
+Each job thread gets its own `JobRunner` (an engine UNetRunner). Outside DF-RISE it calls the UNet directly, alone:
+a batch's composition changes the last bits of its results (other BLAS paths), and the denoising trajectory must
+stay bit-identical to `difflens explain`. Inside DF-RISE (the worker's explainer guard switches the runner into
+batching mode) every raw() call goes to the model's `UNetBatcher`, which concatenates the pending requests of all
+jobs that are in DF-RISE at that moment, up to `max_batch` samples per UNet call, runs them once and hands each
+job its slice. A call is made as soon as every job in DF-RISE has a request waiting (nobody else can add to it)
+or the samples fill a call, so no timer is involved.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from difflens.engine.runner import UNetRunner
+from difflens.models import RWLock
+
+RawFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(eq=False)
+class _Request:
+    """One raw() call of one job. latents: (n, C, h, w); timesteps: (n,); embeds: (n, L, D)."""
+
+    owner: int
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    sent: int = 0  # samples already handed to a UNet call (a request larger than max_batch spans calls)
+    parts: list[torch.Tensor] = field(default_factory=list)
+    received: int = 0
+    error: BaseException | None = None
+    shared: bool = False  # some call of it held other jobs' samples, or it was split
+
+    @property
+    def n(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.received == self.n
+
+
+@dataclass
+class BatchStats:
+    """What one UNet call held: samples, and how many distinct jobs they came from."""
+
+    samples: int
+    jobs: int
+
+
+class UNetBatcher:
+    """Collects the concurrent DF-RISE raw() requests of the jobs of one model into shared UNet calls.
+
+    `fn(latents (N, C, h, w), timesteps (N,), embeds (N, L, D)) -> (N, C, h, w)` is the UNet call; `on_batch` sees
+    each call's BatchStats (metrics, tests). `pad_to_bucket`: pad every call to a power of two (at most
+    max_batch) so a compiled UNet sees few shapes; padding samples are zeros and are dropped.
+    """
+
+    def __init__(self, fn: RawFn, max_batch: int, on_batch: Callable[[BatchStats], None] | None = None,
+                 pad_to_bucket: bool = False) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.on_batch = on_batch
+        self.pad_to_bucket = pad_to_bucket
+        self._cv = threading.Condition()
+        self._pending: list[_Request] = []
+        self._participants = 0
+        self._busy = False
+
+    @contextmanager
+    def participant(self) -> Iterator[None]:
+        """While a job is inside DF-RISE: the batcher waits for its requests before making a call."""
+        with self._cv:
+            self._participants += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._participants -= 1
+                self._cv.notify_all()  # a waiting leader may now have every remaining participant's request
+
+    def submit(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """UNet output for one request, computed in a shared call. latents: (n, C, h, w); timesteps: (n,);
+        embeds: (n, L, D) -> ((n, C, h, w), shared). Call only from inside `participant()`."""
+        req = _Request(threading.get_ident(), latents, timesteps, embeds)
+        with self._cv:
+            self._pending.append(req)
+            self._cv.notify_all()
+        while True:
+            with self._cv:
+                while not req.done and (self._busy or not self._due()):
+                    self._cv.wait()
+                if req.done:
+                    break
+                # Leader: this thread runs the next call for everyone (its own request may not be in it).
+                batch = self._take()
+                self._busy = True
+            try:
+                self._run(batch)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+        if req.error is not None:
+            raise req.error
+        return torch.cat(req.parts), req.shared
+
+    def _due(self) -> bool:
+        if not self._pending:
+            return False
+        waiting = sum(r.n - r.sent for r in self._pending)
+        owners = {r.owner for r in self._pending}
+        return waiting >= self.max_batch or len(owners) >= self._participants
+
+    def _take(self) -> list[tuple[_Request, int, int]]:
+        """(request, start, stop) slices, first come first served, up to max_batch samples."""
+        room, batch = self.max_batch, []
+        for req in list(self._pending):
+            if room == 0:
+                break
+            k = min(room, req.n - req.sent)
+            batch.append((req, req.sent, req.sent + k))
+            req.sent += k
+            room -= k
+            if req.sent == req.n:
+                self._pending.remove(req)
+        shared = len(batch) > 1
+        for req, start, stop in batch:
+            req.shared |= shared or stop - start < req.n
+        return batch
+
+    def _run(self, batch: list[tuple[_Request, int, int]]) -> None:
+        lat = torch.cat([r.latents[a:b] for r, a, b in batch])
+        ts = [r.timesteps[a:b] for r, a, b in batch]
+        if len({t.dtype for t in ts}) > 1:
+            ts = [t.float() for t in ts]  # the UNet's time projection casts to float32 anyway: same values
+        tim = torch.cat(ts)
+        emb = torch.cat([r.embeds[a:b] for r, a, b in batch])
+        n = lat.shape[0]
+        size = min(self.max_batch, 1 << (n - 1).bit_length()) if self.pad_to_bucket else n
+        if size > n:
+            lat, tim, emb = (torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in (lat, tim, emb))
+        try:
+            with torch.no_grad():
+                out = self.fn(lat, tim, emb)[:n]
+        except BaseException as e:
+            # Every job in the call gets the error in its own thread (the leader's too, when its request is in it).
+            with self._cv:
+                for r, _, _ in batch:
+                    r.error = e
+                self._pending = [r for r in self._pending if r.error is None]
+            if not isinstance(e, Exception):
+                raise
+            return
+        with self._cv:
+            pos = 0
+            for r, a, b in batch:
+                r.parts.append(out[pos:pos + b - a])
+                r.received += b - a
+                pos += b - a
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(samples=n, jobs=len({r.owner for r, _, _ in batch})))
+
+
+class JobRunner(UNetRunner):
+    """One job's runner over the model's shared UNet: alone for denoising, batched (via `batcher`) in DF-RISE.
+
+    `base` is the process's runner of the model (its backend and compiled function are reused, not rebuilt);
+    `lock` is the model's RWLock. `denoise_s` accumulates the wall time of the job's own UNet calls outside
+    DF-RISE (the worker reads and resets it per step); `rise_shared` records whether any DF-RISE call of the
+    current step shared a UNet call with other jobs or was split (then its maps are not bit-reproducible alone).
+    """
+
+    def __init__(self, base: UNetRunner, lock: RWLock, batcher: UNetBatcher) -> None:
+        super().__init__(base.unet, "eager")  # eager here: the compiled function is base's, reused below
+        self.base = base
+        self.backend = base.backend
+        self.requested_backend = base.requested_backend
+        self.lock = lock
+        self.batcher = batcher
+        self.batching = False
+        self.denoise_s = 0.0
+        self.rise_shared = False
+
+    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or (N,). -> (N, C, h, w)."""
+        if self.batching:
+            t = torch.as_tensor(timestep, device=latents.device)
+            t = t.expand(latents.shape[0]) if t.dim() == 0 else t
+            out, shared = self.batcher.submit(latents, t, embeds)
+            self.rise_shared |= shared
+            return out
+        with self.lock.shared():
+            t0 = time.perf_counter()
+            out = self.base.raw(latents, timestep, embeds)
+            self.denoise_s += time.perf_counter() - t0
+        return out
+
+    @contextmanager
+    def guard(self, method: str) -> Iterator[None]:
+        """The engine's explainer guard: DF-RISE batches with the other jobs (the model lock held shared for the
+        whole step, so no hooked explainer starts meanwhile); DF-CAM and attention hold the lock exclusively."""
+        if method != "rise":
+            with self.lock.exclusive():
+                yield
+            return
+        with self.lock.shared(), self.batcher.participant():
+            self.batching = True
+            try:
+                yield
+            finally:
+                self.batching = False

@@ -1,0 +1,108 @@
+"""`difflens worker` (one worker process on the Redis queue) and `difflens replay` (re-run an audit record)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from difflens.config import DTYPES, ServiceSettings, Settings
+from difflens.engine.options import BACKENDS
+from difflens.errors import InvalidArgument
+
+
+def add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run one worker: take jobs from the Redis queue and explain them",
+                       description="Load the models once, then claim jobs from the Redis queue and run them, up to "
+                                   "--max-jobs at once (their DF-RISE masks share UNet calls of up to --max-batch "
+                                   "samples). SIGTERM/SIGINT: stop taking jobs, finish the held ones, exit 0.")
+    p.add_argument("--model", action="append", metavar="NAME=DIR",
+                   help="a model to serve (repeatable; default: the shipped model as 'default')")
+    p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL)")
+    p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
+    p.add_argument("--backend", metavar="|".join(BACKENDS), help="UNet backend (default: DIFFLENS_UNET_BACKEND, "
+                                                                 "else eager)")
+    p.add_argument("--device", metavar="cpu|cuda|cuda:N")
+    p.add_argument("--dtype", metavar="|".join(DTYPES))
+    p.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
+    p.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
+    p.add_argument("--name", help="worker name in job records (default: host-pid-random)")
+    p.set_defaults(run=run_worker)
+
+
+def add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="re-run a job from its audit record and compare every hash",
+                       description="Regenerate the image and maps of AUDIT.json in-process and compare their hashes "
+                                   "with the record's. Exit 0 if all match, 1 if not, 2 on bad input.")
+    p.add_argument("audit", metavar="AUDIT.json", type=Path)
+    p.add_argument("--model", action="append", metavar="NAME=DIR", help="where the record's model is (by name)")
+    p.add_argument("--model-dir", metavar="DIR", help="the model folder (overrides the name lookup)")
+    p.add_argument("--device", metavar="cpu|cuda|cuda:N", help="default: the record's device")
+    p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report) here")
+    p.set_defaults(run=run_replay)
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InvalidArgument(flag, f"got {value}; must be >= 1")
+
+
+def worker_settings(args: argparse.Namespace) -> ServiceSettings:
+    _positive("--max-jobs", args.max_jobs)
+    _positive("--max-batch", args.max_batch)
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
+    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)
+    settings = ServiceSettings.from_env(
+        engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
+        worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port)
+    if not settings.redis_url:
+        raise InvalidArgument("--redis", "a worker process needs the Redis URL (--redis or DIFFLENS_REDIS_URL); "
+                                         "the in-process queue only exists inside `difflens serve --embedded`")
+    return settings
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = worker_settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from difflens.metrics import serve_metrics
+    from difflens.models import ModelRegistry
+    from difflens.queue.redis_streams import RedisStreamsQueue
+    from difflens.worker.worker import Worker
+
+    registry = ModelRegistry(settings)
+    for entry in registry.load_all():  # a bad folder fails here, before any job is taken
+        print(f"difflens: worker: model {entry.name!r} loaded from {entry.folder} "
+              f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend})", file=sys.stderr)
+    queue = RedisStreamsQueue(str(settings.redis_url), settings)
+    if settings.metrics_port is not None:
+        serve_metrics(settings.metrics_port)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        print(f"difflens: worker: {signal.Signals(signum).name}: finishing held jobs", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker = Worker(settings, queue, registry, name=args.name)
+    print(f"difflens: worker {worker.name} ready", file=sys.stderr, flush=True)
+    try:
+        worker.run(stop)
+    finally:
+        queue.close()
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from difflens.worker.replay import replay
+
+    models = dict(ServiceSettings.parse_models(args.model))
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InvalidArgument("--out", f"{args.out} exists and is not a folder")
+    return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out)

@@ -1,0 +1,179 @@
+"""One claimed job, run to its terminal event: Started, a Step per explained step as it happens, then Completed
+(image and audit record) or Failed. Cancellation, deadlines and lost ownership are checked between denoising steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from difflens import audit, metrics
+from difflens.config import ServiceSettings
+from difflens.engine.explain import Explanation, StepExplanation, run_explanation
+from difflens.engine.loading import Model
+from difflens.engine.sampler import decode
+from difflens.engine.tokens import prompt_tokens
+from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from difflens.jobs import Completed, Event, Failed, OutputOptions, Started, Step, TokenMap
+from difflens.models import LoadedModel
+from difflens.queue.base import Claim, JobQueue
+from difflens.queue.common import CANCELLED_MESSAGE
+from difflens.worker.batching import JobRunner
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error while running the job (details are in the worker's log)"
+# The engine names the attention method "attn"; metrics and the contract say "attention".
+METRIC_METHOD = {"rise": "rise", "cam": "cam", "attn": "attention"}
+
+
+class LostClaim(Exception):
+    """This worker no longer owns the job (it was reclaimed after a missed heartbeat): stop without a word."""
+
+
+def step_event(se: StepExplanation, words: list[str], output: OutputOptions, model: Model,
+               latency_s: float, num_steps: int) -> Step:
+    """StepExplanation -> the Step event. Maps (h, w) and token maps (h, w) in output.map_dtype; the x0 preview
+    (3, H, W) in [0, 1], decoded with the VAE (pixel-space models: x0 is the image), when asked for."""
+    dtype = np.dtype(output.map_dtype)
+    maps = {k: v.numpy().astype(dtype) for k, v in se.maps.items() if k not in ("attn", "attn_relevance")}
+    tokens: tuple[TokenMap, ...] = ()
+    if "attn" in se.maps:
+        attn, rel = se.maps["attn"].numpy(), se.maps["attn_relevance"].numpy()
+        tokens = tuple(TokenMap(w, attn[j].astype(dtype), float(rel[j])) for j, w in enumerate(words))
+    preview = None
+    if output.include_x0_previews and se.x0 is not None:
+        preview = decode(model, se.x0).transpose(2, 0, 1).astype(dtype)
+    return Step(index=se.index, timestep=se.timestep, num_steps=num_steps, maps=maps, tokens=tokens,
+                latency_s=latency_s, x0_preview=preview)
+
+
+@dataclass
+class JobRun:
+    """Runs `claim` on `entry` with `runner` (this job's JobRunner). `lost` is set by the worker's heartbeat
+    thread when the queue says the claim lost the job."""
+
+    claim: Claim
+    queue: JobQueue
+    entry: LoadedModel
+    runner: JobRunner
+    settings: ServiceSettings
+    lost: threading.Event = field(default_factory=threading.Event)
+    denoise_s: dict[int, float] = field(default_factory=dict)
+    rise_exact: dict[int, bool] = field(default_factory=dict)
+    published: set[int] = field(default_factory=set)
+    words: list[str] = field(default_factory=list)
+    pending: StepExplanation | None = None
+
+    @property
+    def model_label(self) -> str:
+        return self.entry.name
+
+    def run(self) -> str | None:
+        """Run to the end; returns the terminal status (a metrics label) or None when the job was lost."""
+        claim, started = self.claim, time.time()
+        if claim.delivery == 1:
+            metrics.QUEUE_WAIT.labels(self.model_label).observe(max(0.0, started - claim.enqueued_at))
+        else:  # a re-delivery: the client already saw these steps from an earlier attempt
+            self.published = {e.index for _, e in self.queue.events(claim.job_id) if isinstance(e, Step)}
+        try:
+            self._publish_or_stop(Started(worker=claim.worker, attempt=claim.delivery))
+            exp = self._explain()
+            png = image_png(exp.image)
+            record = self._record(exp, png, started)
+            return self._finish(Completed(png, audit.dumps(record)), "completed")
+        except LostClaim:
+            log.info("job %s: lost to another worker (delivery %d); stopped", claim.job_id, claim.delivery)
+            return None
+        except Cancelled:
+            return self._finish(Failed("CANCELLED", CANCELLED_MESSAGE), "cancelled")
+        except DeadlineExceeded:
+            return self._finish(Failed("DEADLINE_EXCEEDED", "the job's deadline passed while it ran"),
+                                "deadline_exceeded", error="deadline_exceeded")
+        except InvalidArgument as e:
+            return self._finish(Failed("INVALID_ARGUMENT", str(e)), "failed", error="invalid_argument")
+        except Exception:
+            log.exception("job %s failed", claim.job_id)
+            return self._finish(Failed("INTERNAL", INTERNAL_MESSAGE), "failed", error="internal")
+
+    def _explain(self) -> Explanation:
+        spec, model = self.claim.spec, self.entry.model
+        self.words = [t.text for t in prompt_tokens(model.tokenizer, spec.params.prompt)]
+        return run_explanation(model, spec.params, spec.explain, runner=self.runner, on_step=self._on_step,
+                               on_progress=self._on_progress, check=self._check, guard=self.runner.guard)
+
+    def _check(self, index: int) -> None:
+        """Before denoising step `index`: ownership, cancel flag, deadline (in that order)."""
+        if self.lost.is_set():
+            raise LostClaim
+        if self.queue.cancel_requested(self.claim.job_id):
+            raise Cancelled(f"cancelled before step {index}")
+        deadline = self.claim.spec.deadline
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlineExceeded(f"deadline passed before step {index}")
+
+    def _on_step(self, se: StepExplanation) -> None:
+        """An explained step's maps exist; it is published from _on_progress, which knows the step count."""
+        if "rise" in se.seconds:
+            self.rise_exact[se.index] = not self.runner.rise_shared
+        self.runner.rise_shared = False
+        for name, seconds in se.seconds.items():
+            metrics.STEP_DURATION.labels(self.model_label, METRIC_METHOD[name], metrics.t_bucket(se.timestep)) \
+                .observe(seconds)
+        rise = self.claim.spec.explain.rise
+        if "rise" in se.seconds and rise is not None:
+            metrics.RISE_MASKS.labels(self.model_label).inc(rise.num_masks)
+        self.pending = se
+
+    def _on_progress(self, index: int, total: int, timestep: int) -> None:
+        denoise_s, self.runner.denoise_s = self.runner.denoise_s, 0.0
+        self.denoise_s[index] = denoise_s
+        metrics.STEP_DURATION.labels(self.model_label, "denoise", metrics.t_bucket(timestep)).observe(denoise_s)
+        se, self.pending = self.pending, None
+        if se is None or se.index in self.published:
+            return
+        latency = denoise_s + sum(se.seconds.values())
+        self._publish_or_stop(step_event(se, self.words, self.claim.spec.output, self.entry.model, latency, total))
+        self.published.add(se.index)
+
+    def _publish_or_stop(self, event: Event) -> None:
+        if not self.queue.publish(self.claim, event):
+            raise LostClaim
+
+    def _record(self, exp: Explanation, png: bytes, started: float) -> dict[str, Any]:
+        claim, engine = self.claim, self.settings.engine
+        now = time.time()
+        timings = {"queue_wait_s": round(max(0.0, started - claim.enqueued_at), 6),
+                   "run_s": round(now - started, 6), "total_s": round(now - claim.enqueued_at, 6),
+                   "steps": audit.step_timings(exp, self.denoise_s)}
+        runtime = {"device": engine.device, "dtype": engine.dtype, "unet_backend": self.runner.backend,
+                   "requested_backend": self.runner.requested_backend, "torch_threads": torch.get_num_threads()}
+        return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
+                                  model_name=self.entry.name, weights=self.entry.weights, spec=claim.spec, exp=exp,
+                                  png=png, runtime=runtime, timings=timings, rise_exact=self.rise_exact)
+
+    def _finish(self, event: Completed | Failed, status: str, error: str | None = None) -> str | None:
+        if not self.queue.finish(self.claim, event):
+            log.info("job %s: already terminal or lost; %s dropped", self.claim.job_id, type(event).__name__)
+            return None
+        metrics.JOBS.labels(status).inc()
+        metrics.REQUEST_DURATION.labels(self.model_label, status).observe(
+            max(0.0, time.time() - self.claim.enqueued_at))
+        if error is not None:
+            metrics.ERRORS.labels(error).inc()
+        return status
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """image: (H, W, 3) uint8 -> PNG bytes (render's encoder: the same bytes `difflens explain` writes)."""
+    from PIL import Image
+
+    from difflens.render.compose import png_bytes
+
+    return png_bytes(Image.fromarray(np.asarray(image, np.uint8)))

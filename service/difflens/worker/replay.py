@@ -1,0 +1,125 @@
+"""`difflens replay`: re-run the request of an audit record in-process and compare every hash with the record's.
+
+The model is found by the record's model name (--model NAME=DIR, else the shipped default) or given directly
+(--model-dir); its weight files must hash to the record's, else nothing runs. The run uses the record's device,
+dtype and UNet backend unless --device says otherwise. The denoising trajectory, hence the image, is
+bit-reproducible; DF-RISE maps of steps whose UNet calls were shared with other jobs (record 'rise_exact' false)
+can differ in the last bits, and the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from difflens import audit
+from difflens.config import ServiceSettings, Settings
+from difflens.errors import InvalidArgument
+from difflens.jobs import JobSpec
+from difflens.models import weights_sha256
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        record = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument("AUDIT", f"{p}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise InvalidArgument("AUDIT", f"{p}: not a readable JSON file ({e})") from None
+    if not isinstance(record, dict) or record.get("schema") != audit.SCHEMA:
+        got = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        raise InvalidArgument("AUDIT", f"{p}: schema {got!r}; expected {audit.SCHEMA!r}")
+    for key in ("request", "model", "runtime", "hashes"):
+        if key not in record:
+            raise InvalidArgument("AUDIT", f"{p}: the record has no {key!r}")
+    return record
+
+
+def resolve_folder(record: Mapping[str, Any], model_dir: str | None, models: Mapping[str, str]) -> Path:
+    name = str(record["model"].get("name", ""))
+    if model_dir is not None:
+        return Path(model_dir)
+    folder = models.get(name) if models else ServiceSettings().model_dirs().get(name)
+    if folder is None:
+        raise InvalidArgument("--model-dir", f"the record's model {name!r} is not configured; pass --model-dir DIR "
+                                             f"or --model {name}=DIR")
+    return Path(folder)
+
+
+def check_weights(folder: Path, recorded: Mapping[str, str]) -> None:
+    """Raise InvalidArgument('--model-dir') naming every weight file that differs, is missing or is extra."""
+    if not (folder / "model_index.json").exists():
+        raise InvalidArgument("--model-dir", f"{folder}: not a diffusers model folder (no model_index.json)")
+    actual = weights_sha256(folder)
+    problems = [f"{f}: sha256 {actual[f][:12]}... != recorded {h[:12]}..."
+                for f, h in sorted(recorded.items()) if f in actual and actual[f] != h]
+    problems += [f"{f}: missing" for f in sorted(set(recorded) - set(actual))]
+    problems += [f"{f}: not in the record" for f in sorted(set(actual) - set(recorded))]
+    if problems:
+        raise InvalidArgument("--model-dir", f"{folder}: weights differ from the record's: {'; '.join(problems)}")
+
+
+def runtime_settings(record: Mapping[str, Any], device: str | None) -> Settings:
+    rt = record["runtime"]
+    try:
+        settings = Settings(device=device or rt.get("device", "cpu"), dtype=rt.get("dtype", "float32"),
+                            unet_backend=rt.get("unet_backend", "eager"))
+    except InvalidArgument as e:
+        raise InvalidArgument("AUDIT", f"runtime.{e.field}: {e.message}") from None
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgument("--device", f"the record ran on {settings.device}, which this machine lacks; pass "
+                                              "--device cpu (then hashes are not expected to match)")
+    return settings
+
+
+def format_table(rows: list[tuple[str, str, str, bool]], inexact_steps: set[int]) -> str:
+    width = max([len("item")] + [len(r[0]) for r in rows])
+    lines = [f"{'item':<{width}}  {'recorded':<14}  {'replayed':<14}  match"]
+    for item, a, b, ok in rows:
+        note = ""
+        if not ok and item.startswith("step") and "/rise" in item and int(item[4:7]) in inexact_steps:
+            note = "  (RISE batched with other jobs: last-bit differences expected)"
+        lines.append(f"{item:<{width}}  {a[:12]:<14}  {b[:12]:<14}  {'yes' if ok else 'NO'}{note}")
+    return "\n".join(lines)
+
+
+def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models: Mapping[str, str] | None = None,
+           device: str | None = None, out: str | os.PathLike[str] | None = None,
+           echo: Callable[[str], None] = print) -> int:
+    """Re-run the record at `path`; print the per-item table; 0 if every hash matches, 1 if not.
+    Bad input (file, record, model folder, weights) raises InvalidArgument before anything runs."""
+    record = read_record(path)
+    try:
+        spec = JobSpec.from_json(json.dumps(record["request"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidArgument("AUDIT", f"the record's request is malformed: {e}") from None
+    folder = resolve_folder(record, model_dir, dict(models or {}))
+    check_weights(folder, record["model"].get("weights_sha256", {}))
+    settings = runtime_settings(record, device)
+
+    from difflens.engine.explain import run_explanation
+    from difflens.engine.loading import load_model
+    from difflens.engine.runner import UNetRunner
+    from difflens.worker.job import image_png
+
+    model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
+    exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
+    hashes = audit.explanation_hashes(exp, image_png(exp.image))
+    rows = audit.compare_hashes(record["hashes"], hashes)
+    inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
+    echo(format_table(rows, inexact))
+    mismatches = sum(not ok for *_, ok in rows)
+    echo(f"difflens: replay of job {record.get('job_id', '?')}: {len(rows) - mismatches}/{len(rows)} items match")
+    if out is not None:
+        from difflens.render import write_outputs
+
+        written = write_outputs(exp, out)
+        echo(f"difflens: wrote {len(written)} files to {out}")
+    return 0 if mismatches == 0 else 1

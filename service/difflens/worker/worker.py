@@ -1,0 +1,176 @@
+"""The worker: claims jobs, runs up to `worker_max_jobs` of them at once on the shared loaded models (their DF-RISE
+masks share UNet batches), heartbeats the jobs it holds, and on stop finishes them before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+
+from difflens import metrics
+from difflens.config import ServiceSettings
+from difflens.errors import InvalidArgument, ModelLoadError
+from difflens.jobs import Failed
+from difflens.models import LoadedModel, ModelRegistry
+from difflens.queue.base import Claim, JobQueue
+from difflens.worker.batching import BatchStats, JobRunner, UNetBatcher
+from difflens.worker.job import JobRun
+
+log = logging.getLogger(__name__)
+
+CLAIM_BLOCK_S = 0.5  # how long one claim waits: bounds how late a stop is noticed
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class UNetCallStats:
+    """DF-RISE UNet calls this worker made: all of them, those holding samples of several jobs, the largest."""
+
+    calls: int = 0
+    shared_calls: int = 0
+    max_samples: int = 0
+
+
+class Worker:
+    """Runs jobs from `queue` with the models of `registry`. `run(stop)` blocks; `start()` runs it in a daemon
+    thread and `stop()` ends it (the jobs it holds are finished first)."""
+
+    def __init__(self, settings: ServiceSettings, queue: JobQueue, registry: ModelRegistry,
+                 name: str | None = None) -> None:
+        if settings.worker_max_jobs < 1:
+            raise InvalidArgument("worker_max_jobs", f"got {settings.worker_max_jobs}; must be >= 1")
+        if settings.worker_max_batch < 1:
+            raise InvalidArgument("worker_max_batch", f"got {settings.worker_max_batch}; must be >= 1")
+        self.settings = settings
+        self.queue = queue
+        self.registry = registry
+        self.name = name or default_name()
+        self.stats = UNetCallStats()
+        self._batchers: dict[str, UNetBatcher] = {}
+        self._held: dict[str, tuple[Claim, threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> threading.Thread:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"worker-{self.name}", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking jobs, let the held ones finish (up to `timeout` seconds of waiting), return."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self, stop: threading.Event) -> None:
+        """Claim and run jobs until `stop` is set; then finish the jobs held and return."""
+        slots = threading.BoundedSemaphore(self.settings.worker_max_jobs)
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeats, args=(beat_stop,), name=f"heartbeat-{self.name}",
+                                daemon=True)
+        beat.start()
+        jobs: list[threading.Thread] = []
+        log.info("worker %s: taking jobs (max_jobs=%d, max_batch=%d)", self.name, self.settings.worker_max_jobs,
+                 self.settings.worker_max_batch)
+        try:
+            while not stop.is_set():
+                if not slots.acquire(timeout=CLAIM_BLOCK_S):
+                    continue
+                claim = self._claim(stop)
+                if claim is None:
+                    slots.release()
+                    continue
+                t = threading.Thread(target=self._job, args=(claim, slots), name=f"job-{claim.job_id[:8]}",
+                                     daemon=True)
+                t.start()
+                jobs = [j for j in jobs if j.is_alive()] + [t]
+        finally:
+            for t in jobs:
+                t.join()
+            beat_stop.set()
+            beat.join()
+            log.info("worker %s: stopped", self.name)
+
+    # ------------------------------------------------------------ internals
+
+    def _claim(self, stop: threading.Event) -> Claim | None:
+        try:
+            return self.queue.claim(self.name, block_s=CLAIM_BLOCK_S)
+        except Exception:  # the queue's backend is down: keep the worker alive and retry
+            log.exception("worker %s: claim failed; retrying", self.name)
+            metrics.ERRORS.labels("queue").inc()
+            stop.wait(1.0)
+            return None
+
+    def _job(self, claim: Claim, slots: threading.BoundedSemaphore) -> None:
+        lost = threading.Event()
+        with self._lock:
+            self._held[claim.job_id] = (claim, lost)
+        try:
+            self._run_claim(claim, lost)
+        except Exception:  # never let a job thread die silently (queue errors while finishing, ...)
+            log.exception("worker %s: job %s: unhandled error", self.name, claim.job_id)
+        finally:
+            with self._lock:
+                self._held.pop(claim.job_id, None)
+            slots.release()
+
+    def _run_claim(self, claim: Claim, lost: threading.Event) -> None:
+        try:
+            entry = self.registry.get(claim.spec.model)
+        except InvalidArgument as e:
+            self._fail_early(claim, Failed("INVALID_ARGUMENT", str(e)), "invalid_argument")
+            return
+        except ModelLoadError:
+            log.exception("worker %s: model %r cannot be loaded", self.name, claim.spec.model)
+            self._fail_early(claim, Failed("UNAVAILABLE", f"model {claim.spec.model!r} cannot be loaded by this "
+                                                          "worker"), "model_load")
+            return
+        runner = JobRunner(entry.runner, entry.lock, self._batcher(entry))
+        JobRun(claim, self.queue, entry, runner, self.settings, lost).run()
+
+    def _fail_early(self, claim: Claim, event: Failed, error: str) -> None:
+        if self.queue.finish(claim, event):
+            metrics.JOBS.labels("failed").inc()
+            metrics.ERRORS.labels(error).inc()
+
+    def _batcher(self, entry: LoadedModel) -> UNetBatcher:
+        with self._lock:
+            if entry.name not in self._batchers:
+                hist = metrics.UNET_BATCH_SIZE.labels(entry.name)
+
+                def on_batch(s: BatchStats) -> None:
+                    hist.observe(s.samples)
+                    with self._lock:
+                        self.stats.calls += 1
+                        self.stats.shared_calls += s.jobs > 1
+                        self.stats.max_samples = max(self.stats.max_samples, s.samples)
+
+                self._batchers[entry.name] = UNetBatcher(
+                    entry.runner.raw, self.settings.worker_max_batch, on_batch,
+                    pad_to_bucket=entry.runner.backend == "compile")
+            return self._batchers[entry.name]
+
+    def _heartbeats(self, stop: threading.Event) -> None:
+        """Heartbeat every held job each interval (a DF-RISE step can outlast the visibility timeout, so this is
+        a thread, not a check between steps); a refused heartbeat marks the job lost."""
+        while not stop.wait(self.settings.heartbeat_interval_s):
+            with self._lock:
+                held = list(self._held.values())
+            for claim, lost in held:
+                try:
+                    if not self.queue.heartbeat(claim):
+                        lost.set()
+                except Exception:
+                    log.exception("worker %s: heartbeat of job %s failed", self.name, claim.job_id)

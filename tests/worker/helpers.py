@@ -1,0 +1,81 @@
+"""Shared by the worker and audit tests: settings on the tiny model, job specs, waiting for a job's end."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from difflens.config import ServiceSettings
+from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
+from difflens.jobs import Event, JobSpec, OutputOptions
+from difflens.queue.base import JobQueue, is_terminal
+
+MODEL = "tiny"
+# Two CAM layers keep DF-CAM cheap on the CPU; the full default set is exercised by the engine's tests.
+CAM_LAYERS = ("down_blocks.0.attentions.0", "up_blocks.1.resnets.0")
+
+
+def settings(tiny_dir: Any, **kw: Any) -> ServiceSettings:
+    values: dict[str, Any] = {"models": ((MODEL, str(tiny_dir)),), "visibility_timeout_s": 5.0,
+                              "heartbeat_interval_s": 0.2, "worker_max_jobs": 2, "worker_max_batch": 64}
+    values.update(kw)
+    return ServiceSettings(**values)
+
+
+def spec(prompt: str = "a red circle", *, seed: int = 0, steps: int = 3, methods: tuple[str, ...] = ("rise",),
+         masks: int = 8, batch: int = 4, output: OutputOptions | None = None, deadline: float | None = None,
+         **gen: Any) -> JobSpec:
+    explain = ExplainOptions(
+        rise=RiseOptions(num_masks=masks, batch_size=batch, seed=seed) if "rise" in methods else None,
+        cam=CamOptions(layers=CAM_LAYERS) if "cam" in methods else None,
+        attention=AttentionOptions() if "attn" in methods else None)
+    params = GenerationParams(prompt, seed=seed, steps=steps, guidance_scale=2.0, **gen)
+    return JobSpec(model=MODEL, params=params, explain=explain, output=output or OutputOptions(), deadline=deadline)
+
+
+def wait_terminal(queue: JobQueue, job_id: str, timeout: float = 120.0) -> list[Event]:
+    """Every event of the job, in sequence order, once its terminal event is there (fails after `timeout` s)."""
+    events: list[Event] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for seq, ev in queue.events(job_id, after=len(events) - 1, block_s=0.5):
+            assert seq == len(events), f"sequence gap: got {seq}, expected {len(events)}"
+            events.append(ev)
+        if events and is_terminal(events[-1]):
+            return events
+    raise AssertionError(f"job {job_id} not terminal after {timeout} s; events so far: {events}")
+
+
+def wait_for(queue: JobQueue, job_id: str, kind: type, timeout: float = 60.0) -> list[Event]:
+    """Events up to and including the first of `kind`."""
+    events: list[Event] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        events += [ev for _, ev in queue.events(job_id, after=len(events) - 1, block_s=0.2)]
+        if any(isinstance(e, kind) for e in events):
+            return events
+    raise AssertionError(f"no {kind.__name__} event for job {job_id} within {timeout} s: {events}")
+
+
+def solo(model: Any, job: JobSpec) -> Any:
+    """The engine-only run of a job (what `difflens explain` computes): the reference for every worker result."""
+    from difflens.engine.explain import run_explanation
+    from difflens.engine.runner import UNetRunner
+
+    return run_explanation(model, job.params, job.explain, runner=UNetRunner(model.unet))
+
+
+def run_one(model: Any, s: ServiceSettings, job: JobSpec, name: str = "w") -> list[Event]:
+    """Run one job on a fresh InProcessQueue and Worker (model preloaded); its events, terminal last."""
+    from difflens.models import ModelRegistry
+    from difflens.queue.memory import InProcessQueue
+    from difflens.worker import Worker
+
+    queue = InProcessQueue(s)
+    job_id = queue.enqueue(job).id
+    worker = Worker(s, queue, ModelRegistry(s, preloaded={MODEL: model}), name=name)
+    worker.start()
+    try:
+        return wait_terminal(queue, job_id)
+    finally:
+        worker.stop(timeout=60)

@@ -1,0 +1,70 @@
+"""`difflens worker` as a process on a real Redis: takes a job, and on SIGTERM finishes it and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from difflens.cli import main
+from difflens.jobs import Completed, Started, Step
+from tests.worker.helpers import settings, spec, wait_for, wait_terminal
+
+
+def test_worker_process_finishes_its_job_on_sigterm(tiny_dir, redis_url, queue_name, tmp_path):
+    from difflens.queue.redis_streams import RedisStreamsQueue
+
+    s = settings(tiny_dir, queue_name=queue_name)
+    queue = RedisStreamsQueue(redis_url, s)
+    job_id = queue.enqueue(spec(steps=8, masks=4)).id
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DIFFLENS_REDIS_URL", None)
+    log = (tmp_path / "worker.log").open("w+")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "difflens", "worker", "--redis", redis_url, "--queue", queue_name,
+         "--model", f"tiny={tiny_dir}", "--name", "cli-worker", "--max-jobs", "1", "--metrics-port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(queue, job_id, Step, timeout=180)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    output = log.read()
+    events = wait_terminal(queue, job_id, timeout=10)
+    assert Started("cli-worker", 1) in events, output
+    assert isinstance(events[-1], Completed), output  # the held job was finished, not dropped
+    assert [e.index for e in events if isinstance(e, Step)] == list(range(8))
+    assert "SIGTERM: finishing held jobs" in output
+    assert 'difflens_queue_wait_seconds_count{model="tiny"} 1.0' in scraped
+    assert 'difflens_step_duration_seconds_count{method="denoise",model="tiny"' in scraped
+    queue.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["worker"], "--redis: a worker process needs the Redis URL"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--max-jobs", "0"], "--max-jobs: got 0; must be >= 1"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--model", "tiny"], "--model: got 'tiny'; expected NAME=DIR"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--backend", "jit"], "--backend: got 'jit'; allowed: eager, compile"),
+])
+def test_bad_worker_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("DIFFLENS_REDIS_URL", raising=False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_fails_before_any_job(tmp_path, capsys):
+    argv = ["worker", "--redis", "redis://127.0.0.1:1", "--model", f"m={tmp_path / 'none'}"]
+    assert main(argv) == 2
+    assert "folder does not exist" in capsys.readouterr().err

@@ -1,0 +1,193 @@
+"""The Worker on the real InProcessQueue and the tiny model: events, results equal to the engine's, cancel,
+deadline, cross-job DF-RISE batching, the exclusive hooked explainers, reclaim, errors, stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difflens import metrics
+from difflens.jobs import Completed, Failed, OutputOptions, Queued, Started, Step
+from tests.worker.helpers import MODEL, settings, solo, spec, wait_for, wait_terminal
+
+
+def _steps(events):
+    return [e for e in events if isinstance(e, Step)]
+
+
+def _image(event: Completed) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.image_png)).convert("RGB"))
+
+
+def _sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_every_explainer_streams_in_order_with_engine_results(make_worker, memory_queue, worker_settings,
+                                                              tiny_model):
+    job = spec("a red circle", seed=1, methods=("rise", "cam", "attn"),
+               output=OutputOptions(map_dtype="float16", include_x0_previews=True))
+    ref = solo(tiny_model, job)
+    bucket = metrics.t_bucket(ref.timesteps[0])
+    before = {"denoise": _sample("difflens_step_duration_seconds_count", model=MODEL, method="denoise",
+                                 t_bucket=bucket),
+              "done": _sample("difflens_jobs_total", status="completed"),
+              "masks": _sample("difflens_rise_masks_total", model=MODEL)}
+    job_id = memory_queue.enqueue(job).id
+    make_worker(worker_settings, memory_queue, name="w-all")
+    events = wait_terminal(memory_queue, job_id)
+
+    assert [type(e) for e in events] == [Queued, Started, Step, Step, Step, Completed]
+    assert events[1] == Started(worker="w-all", attempt=1)
+    steps = _steps(events)
+    assert [s.index for s in steps] == [0, 1, 2] and [s.timestep for s in steps] == ref.timesteps
+    for s, r in zip(steps, ref.steps, strict=True):
+        assert s.num_steps == 3 and s.latency_s > 0
+        assert set(s.maps) == {"rise", "rise_raw", "cam", *(f"cam/{p}" for p in ("down_blocks.0.attentions.0",
+                                                                                 "up_blocks.1.resnets.0"))}
+        for name, m in s.maps.items():
+            assert m.shape == (16, 16) and m.dtype == np.float16
+            # solo request (8 samples <= max_batch 64) and exclusive CAM/attention: the engine's exact numbers
+            np.testing.assert_array_equal(m, r.maps[name].numpy().astype(np.float16), err_msg=name)
+        assert [t.token for t in s.tokens] == ["a", "red", "circle"]
+        for j, t in enumerate(s.tokens):
+            assert t.map.shape == (16, 16) and t.map.dtype == np.float16 and 0.0 <= t.relevance <= 1.0
+            np.testing.assert_array_equal(t.map, r.maps["attn"][j].numpy().astype(np.float16))
+        assert s.x0_preview is not None and s.x0_preview.shape == (3, 32, 32)
+        assert s.x0_preview.dtype == np.float16 and 0.0 <= s.x0_preview.min() <= s.x0_preview.max() <= 1.0
+    done = events[-1]
+    assert isinstance(done, Completed)
+    np.testing.assert_array_equal(_image(done), ref.image)  # bit-identical to `difflens explain`
+    record = json.loads(done.audit_json)
+    assert record["job_id"] == job_id and record["model"]["name"] == MODEL
+    assert "unet/diffusion_pytorch_model.safetensors" in record["model"]["weights_sha256"]
+    assert record["request"] == json.loads(job.to_json()) and record["seed"] == 1
+    assert [s["index"] for s in record["timings"]["steps"]] == [0, 1, 2]
+    assert record["rise_exact"] == {"0": True, "1": True, "2": True}
+    assert _sample("difflens_step_duration_seconds_count", model=MODEL, method="denoise", t_bucket=bucket) \
+        == before["denoise"] + 1
+    assert _sample("difflens_jobs_total", status="completed") == before["done"] + 1
+    assert _sample("difflens_rise_masks_total", model=MODEL) == before["masks"] + 3 * 8
+
+
+def test_two_rise_jobs_share_unet_batches_and_match_solo_runs(make_worker, memory_queue, worker_settings,
+                                                              tiny_model):
+    jobs = [spec("a red circle", seed=3, steps=3, masks=16, batch=8),
+            spec("a blue square", seed=4, steps=3, masks=16, batch=8)]
+    le16 = _sample("difflens_unet_batch_size_bucket", model=MODEL, le="16.0")
+    calls = _sample("difflens_unet_batch_size_count", model=MODEL)
+    ids = [memory_queue.enqueue(j).id for j in jobs]  # both queued before the worker starts: they overlap
+    worker = make_worker(worker_settings, memory_queue, name="w-batch")
+    results = [wait_terminal(memory_queue, i) for i in ids]
+
+    # One job's request is 16 samples (8 masks x 2 CFG branches): bigger calls held samples of both jobs.
+    assert worker.stats.shared_calls > 0 and worker.stats.max_samples == 32
+    assert (_sample("difflens_unet_batch_size_count", model=MODEL) - calls) \
+        > (_sample("difflens_unet_batch_size_bucket", model=MODEL, le="16.0") - le16)
+    shared_steps = 0
+    for job, events in zip(jobs, results, strict=True):
+        ref = solo(tiny_model, job)
+        np.testing.assert_array_equal(_image(events[-1]), ref.image)  # denoising never shares a batch
+        for s, r in zip(_steps(events), ref.steps, strict=True):
+            for name in ("rise", "rise_raw"):
+                np.testing.assert_allclose(s.maps[name], r.maps[name].numpy(), rtol=0, atol=1e-5)
+        shared_steps += list(json.loads(events[-1].audit_json)["rise_exact"].values()).count(False)
+    assert shared_steps > 0  # the record says which steps' maps came from shared calls
+
+
+def test_hooked_explainers_run_alone_beside_a_rise_job(make_worker, memory_queue, worker_settings, tiny_model):
+    """DF-CAM hooks and attention processors sit on the shared UNet: a concurrent DF-RISE job must neither see
+    them nor disturb what they capture."""
+    unet = tiny_model.unet
+    processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    jobs = [spec("a red circle", seed=5, steps=3, methods=("cam", "attn")),
+            spec("a green star", seed=6, steps=3, masks=16, batch=8)]
+    ids = [memory_queue.enqueue(j).id for j in jobs]
+    make_worker(worker_settings, memory_queue)
+    results = [wait_terminal(memory_queue, i) for i in ids]
+    assert all(isinstance(r[-1], Completed) for r in results)
+    ref = solo(tiny_model, jobs[0])
+    for s, r in zip(_steps(results[0]), ref.steps, strict=True):
+        for name, m in s.maps.items():
+            np.testing.assert_array_equal(m, r.maps[name].numpy(), err_msg=name)
+        np.testing.assert_array_equal(np.stack([t.map for t in s.tokens]), r.maps["attn"].numpy())
+    ref_rise = solo(tiny_model, jobs[1])
+    for s, r in zip(_steps(results[1]), ref_rise.steps, strict=True):
+        np.testing.assert_allclose(s.maps["rise"], r.maps["rise"].numpy(), rtol=0, atol=1e-5)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
+    assert not any(m._forward_hooks for m in unet.modules())
+
+
+def test_cancel_stops_within_one_step(make_worker, memory_queue, worker_settings):
+    job_id = memory_queue.enqueue(spec(steps=40, masks=4)).id
+    make_worker(worker_settings, memory_queue)
+    wait_for(memory_queue, job_id, Step)
+    memory_queue.cancel(job_id)
+    seen = len(_steps([e for _, e in memory_queue.events(job_id)]))
+    events = wait_terminal(memory_queue, job_id)
+    assert events[-1] == Failed("CANCELLED", "cancelled by the caller")
+    assert len(_steps(events)) <= seen + 1 < 40
+
+
+def test_deadline_stops_a_running_job(make_worker, memory_queue, worker_settings):
+    make_worker(worker_settings, memory_queue)  # idle and claiming before the job exists
+    time.sleep(0.5)
+    job_id = memory_queue.enqueue(spec(steps=200, masks=4, deadline=time.time() + 2.0)).id
+    events = wait_terminal(memory_queue, job_id)
+    assert any(isinstance(e, Started) for e in events), "the worker, not the claim, must have stopped it"
+    assert isinstance(events[-1], Failed) and events[-1].code == "DEADLINE_EXCEEDED"
+    assert len(_steps(events)) < 200
+
+
+def test_reclaimed_job_does_not_republish_steps(make_worker, tiny_dir):
+    from difflens.queue.memory import InProcessQueue
+
+    s = settings(tiny_dir, visibility_timeout_s=1.0)
+    queue = InProcessQueue(s)
+    job_id = queue.enqueue(spec(steps=4, masks=4)).id
+    ghost = queue.claim("ghost", block_s=1.0)
+    assert ghost is not None and ghost.job_id == job_id
+    fake = np.zeros((16, 16), np.float32)
+    assert queue.publish(ghost, Started("ghost", 1))
+    for i in (0, 1):  # the first worker got two steps out, then died (no more heartbeats)
+        assert queue.publish(ghost, Step(index=i, timestep=0, num_steps=4, maps={"rise": fake}))
+    make_worker(s, queue, name="heir")
+    events = wait_terminal(queue, job_id)
+    assert [type(e) for e in events] == [Queued, Started, Step, Step, Started, Step, Step, Completed]
+    assert events[4] == Started("heir", attempt=2)
+    assert [e.index for e in _steps(events)] == [0, 1, 2, 3]
+    assert json.loads(events[-1].audit_json)["attempt"] == 2
+    assert not queue.publish(ghost, Step(index=2, timestep=0, num_steps=4))  # the ghost lost the job
+
+
+@pytest.mark.parametrize(("job", "field"), [
+    (dataclasses.replace(spec(), model="nope"), "model: unknown model 'nope'; available: tiny"),
+    (spec(width=20), "width: got 20; must be a multiple of 16"),
+])
+def test_bad_jobs_fail_with_invalid_argument_naming_the_field(make_worker, memory_queue, worker_settings, job,
+                                                              field):
+    job_id = memory_queue.enqueue(job).id
+    make_worker(worker_settings, memory_queue)
+    events = wait_terminal(memory_queue, job_id)
+    assert isinstance(events[-1], Failed) and events[-1].code == "INVALID_ARGUMENT"
+    assert field in events[-1].message
+
+
+def test_stop_finishes_held_jobs_and_takes_no_more(make_worker, tiny_dir):
+    from difflens.queue.memory import InProcessQueue
+
+    s = settings(tiny_dir, worker_max_jobs=1)
+    queue = InProcessQueue(s)
+    first, second = (queue.enqueue(spec(steps=30, masks=4, seed=k)).id for k in (0, 1))
+    worker = make_worker(s, queue)
+    wait_for(queue, first, Started)
+    worker.stop(timeout=120)
+    assert worker._thread is not None and not worker._thread.is_alive()
+    assert isinstance(queue.events(first)[-1][1], Completed)
+    assert queue.get(second).state == "queued"
