@@ -6,9 +6,14 @@ DEMO_MODEL ?= models/shapes
 DEMO_PROMPT ?= a large red striped circle in the center
 OUT ?= out
 
-.PHONY: setup test demo lint bench clean train-shapes
+.PHONY: setup test demo lint bench clean train-shapes eval proto
 
-setup: $(STAMP)
+# gRPC stubs (git-ignored), regenerated whenever the contract changes; `make proto` forces it.
+GEN_DIR := service/difflens/_gen
+GEN := $(GEN_DIR)/difflens/v1/__init__.py
+PROTO := proto/difflens/v1/difflens.proto
+
+setup: $(STAMP) $(GEN)
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
@@ -16,6 +21,18 @@ $(STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	rm -f .venv/.installed-*; touch $@
+
+# The generated grpc module says `from difflens.v1 import ...`, which would resolve inside our own package:
+# rewrite it to the stubs' real location.
+$(GEN): $(PROTO) $(STAMP)
+	rm -rf $(GEN_DIR) && mkdir -p $(GEN_DIR)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) $(PROTO)
+	sed -i 's/^from difflens\.v1 import/from difflens._gen.difflens.v1 import/' $(GEN_DIR)/difflens/v1/difflens_pb2_grpc.py
+	touch $(GEN_DIR)/__init__.py $(GEN_DIR)/difflens/__init__.py $(GEN)
+
+proto: $(STAMP)
+	rm -f $(GEN)
+	$(MAKE) --no-print-directory $(GEN)
 
 test: setup
 	$(PY) -m pytest -q
@@ -25,11 +42,17 @@ lint: setup
 	.venv/bin/mypy service
 
 # The embedded default: the shipped model when it is there, else a tiny random-weights model built here.
+# Goes through the real gRPC API: `difflens serve --embedded` (front + one worker, in-process queue) on a free
+# port, `difflens explain --server`, then SIGTERM (graceful drain).
 demo: setup
 	@if [ -f $(DEMO_MODEL)/model_index.json ]; then model=$(DEMO_MODEL); else \
 	  model=$(OUT)/models/tiny; [ -f $$model/model_index.json ] || .venv/bin/difflens make-tiny-model $$model; fi; \
-	.venv/bin/difflens explain $$model "$(DEMO_PROMPT)" --methods rise,cam,attn --masks 64 \
-	  --explain-steps every:5 --out $(OUT)/demo
+	mkdir -p $(OUT); rm -f $(OUT)/serve.port; \
+	.venv/bin/difflens serve --embedded --port 0 --port-file $(OUT)/serve.port --model default=$$model & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
+	until [ -s $(OUT)/serve.port ]; do kill -0 $$pid 2>/dev/null || exit 1; sleep 0.2; done; \
+	.venv/bin/difflens explain --server 127.0.0.1:$$(cat $(OUT)/serve.port) default "$(DEMO_PROMPT)" \
+	  --methods rise,cam,attn --masks 64 --explain-steps every:5 --out $(OUT)/demo
 
 # Trains the shipped model from scratch (seeded, resumable from out/train/shapes; ~80 min on 2 CPU cores).
 TRAIN_MINUTES ?= 85
@@ -39,8 +62,14 @@ train-shapes: setup
 	PYTHONPATH=service $(PY) -m difflens.training.shapes --out models/shapes --minutes $(TRAIN_MINUTES) \
 	  --steps $(TRAIN_STEPS) --seed 0 --arch deep4 2>&1 | tee -a $(OUT)/train/shapes.log
 
+# The faithfulness suite of issue 3 on the shipped model (~20 min on 2 CPU cores).
+eval: setup
+	.venv/bin/difflens evaluate $(DEMO_MODEL) --out $(OUT)/eval
+
 bench: setup
 	$(PY) -m bench.rise
+	$(PY) -m bench.queue
+	$(PY) -m bench.service
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from difflens.api.cli import add_serve
 from difflens.config import DTYPES
 from difflens.engine.options import (  # torch-free at import, so the parser builds fast
     BACKENDS,
@@ -26,6 +27,8 @@ from difflens.engine.options import (  # torch-free at import, so the parser bui
     SUBSTRATES,
 )
 from difflens.errors import DifflensError, InvalidArgument, ModelLoadError
+from difflens.evaluation.cli import add_evaluate
+from difflens.worker.cli import add_replay, add_worker
 
 # Domain field names (InvalidArgument.field) -> the option a CLI user typed.
 FLAG_OF_FIELD = {
@@ -51,7 +54,10 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="generate an image and explain its denoising steps",
                        description="Generate PROMPT with the model in MODEL_DIR and explain the selected steps. "
                                    "Unset generation options take the model's recommended defaults.")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="local diffusers folder (model_index.json)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local diffusers folder (model_index.json); with --server: "
+                                                          "a served model's name, '-' for the server's default")
+    p.add_argument("--server", metavar="HOST:PORT", help="run on a difflens server (`difflens serve`) instead of "
+                                                          "in-process; same options and outputs, plus audit.json")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--out", required=True, type=Path, help="output folder (created; written only on success)")
     g = p.add_argument_group("generation (default: the model's recommended values)")
@@ -98,7 +104,8 @@ def add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_make_tiny_model)
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_explain, add_make_tiny_model)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_explain, add_make_tiny_model, add_evaluate,
+                                                                   add_worker, add_replay, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +204,10 @@ class Progress:
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    if args.server:
+        from difflens.api.cli import run_explain_remote
+
+        return run_explain_remote(args)
     from difflens.config import Settings
 
     settings = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)

@@ -1,0 +1,181 @@
+"""What the service adds to a tiny job: gRPC + Redis + a worker process vs calling the engine in-process.
+
+The same job (the tiny random-weights model, 2 denoising steps, CFG; "plain": no explainer, "rise": DF-RISE with 4
+masks on both steps) runs N times
+  (a) in-process: engine.explain.run_explanation on a loaded model, and
+  (b) as a client of `difflens serve` (front process, Redis queue) with one `difflens worker` process: wall time
+      from the Explain call to the Completed event,
+interleaved run by run so that load from other processes hits both alike. Reported: p50/p90 of each and the added
+p50 (b - a). Target: added p50 <= 5 ms. What (b) adds: gRPC, enqueue/claim/events on Redis, the event codec, PNG
+encoding and the audit record (hashes of image and maps) - everything a served job does beyond the engine.
+
+    PYTHONPATH=service .venv/bin/python -m bench.service [--runs 50] [--quick] [--redis URL]
+Redis: --redis, else DIFFLENS_REDIS_URL, else a private redis-server started for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflens.engine.options import ExplainOptions, GenerationParams, RiseOptions
+from difflens.jobs import Completed, JobSpec
+
+RESULTS = Path(__file__).parent / "results" / "service.json"
+TARGET_ADDED_P50_MS = 5.0
+JOBS = {
+    "plain": ExplainOptions(),
+    "rise": ExplainOptions(rise=RiseOptions(num_masks=4, batch_size=4)),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_url(given: str | None) -> Iterator[str]:
+    if given:
+        yield given
+        return
+    from tests.support.redis_server import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def processes(model_dir: Path, url: str, log_dir: Path) -> Iterator[str]:
+    """`difflens serve` and `difflens worker` on `url`; yields the front's target once both are up."""
+    queue = f"bench-{os.getpid()}"
+    port_file = log_dir / "port"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    common = ["--redis", url, "--queue", queue, "--model", f"tiny={model_dir}"]
+    logs = [(log_dir / "serve.log").open("w"), (log_dir / "worker.log").open("w")]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--port", "0", "--port-file", str(port_file),
+                          *common], stdout=logs[0], stderr=subprocess.STDOUT, env=env),
+        subprocess.Popen([sys.executable, "-m", "difflens", "worker", "--max-jobs", "1", "--name", "bench", *common],
+                         stdout=logs[1], stderr=subprocess.STDOUT, env=env),
+    ]
+    try:
+        end = time.monotonic() + 180
+        while not (port_file.exists() and "ready" in (log_dir / "worker.log").read_text()):
+            if time.monotonic() > end or any(p.poll() is not None for p in procs):
+                raise RuntimeError("server or worker did not start; see " + str(log_dir))
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port_file.read_text().strip()}"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs:
+            f.close()
+
+
+def spec_of(options: ExplainOptions) -> JobSpec:
+    return JobSpec(model="tiny", params=GenerationParams("a red circle", steps=2, guidance_scale=2.0),
+                   explain=options)
+
+
+def time_local(model: Any, spec: JobSpec) -> float:
+    from difflens.engine.explain import run_explanation
+
+    t0 = time.perf_counter()
+    run_explanation(model, spec.params, spec.explain)
+    return time.perf_counter() - t0
+
+
+def time_served(client: Any, spec: JobSpec) -> float:
+    t0 = time.perf_counter()
+    stream = client.explain(spec, timeout=120)
+    for _ in stream:
+        pass
+    elapsed = time.perf_counter() - t0
+    last = stream.result
+    if not isinstance(last, Completed):
+        raise RuntimeError(f"served job did not complete: {last}")
+    return elapsed
+
+
+def summarize(local: list[float], served: list[float]) -> dict[str, float]:
+    ms = 1000.0
+    row = {"local_p50_ms": statistics.median(local) * ms, "local_p90_ms": percentile(local, 0.9) * ms,
+           "served_p50_ms": statistics.median(served) * ms, "served_p90_ms": percentile(served, 0.9) * ms}
+    row["added_p50_ms"] = row["served_p50_ms"] - row["local_p50_ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per job and path (default 50)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="10 runs, 2 warm-ups")
+    ap.add_argument("--redis", default=os.environ.get("DIFFLENS_REDIS_URL"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    runs, warmup = (10, 2) if args.quick else (args.runs, args.warmup)
+
+    from difflens.client import DifflensClient
+    from difflens.engine.loading import load_model
+    from difflens.engine.tiny import make_tiny_model
+
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="difflens-bench-") as tmp, redis_url(args.redis) as url:
+        model_dir = make_tiny_model(Path(tmp) / "tiny")
+        model = load_model(model_dir)
+        with processes(model_dir, url, Path(tmp)) as target, DifflensClient(target) as client:
+            for name, options in JOBS.items():
+                spec = spec_of(options)
+                for _ in range(warmup):
+                    time_local(model, spec)
+                    time_served(client, spec)
+                local, served = [], []
+                for _ in range(runs):  # interleaved: background load hits both paths alike
+                    local.append(time_local(model, spec))
+                    served.append(time_served(client, spec))
+                rows[name] = summarize(local, served)
+    header = f"{'job':<6} {'local p50':>10} {'local p90':>10} {'served p50':>11} {'served p90':>11} {'added p50':>10}"
+    print(header)
+    for name, r in rows.items():
+        print(f"{name:<6} {r['local_p50_ms']:>8.1f}ms {r['local_p90_ms']:>8.1f}ms {r['served_p50_ms']:>9.1f}ms "
+              f"{r['served_p90_ms']:>9.1f}ms {r['added_p50_ms']:>8.1f}ms")
+    ok = all(r["added_p50_ms"] <= TARGET_ADDED_P50_MS for r in rows.values())
+    print(f"target: added p50 <= {TARGET_ADDED_P50_MS:g} ms: {'met' if ok else 'NOT met'}")
+    result = {"benchmark": "service", "runs": runs, "warmup": warmup, "jobs": rows,
+              "target_added_p50_ms": TARGET_ADDED_P50_MS, "target_met": ok,
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""`difflens serve` (the gRPC front, optionally with an embedded worker) and `difflens explain --server` (the local
+CLI's options and outputs, run on a server). grpc and torch are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from difflens.config import DTYPES, ServiceSettings, Settings
+from difflens.engine.options import BACKENDS
+from difflens.errors import InvalidArgument
+
+AUDIT_FILE = "audit.json"
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC front (Explain, Submit, WatchJob, ...)",
+                       description="Serve the Explainer gRPC service with health checks and reflection. Without "
+                                   "--embedded, jobs go to the Redis queue for `difflens worker` processes; with "
+                                   "--embedded, one worker runs in this process on an in-process queue. SIGTERM: "
+                                   "NOT_SERVING, finish running streams (up to --drain-grace s), exit 0.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free port)")
+    p.add_argument("--port-file", type=Path, metavar="PATH", help="write the bound port here once serving")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
+    p.add_argument("--model", action="append", metavar="NAME=DIR",
+                   help="a model to serve (repeatable; default: the shipped model as 'default')")
+    p.add_argument("--embedded", action="store_true", help="run one worker in this process (in-process queue)")
+    p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL); not with --embedded")
+    p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
+    p.add_argument("--max-queue-depth", type=int, metavar="N", help="jobs waiting before RESOURCE_EXHAUSTED")
+    p.add_argument("--drain-grace", type=float, metavar="S", help="seconds running streams get on SIGTERM "
+                                                                   "(default 30)")
+    w = p.add_argument_group("embedded worker (default: DIFFLENS_* environment)")
+    w.add_argument("--backend", metavar="|".join(BACKENDS), help="UNet backend")
+    w.add_argument("--device", metavar="cpu|cuda|cuda:N")
+    w.add_argument("--dtype", metavar="|".join(DTYPES))
+    w.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
+    w.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
+    p.set_defaults(run=run_serve)
+
+
+def serve_settings(args: argparse.Namespace) -> ServiceSettings:
+    if not 0 <= args.port < 65536:
+        raise InvalidArgument("--port", f"got {args.port}; allowed 0..65535 (0 = any free port)")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
+    for flag, value in (("--max-queue-depth", args.max_queue_depth), ("--max-jobs", args.max_jobs),
+                        ("--max-batch", args.max_batch)):
+        if value is not None and value < 1:
+            raise InvalidArgument(flag, f"got {value}; must be >= 1")
+    if args.drain_grace is not None and args.drain_grace < 0:
+        raise InvalidArgument("--drain-grace", f"got {args.drain_grace}; must be >= 0")
+    if args.embedded and args.redis:
+        raise InvalidArgument("--redis", "not with --embedded (the embedded worker uses the in-process queue)")
+    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)
+    settings = ServiceSettings.from_env(
+        engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, max_queue_depth=args.max_queue_depth,
+        drain_grace_s=args.drain_grace, worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch)
+    if args.embedded:
+        return dataclasses.replace(settings, redis_url=None)
+    if not settings.redis_url:
+        raise InvalidArgument("--redis", "the front needs the Redis URL (--redis or DIFFLENS_REDIS_URL), or "
+                                         "--embedded for a single process with its own worker")
+    return settings
+
+
+def _write_port(path: Path, port: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)  # readers never see a partial file
+
+
+async def _serve(settings: ServiceSettings, embedded: bool, port_file: Path | None) -> int:
+    import asyncio
+
+    from difflens.api.server import DifflensServer
+    from difflens.metrics import serve_metrics
+
+    server = DifflensServer(settings, run_worker=embedded)
+    port = await server.start()
+    if settings.metrics_port is not None:
+        serve_metrics(settings.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if port_file is not None:
+        _write_port(port_file, port)
+    mode = "embedded worker, in-process queue" if embedded else f"Redis queue {settings.queue_name!r}"
+    print(f"difflens: serving on {settings.host}:{port} ({mode}; models: {', '.join(server.catalog.names())})",
+          file=sys.stderr, flush=True)
+    await stop.wait()
+    print(f"difflens: draining (up to {settings.drain_grace_s:g} s for running streams)", file=sys.stderr, flush=True)
+    await server.drain()
+    print("difflens: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio  # here, not at the top: `difflens --help` should not pay for it
+
+    return asyncio.run(_serve(settings, args.embedded, args.port_file))
+
+
+# ---------------------------------------------------------------- explain --server
+
+
+def remote_spec(args: argparse.Namespace) -> Any:
+    """The local CLI's options -> a JobSpec (the same checks as `difflens explain`, before anything is sent)."""
+    from difflens.cli import build_request
+    from difflens.engine.options import AttentionOptions, ExplainOptions, GenerationParams
+    from difflens.jobs import JobSpec
+
+    for flag in ("backend", "device", "dtype"):
+        if getattr(args, flag, None) is not None:
+            raise InvalidArgument(f"--{flag}", "not used with --server (the server's settings apply)")
+    if args.server.rpartition(":")[0] == "" or not args.server.rpartition(":")[2].isdigit():
+        raise InvalidArgument("--server", f"got {args.server!r}; expected HOST:PORT")
+    r = build_request(args)
+    methods = r["methods"]
+    explain = ExplainOptions(steps=r["steps"], rise=r["rise"] if "rise" in methods else None,
+                             cam=r["cam"] if "cam" in methods else None,
+                             attention=AttentionOptions() if "attn" in methods else None)
+    model = "" if args.model_dir in ("-", "") else str(args.model_dir)
+    return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=explain)
+
+
+class RemoteProgress:
+    """A tqdm bar over the denoising steps, advanced as explained steps arrive (the stream's only step events)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.explained = 0
+
+    def on_event(self, event: Any) -> None:
+        from difflens.jobs import Queued, Started, Step
+
+        if isinstance(event, Queued):
+            print(f"difflens: queued (position {event.position})", file=sys.stderr, flush=True)
+        elif isinstance(event, Started):
+            print(f"difflens: started on {event.worker} (attempt {event.attempt})", file=sys.stderr, flush=True)
+        elif isinstance(event, Step):
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event.num_steps, desc="denoising", unit="step", file=sys.stderr,
+                                dynamic_ncols=True)
+            self.explained += 1
+            self.bar.set_postfix_str(f"t={event.timestep} explained={self.explained}", refresh=False)
+            self.bar.update(event.index + 1 - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
+def rpc_error_line(err: Any) -> tuple[str, int]:
+    """A gRPC error -> (the CLI's error line, exit status): bad input 2 (naming the flag when there is one)."""
+    import grpc
+
+    from difflens.api.convert import pb_field
+    from difflens.cli import FLAG_OF_FIELD
+
+    code, details = err.code(), err.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        path, _, message = details.partition(": ")
+        flags = {pb_field(domain): flag for domain, flag in FLAG_OF_FIELD.items()}
+        return f"difflens: error: {flags.get(path, path)}: {message}", 2
+    return f"difflens: error: server: {code.name}: {details}", 1
+
+
+def run_explain_remote(args: argparse.Namespace) -> int:
+    """`difflens explain --server HOST:PORT MODEL PROMPT --out DIR ...`; MODEL is a served model's name
+    ('-' = the server's default). Writes what the local command writes, plus audit.json."""
+    spec = remote_spec(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidArgument("out", f"{args.out} exists and is not a folder")
+    import grpc
+
+    from difflens.client import DifflensClient, explanation_from_events
+    from difflens.jobs import Completed, Failed
+    from difflens.render import write_outputs
+
+    progress = RemoteProgress()
+    with DifflensClient(args.server) as client:
+        stream = client.explain(spec)
+        try:
+            for event in stream:
+                progress.on_event(event)
+        except grpc.RpcError as e:
+            line, status = rpc_error_line(e)
+            print(line, file=sys.stderr)
+            return status
+        except KeyboardInterrupt:
+            stream.cancel()
+            print(f"difflens: interrupted; job {stream.job_id} cancelled, nothing written", file=sys.stderr)
+            return 130
+        finally:
+            progress.close()
+    result = stream.result
+    if not isinstance(result, Completed):
+        why = f"{result.code}: {result.message}" if isinstance(result, Failed) else "the stream ended early"
+        print(f"difflens: error: job {stream.job_id} failed: {why}", file=sys.stderr)
+        return 1
+    try:
+        written = write_outputs(explanation_from_events(stream.events), args.out)
+        (args.out / AUDIT_FILE).write_text(result.audit_json)
+    except OSError as e:
+        print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"difflens: wrote {len(written) + 1} files to {args.out} (job {stream.job_id})")
+    print(f"difflens: report: {written['report.html']}")
+    return 0

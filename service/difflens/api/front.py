@@ -1,0 +1,111 @@
+"""The front's domain layer (no protobuf): validate and enqueue, read, cancel and follow jobs, for the servicer.
+
+The queue's calls block (Redis round trips, waits for events), so they run on a private thread pool and the
+asyncio event loop of the gRPC server never waits on them. Following a job polls the queue's blocking `events`
+with a short wait, so a cancelled call or a drain is noticed within FOLLOW_BLOCK_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from difflens import metrics
+from difflens.catalog import ModelCatalog
+from difflens.config import ServiceSettings
+from difflens.errors import NotReady
+from difflens.jobs import Event, JobRecord, JobSpec
+from difflens.queue.base import JobQueue, is_terminal
+from difflens.validation import validate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FOLLOW_BLOCK_S = 0.5
+DEPTH_SAMPLE_S = 1.0
+# Each streaming call holds a thread while it waits for events: this bounds concurrent followers per front.
+QUEUE_THREADS = 64
+
+
+class Front:
+    """What every RPC does, in domain terms. While `draining`, new submissions and new watches fail with NotReady
+    (the client goes to another replica) and the streams already running go on; `wait_idle` waits for them."""
+
+    def __init__(self, settings: ServiceSettings, queue: JobQueue, catalog: ModelCatalog) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.catalog = catalog
+        self.draining = False
+        self._active = 0  # streams following a job right now
+        self._idle = asyncio.Condition()
+        self._pool = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="front-queue")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def submit(self, spec: JobSpec) -> JobRecord:
+        """Validate (InvalidArgument), then enqueue (ResourceExhausted when full; the existing job for a repeated
+        idempotency key). Nothing is queued for an invalid spec."""
+        if self.draining:
+            raise NotReady("this front is draining (shutting down); retry on another replica")
+        spec = validate(spec, self.catalog, self.settings.limits)
+        return await self._run(self.queue.enqueue, spec)  # difflens_queue_depth: sample_depth, off the hot path
+
+    async def get(self, job_id: str) -> JobRecord:
+        return await self._run(self.queue.get, job_id)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        return await self._run(self.queue.cancel, job_id)
+
+    async def follow(self, job_id: str, after: int = -1, *, admit: bool = False) -> AsyncIterator[tuple[int, Event]]:
+        """(sequence, event) pairs with sequence > `after`, until the job's terminal event (JobNotFound if the
+        job does not exist). `admit`: follow even while draining (Explain, whose job this front just queued)."""
+        if self.draining and not admit:
+            raise NotReady("this front is draining (shutting down); watch the job on another replica")
+        self._active += 1
+        try:
+            while True:
+                batch = await self._run(self.queue.events, job_id, after, FOLLOW_BLOCK_S)
+                if not batch:
+                    if not (await self.get(job_id)).done:
+                        continue
+                    # Done while we waited: its terminal event may have landed just after the wait ended.
+                    batch = await self._run(self.queue.events, job_id, after, 0.0)
+                    if not batch:
+                        return  # the caller asked to start past the terminal event
+                for seq, event in batch:
+                    after = seq
+                    yield seq, event
+                    if is_terminal(event):
+                        return
+        finally:
+            async with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is following a job (True), or `timeout_s` passed (False)."""
+        async with self._idle:
+            try:
+                await asyncio.wait_for(self._idle.wait_for(lambda: self._active == 0), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    async def sample_depth(self, stop: asyncio.Event) -> None:
+        """Keep difflens_queue_depth current until `stop` (the queue is shared: other fronts enqueue too)."""
+        while not stop.is_set():
+            try:
+                metrics.QUEUE_DEPTH.set(await self._run(self.queue.depth))
+            except Exception:  # a queue outage must not end the sampler; the RPCs report it
+                log.warning("queue depth sample failed", exc_info=True)
+            try:
+                await asyncio.wait_for(stop.wait(), DEPTH_SAMPLE_S)
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

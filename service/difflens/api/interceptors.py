@@ -1,0 +1,113 @@
+"""The one place where domain exceptions become gRPC status codes (and difflens_errors_total is counted).
+
+    InvalidArgument   -> INVALID_ARGUMENT   "<request field path>: <what is allowed>"
+    ResourceExhausted -> RESOURCE_EXHAUSTED  message with the retry hint; trailing metadata `retry-after-s`
+    NotReady          -> UNAVAILABLE
+    JobNotFound       -> NOT_FOUND
+    Cancelled / DeadlineExceeded -> CANCELLED / DEADLINE_EXCEEDED
+    a queue backend (Redis) that cannot be reached -> UNAVAILABLE
+    anything else     -> INTERNAL with a fixed message; the details go to the log only
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from difflens import metrics
+from difflens.api.convert import pb_field
+from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument, ModelLoadError, NotReady, ResourceExhausted
+from difflens.queue.base import JobNotFound
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error (details are in the server's log)"
+RETRY_AFTER_KEY = "retry-after-s"
+
+
+def _backend_down(err: BaseException) -> bool:
+    try:
+        import redis
+    except ImportError:  # no Redis client: the in-process queue cannot be "down"
+        return False
+    return isinstance(err, redis.ConnectionError | redis.TimeoutError)
+
+
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tuple[str, str], ...]]:
+    """(status, message, error type label, trailing metadata) for an exception raised by a handler."""
+    if isinstance(err, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{pb_field(err.field)}: {err.message}", "invalid_argument", ()
+    if isinstance(err, ResourceExhausted):
+        meta = ((RETRY_AFTER_KEY, f"{err.retry_after_s:g}"),) if err.retry_after_s is not None else ()
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), "resource_exhausted", meta
+    if isinstance(err, NotReady):
+        return grpc.StatusCode.UNAVAILABLE, str(err), "unavailable", ()
+    if isinstance(err, JobNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(err), "not_found", ()
+    if isinstance(err, Cancelled):
+        return grpc.StatusCode.CANCELLED, str(err), "cancelled", ()
+    if isinstance(err, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(err), "deadline_exceeded", ()
+    if isinstance(err, ModelLoadError):
+        return grpc.StatusCode.UNAVAILABLE, f"model cannot be loaded: {err}", "model_load", ()
+    if _backend_down(err):
+        return grpc.StatusCode.UNAVAILABLE, "the job queue cannot be reached; retry later", "queue", ()
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "internal", ()
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+    code, message, label, meta = status_of(err)
+    metrics.ERRORS.labels(label).inc()
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=err)
+    else:
+        log.info("%s: %s: %s", method, code.name, message)
+    if meta:
+        context.set_trailing_metadata(meta)
+    await context.abort(code, message)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the handlers of the services under `prefix` (ours). Health and reflection pass through untouched:
+    they raise nothing of ours, and their streaming handlers write to the context instead of yielding."""
+
+    def __init__(self, prefix: str = "/difflens.") -> None:
+        self.prefix = prefix
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or not method.startswith(self.prefix):
+            return handler
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await _abort(context, method, e)
+
+            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await _abort(context, method, e)
+
+            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+        return handler

@@ -1,0 +1,164 @@
+"""The gRPC front: a grpc.aio server with the Explainer service, the standard health service (grpc.health.v1) and
+server reflection, maximum message sizes from the settings, and a graceful drain.
+
+Drain (SIGTERM in `difflens serve`): health goes NOT_SERVING and new Explain / Submit / WatchJob calls get
+UNAVAILABLE (clients go to another replica); the job streams already running finish, for up to
+settings.drain_grace_s; then the server stops (cancelling what is left, such as health watches, which would
+otherwise hold the drain for the whole grace), an embedded worker finishes what it holds, and the process exits.
+
+`DifflensServer` is the asyncio object; `BackgroundServer` runs one on its own event-loop thread (tests, bench).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from difflens.api.front import Front
+from difflens.api.interceptors import ErrorInterceptor
+from difflens.api.pb import SERVICE_NAME, pb_grpc
+from difflens.api.servicer import ExplainerServicer
+from difflens.catalog import ModelCatalog
+from difflens.config import ServiceSettings
+from difflens.queue.base import JobQueue
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 1.0  # for unary calls in flight when the job streams are done
+
+
+def make_queue(settings: ServiceSettings) -> JobQueue:
+    """Redis Streams when settings.redis_url is set, else the in-process queue."""
+    if settings.redis_url:
+        from difflens.queue.redis_streams import RedisStreamsQueue
+
+        return RedisStreamsQueue(settings.redis_url, settings)
+    from difflens.queue.memory import InProcessQueue
+
+    return InProcessQueue(settings)
+
+
+class DifflensServer:
+    """The front, and with `run_worker` one worker in the same process (the embedded mode).
+
+    queue: default make_queue(settings); registry: the worker's ModelRegistry (default: one over the settings'
+    models; tests hand in preloaded models).
+    """
+
+    def __init__(self, settings: ServiceSettings, *, queue: JobQueue | None = None, run_worker: bool = False,
+                 registry: Any | None = None, catalog: ModelCatalog | None = None) -> None:
+        self.settings = settings
+        self._own_queue = queue is None
+        self.queue = queue if queue is not None else make_queue(settings)
+        self.catalog = catalog or ModelCatalog.from_settings(settings)
+        self.front = Front(settings, self.queue, self.catalog)
+        self.worker: Any = None
+        if run_worker:
+            from difflens.models import ModelRegistry
+            from difflens.worker import Worker
+
+            registry = registry or ModelRegistry(settings)
+            registry.load_all()  # a broken folder fails now, not on the first job
+            self.worker = Worker(settings, self.queue, registry)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._sampler_stop = asyncio.Event()
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Bind settings.host:settings.port (0 = a free port), start serving; returns the bound port."""
+        s = self.settings
+        options = [("grpc.max_send_message_length", s.max_message_bytes),
+                   ("grpc.max_receive_message_length", s.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.front), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        if self.worker is not None:
+            self.worker.start()
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._sampler = asyncio.create_task(self.front.sample_depth(self._sampler_stop))
+        log.info("serving %s on %s:%d (%s queue%s)", SERVICE_NAME, s.host, self.port,
+                 "Redis" if s.redis_url else "in-process", ", embedded worker" if self.worker else "")
+        return self.port
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop gracefully: NOT_SERVING, refuse new work, let running calls finish within `grace_s`
+        (default settings.drain_grace_s), then stop the embedded worker (after its held jobs) and close."""
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        self.front.draining = True
+        await self.health.enter_graceful_shutdown()
+        if not await self.front.wait_idle(grace):
+            log.warning("drain: job streams still running after %g s; cancelling them", grace)
+        if self._server is not None:
+            await self._server.stop(STOP_GRACE_S)
+        self._sampler_stop.set()
+        if self._sampler is not None:
+            await self._sampler
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+        self.front.close()
+        if self._own_queue:
+            self.queue.close()
+        log.info("drained and stopped")
+
+
+class BackgroundServer:
+    """A DifflensServer on its own event-loop thread: `with BackgroundServer(settings, ...) as srv:` then connect
+    to srv.target. Leaving the block drains it (grace `stop_grace_s`)."""
+
+    def __init__(self, settings: ServiceSettings, stop_grace_s: float = 5.0, **kwargs: Any) -> None:
+        self.settings = settings
+        self.kwargs = kwargs
+        self.stop_grace_s = stop_grace_s
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-front", daemon=True)
+        self.server: DifflensServer | None = None
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None
+        return f"{self.settings.host}:{self.server.port}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def start(self) -> BackgroundServer:
+        self.thread.start()
+
+        async def make() -> DifflensServer:  # built on the loop: its asyncio objects belong there
+            return DifflensServer(self.settings, **self.kwargs)
+
+        self.server = self._call(make())
+        self._call(self.server.start())
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if self.server is not None:
+            self._call(self.server.drain(self.stop_grace_s if grace_s is None else grace_s))
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        with contextlib.suppress(RuntimeError):
+            self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

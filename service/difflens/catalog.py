@@ -1,0 +1,133 @@
+"""The model catalog: what the front needs to know about each served model, without loading any weights.
+
+Per configured name: the recommended defaults (difflens.json), the image size multiple (VAE factor x 8, or 8 for a
+pixel-space model, as engine.validate requires), the module paths DF-CAM accepts (from the UNet built on the
+meta device: shapes only, no memory, no weights), the tokenizer (for the prompt-token limit) and the scheduler's
+num_train_timesteps. Built once at start-up; a broken folder fails there with ModelLoadError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difflens.config import ServiceSettings
+from difflens.engine.loading import ModelDefaults
+from difflens.errors import InvalidArgument, ModelLoadError
+
+LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be multiples of 8
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """One served model, described from its config files. Exposes the same geometry attributes as
+    engine.loading.Model (defaults, vae_scale_factor, size_multiple, default_size, num_train_timesteps), so the
+    engine's own request resolution runs on it unchanged."""
+
+    name: str
+    folder: Path
+    defaults: ModelDefaults
+    vae_scale_factor: int
+    sample_size: int
+    cam_layers: tuple[str, ...]
+    tokenizer: Any
+    num_train_timesteps: int
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * LATENT_MULTIPLE
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = self.sample_size * self.vae_scale_factor
+        return (self.defaults.width or side, self.defaults.height or side)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Words-pieces the text encoder sees, BOS and EOS excluded (75 for CLIP)."""
+        return int(self.tokenizer.model_max_length) - 2
+
+    def prompt_token_count(self, text: str) -> int:
+        """Tokens of `text`, BOS/EOS excluded, untruncated (so an over-long prompt is seen as such)."""
+        return max(0, len(self.tokenizer(text, truncation=False).input_ids) - 2)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ModelLoadError(str(path), "missing")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(str(path), f"malformed JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(str(path), "must hold a JSON object")
+    return data
+
+
+def _has_vae(index: dict[str, Any]) -> bool:
+    entry = index.get("vae")
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+
+def describe(name: str, folder: str | Path) -> CatalogModel:
+    """Read one model folder's configs (no weights). Raises ModelLoadError naming the file at fault."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from difflens.engine.cam import camable_layers
+
+    root = Path(folder).resolve()
+    index = _json(root / "model_index.json")
+    unet_config = _json(root / "unet" / "config.json")
+    scheduler_config = _json(root / "scheduler" / "scheduler_config.json")
+    factor = 1
+    if _has_vae(index):
+        channels = _json(root / "vae" / "config.json").get("block_out_channels", [])
+        factor = 2 ** (len(channels) - 1) if channels else 1
+    try:
+        # The meta device gives every module its real path and shape without allocating or reading weights.
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config)
+        layers = camable_layers(unet)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(str(root / "unet" / "config.json"), f"cannot build the UNet from its config: {e}") from e
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(str(root / "tokenizer"), f"cannot load the tokenizer: {e}") from e
+    return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root), vae_scale_factor=factor,
+                        sample_size=int(unet_config.get("sample_size", 64)), cam_layers=layers, tokenizer=tokenizer,
+                        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)))
+
+
+class ModelCatalog:
+    """name -> CatalogModel for every configured model; `default` is the name a request without one gets."""
+
+    def __init__(self, models: dict[str, CatalogModel], default: str) -> None:
+        if default not in models:
+            raise ValueError(f"default model {default!r} is not among {sorted(models)}")
+        self.models = models
+        self.default = default
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> ModelCatalog:
+        """Every model of settings.model_dirs(). The default: settings.default_model when configured under that
+        name, else the first configured model."""
+        dirs = settings.model_dirs()
+        models = {name: describe(name, folder) for name, folder in dirs.items()}
+        default = settings.default_model if settings.default_model in models else next(iter(dirs))
+        return cls(models, default)
+
+    def names(self) -> list[str]:
+        """The default first, then the others by name."""
+        return [self.default] + sorted(n for n in self.models if n != self.default)
+
+    def get(self, name: str) -> CatalogModel:
+        """The model called `name` ('' = the default). Unknown: InvalidArgument('model') listing the names."""
+        name = name or self.default
+        if name not in self.models:
+            raise InvalidArgument("model", f"unknown model {name!r}; available: {', '.join(self.names())}")
+        return self.models[name]

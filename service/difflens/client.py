@@ -1,0 +1,234 @@
+"""The Python client of the difflens gRPC service.
+
+    from difflens.client import DifflensClient
+    from difflens.engine.options import ExplainOptions, GenerationParams, RiseOptions
+    from difflens.jobs import JobSpec
+
+    with DifflensClient("127.0.0.1:50051", caller="alice") as client:
+        spec = JobSpec(model="", params=GenerationParams("a red circle", steps=20),
+                       explain=ExplainOptions(rise=RiseOptions(num_masks=64)))
+        stream = client.explain(spec, timeout=600)
+        for event in stream:             # Queued, Started, Step..., then Completed or Failed
+            print(stream.job_id, event)
+        exp = explanation_from_events(stream.events)   # -> render.write_outputs(exp, "out/")
+
+Events are the domain's (difflens.jobs: numpy maps), or the contract's ExplainEvent with `raw=True`. A request is a
+JobSpec (its model '' = the server's default; deadline and caller are ignored: use `timeout` and `caller`) or a
+ready pb ExplainRequest.
+
+Retry-friendly: a request without an idempotency key gets a random one, so a retried Submit/Explain never runs a
+job twice; UNAVAILABLE is retried (with backoff) up to `retries` times; an Explain stream that breaks after the job
+id is known resumes with WatchJob from the next sequence, so no event is lost or repeated. RESOURCE_EXHAUSTED is
+not retried: `retry_after_s(err)` reads the server's hint. `caller` (metadata x-difflens-caller) scopes idempotency
+keys: the same key from another caller is another job.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from difflens.api import convert
+from difflens.api.interceptors import RETRY_AFTER_KEY
+from difflens.api.pb import pb, pb_grpc
+from difflens.api.servicer import CALLER_KEY
+from difflens.jobs import TERMINAL_EVENTS, Completed, Event, Failed, JobRecord, JobSpec, Step
+
+if TYPE_CHECKING:
+    from difflens.engine.explain import Explanation
+
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+def retry_after_s(err: grpc.RpcError) -> float | None:
+    """The server's retry hint of a RESOURCE_EXHAUSTED error (trailing metadata `retry-after-s`), or None."""
+    for key, value in getattr(err, "trailing_metadata", lambda: ())() or ():
+        if key == RETRY_AFTER_KEY:
+            return float(value)
+    return None
+
+
+class ExplainStream:
+    """An iterator over one job's events (Explain, or WatchJob). `job_id` is known after the first event;
+    `events` keeps every event received; `cancel()` asks the server to stop the job and ends the stream."""
+
+    def __init__(self, client: DifflensClient, open_call: Callable[[], Any], *, raw: bool,
+                 deadline: float | None) -> None:
+        self.client = client
+        self.job_id = ""
+        self.sequence = -1
+        self.events: list[Event] = []
+        self._raw = raw
+        self._deadline = deadline
+        self._call: Any = open_call()
+        self._open_first = open_call
+        self._done = False
+
+    def __iter__(self) -> Iterator[Any]:
+        attempts = 0
+        while not self._done:
+            try:
+                for msg in self._call:
+                    if msg.sequence <= self.sequence:
+                        continue  # a resumed or retried stream replays what we already have
+                    self.job_id, self.sequence = msg.job_id, msg.sequence
+                    event = convert.event_from_pb(msg)
+                    self.events.append(event)
+                    self._done = isinstance(event, TERMINAL_EVENTS)
+                    yield msg if self._raw else event
+                    attempts = 0
+                return  # the server ended the stream (WatchJob from past the end ends without a terminal event)
+            except grpc.RpcError as e:
+                if self._done:
+                    return
+                if e.code() not in RETRYABLE or attempts >= self.client.retries:
+                    raise
+                attempts += 1
+                time.sleep(self.client.backoff_s * 2 ** (attempts - 1))
+                self._call = self._reopen()
+
+    def _reopen(self) -> Any:
+        if not self.job_id:  # nothing arrived: Explain again (same idempotency key, so the same job)
+            return self._open_first()
+        timeout = None if self._deadline is None else max(0.0, self._deadline - time.time())
+        return self.client.stub.WatchJob(pb.WatchJobRequest(job_id=self.job_id, from_sequence=self.sequence + 1),
+                                         timeout=timeout, metadata=self.client.metadata)
+
+    def cancel(self) -> None:
+        if self.job_id:
+            self.client.cancel(self.job_id)
+        self._call.cancel()
+
+    @property
+    def result(self) -> Completed | Failed | None:
+        last = self.events[-1] if self.events else None
+        return last if isinstance(last, Completed | Failed) else None
+
+
+class DifflensClient:
+    """A connection to a difflens front. Thread-safe (one gRPC channel); close() or use as a context manager."""
+
+    def __init__(self, target: str, *, caller: str | None = None, retries: int = 3, backoff_s: float = 0.2,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.target = target
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.metadata: tuple[tuple[str, str], ...] = ((CALLER_KEY, caller),) if caller else ()
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = pb_grpc.ExplainerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DifflensClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ calls
+
+    def request(self, spec: JobSpec | Any, timeout_s: float | None = None) -> Any:
+        """JobSpec or ExplainRequest -> an ExplainRequest that carries an idempotency key."""
+        req = spec if isinstance(spec, pb.ExplainRequest) else convert.spec_to_request(spec, timeout_s)
+        if not req.idempotency_key:
+            req = pb.ExplainRequest.FromString(req.SerializeToString())  # leave the caller's message alone
+            req.idempotency_key = f"client-{uuid.uuid4().hex}"
+        return req
+
+    def explain(self, spec: JobSpec | Any, *, timeout: float | None = None, raw: bool = False) -> ExplainStream:
+        """Submit and follow: iterate the returned stream for the events. `timeout` (seconds) is the call's
+        deadline, which the server makes the job's deadline."""
+        req = self.request(spec)
+        deadline = None if timeout is None else time.time() + timeout
+
+        def open_call() -> Any:
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            return self.stub.Explain(req, timeout=left, metadata=self.metadata)
+
+        return ExplainStream(self, open_call, raw=raw, deadline=deadline)
+
+    def watch(self, job_id: str, *, from_sequence: int = 0, timeout: float | None = None,
+              raw: bool = False) -> ExplainStream:
+        """Replay a job's events from `from_sequence`, then follow it to the end."""
+        deadline = None if timeout is None else time.time() + timeout
+        stream = ExplainStream(self, lambda: self.stub.WatchJob(
+            pb.WatchJobRequest(job_id=job_id, from_sequence=from_sequence), timeout=timeout,
+            metadata=self.metadata), raw=raw, deadline=deadline)
+        stream.job_id, stream.sequence = job_id, from_sequence - 1
+        return stream
+
+    def submit(self, spec: JobSpec | Any, *, timeout_s: float | None = None, timeout: float | None = 30.0) -> JobRecord:
+        """Queue a job and return its record at once. `timeout_s` bounds the job's run (timeout_seconds);
+        `timeout` the call."""
+        req = self.request(spec, timeout_s)
+        return convert.job_from_pb(self._unary(self.stub.Submit, req, timeout))
+
+    def get(self, job_id: str, *, timeout: float | None = 30.0) -> JobRecord:
+        return convert.job_from_pb(self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout))
+
+    def cancel(self, job_id: str, *, timeout: float | None = 30.0) -> JobRecord:
+        return convert.job_from_pb(self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout))
+
+    def list_models(self, *, timeout: float | None = 30.0) -> Any:
+        """The ListModelsResponse: models (the default first, with defaults, size multiple, CAM layers) and the
+        deployment's request limits."""
+        return self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(self.backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
+def explanation_from_events(events: list[Event]) -> Explanation:
+    """A completed job's events -> an engine Explanation, so render.write_outputs writes the same files as a local
+    `difflens explain`: the image from the PNG, params/timesteps from the audit record, maps (h, w) per step,
+    attention as attn (T, h, w) and attn_relevance (T,), explainer timings from the record."""
+    import io
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from difflens.engine.explain import Explanation, StepExplanation
+    from difflens.engine.options import GenerationParams
+    from difflens.engine.sampler import Generation
+
+    done = events[-1] if events else None
+    if not isinstance(done, Completed):
+        raise ValueError(f"the job did not complete: {done}")
+    record = json.loads(done.audit_json)
+    resolved = record["resolved"]
+    seconds = {row["index"]: {k[:-2]: v for k, v in row.items() if k.endswith("_s") and k != "denoise_s"}
+               for row in record.get("timings", {}).get("steps", [])}
+    steps, tokens = [], []
+    for ev in events:
+        if not isinstance(ev, Step):
+            continue
+        maps = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in ev.maps.items()}  # writable copies
+        if ev.tokens:
+            tokens = [t.token for t in ev.tokens]
+            maps["attn"] = torch.from_numpy(np.stack([np.asarray(t.map, np.float32) for t in ev.tokens]))
+            maps["attn_relevance"] = torch.tensor([t.relevance for t in ev.tokens], dtype=torch.float32)
+        steps.append(StepExplanation(ev.index, ev.timestep, maps, seconds.get(ev.index, {})))
+    image = np.asarray(Image.open(io.BytesIO(done.image_png)).convert("RGB"))
+    timesteps = [int(t) for t in resolved["timesteps"]]
+    gen = resolved["generation"]
+    params = GenerationParams(gen["prompt"], negative_prompt=gen["negative_prompt"], seed=gen["seed"])
+    generation = Generation(image.astype(np.float32) / 255.0, torch.empty(0), timesteps, params, [])
+    return Explanation(image, timesteps, steps, tokens, resolved, generation)

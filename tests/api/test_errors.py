@@ -1,0 +1,103 @@
+"""The error interceptor: a queue outage is UNAVAILABLE; an unexpected error is INTERNAL with a fixed message and
+its details only in the log; each is counted in difflens_errors_total."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import tempfile
+
+import grpc
+import pytest
+
+from difflens import metrics
+from difflens.api.interceptors import INTERNAL_MESSAGE, status_of
+from difflens.client import DifflensClient
+from difflens.errors import InvalidArgument, NotReady, ResourceExhausted
+from difflens.queue.base import JobNotFound
+from difflens.queue.memory import InProcessQueue
+from tests.api.helpers import free_port, job, settings
+
+
+def errors(kind: str) -> float:
+    return metrics.REGISTRY.get_sample_value("difflens_errors_total", {"type": kind}) or 0.0
+
+
+@pytest.mark.parametrize(("err", "code", "text", "meta"), [
+    (InvalidArgument("rise.num_masks", "got 0; allowed range [1, 8192]"), grpc.StatusCode.INVALID_ARGUMENT,
+     "explain.rise.masks: got 0; allowed range [1, 8192]", ()),
+    (ResourceExhausted("queue full; retry in 2 s", retry_after_s=2.0), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "queue full; retry in 2 s", (("retry-after-s", "2"),)),
+    (NotReady("draining"), grpc.StatusCode.UNAVAILABLE, "draining", ()),
+    (JobNotFound("j1"), grpc.StatusCode.NOT_FOUND, "job 'j1' not found", ()),
+    (KeyError("secret internals"), grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, ()),
+])
+def test_each_exception_has_one_status(err, code, text, meta):
+    got_code, message, _, got_meta = status_of(err)
+    assert (got_code, message, got_meta) == (code, text, meta)
+
+
+class BrokenGetQueue(InProcessQueue):
+    """A real in-process queue whose `get` hits a bug (what an unexpected exception looks like to the front)."""
+
+    def get(self, job_id):
+        raise RuntimeError(f"secret internals of {job_id}")
+
+
+def test_an_unexpected_error_is_internal_with_details_only_in_the_log(tiny_dir, caplog):
+    from difflens.api.server import BackgroundServer
+
+    s = settings(tiny_dir)
+    before = errors("internal")
+    with caplog.at_level(logging.ERROR, logger="difflens.api.interceptors"), \
+            BackgroundServer(s, queue=BrokenGetQueue(s)) as srv, DifflensClient(srv.target) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.get("abc")
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == INTERNAL_MESSAGE and "secret" not in err.value.details()
+    assert "secret internals of abc" in caplog.text
+    assert errors("internal") == before + 1
+
+
+def test_a_redis_outage_is_unavailable_and_the_front_recovers_with_it(tiny_dir):
+    """A private redis-server of our own, so it can be stopped and started again mid-test."""
+    from difflens.api.server import BackgroundServer
+    from tests.support.redis_server import _binary
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start_redis(folder):
+        proc = subprocess.Popen([_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
+        import time
+
+        import redis
+
+        for _ in range(200):
+            try:
+                redis.Redis.from_url(url).ping()
+                return proc
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    with tempfile.TemporaryDirectory() as folder:
+        proc = start_redis(folder)
+        try:
+            s = settings(tiny_dir, redis_url=url, queue_name="outage")
+            with BackgroundServer(s) as srv, DifflensClient(srv.target, retries=0) as client:
+                assert client.submit(job(steps=1)).state == "queued"
+                proc.terminate()
+                proc.wait(10)
+                before = errors("queue")
+                with pytest.raises(grpc.RpcError) as err:
+                    client.submit(job(steps=1))
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "queue cannot be reached" in err.value.details()
+                assert errors("queue") == before + 1
+                proc = start_redis(folder)
+                assert client.submit(job(steps=1)).state == "queued"  # the same front, no restart
+        finally:
+            proc.terminate()
+            proc.wait(10)

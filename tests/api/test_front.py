@@ -1,0 +1,34 @@
+"""The front's follow loop against a queue whose blocking reads always come back empty (as a Redis XREAD BLOCK
+does when it times out just before the job's terminal event lands): the stream must still end with that event."""
+
+from __future__ import annotations
+
+import time
+
+from difflens.client import DifflensClient
+from difflens.jobs import Completed, Step
+from difflens.queue.memory import InProcessQueue
+from tests.api.helpers import MODEL, job, settings
+
+
+class EmptyWaitsQueue(InProcessQueue):
+    def events(self, job_id, after=-1, block_s=0.0):
+        if block_s > 0:
+            time.sleep(0.01)
+            self.get(job_id)  # unknown ids still raise
+            return []
+        return super().events(job_id, after, 0.0)
+
+
+def test_a_stream_ends_with_the_terminal_event_even_when_every_wait_times_out(tiny_dir, tiny_model):
+    from difflens.api.server import BackgroundServer
+    from difflens.models import ModelRegistry
+
+    s = settings(tiny_dir)
+    registry = ModelRegistry(s, preloaded={MODEL: tiny_model})
+    with BackgroundServer(s, queue=EmptyWaitsQueue(s), run_worker=True, registry=registry) as srv, \
+            DifflensClient(srv.target) as client:
+        stream = client.explain(job(steps=2), timeout=60)
+        events = list(stream)
+    assert isinstance(events[-1], Completed)
+    assert [e.index for e in events if isinstance(e, Step)] == [0, 1]

@@ -1,0 +1,128 @@
+"""Operating the front: health, reflection, the metrics scrape, replay of a served job's audit record, and
+`difflens explain --server` writing what the local command writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from difflens.cli import main
+from difflens.jobs import Completed
+from tests.api.helpers import CAM_LAYERS, free_port, job
+
+
+def test_health_reports_serving_for_the_server_and_the_service(embedded):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(embedded.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "difflens.v1.Explainer"):
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services_and_describes_the_contract(embedded):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(embedded.target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"difflens.v1.Explainer", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} \
+            <= services
+        from google.protobuf.descriptor_pool import DescriptorPool
+
+        pool = DescriptorPool(db)
+        explainer = pool.FindServiceByName("difflens.v1.Explainer")
+        assert {m.name for m in explainer.methods} == {"Explain", "Submit", "GetJob", "WatchJob", "CancelJob",
+                                                      "ListModels"}
+        request = pool.FindMessageTypeByName("difflens.v1.ExplainRequest")
+        assert {"model", "prompt", "idempotency_key", "timeout_seconds"} <= {f.name for f in request.fields}
+
+
+def test_metrics_scrape_parses_and_counts_what_happened(embedded, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from difflens.metrics import serve_metrics
+
+    port = free_port()
+    serve_metrics(port)
+    with pytest.raises(grpc.RpcError):
+        client.submit(job(steps=1, masks=100_000))
+    assert isinstance(list(client.explain(job(steps=2), timeout=120))[-1], Completed)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("difflens_errors_total", (("type", "invalid_argument"),))] >= 1
+    assert ("difflens_queue_depth", ()) in samples
+    assert samples[("difflens_jobs_total", (("status", "completed"),))] >= 1
+    assert samples[("difflens_request_duration_seconds_count", (("model", "tiny"), ("status", "completed")))] >= 1
+    assert any(name == "difflens_step_duration_seconds_count" and ("method", "rise") in labels
+               for name, labels in samples)
+    assert not any("job" in k for _, labels in samples for k, _ in labels)  # never a job id label
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not on PATH (apt-get install prometheus); the parse checks above passed")
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_replay_of_a_served_jobs_audit_record_matches(client, tiny_dir, tmp_path, capsys):
+    events = list(client.explain(job(steps=3, methods=("rise", "cam", "attn")), timeout=120))
+    done = events[-1]
+    assert isinstance(done, Completed)
+    record = json.loads(done.audit_json)
+    assert record["model"]["name"] == "tiny" and record["hashes"]["maps"]
+    path = tmp_path / "audit.json"
+    path.write_text(done.audit_json)
+    assert main(["replay", str(path), "--model", f"tiny={tiny_dir}"]) == 0
+    assert "items match" in capsys.readouterr().out
+
+
+def _explain_args(out: Path) -> list[str]:
+    return ["a red circle", "--out", str(out), "--steps", "3", "--guidance", "2", "--masks", "8", "--batch", "4",
+            "--cam-layers", ",".join(CAM_LAYERS), "--explain-steps", "0,2"]
+
+
+def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir, tmp_path, capsys):
+    remote, local = tmp_path / "remote", tmp_path / "local"
+    assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote)]) == 0
+    assert main(["explain", str(tiny_dir), *_explain_args(local)]) == 0
+    assert "denoising" in capsys.readouterr().err  # the progress bar
+    names = {p.name for p in local.iterdir()}
+    assert {p.name for p in remote.iterdir()} == names | {"audit.json"}
+    for name in sorted(names - {"report.html", "explanation.npz"}):  # the report carries wall times
+        assert (remote / name).read_bytes() == (local / name).read_bytes(), name
+    with np.load(remote / "explanation.npz") as r, np.load(local / "explanation.npz") as l_:
+        assert set(r.files) == set(l_.files)
+        for key in l_.files:
+            np.testing.assert_allclose(r[key], l_[key], atol=1e-6, err_msg=key) if r[key].dtype.kind == "f" \
+                else np.testing.assert_array_equal(r[key], l_[key])
+    assert "<html" in (remote / "report.html").read_text().lower()
+
+
+@pytest.mark.parametrize(("server", "model", "flags", "message"), [
+    ("nohost", "tiny", [], "--server: got 'nohost'; expected HOST:PORT"),
+    ("127.0.0.1:1", "tiny", ["--backend", "eager"], "--backend: not used with --server"),
+    ("{target}", "tiny", ["--masks", "100000"], "--masks: got 100000; allowed range [1, 8192]"),
+    ("{target}", "tiny", ["--cam-layers", "up_blocks.7.resnets.0"], "--cam-layers: unknown layer path(s)"),
+    ("{target}", "nope", [], "model: unknown model 'nope'; available: tiny"),
+])
+def test_explain_server_bad_input_exits_2_naming_the_flag(embedded, tmp_path, capsys, server, model, flags, message):
+    out = tmp_path / "o"
+    argv = ["explain", "--server", server.replace("{target}", embedded.target), model, "a red circle",
+            "--out", str(out), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

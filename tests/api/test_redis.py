@@ -1,0 +1,143 @@
+"""The production shape: fronts on a real Redis queue, workers apart from them (threads, or `difflens worker`
+processes for the crash test)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from difflens.client import DifflensClient, retry_after_s
+from difflens.jobs import Completed, Started, Step
+from tests.api.helpers import MODEL, job, settings
+
+
+@pytest.fixture
+def redis_settings(tiny_dir, redis_url, queue_name):
+    return settings(tiny_dir, redis_url=redis_url, queue_name=queue_name)
+
+
+@pytest.fixture
+def front(redis_settings):
+    from difflens.api.server import BackgroundServer
+
+    with BackgroundServer(redis_settings) as srv:
+        yield srv
+
+
+@pytest.fixture
+def worker(redis_settings, tiny_model):
+    """One worker thread on its own connection to the Redis queue."""
+    from difflens.models import ModelRegistry
+    from difflens.queue.redis_streams import RedisStreamsQueue
+    from difflens.worker import Worker
+
+    queue = RedisStreamsQueue(redis_settings.redis_url, redis_settings)
+    w = Worker(redis_settings, queue, ModelRegistry(redis_settings, preloaded={MODEL: tiny_model}), name="thread-w")
+    w.start()
+    yield w
+    w.stop(timeout=60)
+    queue.close()
+
+
+def test_explain_through_redis_and_watch_from_another_front(front, worker, redis_settings):
+    from difflens.api.server import BackgroundServer
+
+    with DifflensClient(front.target) as client:
+        stream = client.explain(job(steps=3, methods=("rise", "attn")), timeout=120)
+        events = list(stream)
+    assert [type(e).__name__ for e in events] == ["Queued", "Started", "Step", "Step", "Step", "Completed"]
+    assert events[1] == Started("thread-w", 1)
+    with BackgroundServer(redis_settings) as other, DifflensClient(other.target) as client2:
+        again = list(client2.watch(stream.job_id, timeout=30))
+        assert client2.get(stream.job_id).state == "completed"
+    assert len(again) == len(events)
+    for a, b in zip(again, events, strict=True):
+        assert type(a) is type(b)
+        if isinstance(a, Step):
+            assert a.maps.keys() == b.maps.keys() and [t.token for t in a.tokens] == ["a", "red", "circle"]
+    assert again[-1] == events[-1]
+
+
+def test_full_queue_is_resource_exhausted_with_a_retry_hint(tiny_dir, redis_url, queue_name):
+    from difflens.api.server import BackgroundServer
+
+    s = settings(tiny_dir, redis_url=redis_url, queue_name=queue_name, max_queue_depth=2)
+    with BackgroundServer(s) as srv, DifflensClient(srv.target) as client:  # no worker: jobs stay queued
+        first = client.submit(job(key="a"))
+        client.submit(job(key="b"))
+        with pytest.raises(grpc.RpcError) as err:
+            client.submit(job(key="c"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in err.value.details() and "retry in 1 s" in err.value.details()
+        assert retry_after_s(err.value) == 1.0
+        assert client.submit(job(key="a")).id == first.id  # an idempotent retry is not refused
+        with pytest.raises(grpc.RpcError) as err2:
+            list(client.explain(job(key="d")))
+        assert err2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        client.cancel(first.id)
+        assert client.submit(job(key="c")).state == "queued"  # room again
+        assert srv.server.queue.depth() == 2
+
+
+def _start_worker(tiny_dir, redis_url, queue_name, name, log):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFLENS_VISIBILITY_TIMEOUT_S": "6"}
+    env.pop("DIFFLENS_REDIS_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "difflens", "worker", "--redis", redis_url, "--queue", queue_name,
+         "--model", f"{MODEL}={tiny_dir}", "--name", name, "--max-jobs", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_ready(paths, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all("ready" in p.read_text() for p in paths):
+            return
+        time.sleep(0.2)
+    raise AssertionError("workers not ready: " + " | ".join(p.read_text() for p in paths))
+
+
+def test_a_sigkilled_workers_job_is_finished_by_another_with_one_completed_event(
+        tiny_dir, redis_url, queue_name, tmp_path):
+    """Two `difflens worker` processes; the one that takes the job is SIGKILLed mid-job; after the visibility
+    timeout (6 s) the other reclaims it. The client's single Explain stream sees exactly one Completed."""
+    from difflens.api.server import BackgroundServer
+
+    s = settings(tiny_dir, redis_url=redis_url, queue_name=queue_name, visibility_timeout_s=6.0)
+    logs = {n: tmp_path / f"{n}.log" for n in ("w1", "w2")}
+    procs = {n: _start_worker(tiny_dir, redis_url, queue_name, n, logs[n].open("w")) for n in logs}
+    try:
+        _wait_ready(logs.values())
+        with BackgroundServer(s) as srv, DifflensClient(srv.target) as client:
+            stream = client.explain(job(steps=30, masks=64, batch=8), timeout=180)
+            killed = ""
+            for event in stream:
+                if isinstance(event, Started) and not killed:
+                    killed = event.worker
+                if isinstance(event, Step) and event.index == 1 and procs[killed].poll() is None:
+                    procs[killed].send_signal(signal.SIGKILL)
+            events = stream.events
+            record = client.get(stream.job_id)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    assert procs[killed].returncode == -signal.SIGKILL
+    starts = [e for e in events if isinstance(e, Started)]
+    survivor = ({"w1", "w2"} - {killed}).pop()
+    assert [(e.worker, e.attempt) for e in starts] == [(killed, 1), (survivor, 2)]
+    assert sum(isinstance(e, Completed) for e in events) == 1 and isinstance(events[-1], Completed)
+    indices = [e.index for e in events if isinstance(e, Step)]
+    assert sorted(indices) == list(range(30))  # each step once: the survivor does not re-send what was seen
+    assert record.state == "completed" and record.deliveries == 2 and record.worker == survivor

@@ -1,0 +1,93 @@
+"""`difflens serve`: the graceful drain of a real server process, and bad flags."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from difflens.cli import main
+from difflens.client import DifflensClient
+from difflens.jobs import Completed, Step
+from tests.api.helpers import MODEL, job
+
+
+def _health_watch(target: str, seen: list[int], stop: threading.Event) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        try:
+            for response in stream:
+                seen.append(response.status)
+                if stop.is_set():
+                    break
+        except grpc.RpcError:
+            pass  # the server went away: the statuses seen are what counts
+
+
+def test_sigterm_drains_running_streams_then_exits(tiny_dir, tmp_path):
+    from grpc_health.v1 import health_pb2
+
+    port_file, log_path = tmp_path / "port", tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DIFFLENS_REDIS_URL", None)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--embedded", "--port", "0",
+                                 "--port-file", str(port_file), "--model", f"{MODEL}={tiny_dir}", "--drain-grace",
+                                 "60"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + 120
+        while not port_file.exists():
+            assert proc.poll() is None and time.monotonic() < end, log_path.read_text()
+            time.sleep(0.1)
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        statuses: list[int] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=_health_watch, args=(target, statuses, stop), daemon=True)
+        watcher.start()
+        with DifflensClient(target, retries=0) as client:
+            stream = client.explain(job(steps=30, masks=32, batch=8), timeout=120)
+            for event in stream:
+                if isinstance(event, Step):
+                    break
+            proc.send_signal(signal.SIGTERM)
+            while health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:
+                assert time.monotonic() < end, statuses
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as refused:  # no new work while draining
+                client.submit(job(steps=1))
+            rest = list(stream)
+        # well inside the 60 s grace: the drain waits for job streams only, not for the open health watch
+        assert proc.wait(timeout=20) == 0
+        stop.set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log_path.read_text()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(rest[-1], Completed), output  # the running stream finished
+    assert sorted(e.index for e in stream.events if isinstance(e, Step)) == list(range(30))
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert "draining" in output and "difflens: stopped" in output
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve"], "--redis: the front needs the Redis URL"),
+    (["serve", "--embedded", "--redis", "redis://127.0.0.1:1"], "--redis: not with --embedded"),
+    (["serve", "--embedded", "--port", "70000"], "--port: got 70000; allowed 0..65535"),
+    (["serve", "--embedded", "--model", "tiny"], "--model: got 'tiny'; expected NAME=DIR"),
+    (["serve", "--embedded", "--max-queue-depth", "0"], "--max-queue-depth: got 0; must be >= 1"),
+    (["serve", "--embedded", "--drain-grace", "-1"], "--drain-grace: got -1.0; must be >= 0"),
+    (["serve", "--embedded", "--port", "0", "--model", "x=/no/such/folder"], "/no/such/folder"),
+])
+def test_bad_serve_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("DIFFLENS_REDIS_URL", raising=False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
