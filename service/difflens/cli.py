@@ -1,6 +1,6 @@
 """The `difflens` command: parse -> option dataclasses -> engine.api.explain -> render.write_outputs.
 
-Subcommands: `explain`, `make-tiny-model` (later: serve, worker, replay, evaluate - one entry in COMMANDS each).
+Subcommands: explain, make-tiny-model, serve, worker, replay, evaluate (one entry in COMMANDS each).
 torch is imported only when a command runs, so `difflens --help` is quick. Bad input exits with status 2 and one
 line "difflens: error: <option>: <what is allowed>", before any output is written.
 """
