@@ -8,13 +8,12 @@ num_train_timesteps. Built once at start-up; a broken folder fails there with Mo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from difflens.config import ServiceSettings
-from difflens.engine.loading import ModelDefaults
+from difflens.engine.loading import ModelDefaults, read_json_object
 from difflens.errors import InvalidArgument, ModelLoadError
 
 LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be multiples of 8
@@ -54,18 +53,6 @@ class CatalogModel:
         return max(0, len(self.tokenizer(text, truncation=False).input_ids) - 2)
 
 
-def _json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ModelLoadError(str(path), "missing")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(str(path), f"malformed JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(str(path), "must hold a JSON object")
-    return data
-
-
 def _has_vae(index: dict[str, Any]) -> bool:
     entry = index.get("vae")
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
@@ -80,12 +67,12 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
     from difflens.engine.cam import camable_layers
 
     root = Path(folder).resolve()
-    index = _json(root / "model_index.json")
-    unet_config = _json(root / "unet" / "config.json")
-    scheduler_config = _json(root / "scheduler" / "scheduler_config.json")
+    index = read_json_object(root / "model_index.json")
+    unet_config = read_json_object(root / "unet" / "config.json")
+    scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json")
     factor = 1
     if _has_vae(index):
-        channels = _json(root / "vae" / "config.json").get("block_out_channels", [])
+        channels = read_json_object(root / "vae" / "config.json").get("block_out_channels", [])
         factor = 2 ** (len(channels) - 1) if channels else 1
     try:
         # The meta device gives every module its real path and shape without allocating or reading weights.

@@ -93,12 +93,19 @@ def _read_index(folder: Path) -> dict[str, Any]:
     index = folder / "model_index.json"
     if not index.exists():
         raise ModelLoadError(str(folder), "no model_index.json: not a diffusers model folder")
+    return read_json_object(index)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A config file holding one JSON object; errors name the file and what is wrong with it."""
+    if not path.exists():
+        raise ModelLoadError(str(path), "missing")
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(path.read_text())
     except ValueError as e:
-        raise ModelLoadError(str(index), f"malformed JSON: {e}") from e
+        raise ModelLoadError(str(path), f"malformed JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ModelLoadError(str(index), "must hold a JSON object")
+        raise ModelLoadError(str(path), "must hold a JSON object")
     return data
 
 
