@@ -105,3 +105,37 @@ def test_queues_with_different_names_are_isolated(rb, redis_url, queue_name):
     finally:
         for made in other.made:
             made.close()
+
+
+class _FinishBeforeStateRead(redis.Redis):
+    """A real client that runs `before_hget` once, just before its next HGET: it puts a job's end exactly between
+    the events() call's first XREAD (which found nothing) and its read of the state."""
+
+    before_hget = None
+
+    def hget(self, *args, **kwargs):
+        hook, self.before_hget = self.before_hget, None
+        if hook is not None:
+            hook()
+        return super().hget(*args, **kwargs)
+
+
+def test_a_job_ending_between_the_event_read_and_the_state_read_still_shows_its_terminal_event(redis_url, queue_name):
+    from difflens.config import ServiceSettings
+    from difflens.queue.redis_streams import RedisStreamsQueue
+    from tests.queue.conftest import FAST
+
+    settings = ServiceSettings(queue_name=queue_name, **FAST)  # type: ignore[arg-type]
+    client = _FinishBeforeStateRead.from_url(redis_url)
+    front, worker = RedisStreamsQueue(client, settings), RedisStreamsQueue(redis_url, settings)
+    try:
+        job = front.enqueue(spec())
+        c = worker.claim("w", block_s=1)
+        worker.publish(c, Started("w"))
+        seen = front.events(job.id)
+        client.before_hget = lambda: worker.finish(c, Completed(b"png", "{}"))
+        late = front.events(job.id, after=seen[-1][0], block_s=0.0)
+        assert [type(e).__name__ for _, e in late] == ["Completed"]
+    finally:
+        worker.close()
+        client.close()

@@ -245,10 +245,13 @@ class RedisStreamsQueue:
             state = self._r.hget(self._job_prefix + job_id, "state")
             if state is None:
                 raise JobNotFound(job_id)
-            # a terminal job gets no more events: nothing to wait for
-            if block_s <= 0 or state in (b"completed", b"failed", b"cancelled"):
-                return []
-            found = self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
+            if state in (b"completed", b"failed", b"cancelled"):
+                # The terminal event and the state are written by one script, so the job may have ended between
+                # the read above and the HGET: read again, now that every event it will ever have is there.
+                found = self._r.xread({key: start})
+            elif block_s > 0:
+                # XREAD from an explicit id returns at once if anything newer arrived since the first read.
+                found = self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
         return [(int(entry_id.split(b"-")[1]) - 1, self._decode(fields)) for entry_id, fields in found[0][1]] \
             if found else []
 
