@@ -63,6 +63,10 @@ ARCHS: dict[str, ArchConfig] = {
     "deep4-wide": ArchConfig(block_out_channels=(32, 64, 64, 96)),
     "deep4-lite": ArchConfig(cross_levels=(False, False, True, True)),
     "deep4-2layer": ArchConfig(layers_per_block=2),
+    # deep4 drew objects at the five places at random, whatever the position word said. Five levels end at
+    # 2 x 2, where every cell is a corner and a 3 x 3 convolution's zero padding gives each one a different code;
+    # cross-attention there (and in the mid block) can bind "left" / "top" to those cells.
+    "deep5": ArchConfig(block_out_channels=(32, 64, 64, 64, 64), cross_levels=(False, True, True, True, True)),
     # For tests: builds and steps in well under a second.
     "tiny": ArchConfig(block_out_channels=(8, 16, 16, 16), cross_levels=(False, False, True, True),
                        attention_heads=2, norm_num_groups=4, text_hidden=16, text_heads=2, text_intermediate=32),
