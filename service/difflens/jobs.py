@@ -127,7 +127,7 @@ class TokenMap:
 
 @dataclass(frozen=True)
 class Step:
-    """One explained step. maps: name -> (h, w) ('rise', 'rise_raw', 'cam', 'cam/<layer>');
+    """One explained step. maps: name -> (h, w) ('rise', 'rise_raw', 'rise_mean', 'cam', 'cam/<layer>');
     x0_preview: (3, H, W) in [0, 1] when asked for; latency_s: wall time of denoising plus explaining."""
 
     index: int

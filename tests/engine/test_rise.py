@@ -59,12 +59,13 @@ def test_batched_equals_one_mask_per_call(cfg_state, nocfg_state, cfg, mask, sub
     masks = rise.make_masks(opts, tuple(state.latent_in.shape[-2:]), "cpu")
     batched = rise.explain_step(state, opts, masks)
     looped = rise.explain_step_reference(state, opts, masks)
-    for name in ("rise", "rise_raw"):
+    for name in ("rise", "rise_raw", "rise_mean"):
         assert batched[name].shape == (16, 16) and batched[name].dtype == torch.float32
         assert torch.isfinite(batched[name]).all()
     # The UNet alone differs by ~4e-6 between batch 8 and batch 2 (x the CFG scale): the tolerance is 1e-5 per
     # mask score, so 1e-5 on the normalised map and 1e-5 * (number of masks summed) on the raw one.
     assert (batched["rise"] - looped["rise"]).abs().max() <= 1e-5
+    assert (batched["rise_mean"] - looped["rise_mean"]).abs().max() <= 1e-5
     assert ((batched["rise_raw"] - looped["rise_raw"]).abs() <= 1e-5 * masks.sum(0).clamp_min(1)).all()
     assert batched["rise"].std() > 1e-4  # a real map, not a constant that would match trivially
 
@@ -312,3 +313,22 @@ def test_compiled_backend_pads_the_last_chunk_without_changing_the_map(cfg_state
     assert padded.calls == [8, 8, 8] and eager.calls == [8, 8, 4]
     assert torch.allclose(got["rise"], want["rise"], atol=1e-5)
     assert torch.allclose(got["rise_raw"], want["rise_raw"], atol=1e-4)
+    assert torch.allclose(got["rise_mean"], want["rise_mean"], atol=1e-5)  # the padding masks are not counted
+
+
+def test_rise_mean_is_the_score_averaged_over_all_masks_whatever_each_pixel_kept():
+    """Under RegionRunner every pixel of mask k scores sign(g_k), +1 iff >= 3 of REGION's 4 pixels are kept, so the
+    mean map is one number, known from the masks alone; and only REGION's pixels carry an own-mask effect."""
+    state = region_state()
+    opts = RiseOptions(num_masks=2048, batch_size=512, seed=5)
+    masks = rise.make_masks(opts, (12, 16), "cpu")
+    out = rise.explain_step(state, opts, masks)
+    kept = masks[:, REGION[0], REGION[1]].flatten(1).sum(dim=1)
+    want = float(torch.where(kept >= 3, 1.0, -1.0).mean())
+    # sign(g) up to the C3 term, which matters a little where zero padding shrinks the local variances
+    assert torch.allclose(out["rise_mean"], torch.full((12, 16), want), atol=5e-3)
+    own = out["rise"] - out["rise_mean"]
+    inside = torch.zeros(12, 16, dtype=torch.bool)
+    inside[REGION] = True
+    # inside: E[s | kept] - E[s] = 0 - (2 * 5/16 - 1) = 0.375; outside 0 up to sampling noise (~0.03 sd)
+    assert own[inside].min() > 0.25 and own[~inside].abs().max() < 0.12

@@ -21,7 +21,8 @@ def record(step, formed, pg, obj, tex, rho, deletion, random_deletion=(1.0, 1.0,
     token = {k: m[k] for k in ("pointing_game", "object", "edge", "texture", "sanity_spearman")}
     return {"caption": "c", "seed": 0, "step": step, "timestep": 999 - step, "formed": formed,
             "random": {"deletion": curve(random_deletion), "insertion": curve((0.0, 0.0, 1.0))},
-            "methods": {"rise": m, "cam": m, "attention": m, "attention_color": token, "attention_shape": token}}
+            "methods": {"rise": m | {"baseline_spearman": rho}, "cam": m, "attention": m, "attention_color": token,
+                        "attention_shape": token, "rise_own": token}}
 
 
 def test_aggregate_by_hand():
@@ -37,6 +38,9 @@ def test_aggregate_by_hand():
     assert a["deletion_vs_random"] == pytest.approx(0.5)
     assert a["insertion_auc"] == pytest.approx(0.75) and a["random_insertion_auc"] == pytest.approx(0.25)
     assert "deletion_auc" not in metrics.aggregate(rs)["attention_color"]
+    assert a["baseline_spearman"] == pytest.approx(0.2)
+    own = metrics.aggregate(rs)["rise_own"]  # the diagnostic: judged like a token map, no curves
+    assert own["pointing_game"] == 0.5 and "deletion_auc" not in own and "baseline_spearman" not in own
 
 
 def test_no_formed_steps_gives_nan_not_zero():
@@ -65,10 +69,11 @@ def test_per_step_series_and_mean_curves():
 
 def test_method_maps_pick_the_colour_and_shape_words():
     attn = torch.arange(5 * 4).float().reshape(5, 2, 2)
-    maps = {"rise": torch.ones(2, 2), "cam": torch.zeros(2, 2), "attn": attn}
+    maps = {"rise": torch.ones(2, 2), "rise_mean": torch.full((2, 2), 0.25), "cam": torch.zeros(2, 2), "attn": attn}
     words = ["a", "large", "red", "circle", "left"]
     out = metrics.method_maps(maps, words, ObjectSpec("circle", "red"))
     assert torch.equal(out["attention_color"], attn[2]) and torch.equal(out["attention"], attn[2] + attn[3])
+    assert torch.equal(out["rise_own"], torch.full((2, 2), 0.75))
     with pytest.raises(ValueError, match="blue"):
         metrics.method_maps(maps, words, ObjectSpec("circle", "blue"))
 

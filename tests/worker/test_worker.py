@@ -49,8 +49,8 @@ def test_every_explainer_streams_in_order_with_engine_results(make_worker, memor
     assert [s.index for s in steps] == [0, 1, 2] and [s.timestep for s in steps] == ref.timesteps
     for s, r in zip(steps, ref.steps, strict=True):
         assert s.num_steps == 3 and s.latency_s > 0
-        assert set(s.maps) == {"rise", "rise_raw", "cam", *(f"cam/{p}" for p in ("down_blocks.0.attentions.0",
-                                                                                 "up_blocks.1.resnets.0"))}
+        layers = ("down_blocks.0.attentions.0", "up_blocks.1.resnets.0")
+        assert set(s.maps) == {"rise", "rise_raw", "rise_mean", "cam", *(f"cam/{p}" for p in layers)}
         for name, m in s.maps.items():
             assert m.shape == (16, 16) and m.dtype == np.float16
             # solo request (8 samples <= max_batch 64) and exclusive CAM/attention: the engine's exact numbers

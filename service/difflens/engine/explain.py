@@ -28,7 +28,7 @@ from difflens.engine.validate import resolve_generation
 class StepExplanation:
     """The maps of one explained step. Map names and shapes (h, w = latent size, T = prompt tokens):
 
-    rise: (h, w) count-normalised DF-RISE map; rise_raw: (h, w) sum_k M_k s_k;
+    rise: (h, w) count-normalised DF-RISE map; rise_raw: (h, w) sum_k M_k s_k; rise_mean: (h, w) sum_k s_k / N;
     cam: (h, w) sum over layers of min-max maps; cam/<layer path>: (h, w) per layer;
     attn: (T, h, w) token maps; attn_relevance: (T,) token relevance in [0, 1].
     x0: (1, C, h, w) the step's predicted clean latent (previews), or None.

@@ -167,21 +167,25 @@ def reference(state: StepState, opts: RiseOptions) -> torch.Tensor:
 
 
 def masked_contribution(state: StepState, opts: RiseOptions, sub: torch.Tensor | None, ref: torch.Tensor,
-                        masks: torch.Tensor) -> torch.Tensor:
-    """sum_k M_k * s_k over one chunk of masks, in ONE guided UNet call (both CFG branches).
+                        masks: torch.Tensor, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_k M_k * s_k and sum_k s_k over one chunk of masks, in ONE guided UNet call (both CFG branches).
 
-    sub: (1, C, h, w) or None; ref: (1, C, h, w) float32; masks: (B, h, w) -> (h, w) float32.
-    Scores are computed in float32 whatever the model's dtype (local variances in fp16 lose everything).
+    sub: (1, C, h, w) or None; ref: (1, C, h, w) float32; masks: (B, h, w) -> two (h, w) float32. `real`: only
+    the first `real` masks count toward sum_k s_k (the rest pad a compiled batch). Scores are computed in
+    float32 whatever the model's dtype (local variances in fp16 lose everything).
     """
     eps = state.runner.guided(perturb(state.latent_in, masks, sub), state.t, state.cond)
     s = score(ref, eps.float(), opts)
-    return (masks.float() * s).sum(dim=0)
+    return (masks.float() * s).sum(dim=0), s[:real].sum(dim=0)
 
 
 def explain_step(state: StepState, opts: RiseOptions, masks: torch.Tensor) -> dict[str, torch.Tensor]:
     """DF-RISE maps of one step, masks evaluated `opts.batch_size` per UNet call. masks: (N, h, w) in [0, 1].
 
-    Returns rise: (h, w) H / sum_k M_k (0 where no mask covers a pixel) and rise_raw: (h, w) H = sum_k M_k s_k.
+    Returns rise: (h, w) H / sum_k M_k (0 where no mask covers a pixel), rise_raw: (h, w) H = sum_k M_k s_k, and
+    rise_mean: (h, w) sum_k s_k / N, the score whatever the pixel's own mask. The score is a 15 x 15 window
+    statistic, so rise can be dominated by rise_mean (how much masking anything disturbs the prediction there);
+    rise - rise_mean is what the pixel's own mask adds.
     """
     return _explain(state, opts, masks, opts.batch_size)
 
@@ -195,20 +199,24 @@ def explain_step_reference(state: StepState, opts: RiseOptions, masks: torch.Ten
 
 
 def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """masks: (N, h, w) -> {"rise": (h, w), "rise_raw": (h, w)}, chunks of `batch_size` masks per UNet call."""
+    """masks: (N, h, w) -> {"rise", "rise_raw", "rise_mean"}: (h, w) each; `batch_size` masks per UNet call."""
     # no_grad, not inference_mode: the conditioning cache filled here is reused by DF-CAM under autograd.
     with torch.no_grad():
         masks = masks.to(state.latent_in.device)
         sub = substrate(state.latent_in, opts)
         ref = reference(state, opts)
         raw = torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
+        total = torch.zeros_like(raw)
         for chunk in masks.split(batch_size):
-            if state.runner.backend == "compile" and len(chunk) < batch_size:
+            real = len(chunk)
+            if state.runner.backend == "compile" and real < batch_size:
                 # A compiled UNet recompiles for every new batch shape; all-zero masks pad the last chunk to
                 # the compiled one at no cost to the map (their weight M_k is 0 everywhere).
-                chunk = torch.cat([chunk, chunk.new_zeros(batch_size - len(chunk), *chunk.shape[1:])])
-            raw += masked_contribution(state, opts, sub, ref, chunk)
-        return {"rise": normalise(raw, masks), "rise_raw": raw}
+                chunk = torch.cat([chunk, chunk.new_zeros(batch_size - real, *chunk.shape[1:])])
+            weighted, summed = masked_contribution(state, opts, sub, ref, chunk, real)
+            raw += weighted
+            total += summed
+        return {"rise": normalise(raw, masks), "rise_raw": raw, "rise_mean": total / len(masks)}
 
 
 def normalise(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

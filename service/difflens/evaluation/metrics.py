@@ -7,8 +7,10 @@ One record per (caption, explained step):
                       "deletion": curve, "insertion": curve}}}
 with curve = {"fraction", "ssim", "cosine"} lists (engine.faithfulness.perturbation_curve). Methods: rise, cam,
 attention (the colour-token map plus the shape-token map), and attention_color / attention_shape (each token's
-map alone; no perturbation curves). The random ordering's curves are the same function with a random pixel order,
-one order per record, shared by every method of that record.
+map alone; no perturbation curves). Diagnostic: rise_own = rise - rise_mean, what each pixel's own mask adds to
+the DF-RISE map beyond the mask-independent mean score (no curves; not a method the targets judge), and for rise
+"baseline_spearman", the rank correlation of the DF-RISE map with that mean score. The random ordering's curves
+are the same function with a random pixel order, one order per record, shared by every method of that record.
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ from difflens.scenes.render import ObjectSpec
 
 METHODS = ("rise", "cam", "attention")
 TOKEN_METHODS = ("attention_color", "attention_shape")
+DIAGNOSTICS = ("rise_own",)
 REGIONS = ("object", "edge", "texture")
 KINDS = ("deletion", "insertion")
 Curve = dict[str, list[float]]
 
 
 def method_maps(maps: dict[str, torch.Tensor], tokens: Sequence[str], spec: ObjectSpec) -> dict[str, torch.Tensor]:
-    """The saliency map (h, w) each method is judged by. maps: a StepExplanation's maps (rise (h, w), cam (h, w),
-    attn (T, h, w)); tokens: the prompt's T words."""
+    """The saliency map (h, w) each method is judged by, the diagnostic rise_own, and rise_mean as given.
+    maps: a StepExplanation's maps (rise, rise_mean, cam: (h, w); attn (T, h, w)); tokens: the prompt's T words."""
     color, shape = maps["attn"][word_index(tokens, spec.color)], maps["attn"][word_index(tokens, spec.shape)]
     return {"rise": maps["rise"], "cam": maps["cam"], "attention": color + shape,
-            "attention_color": color, "attention_shape": shape}
+            "attention_color": color, "attention_shape": shape, "rise_own": maps["rise"] - maps["rise_mean"],
+            "rise_mean": maps["rise_mean"]}
 
 
 def word_index(tokens: Sequence[str], word: str) -> int:
@@ -95,7 +99,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """
     out: dict[str, dict[str, float]] = {}
     formed = [r for r in records if r["formed"]]
-    for m in METHODS + TOKEN_METHODS:
+    for m in METHODS + TOKEN_METHODS + DIAGNOSTICS:
         s: dict[str, float] = {
             "n": len(records), "n_formed": len(formed),
             "pointing_game": _mean(_method_values(records, m, "pointing_game")),
@@ -105,6 +109,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
             s[f"{region}_ratio"] = _mean(_method_values(records, m, region))
         rho = _method_values(records, m, "sanity_spearman")
         s["sanity_spearman"], s["sanity_spearman_abs"] = _mean(rho), _mean([abs(x) for x in rho])
+        if m == "rise":
+            s["baseline_spearman"] = _mean(_method_values(records, m, "baseline_spearman"))
         if m in METHODS:
             for score, suffix in (("ssim", ""), ("cosine", "_cosine")):
                 for kind in KINDS:
@@ -123,7 +129,7 @@ def per_step(records: Sequence[dict[str, Any]], steps: Sequence[int]) -> dict[st
     out: dict[str, Any] = {"steps": list(steps),
                            "timesteps": [next((r["timestep"] for r in records if r["step"] == i), None)
                                          for i in steps]}
-    for m in METHODS + TOKEN_METHODS:
+    for m in METHODS + TOKEN_METHODS + DIAGNOSTICS:
         out[m] = {k: [agg[m][k] for agg in by_step] for k in by_step[0][m]} if by_step else {}
     return out
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from difflens.evaluation import plots
-from difflens.evaluation.metrics import METHODS, REGIONS, TOKEN_METHODS
+from difflens.evaluation.metrics import DIAGNOSTICS, METHODS, REGIONS, TOKEN_METHODS
 
 FIDELITY_ATTRS = ("count", "color", "position", "shape", "size", "texture")
 NAMES = {"rise": "DF-RISE", "cam": "DF-CAM", "attention": "attention (colour+shape)",
-         "attention_color": "attention (colour word)", "attention_shape": "attention (shape word)"}
+         "attention_color": "attention (colour word)", "attention_shape": "attention (shape word)",
+         "rise_own": "diagnostic: DF-RISE minus its mean score"}
 
 
 def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,9 +68,12 @@ def markdown(s: dict[str, Any]) -> str:
     keys = ("pointing_game", "pointing_game_formed", "deletion_auc", "random_deletion_auc", "insertion_auc",
             "random_insertion_auc", "sanity_spearman", "object_ratio", "edge_ratio", "texture_ratio")
     lines += _table(["method", *keys], [[NAMES[m], *(_f(s[m].get(k)) for k in keys)]
-                                       for m in METHODS + TOKEN_METHODS])
+                                       for m in METHODS + TOKEN_METHODS + DIAGNOSTICS])
     lines += ["", f"Steps where the x0 prediction already shows the object: {s['rise']['n_formed']} of "
                   f"{s['rise']['n']}. AUCs: SSIM of the decoded x0 prediction (cosine of x_t-1 in summary.json).",
+              "", f"DF-RISE map vs its mask-independent mean score E_k[s_k] (Spearman): "
+                  f"{_f(s['rise'].get('baseline_spearman'))}. Near 1, the map says where masking anything disturbs "
+                  "the prediction, not which pixels matter; the diagnostic row judges rise - rise_mean instead.",
               "", "## Where the mass sits: early vs late steps (mass ratio, 1 = no preference)", ""]
     c = s["claim"]
     lines += [f"Early steps {c['early_steps']}, late steps {c['late_steps']}.", ""]

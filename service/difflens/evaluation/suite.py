@@ -176,11 +176,14 @@ class _Explainer:
             "methods": {},
         }
         for name, sal in maps.items():
+            if name == "rise_mean":
+                continue
             r = metrics.region_scores(sal, regions)
             r["sanity_spearman"] = spearman(sal, random_maps[name])
             if name in metrics.METHODS:
                 r |= metrics.curves(state, sal, self.decode, self.cfg.chunks)
             record["methods"][name] = r
+        record["methods"]["rise"]["baseline_spearman"] = spearman(maps["rise"], maps["rise_mean"])
         return record
 
 
