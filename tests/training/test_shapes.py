@@ -76,6 +76,28 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_run_stopped_at_a_step_resumes_to_the_uninterrupted_weights(tmp_path):
+    """--stop-at-step keeps the LR schedule of --steps (what a clock-cut run did), and the high-noise timestep
+    draws are as reproducible as the rest."""
+    from difflens.training.shapes import train
+
+    cfg = TrainConfig(**{**TINY.__dict__, "steps": 6, "high_noise_share": 0.5})
+    straight = make_trainer(tmp_path / "a", cfg)
+    train(straight, minutes=5, checkpoint_minutes=5)
+    cut = make_trainer(tmp_path / "b", cfg)
+    assert train(cut, minutes=5, checkpoint_minutes=5, stop_at=3)["steps"] == 3
+    rest = make_trainer(tmp_path / "b", cfg)
+    assert rest.resume() and rest.step == 3
+    train(rest, minutes=5, checkpoint_minutes=5)
+    for a, b in zip(straight.params, rest.params, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_high_noise_share_must_be_a_share():
+    with pytest.raises(ValueError, match="high_noise_share"):
+        TrainConfig(high_noise_share=1.5)
+
+
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
     from difflens.training.shapes import train
 

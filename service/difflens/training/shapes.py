@@ -194,8 +194,9 @@ def peak_rss_mb() -> float:
 
 
 def train(trainer: Trainer, minutes: float, checkpoint_minutes: float, log_every: int = 50,
-          render_thread: bool = False) -> dict[str, Any]:
-    """Run until cfg.steps or `minutes` of wall clock, checkpointing on the way. Returns throughput figures."""
+          render_thread: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+    """Run until cfg.steps, step `stop_at` (the LR schedule still runs to cfg.steps: this reproduces a run the
+    clock stopped early) or `minutes` of wall clock, checkpointing on the way. Returns throughput figures."""
     cfg = trainer.cfg
     start_step, t0 = trainer.step, time.monotonic()
     deadline, next_ckpt = t0 + 60 * minutes, t0 + 60 * checkpoint_minutes
@@ -206,7 +207,8 @@ def train(trainer: Trainer, minutes: float, checkpoint_minutes: float, log_every
             BatchStream(cfg.seed, trainer.step, cfg.batch_size, cfg.data, trainer.tokenizer,
                         threaded=render_thread) as batches:
         for batch in batches:
-            if (cfg.steps is not None and trainer.step >= cfg.steps) or time.monotonic() >= deadline:
+            if (cfg.steps is not None and trainer.step >= cfg.steps) or time.monotonic() >= deadline \
+                    or (stop_at is not None and trainer.step >= stop_at):
                 break
             loss = trainer.train_step(batch.images, batch.input_ids)
             smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
@@ -255,6 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, help="checkpoint / log folder (default out/train/<name of --out>)")
     p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget of the training loop")
     p.add_argument("--steps", type=int, help="total optimizer steps (fixes the LR schedule: reproducible)")
+    p.add_argument("--stop-at-step", type=int,
+                   help="stop at this step though --steps sets the LR schedule (reproduces a run the clock cut)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", default="deep4", help="preset name or JSON file of ArchConfig fields")
     p.add_argument("--batch-size", type=int, default=32)
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     log.info("arch %s: %d parameters; batch %d, lr %g, threads %d", a.arch,
              count_parameters(trainer.unet, trainer.text_encoder), cfg.batch_size, cfg.lr, a.threads)
-    stats = train(trainer, a.minutes, a.checkpoint_minutes, a.log_every, a.render_thread)
+    stats = train(trainer, a.minutes, a.checkpoint_minutes, a.log_every, a.render_thread, a.stop_at_step)
     log.info("trained: %s", stats)
     finish(trainer, a.out, stats, a.eval_images, a.eval_held_out, [float(g) for g in a.eval_guidance.split(",")],
            a.eval_steps, tuple(a.eval_schedulers.split(",")))
