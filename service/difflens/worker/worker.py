@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from difflens import metrics
@@ -80,7 +81,9 @@ class Worker:
         beat = threading.Thread(target=self._heartbeats, args=(beat_stop,), name=f"heartbeat-{self.name}",
                                 daemon=True)
         beat.start()
-        jobs: list[threading.Thread] = []
+        # Long-lived job threads, not one per job: torch's OpenMP runtime builds a thread team per calling thread,
+        # and a fresh team for every job cost a tiny job ~20 ms on the 2-core CI machine (bench/service.py).
+        pool = ThreadPoolExecutor(self.settings.worker_max_jobs, thread_name_prefix=f"job-{self.name}")
         log.info("worker %s: taking jobs (max_jobs=%d, max_batch=%d)", self.name, self.settings.worker_max_jobs,
                  self.settings.worker_max_batch)
         try:
@@ -91,13 +94,9 @@ class Worker:
                 if claim is None:
                     slots.release()
                     continue
-                t = threading.Thread(target=self._job, args=(claim, slots), name=f"job-{claim.job_id[:8]}",
-                                     daemon=True)
-                t.start()
-                jobs = [j for j in jobs if j.is_alive()] + [t]
+                pool.submit(self._job, claim, slots)
         finally:
-            for t in jobs:
-                t.join()
+            pool.shutdown(wait=True)
             beat_stop.set()
             beat.join()
             log.info("worker %s: stopped", self.name)
