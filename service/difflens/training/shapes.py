@@ -1,6 +1,7 @@
 """Train the shapes model from scratch on freshly rendered scenes and save it as a standard diffusers folder.
 
-    python -m difflens.training.shapes --out models/shapes --minutes 80 --steps 3600 --seed 0 --arch deep4
+    python -m difflens.training.shapes --out models/shapes --steps 6000 --stop-at-step 5306 --seed 0 --arch deep5 \
+        --high-noise-share 0.5
 
 Pixel-space UNet2DConditionModel + a small CLIP text encoder trained jointly; cosine noise schedule (1000 steps,
 the squaredcos_cap_v2 curve stopped at alpha_bar 0.0047, see build.cosine_betas), epsilon prediction, AdamW
