@@ -66,7 +66,7 @@ train-shapes: setup
 	  --steps $(TRAIN_STEPS) --stop-at-step $(TRAIN_STOP) --seed 0 --arch deep5 --high-noise-share 0.5 \
 	  2>&1 | tee -a $(OUT)/train/shapes.log
 
-# The faithfulness suite of issue 3 on the shipped model (~20 min on 2 CPU cores).
+# The faithfulness suite of issue 3 on the shipped model (~25 min on 2 CPU cores).
 eval: setup
 	.venv/bin/difflens evaluate $(DEMO_MODEL) --out $(OUT)/eval
 
