@@ -112,3 +112,20 @@ def test_cli_names_the_flag_of_a_bad_size(pixel_dir, tmp_path, capsys):
     assert main(["evaluate", str(pixel_dir), "--out", str(tmp_path / "e"), "--masks", "0"]) == 2
     assert "difflens: error: --masks:" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("flags,named", [(["--mask", "grid", "--grid-size", "0"], "--grid-size"),
+                                         (["--masks", "0"], "--masks")])
+def test_cli_names_the_flag_of_a_bad_rise_option(pixel_dir, tmp_path, capsys, flags, named):
+    from difflens.cli import main
+
+    assert main(["evaluate", str(pixel_dir), "--out", str(tmp_path / "e"), *flags]) == 2
+    assert f"difflens: error: {named}:" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_rise_variant_becomes_the_explainer_options():
+    from difflens.evaluation.suite import EvalConfig
+
+    opts = EvalConfig(masks=8, rise_mask="grid", rise_grid_size=4, rise_score="cosine").rise_options()
+    assert (opts.num_masks, opts.mask, opts.grid_size, opts.score) == (8, "grid", 4, "cosine")

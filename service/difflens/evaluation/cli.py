@@ -19,6 +19,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--captions", type=int, default=200, help="held-out captions for prompt fidelity (default 200)")
     p.add_argument("--explain-captions", type=int, default=16, help="images to explain (default 16)")
     p.add_argument("--masks", type=int, default=256, help="DF-RISE masks per explained step (default 256)")
+    p.add_argument("--mask", choices=("pixel", "grid"), default="pixel", help="DF-RISE mask kind (default pixel)")
+    p.add_argument("--grid-size", type=int, default=8, help="DF-RISE grid cells per side for --mask grid")
+    p.add_argument("--score", choices=("structure", "cosine"), default="structure",
+                   help="DF-RISE per-pixel score (default structure)")
     p.add_argument("--steps", default="6", metavar="N|i,j,...",
                    help="explained steps: N spread over the trajectory, or step indices (default 6)")
     p.add_argument("--chunks", type=int, default=16, help="deletion / insertion points - 1 (default 16)")
@@ -31,7 +35,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 # EvalConfig field -> the flag a user typed (for error lines).
 FLAGS = {"fidelity_images": "--captions", "explain_captions": "--explain-captions", "masks": "--masks",
-         "chunks": "--chunks", "steps": "--steps", "sampling.shift": "--shift"}
+         "chunks": "--chunks", "steps": "--steps", "sampling.shift": "--shift", "rise.mask": "--mask",
+         "rise.grid_size": "--grid-size", "rise.score": "--score", "rise.num_masks": "--masks"}
 
 
 def parse_steps(text: str) -> int | tuple[int, ...]:
@@ -58,7 +63,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         cfg = EvalConfig(fidelity_images=args.captions, explain_captions=args.explain_captions, masks=args.masks,
-                         steps=parse_steps(args.steps), chunks=args.chunks, shift=args.shift, seed=args.seed)
+                         steps=parse_steps(args.steps), chunks=args.chunks, shift=args.shift, seed=args.seed,
+                         rise_mask=args.mask, rise_grid_size=args.grid_size, rise_score=args.score)
     except InvalidArgument as e:
         raise InvalidArgument(FLAGS.get(e.field, e.field), e.message) from None
     if args.threads:

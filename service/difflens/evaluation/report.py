@@ -60,7 +60,10 @@ def markdown(s: dict[str, Any]) -> str:
              f"Defaults: {s['defaults']['scheduler']}, {s['defaults']['steps']} steps, guidance "
              f"{s['defaults']['guidance_scale']}. Fidelity: {r3['images']} images of {r3['distinct_captions']} "
              f"held-out captions. Explained: {ex['accepted']} images ({ex['screened']} generated, excluded "
-             f"{ex['excluded'] or 'none'}), steps {ex['steps']}, {s['config']['masks']} masks.", "",
+             f"{ex['excluded'] or 'none'}), steps {ex['steps']}, {s['config']['masks']} masks "
+             f"(DF-RISE mask {s['config'].get('rise_mask', 'pixel')}, "
+             f"score {s['config'].get('rise_score', 'structure')}).",
+             "",
              f"## Prompt fidelity per schedule (R3, lambda = {r3['shift']})", ""]
     lines += _table(["schedule", *FIDELITY_ATTRS],
                     [[k, *(_f(acc.get(a)) for a in FIDELITY_ATTRS)] for k, acc in r3["fidelity"].items()])

@@ -60,7 +60,8 @@ EXPLAIN_SEED_OFFSET = 10_000  # explained images never share noise with the fide
 @dataclass(frozen=True)
 class EvalConfig:
     """Sizes of a run. steps: how many explained steps, spread evenly over the trajectory (first and last
-    included), or explicit step indices."""
+    included), or explicit step indices. rise_mask / rise_grid_size / rise_score: the DF-RISE variant judged
+    (RiseOptions' mask, grid_size, score)."""
 
     fidelity_images: int = 200
     explain_captions: int = 16
@@ -73,12 +74,21 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 64
     schedules: tuple[Schedule, ...] = ("uniform", "early", "late")
+    rise_mask: str = "pixel"
+    rise_grid_size: int = 8
+    rise_score: str = "structure"
+
+    def rise_options(self) -> RiseOptions:
+        """The DF-RISE options every explained step uses (InvalidArgument naming rise.<field> when invalid)."""
+        return RiseOptions(num_masks=self.masks, batch_size=self.rise_batch, seed=self.seed,
+                           mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         for name in ("fidelity_images", "explain_captions", "max_candidates_factor", "masks", "rise_batch",
                      "chunks", "batch_size"):
             if getattr(self, name) < (0 if name in ("fidelity_images", "explain_captions") else 1):
                 raise InvalidArgument(name, f"got {getattr(self, name)}; must be positive")
+        self.rise_options()
         if isinstance(self.steps, int) and self.steps < 1:
             raise InvalidArgument("steps", f"got {self.steps}; must be >= 1")
         for s in self.schedules:
@@ -128,7 +138,7 @@ class _Explainer:
     def build(cls, model: Model, cfg: EvalConfig) -> _Explainer:
         rand = randomised_copy(model.unet, seed=cfg.seed + 1)
         return cls(model, cfg, UNetRunner(model.unet), UNetRunner(rand),
-                   RiseOptions(num_masks=cfg.masks, batch_size=cfg.rise_batch, seed=cfg.seed), CamOptions(),
+                   cfg.rise_options(), CamOptions(),
                    cam.resolve_layers(model.unet, ()))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
