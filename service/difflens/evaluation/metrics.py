@@ -36,12 +36,11 @@ Curve = dict[str, list[float]]
 
 
 def method_maps(maps: dict[str, torch.Tensor], tokens: Sequence[str], spec: ObjectSpec) -> dict[str, torch.Tensor]:
-    """The saliency map (h, w) each method is judged by, the diagnostic rise_own, and rise_mean as given.
+    """The saliency map (h, w) each method is judged by, and the diagnostic rise_own.
     maps: a StepExplanation's maps (rise, rise_mean, cam: (h, w); attn (T, h, w)); tokens: the prompt's T words."""
     color, shape = maps["attn"][word_index(tokens, spec.color)], maps["attn"][word_index(tokens, spec.shape)]
     return {"rise": maps["rise"], "cam": maps["cam"], "attention": color + shape,
-            "attention_color": color, "attention_shape": shape, "rise_own": maps["rise"] - maps["rise_mean"],
-            "rise_mean": maps["rise_mean"]}
+            "attention_color": color, "attention_shape": shape, "rise_own": maps["rise"] - maps["rise_mean"]}
 
 
 def word_index(tokens: Sequence[str], word: str) -> int:

@@ -34,8 +34,10 @@ from difflens.engine.options import (
     CamOptions,
     ExplainOptions,
     GenerationParams,
+    MaskKind,
     RiseOptions,
     Sampling,
+    ScoreKind,
     StepSelector,
 )
 from difflens.engine.runner import UNetRunner
@@ -74,14 +76,14 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 64
     schedules: tuple[Schedule, ...] = ("uniform", "early", "late")
-    rise_mask: str = "pixel"
+    rise_mask: MaskKind = "pixel"
     rise_grid_size: int = 8
-    rise_score: str = "structure"
+    rise_score: ScoreKind = "structure"
 
     def rise_options(self) -> RiseOptions:
         """The DF-RISE options every explained step uses (InvalidArgument naming rise.<field> when invalid)."""
         return RiseOptions(num_masks=self.masks, batch_size=self.rise_batch, seed=self.seed,
-                           mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score)  # type: ignore[arg-type]
+                           mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score)
 
     def __post_init__(self) -> None:
         for name in ("fidelity_images", "explain_captions", "max_candidates_factor", "masks", "rise_batch",
@@ -166,13 +168,13 @@ class _Explainer:
         h, w = states[selected[0]].latent_in.shape[-2:]
         masks = rise.make_masks(self.rise_opts, (int(h), int(w)), model.device)
         return [self._record(caption, seed, step.index, step.timestep, states[step.index],
-                             metrics.method_maps(step.maps, exp.tokens, spec), regions, masks, tokens, exp.tokens,
-                             spec)
+                             metrics.method_maps(step.maps, exp.tokens, spec), step.maps["rise_mean"], regions,
+                             masks, tokens, exp.tokens, spec)
                 for step in exp.steps]
 
     def _record(self, caption: str, seed: int, index: int, timestep: int, state: StepState,
-                maps: dict[str, torch.Tensor], regions: Regions, masks: torch.Tensor, tokens: Any,
-                words: list[str], spec: ObjectSpec) -> dict[str, Any]:
+                maps: dict[str, torch.Tensor], rise_mean: torch.Tensor, regions: Regions, masks: torch.Tensor,
+                tokens: Any, words: list[str], spec: ObjectSpec) -> dict[str, Any]:
         f = self.model.vae_scale_factor
         random_state = on_runner(state, self.random_runner)
         random_maps = metrics.method_maps(
@@ -186,14 +188,12 @@ class _Explainer:
             "methods": {},
         }
         for name, sal in maps.items():
-            if name == "rise_mean":
-                continue
             r = metrics.region_scores(sal, regions)
             r["sanity_spearman"] = spearman(sal, random_maps[name])
             if name in metrics.METHODS:
                 r |= metrics.curves(state, sal, self.decode, self.cfg.chunks)
             record["methods"][name] = r
-        record["methods"]["rise"]["baseline_spearman"] = spearman(maps["rise"], maps["rise_mean"])
+        record["methods"]["rise"]["baseline_spearman"] = spearman(maps["rise"], rise_mean)
         return record
 
 
