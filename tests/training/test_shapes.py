@@ -138,3 +138,10 @@ def test_command_line_writes_a_loadable_model(tmp_path):
     m = load_model(out)
     assert (m.defaults.steps, m.defaults.guidance_scale, m.defaults.scheduler) == (2, 1.5, "ddpm")
     assert generate(m, GenerationParams("a small blue square at the top", seed=0)).image.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("flag,value", [("--high-noise-share", "1.5"), ("--stop-at-step", "0")])
+def test_bad_training_flags_are_refused_by_name_before_anything_is_written(tmp_path, caplog, flag, value):
+    rc = main(["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--arch", "tiny", flag, value])
+    assert rc == 2 and flag in caplog.text
+    assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()

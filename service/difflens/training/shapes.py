@@ -288,9 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(a.threads)
     arch = resolve_arch(a.arch)
-    cfg = TrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                      terminal_alpha_bar=a.terminal_alpha_bar or None, high_noise_share=a.high_noise_share,
-                      data=DataConfig(size=arch.sample_size, two_object_prob=a.two_object_prob))
+    if a.stop_at_step is not None and a.stop_at_step < 1:
+        log.error("--stop-at-step: got %d; must be >= 1", a.stop_at_step)
+        return 2
+    try:
+        cfg = TrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                          terminal_alpha_bar=a.terminal_alpha_bar or None, high_noise_share=a.high_noise_share,
+                          data=DataConfig(size=arch.sample_size, two_object_prob=a.two_object_prob))
+    except ValueError as e:
+        log.error("--high-noise-share: %s", e)  # the only TrainConfig field that validates
+        return 2
     work = a.work or Path("out/train") / a.out.name
     trainer = Trainer(arch, cfg, work)
     if a.fresh:
