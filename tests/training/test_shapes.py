@@ -145,3 +145,39 @@ def test_bad_training_flags_are_refused_by_name_before_anything_is_written(tmp_p
     rc = main(["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--arch", "tiny", flag, value])
     assert rc == 2 and flag in caplog.text
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_target_is_what_the_sampler_inverts(tmp_path, prediction_type):
+    """The target the UNet learns, fed to the engine's x0 formula for the saved scheduler, gives back the image."""
+    from difflens.engine.sampler import predict_x0
+    from difflens.training.build import build_noise_scheduler, sampling_scheduler
+    from difflens.training.shapes import training_target
+
+    sched = sampling_scheduler(build_noise_scheduler(1e-5, prediction_type))
+    assert sched.config.prediction_type == prediction_type
+    g = torch.Generator().manual_seed(0)
+    images, noise = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.randn(3, 3, 8, 8, generator=g)
+    for t in (0, 500, 999):
+        a = sched.alphas_cumprod[t].double()
+        noisy = a.sqrt() * images.double() + (1 - a).sqrt() * noise.double()
+        target = training_target(prediction_type, images.double(), noise.double(), a)
+        torch.testing.assert_close(predict_x0(sched, noisy, target, t), images.double(), atol=1e-6, rtol=0)
+
+
+def test_a_v_prediction_run_saves_a_v_prediction_scheduler(tmp_path):
+    from difflens.training.shapes import train
+
+    t = make_trainer(tmp_path, TrainConfig(**{**TINY.__dict__, "steps": 3, "prediction_type": "v_prediction"}))
+    assert t.noise_scheduler.config.prediction_type == "v_prediction"
+    stats = train(t, minutes=5, checkpoint_minutes=5)
+    assert stats["steps"] == 3 and np.isfinite(stats["final_loss"])
+    from difflens.training.build import save_model
+
+    unet, te = t.ema_modules()
+    out = save_model(tmp_path / "model", unet, te, t.tokenizer, t.noise_scheduler, {"steps": 4})
+    model = load_model(out)
+    assert model.scheduler.config.prediction_type == "v_prediction"
+    assert np.isfinite(generate(model, GenerationParams("a red circle", seed=0)).image).all()
+    with pytest.raises(ValueError, match="prediction_type must be one of epsilon, v_prediction, got 'x0'"):
+        TrainConfig(prediction_type="x0")

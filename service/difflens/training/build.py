@@ -133,8 +133,8 @@ def cosine_betas(num_steps: int, terminal_alpha_bar: float, s: float = 0.008) ->
     return [1 - alpha_bar(i + 1) / alpha_bar(i) for i in range(num_steps)]
 
 
-def build_noise_scheduler(terminal_alpha_bar: float | None = None):
-    """The training scheduler: 1000 steps, cosine betas, epsilon prediction.
+def build_noise_scheduler(terminal_alpha_bar: float | None = None, prediction_type: str = "epsilon"):
+    """The training scheduler: 1000 steps, cosine betas, epsilon (or v) prediction.
 
     terminal_alpha_bar None: diffusers' squaredcos_cap_v2 (terminal alpha_bar ~2e-9, i.e. zero terminal SNR);
     else the same curve stopped at that alpha_bar (see `cosine_betas`).
@@ -143,7 +143,7 @@ def build_noise_scheduler(terminal_alpha_bar: float | None = None):
 
     kw: dict[str, Any] = {"beta_schedule": "squaredcos_cap_v2"} if terminal_alpha_bar is None else \
         {"trained_betas": cosine_betas(1000, terminal_alpha_bar)}
-    return DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, **kw)
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False, **kw)
 
 
 def sampling_scheduler(train_scheduler):
@@ -155,7 +155,7 @@ def sampling_scheduler(train_scheduler):
 
 
 def build_components(arch: ArchConfig, tokenizer_dir: str | Path, seed: int = 0,
-                     terminal_alpha_bar: float | None = None) -> dict[str, Any]:
+                     terminal_alpha_bar: float | None = None, prediction_type: str = "epsilon") -> dict[str, Any]:
     """Fresh components (fixed seed): unet, text_encoder, tokenizer, noise_scheduler."""
     torch.manual_seed(seed)
     unet = build_unet(arch)
@@ -163,7 +163,7 @@ def build_components(arch: ArchConfig, tokenizer_dir: str | Path, seed: int = 0,
     torch.manual_seed(seed + 1)
     text_encoder = build_text_encoder(arch, tokenizer)
     return {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "noise_scheduler": build_noise_scheduler(terminal_alpha_bar)}
+            "noise_scheduler": build_noise_scheduler(terminal_alpha_bar, prediction_type)}
 
 
 def save_model(folder: str | Path, unet, text_encoder, tokenizer, train_scheduler, defaults: dict[str, Any],
