@@ -39,3 +39,13 @@ def test_eval_scenes_are_fixed_and_split():
     from difflens.scenes.captions import is_held_out
 
     assert not any(is_held_out(s) for s in a["train"]) and all(is_held_out(s) for s in a["held_out"])
+
+
+def test_best_setup_is_the_most_accurate_and_ties_go_to_guidance_two():
+    from difflens.training.evaluate import best_setup
+
+    runs = [{"scheduler": "ddim", "guidance": g, "mean": m} for g, m in ((1.0, 0.9), (2.0, 0.8), (3.0, 0.95))]
+    assert best_setup(runs) == {"scheduler": "ddim", "guidance": 3.0}
+    tied = [{"scheduler": s, "guidance": g, "mean": 1.0} for s in ("ddim", "ddpm") for g in (1.0, 1.5, 2.0, 3.0)]
+    assert best_setup(tied) == {"scheduler": "ddim", "guidance": 2.0}
+    assert best_setup(tied[4:]) == {"scheduler": "ddpm", "guidance": 2.0}
