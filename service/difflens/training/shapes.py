@@ -1,10 +1,10 @@
 """Train the shapes model from scratch on freshly rendered scenes and save it as a standard diffusers folder.
 
-    python -m difflens.training.shapes --out models/shapes --steps 6000 --stop-at-step 5306 --seed 0 --arch deep5 \
-        --high-noise-share 0.5
+    python -m difflens.training.shapes --out models/shapes --steps 6000 --seed 0 --arch deep5 \
+        --high-noise-share 0.5 --prediction v_prediction --terminal-alpha-bar 1e-5
 
 Pixel-space UNet2DConditionModel + a small CLIP text encoder trained jointly; cosine noise schedule (1000 steps,
-the squaredcos_cap_v2 curve stopped at alpha_bar 0.0047, see build.cosine_betas), epsilon prediction, AdamW
+the squaredcos_cap_v2 curve stopped at a terminal alpha_bar, see build.cosine_betas), epsilon or v prediction, AdamW
 (fused), EMA of the weights, 10% empty captions for classifier-free guidance, float32 (bf16 autocast is ~13x
 slower on this CPU, which has no native bf16). Batch k is a pure function of (seed, k) and so is its noise, so a
 run is reproducible from its seed and a resumed run continues exactly where the checkpoint left it. Checkpoints
