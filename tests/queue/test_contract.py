@@ -10,7 +10,7 @@ import pytest
 
 from difflens.errors import ResourceExhausted
 from difflens.jobs import Completed, Failed, Queued, Started, Step
-from difflens.queue.base import JobNotFound
+from difflens.queue.base import JobNotFound, Published
 from tests.queue.conftest import FAST, spec
 
 LAPSE_S = FAST["visibility_timeout_s"] + 0.15  # long enough for a holder to lose its job
@@ -158,11 +158,13 @@ def test_cancel_running_job_raises_the_flag_the_worker_polls(backend):
     q = backend.queue()
     job = q.enqueue(spec())
     c = q.claim("w", block_s=1)
-    assert q.publish(c, Started("w"))
+    assert q.publish(c, Started("w")) == Published.OK
     assert not q.cancel_requested(job.id)
     assert q.cancel(job.id).state == "running"
     assert q.cancel_requested(job.id)
+    assert q.publish(c, step(0)) == Published.CANCEL_REQUESTED  # the worker learns it from its next publish too
     assert q.finish(c, Failed("CANCELLED", "stopped at step 3"))
+    assert q.publish(c, step(1)) == Published.LOST
     rec = q.get(job.id)
     assert (rec.state, rec.error) == ("cancelled", "CANCELLED: stopped at step 3")
 

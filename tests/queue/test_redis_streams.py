@@ -139,3 +139,25 @@ def test_a_job_ending_between_the_event_read_and_the_state_read_still_shows_its_
     finally:
         worker.close()
         client.close()
+
+
+def test_a_live_follower_reads_with_one_blocking_call_and_still_sees_the_end(rb, queue_name):
+    """AsyncRedisFront.events(live=True): the caller saw a non-terminal event, so the blocking read comes first;
+    it still returns the terminal event, and a job that expired meanwhile is still reported as not found."""
+    from difflens.queue.base import JobNotFound
+    from tests.queue.conftest import AsyncFrontQueue
+
+    rb.kind = "redis-async"
+    q = rb.queue(result_ttl_s=1.0)
+    assert isinstance(q, AsyncFrontQueue)
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    q.publish(c, Started("w"))
+    t0 = time.monotonic()
+    assert q.events(job.id, after=1, block_s=0.2, live=True) == []  # nothing new: waited, then read the state
+    assert time.monotonic() - t0 >= 0.2
+    q.finish(c, Completed(b"png", "{}"))
+    assert [type(e).__name__ for _, e in q.events(job.id, after=1, block_s=5, live=True)] == ["Completed"]
+    time.sleep(1.2)
+    with pytest.raises(JobNotFound):
+        q.events(job.id, after=1, block_s=0.2, live=True)

@@ -1,8 +1,9 @@
 """The front's domain layer (no protobuf): validate and enqueue, read, cancel and follow jobs, for the servicer.
 
-The queue's calls block (Redis round trips, waits for events), so they run on a private thread pool and the
-asyncio event loop of the gRPC server never waits on them. Following a job polls the queue's blocking `events`
-with a short wait, so a cancelled call or a drain is noticed within FOLLOW_BLOCK_S.
+The hot calls (enqueue, get, events) go through the queue's asyncio front when it has one (Redis: redis.asyncio,
+no thread per call); otherwise, and for the rest (cancel, depth), the queue's blocking calls run on a private
+thread pool, so the event loop of the gRPC server never waits on them. Following a job waits for events at most
+FOLLOW_BLOCK_S at a time, so a cancelled call or a drain is noticed within that.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
 from difflens.errors import NotReady
 from difflens.jobs import Event, JobRecord, JobSpec
-from difflens.queue.base import JobQueue, is_terminal
+from difflens.queue.base import AsyncFront, JobQueue, is_terminal
 from difflens.validation import validate
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,15 @@ class Front:
         self._active = 0  # streams following a job right now
         self._idle = asyncio.Condition()
         self._pool = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="front-queue")
+        self._async: AsyncFront | None = queue.async_front()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _events(self, job_id: str, after: int, block_s: float, live: bool = False) -> list[tuple[int, Event]]:
+        if self._async is not None:
+            return await self._async.events(job_id, after, block_s, live)
+        return await self._run(self.queue.events, job_id, after, block_s)
 
     async def submit(self, spec: JobSpec) -> JobRecord:
         """Validate (InvalidArgument), then enqueue (ResourceExhausted when full; the existing job for a repeated
@@ -52,9 +59,14 @@ class Front:
         if self.draining:
             raise NotReady("this front is draining (shutting down); retry on another replica")
         spec = validate(spec, self.catalog, self.settings.limits)
-        return await self._run(self.queue.enqueue, spec)  # difflens_queue_depth: sample_depth, off the hot path
+        # difflens_queue_depth: sample_depth, off the hot path
+        if self._async is not None:
+            return await self._async.enqueue(spec)
+        return await self._run(self.queue.enqueue, spec)
 
     async def get(self, job_id: str) -> JobRecord:
+        if self._async is not None:
+            return await self._async.get(job_id)
         return await self._run(self.queue.get, job_id)
 
     async def cancel(self, job_id: str) -> JobRecord:
@@ -67,17 +79,19 @@ class Front:
             raise NotReady("this front is draining (shutting down); watch the job on another replica")
         self._active += 1
         try:
+            block, live = 0.0, False  # the first read does not wait: an unknown job is reported at once
             while True:
-                batch = await self._run(self.queue.events, job_id, after, FOLLOW_BLOCK_S)
+                batch = await self._events(job_id, after, block, live)
+                block = FOLLOW_BLOCK_S
                 if not batch:
                     if not (await self.get(job_id)).done:
                         continue
                     # Done while we waited: its terminal event may have landed just after the wait ended.
-                    batch = await self._run(self.queue.events, job_id, after, 0.0)
+                    batch = await self._events(job_id, after, 0.0)
                     if not batch:
                         return  # the caller asked to start past the terminal event
                 for seq, event in batch:
-                    after = seq
+                    after, live = seq, True  # not terminal, or we return below
                     yield seq, event
                     if is_terminal(event):
                         return
@@ -107,5 +121,7 @@ class Front:
             except TimeoutError:
                 pass
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._async is not None:
+            await self._async.close()

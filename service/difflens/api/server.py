@@ -112,7 +112,7 @@ class DifflensServer:
             await self._sampler
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
-        self.front.close()
+        await self.front.close()
         if self._own_queue:
             self.queue.close()
         log.info("drained and stopped")

@@ -13,7 +13,9 @@ Semantics every implementation keeps:
   times is moved to the dead-letter stream and failed instead of being handed out. Jobs already cancelled or past
   their deadline are failed at claim time and not handed out.
 - `publish` appends an event to the job's event stream, but only while the claim still owns the job (a reclaimed
-  job's first worker, if it was only slow, gets `False` back and must stop). `Started` moves the job to running.
+  job's first worker, if it was only slow, gets `Published.LOST` back and must stop). `Started` moves the job to
+  running. The reply also says whether a cancel was requested (`Published.CANCEL_REQUESTED`): the worker, which
+  publishes a step and then checks for a cancel before the next, needs no separate read for it.
 - `finish` appends the terminal event (Completed or Failed) and marks the job terminal atomically, at most once
   per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
   one terminal event. It also acknowledges the job in the work stream.
@@ -27,6 +29,7 @@ Semantics every implementation keeps:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol
 
 from difflens.jobs import TERMINAL_EVENTS, Event, JobRecord, JobSpec
@@ -38,6 +41,14 @@ class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"job {job_id!r} not found")
+
+
+class Published(IntEnum):
+    """What `publish` did. LOST is falsy: `if not queue.publish(...)` means the claim lost the job."""
+
+    LOST = 0
+    OK = 1
+    CANCEL_REQUESTED = 2  # published; the job's cancel flag is raised
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ class JobQueue(Protocol):
 
     def heartbeat(self, claim: Claim) -> bool: ...
 
-    def publish(self, claim: Claim, event: Event) -> bool: ...
+    def publish(self, claim: Claim, event: Event) -> Published: ...
 
     def finish(self, claim: Claim, event: Event) -> bool: ...
 
@@ -77,7 +88,28 @@ class JobQueue(Protocol):
 
     def depth(self) -> int: ...
 
+    def async_front(self) -> AsyncFront | None:
+        """enqueue / get / events as coroutines for the front's event loop, or None (the front then runs the
+        blocking calls on a thread pool). Called once, from the loop that will use it."""
+        ...
+
     def close(self) -> None: ...
+
+
+class AsyncFront(Protocol):
+    """The front's hot calls without a thread per call; same semantics as JobQueue's."""
+
+    async def enqueue(self, spec: JobSpec) -> JobRecord: ...
+
+    async def get(self, job_id: str) -> JobRecord: ...
+
+    async def events(self, job_id: str, after: int = -1, block_s: float = 0.0,
+                     live: bool = False) -> list[tuple[int, Event]]:
+        """JobQueue.events. `live`: the caller saw event `after` and it was not terminal, which lets the
+        implementation skip its existence / state read while events keep coming."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 def is_terminal(event: Event) -> bool:

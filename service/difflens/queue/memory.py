@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from difflens.config import ServiceSettings
 from difflens.jobs import Event, Failed, JobRecord, JobSpec, JobStateName, Queued, Started
-from difflens.queue.base import Claim, JobNotFound, is_terminal
+from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
     claim_verdict,
@@ -117,6 +117,10 @@ class InProcessQueue:
                     return []
                 self._cond.wait(left)
 
+    def async_front(self) -> None:
+        """None: events() waits on a threading.Condition, so the front calls it from threads."""
+        return None
+
     def depth(self) -> int:
         with self._cond:
             return len(self._waiting)
@@ -157,19 +161,19 @@ class InProcessQueue:
             self._touch(job)
             return True
 
-    def publish(self, claim: Claim, event: Event) -> bool:
+    def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
         with self._cond:
             job = self._owned(claim)
             if job is None:
-                return False
+                return Published.LOST
             if isinstance(event, Started):
                 job.state = "running"
             job.events.append(event)
             self._touch(job)
             self._cond.notify_all()
-            return True
+            return Published.CANCEL_REQUESTED if job.cancel else Published.OK
 
     def finish(self, claim: Claim, event: Event) -> bool:
         if not is_terminal(event):

@@ -22,10 +22,11 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from difflens.config import ServiceSettings
 from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started, decode_event, encode_event
-from difflens.queue.base import Claim, JobNotFound, is_terminal
+from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
     claim_verdict,
@@ -110,13 +111,14 @@ local function owned(token)
 end
 """
 
-# ARGV: token, event bytes, '1' if Started, now, ttl.
+# ARGV: token, event bytes, '1' if Started, now, ttl. Returns a Published value: 0 lost, 1 ok, 2 ok + cancel flag.
 _PUBLISH = _LUA_PRELUDE + _OWNED + """
 if not owned(ARGV[1]) then return 0 end
 append('e', ARGV[2])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'running') end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
 touch(ARGV[5])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 return 1
 """
 
@@ -159,8 +161,30 @@ return 1
 """
 
 
+TERMINAL_STATES = (b"completed", b"failed", b"cancelled")
+
+
 def _s(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _record(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
+    """A JobRecord from the job hash and its rank in the waiting set (JobNotFound when the hash is gone)."""
+    if not h:
+        raise JobNotFound(job_id)
+    return JobRecord(id=job_id, state=_s(h[b"state"]), model=_s(h[b"model"]),  # type: ignore[arg-type]
+                     created_at=float(h[b"created_at"]), updated_at=float(h[b"updated_at"]),
+                     queue_position=int(rank or 0), error=_s(h[b"error"]), worker=_s(h[b"worker"]),
+                     deliveries=int(h[b"deliveries"]))
+
+
+def _decode_events(found: Any) -> list[tuple[int, Event]]:
+    """(sequence, event) pairs of an XREAD reply on one job's event stream (entry 0-n is sequence n - 1)."""
+    if not found:
+        return []
+    return [(int(entry_id.split(b"-")[1]) - 1,
+             decode_event(fields[b"e"]) if b"e" in fields else Queued(position=int(fields[b"q"])))
+            for entry_id, fields in found[0][1]]
 
 
 class RedisStreamsQueue:
@@ -171,6 +195,7 @@ class RedisStreamsQueue:
     def __init__(self, url_or_client: str | redis.Redis, settings: ServiceSettings) -> None:
         self.settings = settings
         self._owns_client = isinstance(url_or_client, str)
+        self._url = url_or_client if isinstance(url_or_client, str) else None
         self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
         p = settings.queue_name
         self._work, self._waiting, self._counter, self._dead = f"{p}:work", f"{p}:waiting", f"{p}:enqueued", f"{p}:dead"
@@ -205,12 +230,19 @@ class RedisStreamsQueue:
 
     def enqueue(self, spec: JobSpec) -> JobRecord:
         job_id, now = new_job_id(), time.time()
-        kind, value = self._enqueue(
-            keys=[*self._keys(job_id), self._idem_key(spec), self._counter],
-            args=[job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
-                  self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix])
+        keys, args = self._enqueue_call(spec, job_id, now)
+        kind, value = self._enqueue(keys=keys, args=args)
         if kind == b"existing":
             return self.get(_s(value))
+        return self._enqueued(spec, job_id, now, kind, value)
+
+    def _enqueue_call(self, spec: JobSpec, job_id: str, now: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the enqueue script."""
+        return ([*self._keys(job_id), self._idem_key(spec), self._counter],
+                [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
+                 self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix])
+
+    def _enqueued(self, spec: JobSpec, job_id: str, now: float, kind: bytes, value: Any) -> JobRecord:
         if kind == b"full":
             raise queue_full(int(value), self.settings.max_queue_depth)
         return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
@@ -220,13 +252,12 @@ class RedisStreamsQueue:
         pipe = self._r.pipeline(transaction=False)
         pipe.hgetall(self._job_prefix + job_id)
         pipe.zrank(self._waiting, job_id)
-        h, rank = pipe.execute()
-        if not h:
-            raise JobNotFound(job_id)
-        return JobRecord(id=job_id, state=_s(h[b"state"]), model=_s(h[b"model"]),  # type: ignore[arg-type]
-                         created_at=float(h[b"created_at"]), updated_at=float(h[b"updated_at"]),
-                         queue_position=int(rank or 0), error=_s(h[b"error"]), worker=_s(h[b"worker"]),
-                         deliveries=int(h[b"deliveries"]))
+        return _record(job_id, *pipe.execute())
+
+    def async_front(self) -> AsyncRedisFront | None:
+        """The front's calls on asyncio (redis.asyncio: no thread per call), for a queue made from a URL; its
+        connections belong to the event loop that first uses it. None for a queue made from a client."""
+        return AsyncRedisFront(self, self._url) if self._url is not None else None
 
     def cancel(self, job_id: str) -> JobRecord:
         if self._cancel(keys=self._keys(job_id), args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}",
@@ -238,28 +269,24 @@ class RedisStreamsQueue:
         return self._r.hget(self._job_prefix + job_id, "cancel") == b"1"
 
     def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]:
-        key = self._job_prefix + job_id + ":events"
-        start = f"0-{max(after, -1) + 1}"
+        key, start = self._events_from(job_id, after)
         found = self._r.xread({key: start})
         if not found:
             state = self._r.hget(self._job_prefix + job_id, "state")
             if state is None:
                 raise JobNotFound(job_id)
-            if state in (b"completed", b"failed", b"cancelled"):
+            if state in TERMINAL_STATES:
                 # The terminal event and the state are written by one script, so the job may have ended between
                 # the read above and the HGET: read again, now that every event it will ever have is there.
                 found = self._r.xread({key: start})
             elif block_s > 0:
                 # XREAD from an explicit id returns at once if anything newer arrived since the first read.
                 found = self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
-        return [(int(entry_id.split(b"-")[1]) - 1, self._decode(fields)) for entry_id, fields in found[0][1]] \
-            if found else []
+        return _decode_events(found)
 
-    @staticmethod
-    def _decode(fields: dict[bytes, bytes]) -> Event:
-        if b"e" in fields:
-            return decode_event(fields[b"e"])
-        return Queued(position=int(fields[b"q"]))
+    def _events_from(self, job_id: str, after: int) -> tuple[str, str]:
+        """The job's event stream and the XREAD id that returns the events with sequence > after."""
+        return self._job_prefix + job_id + ":events", f"0-{max(after, -1) + 1}"
 
     def depth(self) -> int:
         return int(self._r.zcard(self._waiting))
@@ -290,12 +317,12 @@ class RedisStreamsQueue:
         return bool(self._heartbeat(keys=self._keys(claim.job_id),
                                     args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker]))
 
-    def publish(self, claim: Claim, event: Event) -> bool:
+    def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
-        return bool(self._publish(keys=self._keys(claim.job_id),
-                                  args=[claim.token, encode_event(event), 1 if isinstance(event, Started) else 0,
-                                        time.time(), self._ttl_ms]))
+        return Published(self._publish(keys=self._keys(claim.job_id),
+                                       args=[claim.token, encode_event(event), 1 if isinstance(event, Started) else 0,
+                                             time.time(), self._ttl_ms]))
 
     def finish(self, claim: Claim, event: Event) -> bool:
         if not is_terminal(event):
@@ -363,3 +390,54 @@ class RedisStreamsQueue:
             keys=[*self._keys(job_id), self._dead],
             args=[token, encode_event(event), terminal_state(event), error_of(event), time.time(), self._ttl_ms,
                   GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))
+
+
+class AsyncRedisFront:
+    """What the gRPC front does on the queue, as coroutines on one redis.asyncio client: enqueue, get, events.
+    Same scripts, keys and semantics as RedisStreamsQueue's blocking calls (it borrows them from `queue`); what
+    it saves is the thread hop per call (and with it, most of the front's CPU time per event)."""
+
+    def __init__(self, queue: RedisStreamsQueue, url: str) -> None:
+        self._q = queue
+        self._r: Any = redis.asyncio.Redis.from_url(url)
+        self._enqueue = self._r.register_script(_ENQUEUE)
+
+    async def enqueue(self, spec: JobSpec) -> JobRecord:
+        job_id, now = new_job_id(), time.time()
+        keys, args = self._q._enqueue_call(spec, job_id, now)
+        kind, value = await self._enqueue(keys=keys, args=args)
+        if kind == b"existing":
+            return await self.get(_s(value))
+        return self._q._enqueued(spec, job_id, now, kind, value)
+
+    async def get(self, job_id: str) -> JobRecord:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hgetall(self._q._job_prefix + job_id)
+        pipe.zrank(self._q._waiting, job_id)
+        return _record(job_id, *await pipe.execute())
+
+    async def events(self, job_id: str, after: int = -1, block_s: float = 0.0,
+                     live: bool = False) -> list[tuple[int, Event]]:
+        key, start = self._q._events_from(job_id, after)
+        if live and block_s > 0:
+            # The caller saw event `after` and it was not terminal, so everything still to come (the terminal
+            # event included) is newer than it: the blocking read alone is exact, one round trip per batch.
+            found = await self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
+            if found:
+                return _decode_events(found)
+            block_s = 0.0  # nothing in time: read the state (the job may have expired) as below
+        # The events and the state in one MULTI: a consistent snapshot, so no re-read race as in the blocking
+        # version; then, only for a live job with nothing new, the blocking read.
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xread({key: start})
+        pipe.hget(self._q._job_prefix + job_id, "state")
+        found, state = await pipe.execute()
+        if not found:
+            if state is None:
+                raise JobNotFound(job_id)
+            if state not in TERMINAL_STATES and block_s > 0:
+                found = await self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
+        return _decode_events(found)
+
+    async def close(self) -> None:
+        await self._r.aclose()

@@ -22,7 +22,7 @@ from difflens.engine.tokens import prompt_tokens
 from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Started, Step, TokenMap
 from difflens.models import LoadedModel
-from difflens.queue.base import Claim, JobQueue
+from difflens.queue.base import Claim, JobQueue, Published
 from difflens.queue.common import CANCELLED_MESSAGE
 from difflens.worker.batching import JobRunner
 
@@ -70,6 +70,8 @@ class JobRun:
     published: set[int] = field(default_factory=set)
     words: list[str] = field(default_factory=list)
     pending: StepExplanation | None = None
+    # The cancel flag as the last publish saw it, for the check right after it (None: read it from the queue).
+    cancel_seen: bool | None = None
 
     @property
     def model_label(self) -> str:
@@ -112,7 +114,8 @@ class JobRun:
         """Before denoising step `index`: ownership, cancel flag, deadline (in that order)."""
         if self.lost.is_set():
             raise LostClaim
-        if self.queue.cancel_requested(self.claim.job_id):
+        seen, self.cancel_seen = self.cancel_seen, None
+        if self.queue.cancel_requested(self.claim.job_id) if seen is None else seen:
             raise Cancelled(f"cancelled before step {index}")
         deadline = self.claim.spec.deadline
         if deadline is not None and time.time() >= deadline:
@@ -143,8 +146,10 @@ class JobRun:
         self.published.add(se.index)
 
     def _publish_or_stop(self, event: Event) -> None:
-        if not self.queue.publish(self.claim, event):
+        result = self.queue.publish(self.claim, event)
+        if not result:
             raise LostClaim
+        self.cancel_seen = result == Published.CANCEL_REQUESTED
 
     def _record(self, exp: Explanation, png: bytes, started: float) -> dict[str, Any]:
         claim, engine = self.claim, self.settings.engine
