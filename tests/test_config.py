@@ -50,3 +50,14 @@ def test_parse_models_names_the_flag():
         ServiceSettings.parse_models(["nodir"])
     with pytest.raises(InvalidArgument, match="DIFFLENS_MAX_QUEUE_DEPTH"):
         ServiceSettings.from_env({"DIFFLENS_MAX_QUEUE_DEPTH": "many"})
+
+
+def test_a_short_visibility_timeout_can_be_set_with_its_heartbeat_from_the_environment():
+    from difflens.config import ServiceSettings
+
+    with pytest.raises(InvalidArgument, match="heartbeat_interval_s"):  # 5 s default heartbeat vs 3 s timeout
+        ServiceSettings.from_env({"DIFFLENS_VISIBILITY_TIMEOUT_S": "3"})
+    s = ServiceSettings.from_env({"DIFFLENS_VISIBILITY_TIMEOUT_S": "3", "DIFFLENS_HEARTBEAT_INTERVAL_S": "1"})
+    assert (s.visibility_timeout_s, s.heartbeat_interval_s) == (3.0, 1.0)
+    with pytest.raises(InvalidArgument, match="DIFFLENS_HEARTBEAT_INTERVAL_S"):
+        ServiceSettings.from_env({"DIFFLENS_HEARTBEAT_INTERVAL_S": "often"})

@@ -77,7 +77,8 @@ class ServiceSettings:
     """Front and worker settings. `models`: (name, folder) pairs; `redis_url` None means the in-process queue.
 
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
-    DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_MAX_DELIVERIES, plus Settings' variables.
+    DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
+    visibility timeout), DIFFLENS_MAX_DELIVERIES, plus Settings' variables.
     """
 
     engine: Settings = Settings()
@@ -136,6 +137,7 @@ class ServiceSettings:
         for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str), ("queue_name", "DIFFLENS_QUEUE", str),
                                ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
                                ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
+                               ("heartbeat_interval_s", "DIFFLENS_HEARTBEAT_INTERVAL_S", float),
                                ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int)):
             if var in env:
                 try:
