@@ -25,7 +25,7 @@ def rendered_truth(image, spec, factor):
 
 @pytest.fixture(scope="module")
 def run(pixel_model, tmp_path_factory):
-    cfg = EvalConfig(fidelity_images=6, explain_captions=3, masks=16, steps=3, chunks=4, seed=0)
+    cfg = EvalConfig(fidelity_images=6, explain_captions=3, masks=16, steps=3, chunks=4, seed=0, r3_steps=(2,))
     summary = run_suite(pixel_model, cfg, ground_truth=rendered_truth)
     out = tmp_path_factory.mktemp("eval")
     return summary, write_outputs(summary, out), out
@@ -47,6 +47,10 @@ def test_summary_json_has_every_key_in_range(run):
     assert set(s["r3"]["fidelity"]) == {"uniform", "early", "late"}
     early, late = s["r3"]["timesteps"]["early"], s["r3"]["timesteps"]["late"]
     assert early[0] == late[0] == 999 and len(late) == 4 and early[1] < late[1]  # early drops fast from T
+    few = s["r3"]["few_steps"]["2"]
+    assert few["steps"] == 2 and set(few["fidelity"]) == {"uniform", "early", "late"}
+    assert len(few["timesteps"]["late"]) == 2 and 0.0 <= few["fidelity"]["late"]["texture"] <= 1.0
+    assert few["shift"] == pytest.approx(s["r3"]["shift"] * 2 / s["r3"]["steps"])  # same packing shape
     series = s["series"]
     assert series["steps"] == [0, 2, 3] and len(series["rise"]["pointing_game"]) == 3
     assert len(series["cam"]["deletion_auc"]) == 3 and series["timesteps"][0] > series["timesteps"][-1]
@@ -115,7 +119,8 @@ def test_cli_names_the_flag_of_a_bad_size(pixel_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,named", [(["--mask", "grid", "--grid-size", "0"], "--grid-size"),
-                                         (["--masks", "0"], "--masks")])
+                                         (["--masks", "0"], "--masks"), (["--r3-steps", "3,0"], "--r3-steps"),
+                                         (["--r3-steps", "three"], "--r3-steps")])
 def test_cli_names_the_flag_of_a_bad_rise_option(pixel_dir, tmp_path, capsys, flags, named):
     from difflens.cli import main
 

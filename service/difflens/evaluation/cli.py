@@ -27,6 +27,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="explained steps: N spread over the trajectory, or step indices (default 6)")
     p.add_argument("--chunks", type=int, default=16, help="deletion / insertion points - 1 (default 16)")
     p.add_argument("--shift", type=float, default=60.0, help="lambda of the early / late schedules (default 60)")
+    p.add_argument("--r3-steps", default="3,5", metavar="N,...",
+                   help="also compare the schedules at these few step counts ('' for none; default 3,5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", metavar="cpu|cuda|cuda:N")
@@ -36,7 +38,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 # EvalConfig field -> the flag a user typed (for error lines).
 FLAGS = {"fidelity_images": "--captions", "explain_captions": "--explain-captions", "masks": "--masks",
          "chunks": "--chunks", "steps": "--steps", "sampling.shift": "--shift", "rise.mask": "--mask",
-         "rise.grid_size": "--grid-size", "rise.score": "--score", "rise.num_masks": "--masks"}
+         "rise.grid_size": "--grid-size", "rise.score": "--score", "rise.num_masks": "--masks",
+         "r3_steps": "--r3-steps"}
 
 
 def parse_steps(text: str) -> int | tuple[int, ...]:
@@ -47,6 +50,7 @@ def parse_steps(text: str) -> int | tuple[int, ...]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from difflens.cli import parse_ints
     from difflens.config import Settings
     from difflens.errors import InvalidArgument
 
@@ -64,7 +68,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         cfg = EvalConfig(fidelity_images=args.captions, explain_captions=args.explain_captions, masks=args.masks,
                          steps=parse_steps(args.steps), chunks=args.chunks, shift=args.shift, seed=args.seed,
-                         rise_mask=args.mask, rise_grid_size=args.grid_size, rise_score=args.score)
+                         rise_mask=args.mask, rise_grid_size=args.grid_size, rise_score=args.score,
+                         r3_steps=parse_ints("r3_steps", args.r3_steps) if args.r3_steps.strip() else ())
     except InvalidArgument as e:
         raise InvalidArgument(FLAGS.get(e.field, e.field), e.message) from None
     if args.threads:

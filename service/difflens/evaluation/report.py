@@ -67,6 +67,11 @@ def markdown(s: dict[str, Any]) -> str:
              f"## Prompt fidelity per schedule (R3, lambda = {r3['shift']})", ""]
     lines += _table(["schedule", *FIDELITY_ATTRS],
                     [[k, *(_f(acc.get(a)) for a in FIDELITY_ATTRS)] for k, acc in r3["fidelity"].items()])
+    for n, few in r3.get("few_steps", {}).items():
+        lines += ["", f"With {n} steps, lambda {few['shift']:g} (timesteps: "
+                  + "; ".join(f"{k} {v}" for k, v in few["timesteps"].items()) + "):", ""]
+        lines += _table(["schedule", *FIDELITY_ATTRS],
+                        [[k, *(_f(acc.get(a)) for a in FIDELITY_ATTRS)] for k, acc in few["fidelity"].items()])
     lines += ["", "## Faithfulness (mean over explained images and steps)", ""]
     keys = ("pointing_game", "pointing_game_formed", "deletion_auc", "random_deletion_auc", "insertion_auc",
             "random_insertion_auc", "sanity_spearman", "object_ratio", "edge_ratio", "texture_ratio")

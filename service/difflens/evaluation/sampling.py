@@ -89,10 +89,11 @@ def sample_batch(model: Model, captions: Sequence[str], seeds: Sequence[int], sa
 
 
 def fidelity(model: Model, captions: Sequence[str], seeds: Sequence[int], sampling: Sampling = UNIFORM,
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64, steps: int | None = None) -> dict[str, float]:
     """Checker accuracy per attribute (count = exactly the caption's number of objects, shape, color, texture,
-    size, position) of the images generated for `captions`, with the model's default sampler and guidance."""
-    images = sample_batch(model, captions, seeds, sampling, batch_size)
+    size, position) of the images generated for `captions`, with the model's default sampler and guidance (and
+    step count unless `steps`)."""
+    images = sample_batch(model, captions, seeds, sampling, batch_size, steps=steps)
     return accuracy(images, [parse_caption(c) for c in captions])
 
 

@@ -76,6 +76,11 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 64
     schedules: tuple[Schedule, ...] = ("uniform", "early", "late")
+    # R3 again at these few step counts: at the model's default (25) every schedule can be perfect, and only
+    # with few steps does it show which attributes the early (high-noise) or late steps carry. lambda is scaled
+    # by n / default steps there: METHOD.md's curve packs by (k + 1 + lambda) / (n + lambda), so lambda = 60 at
+    # n = 3 would put all "late" steps near t = T and the "early" ones near 0, the opposite of their stages.
+    r3_steps: tuple[int, ...] = (3, 5)
     rise_mask: MaskKind = "pixel"
     rise_grid_size: int = 8
     rise_score: ScoreKind = "structure"
@@ -93,6 +98,8 @@ class EvalConfig:
         self.rise_options()
         if isinstance(self.steps, int) and self.steps < 1:
             raise InvalidArgument("steps", f"got {self.steps}; must be >= 1")
+        if any(n < 1 for n in self.r3_steps):
+            raise InvalidArgument("r3_steps", f"got {list(self.r3_steps)}; each must be >= 1")
         for s in self.schedules:
             if s not in ("uniform", "early", "late"):
                 raise InvalidArgument("schedules", f"got {s!r}; allowed: uniform, early, late")
@@ -109,18 +116,28 @@ def explained_steps(num_steps: int, steps: int | Sequence[int]) -> list[int]:
 
 
 def run_fidelity(model: Model, cfg: EvalConfig, log: Log) -> dict[str, Any]:
-    """Checker accuracy per attribute on held-out captions, for each schedule of `cfg.schedules`."""
+    """Checker accuracy per attribute on held-out captions, for each schedule of `cfg.schedules`, at the model's
+    default step count and (under "few_steps", keyed by the count) at each of `cfg.r3_steps`."""
     captions, seeds = held_out_set(cfg.fidelity_images)
-    n = int(model.defaults.steps)
-    out: dict[str, Any] = {"images": len(captions), "distinct_captions": len(set(captions)),
-                           "shift": cfg.shift, "fidelity": {}, "timesteps": {}}
+    n0 = int(model.defaults.steps)
+    out: dict[str, Any] = {"images": len(captions), "distinct_captions": len(set(captions)), "shift": cfg.shift,
+                           **_schedules(model, cfg, captions, seeds, n0, cfg.shift, log),
+                           "few_steps": {str(n): _schedules(model, cfg, captions, seeds, n, cfg.shift * n / n0, log)
+                                         for n in cfg.r3_steps}}
+    return out
+
+
+def _schedules(model: Model, cfg: EvalConfig, captions: list[str], seeds: list[int], n: int, shift: float,
+               log: Log) -> dict[str, Any]:
+    out: dict[str, Any] = {"steps": n, "shift": shift, "fidelity": {}, "timesteps": {}}
     for kind in cfg.schedules:
         t0 = time.perf_counter()
-        sampling = Sampling(kind, shift=cfg.shift)
+        sampling = Sampling(kind, shift=shift)
         if kind != "uniform":
-            out["timesteps"][kind] = exponential_timesteps(kind, n, cfg.shift, model.num_train_timesteps)
-        out["fidelity"][kind] = fidelity(model, captions, seeds, sampling, cfg.batch_size) if captions else {}
-        log(f"fidelity ({kind}): {out['fidelity'][kind]} in {time.perf_counter() - t0:.0f} s")
+            out["timesteps"][kind] = exponential_timesteps(kind, n, shift, model.num_train_timesteps)
+        out["fidelity"][kind] = fidelity(model, captions, seeds, sampling, cfg.batch_size, steps=n) \
+            if captions else {}
+        log(f"fidelity ({kind}, {n} steps): {out['fidelity'][kind]} in {time.perf_counter() - t0:.0f} s")
     return out
 
 
