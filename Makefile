@@ -65,7 +65,7 @@ train-shapes: setup
 	  --terminal-alpha-bar 1e-5 \
 	  2>&1 | tee -a $(OUT)/train/shapes.log
 
-# The faithfulness suite of issue 3 on the shipped model (~22 min on 2 CPU cores).
+# The faithfulness suite of issue 3 on the shipped model (~24 min on 2 CPU cores).
 eval: setup
 	.venv/bin/difflens evaluate $(DEMO_MODEL) --out $(OUT)/eval
 
