@@ -21,6 +21,45 @@ def test_bad_values_name_the_field(key, value, field):
     assert e.value.field == field and value in e.value.message
 
 
+@pytest.mark.parametrize("value,allowed", [("two", "an integer"), ("-1", "an integer >= 0")])
+def test_threads_from_the_environment_are_checked(value, allowed):
+    assert Settings.from_env({"DIFFLENS_THREADS": "3"}).threads == 3
+    assert Settings.from_env({"DIFFLENS_THREADS": "3"}, threads=1).threads == 1
+    with pytest.raises(InvalidArgument) as e:
+        Settings.from_env({"DIFFLENS_THREADS": value})
+    assert e.value.field in ("DIFFLENS_THREADS", "threads") and allowed in e.value.message
+
+
+@pytest.mark.parametrize("files,limit", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2 threads
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # no limit
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files at all
+])
+def test_available_cpus_follows_the_container_cpu_limit(tmp_path, files, limit):
+    import os
+
+    from difflens.config import available_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (affinity if limit is None else min(affinity, limit))
+
+
+def test_apply_threads_sets_torch():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert Settings(threads=1).apply_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_service_settings_from_env_and_flags():
     from difflens.config import SHIPPED_MODEL, ServiceSettings
 

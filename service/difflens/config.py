@@ -2,11 +2,13 @@
 
 Nothing deeper in the code reads os.environ. Environment variables (all optional):
 DIFFLENS_DEVICE (cpu | cuda | cuda:N), DIFFLENS_DTYPE (float32 | float16 | bfloat16),
-DIFFLENS_UNET_BACKEND (eager | compile).
+DIFFLENS_UNET_BACKEND (eager | compile), DIFFLENS_THREADS (torch's CPU threads; 0 or unset: the CPUs this process
+may use).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,13 +22,40 @@ DTYPES: tuple[str, ...] = get_args(DType)
 UNetBackend = Literal["eager", "compile"]  # engine.options.Backend
 
 
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container's CPU limit,
+    cgroup v2 cpu.max or v1 cfs_quota_us / cfs_period_us) rounded up. os.cpu_count() - what torch uses by default -
+    counts the host's cores: in a pod limited to 4 CPUs on a 64-core node that is 64 threads fighting over 4 CPUs'
+    worth of time, and every parallel op waits at its barrier for threads the quota has parked."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        fields = (cgroup_root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            quota = int(fields[0]) / int(fields[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            q = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            if q > 0:
+                quota = q / int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError, ZeroDivisionError):
+            pass
+    if quota is not None and quota > 0:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
 @dataclass(frozen=True)
 class Settings:
     device: str = "cpu"
     dtype: DType = "float32"
     unet_backend: UNetBackend = "eager"
+    threads: int = 0  # torch intra-op threads; 0: available_cpus()
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise InvalidArgument("threads", f"got {self.threads}; allowed: an integer >= 0 "
+                                             "(0: the CPUs this process may use)")
         if self.dtype not in get_args(DType):
             raise InvalidArgument("dtype", f"got {self.dtype!r}; allowed: {', '.join(get_args(DType))}")
         if self.unet_backend not in get_args(UNetBackend):
@@ -35,6 +64,14 @@ class Settings:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidArgument("device", f"got {self.device!r}; allowed: cpu, cuda, cuda:N")
 
+    def apply_threads(self) -> int:
+        """Set torch's intra-op threads for this process (a worker's, once at start); returns the count."""
+        import torch
+
+        n = self.threads or available_cpus()
+        torch.set_num_threads(n)
+        return n
+
     @property
     def torch_dtype(self):
         import torch
@@ -42,14 +79,20 @@ class Settings:
         return getattr(torch, self.dtype)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Environment first, then explicit (flag) overrides that are not None."""
         env = os.environ if env is None else env
-        values = {
+        values: dict[str, object] = {
             "device": env.get("DIFFLENS_DEVICE", cls.device),
             "dtype": env.get("DIFFLENS_DTYPE", cls.dtype),
             "unet_backend": env.get("DIFFLENS_UNET_BACKEND", cls.unet_backend),
         }
+        if "DIFFLENS_THREADS" in env:
+            try:
+                values["threads"] = int(env["DIFFLENS_THREADS"])
+            except ValueError:
+                raise InvalidArgument("DIFFLENS_THREADS", f"got {env['DIFFLENS_THREADS']!r}; allowed: an integer "
+                                                          ">= 0 (0: the CPUs this process may use)") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -42,6 +42,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--backend", metavar="|".join(BACKENDS), help="UNet backend")
     w.add_argument("--device", metavar="cpu|cuda|cuda:N")
     w.add_argument("--dtype", metavar="|".join(DTYPES))
+    w.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the CPUs this process may "
+                                                            "use, container limit included)")
     w.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
     w.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
     p.set_defaults(run=run_serve)
@@ -60,7 +62,7 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         raise InvalidArgument("--drain-grace", f"got {args.drain_grace}; must be >= 0")
     if args.embedded and args.redis:
         raise InvalidArgument("--redis", "not with --embedded (the embedded worker uses the in-process queue)")
-    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)
+    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         host=args.host, port=args.port, metrics_port=args.metrics_port, max_queue_depth=args.max_queue_depth,
@@ -108,6 +110,8 @@ async def _serve(settings: ServiceSettings, embedded: bool, port_file: Path | No
 def run_serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.embedded:  # the front alone runs no torch; the embedded worker's threads follow the CPU limit
+        settings.engine.apply_threads()
     import asyncio  # here, not at the top: `difflens --help` should not pay for it
 
     return asyncio.run(_serve(settings, args.embedded, args.port_file))

@@ -27,6 +27,8 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
                                                                  "else eager)")
     p.add_argument("--device", metavar="cpu|cuda|cuda:N")
     p.add_argument("--dtype", metavar="|".join(DTYPES))
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: DIFFLENS_THREADS, else "
+                                                            "the CPUs this process may use, container limit included)")
     p.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
     p.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
@@ -56,7 +58,7 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     _positive("--max-batch", args.max_batch)
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
-    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)
+    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port)
@@ -75,10 +77,12 @@ def run_worker(args: argparse.Namespace) -> int:
     from difflens.queue.redis_streams import RedisStreamsQueue
     from difflens.worker.worker import Worker
 
+    threads = settings.engine.apply_threads()
     registry = ModelRegistry(settings)
     for entry in registry.load_all():  # a bad folder fails here, before any job is taken
         print(f"difflens: worker: model {entry.name!r} loaded from {entry.folder} "
-              f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend})", file=sys.stderr)
+              f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend}, {threads} threads)",
+              file=sys.stderr)
     queue = RedisStreamsQueue(str(settings.redis_url), settings)
     if settings.metrics_port is not None:
         serve_metrics(settings.metrics_port)
