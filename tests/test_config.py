@@ -25,6 +25,8 @@ def test_bad_values_name_the_field(key, value, field):
 def test_threads_from_the_environment_are_checked(value, allowed):
     assert Settings.from_env({"DIFFLENS_THREADS": "3"}).threads == 3
     assert Settings.from_env({"DIFFLENS_THREADS": "3"}, threads=1).threads == 1
+    assert Settings.from_env({"OMP_NUM_THREADS": "2"}).threads == 2
+    assert Settings.from_env({"OMP_NUM_THREADS": "2", "DIFFLENS_THREADS": "3"}).threads == 3
     with pytest.raises(InvalidArgument) as e:
         Settings.from_env({"DIFFLENS_THREADS": value})
     assert e.value.field in ("DIFFLENS_THREADS", "threads") and allowed in e.value.message

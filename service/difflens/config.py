@@ -2,8 +2,8 @@
 
 Nothing deeper in the code reads os.environ. Environment variables (all optional):
 DIFFLENS_DEVICE (cpu | cuda | cuda:N), DIFFLENS_DTYPE (float32 | float16 | bfloat16),
-DIFFLENS_UNET_BACKEND (eager | compile), DIFFLENS_THREADS (torch's CPU threads; 0 or unset: the CPUs this process
-may use).
+DIFFLENS_UNET_BACKEND (eager | compile), DIFFLENS_THREADS (torch's CPU threads, else OMP_NUM_THREADS; 0 or unset:
+the CPUs this process may use).
 """
 
 from __future__ import annotations
@@ -87,12 +87,14 @@ class Settings:
             "dtype": env.get("DIFFLENS_DTYPE", cls.dtype),
             "unet_backend": env.get("DIFFLENS_UNET_BACKEND", cls.unet_backend),
         }
-        if "DIFFLENS_THREADS" in env:
-            try:
-                values["threads"] = int(env["DIFFLENS_THREADS"])
-            except ValueError:
-                raise InvalidArgument("DIFFLENS_THREADS", f"got {env['DIFFLENS_THREADS']!r}; allowed: an integer "
-                                                          ">= 0 (0: the CPUs this process may use)") from None
+        for var in ("DIFFLENS_THREADS", "OMP_NUM_THREADS"):  # the OpenMP convention too, as torch honours it
+            if var in env:
+                try:
+                    values["threads"] = int(env[var])
+                except ValueError:
+                    raise InvalidArgument(var, f"got {env[var]!r}; allowed: an integer >= 0 (0: the CPUs this "
+                                               "process may use)") from None
+                break
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
