@@ -96,6 +96,9 @@ class JobRecord:
     error: str = ""
     worker: str = ""
     deliveries: int = 0
+    # Set only on what enqueue returns for a job it just made (whose event 0 is Queued(queue_position)); False
+    # for an existing job returned for a repeated idempotency key, and for every other read.
+    created: bool = False
 
     @property
     def done(self) -> bool:

@@ -45,6 +45,50 @@ def test_lifecycle_orders_events_with_dense_sequences(backend):
     assert (rec.state, rec.worker, rec.deliveries, rec.done) == ("completed", "w1", 1, True)
 
 
+def test_claim_with_start_writes_started_in_the_same_step(backend):
+    q = backend.queue()
+    watcher = backend.replica(q)
+    job = q.enqueue(spec())
+    c = q.claim("w1", block_s=1, start=True)
+    assert c is not None and c.started and c.job_id == job.id
+    assert watcher.events(job.id) == [(0, Queued(position=0)), (1, Started("w1", attempt=1))]
+    assert watcher.get(job.id).state == "running"
+    assert q.publish(c, step(0)) == Published.OK and q.finish(c, Completed(b"png", "{}"))
+    assert kinds(watcher, job.id) == [(0, "Queued"), (1, "Started"), (2, "Step"), (3, "Completed")]
+    plain = q.enqueue(spec())
+    c2 = q.claim("w1", block_s=1)
+    assert c2 is not None and not c2.started and kinds(q, plain.id) == [(0, "Queued")]
+
+
+def test_claim_with_start_names_the_attempt_of_a_redelivery(backend):
+    q = backend.queue()
+    job = q.enqueue(spec())
+    q.claim("w1", block_s=1, start=True)
+    time.sleep(LAPSE_S)  # w1 stops heartbeating
+    second = q.claim("w2", block_s=2, start=True)
+    assert second is not None and second.started and second.delivery == 2
+    assert [e for _, e in q.events(job.id) if isinstance(e, Started)] == [Started("w1", 1), Started("w2", 2)]
+
+
+def test_claim_with_start_writes_no_started_for_a_job_it_fails(backend):
+    q = backend.queue()  # max_deliveries=2
+    late = q.enqueue(spec("late", deadline=time.time() - 1))
+    assert q.claim("w", block_s=0.3, start=True) is None
+    assert [type(e).__name__ for _, e in q.events(late.id)] == ["Queued", "Failed"]
+    cancelled = q.enqueue(spec("cancelled"))
+    q.claim("w1", block_s=1, start=True)
+    q.cancel(cancelled.id)
+    time.sleep(LAPSE_S)
+    assert q.claim("w2", block_s=2 * LAPSE_S, start=True) is None
+    assert [type(e).__name__ for _, e in q.events(cancelled.id)] == ["Queued", "Started", "Failed"]
+    aborted = q.enqueue(spec("aborted"))
+    for n in (1, 2):
+        assert q.claim(f"w{n}", block_s=2, start=True) is not None
+        time.sleep(LAPSE_S)
+    assert q.claim("w3", block_s=2 * LAPSE_S, start=True) is None
+    assert [type(e).__name__ for _, e in q.events(aborted.id)] == ["Queued", "Started", "Started", "Failed"]
+
+
 def test_finish_twice_gives_one_terminal_event_and_closes_publishing(backend):
     q = backend.queue()
     job = q.enqueue(spec())

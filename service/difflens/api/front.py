@@ -18,7 +18,7 @@ from difflens import metrics
 from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
 from difflens.errors import NotReady
-from difflens.jobs import Event, JobRecord, JobSpec
+from difflens.jobs import Event, JobRecord, JobSpec, Queued
 from difflens.queue.base import AsyncFront, JobQueue, is_terminal
 from difflens.validation import validate
 
@@ -72,14 +72,20 @@ class Front:
     async def cancel(self, job_id: str) -> JobRecord:
         return await self._run(self.queue.cancel, job_id)
 
-    async def follow(self, job_id: str, after: int = -1, *, admit: bool = False) -> AsyncIterator[tuple[int, Event]]:
+    async def follow(self, job_id: str, after: int = -1, *, admit: bool = False,
+                     created: JobRecord | None = None) -> AsyncIterator[tuple[int, Event]]:
         """(sequence, event) pairs with sequence > `after`, until the job's terminal event (JobNotFound if the
-        job does not exist). `admit`: follow even while draining (Explain, whose job this front just queued)."""
+        job does not exist). `admit`: follow even while draining (Explain, whose job this front just queued).
+        `created`: what submit returned for this job; when it made the job, its event 0 (Queued) is known
+        without a read, and the first read already waits for the worker."""
         if self.draining and not admit:
             raise NotReady("this front is draining (shutting down); watch the job on another replica")
         self._active += 1
         try:
             block, live = 0.0, False  # the first read does not wait: an unknown job is reported at once
+            if created is not None and created.created and after < 0:
+                yield 0, Queued(position=created.queue_position)
+                after, block, live = 0, FOLLOW_BLOCK_S, True
             while True:
                 batch = await self._events(job_id, after, block, live)
                 block = FOLLOW_BLOCK_S

@@ -37,7 +37,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     async def Explain(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         record = await self._submit(request, context)
-        async for seq, event in self.front.follow(record.id, admit=True):
+        async for seq, event in self.front.follow(record.id, admit=True, created=record):
             yield convert.event_to_pb(record.id, seq, event)
 
     async def Submit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

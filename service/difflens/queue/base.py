@@ -11,7 +11,9 @@ Semantics every implementation keeps:
 - `claim` hands a worker one job: a new one, or one whose worker stopped heartbeating for longer than the
   visibility timeout (reclaimed; `Claim.delivery` counts deliveries). A job delivered more than `max_deliveries`
   times is moved to the dead-letter stream and failed instead of being handed out. Jobs already cancelled or past
-  their deadline are failed at claim time and not handed out.
+  their deadline are failed at claim time and not handed out. With `start=True` the claim also appends
+  `Started(worker, delivery)` and moves the job to running in the same atomic step (`Claim.started`): the worker's
+  first event costs no round trip of its own, and a job failed at claim time never shows a Started event.
 - `publish` appends an event to the job's event stream, but only while the claim still owns the job (a reclaimed
   job's first worker, if it was only slow, gets `Published.LOST` back and must stop). `Started` moves the job to
   running. The reply also says whether a cancel was requested (`Published.CANCEL_REQUESTED`): the worker, which
@@ -61,6 +63,7 @@ class Claim:
     token: str
     delivery: int
     enqueued_at: float
+    started: bool = False  # claimed with start=True: Started is already the job's latest event
 
 
 class JobQueue(Protocol):
@@ -68,7 +71,7 @@ class JobQueue(Protocol):
 
     def get(self, job_id: str) -> JobRecord: ...
 
-    def claim(self, worker: str, block_s: float = 1.0) -> Claim | None: ...
+    def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None: ...
 
     def heartbeat(self, claim: Claim) -> bool: ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from difflens.config import ServiceSettings
 from difflens.jobs import Event, Failed, JobRecord, JobSpec, JobStateName, Queued, Started
@@ -83,7 +83,7 @@ class InProcessQueue:
             if spec.idempotency_key:
                 self._idem[key] = job.id
             self._cond.notify_all()
-            return self._record(job)
+            return replace(self._record(job), created=True)
 
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
@@ -136,14 +136,14 @@ class InProcessQueue:
 
     # ------------------------------------------------------------ worker side
 
-    def claim(self, worker: str, block_s: float = 1.0) -> Claim | None:
+    def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None:
         end = time.monotonic() + block_s
         with self._cond:
             self._sweep()
             while True:
                 job = self._next_job()
                 if job is not None:
-                    claim = self._hand_out(job, worker)
+                    claim = self._hand_out(job, worker, start)
                     if claim is not None:
                         return claim
                     continue
@@ -234,7 +234,7 @@ class InProcessQueue:
         oldest = min(self._jobs[j].beat for j in self._held)
         return max(0.001, oldest + self.settings.visibility_timeout_s - time.monotonic())
 
-    def _hand_out(self, job: _Job, worker: str) -> Claim | None:
+    def _hand_out(self, job: _Job, worker: str, start: bool) -> Claim | None:
         self._waiting.pop(job.id, None)
         job.deliveries += 1
         job.owner, job.worker, job.beat = new_token(), worker, time.monotonic()
@@ -247,8 +247,12 @@ class InProcessQueue:
                 self._dead.append(job.id)
             self._terminate(job, failed)
             return None
+        if start:
+            job.state = "running"
+            job.events.append(Started(worker=worker, attempt=job.deliveries))
+            self._cond.notify_all()
         return Claim(job_id=job.id, spec=job.spec, worker=worker, token=job.owner, delivery=job.deliveries,
-                     enqueued_at=job.created_at)
+                     enqueued_at=job.created_at, started=start)
 
     def _sweep(self) -> None:
         """Forget jobs not written for result_ttl_s (as the Redis keys expire)."""

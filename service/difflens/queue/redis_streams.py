@@ -8,7 +8,8 @@ Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
                          owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq
     P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
-                         field e = encode_event bytes, or q = position for the Queued event the enqueue script writes
+                         field e = encode_event bytes, or q = position for the Queued event the enqueue script
+                         writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
     P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
 The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
 script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
@@ -88,8 +89,10 @@ if ARGV[8] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6]) end
 return {'new', tostring(depth)}
 """
 
-# ARGV: entry, group, token, worker, now, ttl, job id. Returns false when the entry is stale (job expired or
-# already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel, created_at}.
+# ARGV: entry, group, token, worker, now, ttl, job id, start (1/0), max deliveries. Returns false when the entry
+# is stale (job expired or already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel,
+# created_at, started}. With start = 1 and nothing against handing the job out (claim_verdict's three tests, on
+# the same `now`), the Started event is appended and the job is running: started = 1.
 _CLAIM = _LUA_PRELUDE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (not state) or is_terminal(state) then
@@ -99,9 +102,18 @@ end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('ZREM', KEYS[4], ARGV[7])
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'worker', ARGV[4], 'heartbeat', ARGV[5], 'updated_at', ARGV[5])
+local cancel = redis.call('HGET', KEYS[1], 'cancel')
+local deadline = redis.call('HGET', KEYS[1], 'deadline')
+local started = 0
+if ARGV[8] == '1' and cancel ~= '1' and n <= tonumber(ARGV[9])
+    and (deadline == '' or tonumber(ARGV[5]) < tonumber(deadline)) then
+  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], '0-' .. seq, 's', n, 'w', ARGV[4])
+  redis.call('HSET', KEYS[1], 'state', 'running')
+  started = 1
+end
 touch(ARGV[6])
-return {n, redis.call('HGET', KEYS[1], 'spec'), redis.call('HGET', KEYS[1], 'cancel'),
-        redis.call('HGET', KEYS[1], 'created_at')}
+return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started}
 """
 
 _OWNED = """
@@ -182,9 +194,16 @@ def _decode_events(found: Any) -> list[tuple[int, Event]]:
     """(sequence, event) pairs of an XREAD reply on one job's event stream (entry 0-n is sequence n - 1)."""
     if not found:
         return []
-    return [(int(entry_id.split(b"-")[1]) - 1,
-             decode_event(fields[b"e"]) if b"e" in fields else Queued(position=int(fields[b"q"])))
-            for entry_id, fields in found[0][1]]
+    return [(int(entry_id.split(b"-")[1]) - 1, _event_of(fields)) for entry_id, fields in found[0][1]]
+
+
+def _event_of(fields: dict[bytes, bytes]) -> Event:
+    """One event stream entry's event: encoded bytes, or the fields a script wrote (Queued, Started)."""
+    if b"e" in fields:
+        return decode_event(fields[b"e"])
+    if b"s" in fields:
+        return Started(worker=_s(fields[b"w"]), attempt=int(fields[b"s"]))
+    return Queued(position=int(fields[b"q"]))
 
 
 class RedisStreamsQueue:
@@ -246,7 +265,7 @@ class RedisStreamsQueue:
         if kind == b"full":
             raise queue_full(int(value), self.settings.max_queue_depth)
         return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
-                         queue_position=int(value))
+                         queue_position=int(value), created=True)
 
     def get(self, job_id: str) -> JobRecord:
         pipe = self._r.pipeline(transaction=False)
@@ -301,12 +320,12 @@ class RedisStreamsQueue:
 
     # ------------------------------------------------------------ worker side
 
-    def claim(self, worker: str, block_s: float = 1.0) -> Claim | None:
+    def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None:
         end = time.monotonic() + block_s
         while True:
             entry = self._reclaimable(worker) or self._read_new(worker, end - time.monotonic())
             if entry is not None:
-                claim = self._take(worker, *entry)
+                claim = self._take(worker, *entry, start=start)
                 if claim is not None:
                     return claim
                 continue
@@ -362,14 +381,16 @@ class RedisStreamsQueue:
         entry_id, fields = reply[0][1][0]
         return entry_id, _s(fields[b"job"])
 
-    def _take(self, worker: str, entry_id: bytes, job_id: str) -> Claim | None:
+    def _take(self, worker: str, entry_id: bytes, job_id: str, start: bool) -> Claim | None:
         """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so."""
-        token = new_token()
+        token, now = new_token(), time.time()
         reply = self._claim(keys=self._keys(job_id),
-                            args=[entry_id, GROUP, token, worker, time.time(), self._ttl_ms, job_id])
+                            args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id, 1 if start else 0,
+                                  self.settings.max_deliveries])
         if not reply:
             return None
         deliveries, spec_json, cancel, created_at = int(reply[0]), reply[1], reply[2] == b"1", float(reply[3])
+        started = bool(reply[4])
         try:
             spec = JobSpec.from_json(spec_json)
         except (ValueError, KeyError, TypeError) as e:
@@ -377,12 +398,12 @@ class RedisStreamsQueue:
             self._terminate(job_id, token, Failed("INTERNAL", f"this worker cannot read the job's spec: {e}"))
             return None
         failed = claim_verdict(cancel=cancel, deadline=spec.deadline, deliveries=deliveries,
-                               max_deliveries=self.settings.max_deliveries, now=time.time())
+                               max_deliveries=self.settings.max_deliveries, now=now)
         if failed is not None:
             self._terminate(job_id, token, failed, dead_letter=failed.code == "ABORTED")
             return None
         return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
-                     enqueued_at=created_at)
+                     enqueued_at=created_at, started=started)
 
     def _terminate(self, job_id: str, token: str, event: Event, dead_letter: bool = False) -> bool:
         """The at-most-once finish of the claim `token`; `dead_letter` also records the job in P:dead."""

@@ -85,7 +85,10 @@ class JobRun:
         else:  # a re-delivery: the client already saw these steps from an earlier attempt
             self.published = {e.index for _, e in self.queue.events(claim.job_id) if isinstance(e, Step)}
         try:
-            self._publish_or_stop(Started(worker=claim.worker, attempt=claim.delivery))
+            if claim.started:  # the claim wrote Started, and saw no cancel flag
+                self.cancel_seen = False
+            else:
+                self._publish_or_stop(Started(worker=claim.worker, attempt=claim.delivery))
             exp = self._explain()
             png = image_png(exp.image)
             record = self._record(exp, png, started)

@@ -105,7 +105,7 @@ class Worker:
 
     def _claim(self, stop: threading.Event) -> Claim | None:
         try:
-            return self.queue.claim(self.name, block_s=CLAIM_BLOCK_S)
+            return self.queue.claim(self.name, block_s=CLAIM_BLOCK_S, start=True)
         except Exception:  # the queue's backend is down: keep the worker alive and retry
             log.exception("worker %s: claim failed; retrying", self.name)
             metrics.ERRORS.labels("queue").inc()
