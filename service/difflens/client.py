@@ -82,6 +82,8 @@ class ExplainStream:
                     self.events.append(event)
                     self._done = isinstance(event, TERMINAL_EVENTS)
                     yield msg if self._raw else event
+                    if self._done:  # the terminal event is the job's last: no need to wait for the stream's close
+                        return
                     attempts = 0
                 return  # the server ended the stream (WatchJob from past the end ends without a terminal event)
             except grpc.RpcError as e:
