@@ -67,7 +67,7 @@ def redis_url(given: str | None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def processes(model_dir: Path, url: str, log_dir: Path) -> Iterator[str]:
+def processes(model_dir: Path, url: str, log_dir: Path, threads: int) -> Iterator[str]:
     """`difflens serve` and `difflens worker` on `url`; yields the front's target once both are up."""
     queue = f"bench-{os.getpid()}"
     port_file = log_dir / "port"
@@ -77,7 +77,8 @@ def processes(model_dir: Path, url: str, log_dir: Path) -> Iterator[str]:
     procs = [
         subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--port", "0", "--port-file", str(port_file),
                           *common], stdout=logs[0], stderr=subprocess.STDOUT, env=env),
-        subprocess.Popen([sys.executable, "-m", "difflens", "worker", "--max-jobs", "1", "--name", "bench", *common],
+        subprocess.Popen([sys.executable, "-m", "difflens", "worker", "--max-jobs", "1", "--name", "bench",
+                          "--threads", str(threads), *common],
                          stdout=logs[1], stderr=subprocess.STDOUT, env=env),
     ]
     try:
@@ -136,11 +137,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50, help="timed runs per job and path (default 50)")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--settle-ms", type=float, default=50.0,
+                    help="untimed pause before each timed run (default 50): the previous run's threads (torch's "
+                         "OpenMP team spin-waits after an op) must not be on the CPUs the next run needs")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the in-process engine and of the worker alike (default 0: each takes "
+                         "the CPUs it may use)")
     ap.add_argument("--quick", action="store_true", help="10 runs, 2 warm-ups")
     ap.add_argument("--redis", default=os.environ.get("DIFFLENS_REDIS_URL"))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     runs, warmup = (10, 2) if args.quick else (args.runs, args.warmup)
+    settle_s = args.settle_ms / 1000
+    from difflens.config import Settings
+
+    threads = Settings(threads=args.threads).apply_threads()  # the in-process engine's; the worker gets the same
 
     from difflens.client import DifflensClient
     from difflens.engine.loading import load_model
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="difflens-bench-") as tmp, redis_url(args.redis) as url:
         model_dir = make_tiny_model(Path(tmp) / "tiny")
         model = load_model(model_dir)
-        with processes(model_dir, url, Path(tmp)) as target, DifflensClient(target) as client:
+        with processes(model_dir, url, Path(tmp), threads) as target, DifflensClient(target) as client:
             for name, options in JOBS.items():
                 spec = spec_of(options)
                 for _ in range(warmup):
@@ -158,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                     time_served(client, spec)
                 local, served = [], []
                 for _ in range(runs):  # interleaved: background load hits both paths alike
+                    time.sleep(settle_s)
                     local.append(time_local(model, spec))
+                    time.sleep(settle_s)
                     served.append(time_served(client, spec))
                 rows[name] = summarize(local, served)
     header = f"{'job':<6} {'local p50':>10} {'local p90':>10} {'served p50':>11} {'served p90':>11} {'added p50':>10}"
@@ -168,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['served_p90_ms']:>9.1f}ms {r['added_p50_ms']:>8.1f}ms")
     ok = all(r["added_p50_ms"] <= TARGET_ADDED_P50_MS for r in rows.values())
     print(f"target: added p50 <= {TARGET_ADDED_P50_MS:g} ms: {'met' if ok else 'NOT met'}")
-    result = {"benchmark": "service", "runs": runs, "warmup": warmup, "jobs": rows,
+    result = {"benchmark": "service", "runs": runs, "warmup": warmup, "settle_ms": args.settle_ms, "jobs": rows,
               "target_added_p50_ms": TARGET_ADDED_P50_MS, "target_met": ok,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+                          "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
