@@ -24,6 +24,7 @@ from difflens.engine.options import (  # torch-free at import, so the parser bui
     SAMPLING_KINDS,
     SCHEDULERS,
     SCORES,
+    SSIM_PADDINGS,
     SUBSTRATES,
 )
 from difflens.errors import DifflensError, InvalidArgument, ModelLoadError
@@ -40,7 +41,8 @@ FLAG_OF_FIELD = {
     "explain.steps.indices": "--explain-steps", "explain.steps.every": "--explain-steps",
     "rise.num_masks": "--masks", "rise.batch_size": "--batch", "rise.mask": "--mask",
     "rise.grid_size": "--grid-size", "rise.p": "--p", "rise.substrate": "--substrate", "rise.score": "--score",
-    "rise.target": "--rise-target", "rise.seed": "--mask-seed", "cam.layers": "--cam-layers",
+    "rise.ssim_padding": "--ssim-padding", "rise.target": "--rise-target", "rise.seed": "--mask-seed",
+    "cam.layers": "--cam-layers",
     "cam.target": "--cam-target", "unet_backend": "--backend", "device": "--device", "dtype": "--dtype",
     "out": "--out",
 }
@@ -86,6 +88,8 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--substrate", metavar=_choices(SUBSTRATES), help="DF-RISE masked-out value (default zero)")
     e.add_argument("--score", metavar=_choices(SCORES), help="DF-RISE per-pixel score (default structure)")
     e.add_argument("--structure-2x", action="store_true", help="DF-RISE: the reference code's 2*sigma_xy")
+    e.add_argument("--ssim-padding", metavar=_choices(SSIM_PADDINGS),
+                   help="DF-RISE structure term's window past the border (default zero, as METHOD.md)")
     e.add_argument("--rise-target", metavar=_choices(RISE_TARGETS), help="DF-RISE reference (default eps)")
     e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed (default 0)")
     e.add_argument("--cam-layers", metavar="a,b,...", help="DF-CAM UNet module paths (default: the reference set)")
@@ -172,7 +176,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     GenerationParams(args.prompt, **generation)  # validates now, before the model is loaded
     rise = RiseOptions(**_given(num_masks=args.masks, batch_size=args.batch, mask=args.mask,
                                 grid_size=args.grid_size, p=args.p, substrate=args.substrate, score=args.score,
-                                target=args.rise_target, seed=args.mask_seed),
+                                target=args.rise_target, seed=args.mask_seed, ssim_padding=args.ssim_padding),
                        structure_2x=args.structure_2x)
     layers = tuple(x.strip() for x in args.cam_layers.split(",") if x.strip()) if args.cam_layers else None
     cam = CamOptions(**_given(layers=layers, target=args.cam_target))

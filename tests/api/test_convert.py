@@ -27,7 +27,7 @@ SPECS = [
             explain=ExplainOptions(steps=StepSelector("list", indices=(1, 3)),
                                    rise=RiseOptions(num_masks=33, p=0.25, mask="grid", grid_size=4, substrate="blur",
                                                     score="cosine", structure_2x=True, target="x_prev",
-                                                    batch_size=5, seed=9),
+                                                    batch_size=5, seed=9, ssim_padding="reflect"),
                                    cam=CamOptions(layers=("a.b", "c.d"), target="guided_sqnorm"),
                                    attention=AttentionOptions()),
             output=OutputOptions(map_dtype="float16", include_x0_previews=True), idempotency_key="k1"),

@@ -120,6 +120,7 @@ CASES: list[tuple[str, Callable[[Any], None], str]] = [
     ("unknown score", _set("explain.rise.score", 9), "explain.rise.score"),
     ("unknown rise target", _set("explain.rise.target", 5), "explain.rise.target"),
     ("unknown substrate", _set("explain.rise.substrate", 4), "explain.rise.substrate"),
+    ("unknown ssim padding", _set("explain.rise.ssim_padding", 7), "explain.rise.ssim_padding"),
     ("unknown cam layer", _cam([CAM_LAYERS[0], "up_blocks.9.resnets.0"]), "explain.cam.layers"),
     ("unknown cam target", _cam([], target=8), "explain.cam.target"),
     ("unknown map dtype", _set("output.map_dtype", 5), "output.map_dtype"),

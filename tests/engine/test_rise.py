@@ -161,10 +161,11 @@ def windows(a: np.ndarray, size: int, mode: str) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(2, 3))
 
 
-def structure_reference(x: np.ndarray, y: np.ndarray, two: bool) -> np.ndarray:
-    """Centred weighted moments over each 15 x 15 zero-padded window (the padded zeros count as values)."""
+def structure_reference(x: np.ndarray, y: np.ndarray, two: bool, mode: str = "constant") -> np.ndarray:
+    """Centred weighted moments over each 15 x 15 window, padded with zeros (which count as values) or, with
+    mode "reflect", with the border's pixels mirrored (numpy's reflect: the edge pixel itself not repeated)."""
     w = gaussian_window(15, 1.5)
-    wx, wy = windows(x, 15, "constant"), windows(y, 15, "constant")
+    wx, wy = windows(x, 15, mode), windows(y, 15, mode)
     mx = (w * wx).sum(axis=(-2, -1), keepdims=True)
     my = (w * wy).sum(axis=(-2, -1), keepdims=True)
     vx = (w * (wx - mx) ** 2).sum(axis=(-2, -1))
@@ -197,6 +198,33 @@ def test_ssim_structure_equals_float64_reference(two):
     got32 = rise.ssim_structure(x.float(), y.float(), double_covariance=two)
     assert torch.isfinite(got32).all()
     assert np.abs(got32.double().numpy() - want).max() <= 2e-2  # fp32 cancellation near the clamp, bounded
+
+
+@pytest.mark.parametrize("two", [False, True])
+def test_ssim_structure_with_reflect_padding_equals_float64_reference(two):
+    x, y = structured_pair()
+    want = structure_reference(x.expand_as(y).numpy(), y.numpy(), two, mode="reflect")
+    got = rise.ssim_structure(x, y, double_covariance=two, padding="reflect")
+    assert got.shape == (3, 20, 24) and np.abs(got.numpy() - want).max() <= 1e-6
+    zero = rise.ssim_structure(x, y, double_covariance=two)
+    assert np.abs(got[:, 7:-7, 7:-7].numpy() - zero[:, 7:-7, 7:-7].numpy()).max() <= 1e-9  # same inside
+    assert np.abs(got.numpy() - zero.numpy()).max() > 0.1  # not at the border
+
+
+def test_reflect_padding_keeps_a_constant_pair_at_one_up_to_the_border():
+    # The zero-padded window sees opposite-signed constants as anti-correlated at the border (next test); the
+    # mirrored window sees only the constants: S = C3 / C3 = 1 everywhere.
+    s = rise.ssim_structure(torch.full((1, 4, 24, 24), 3.3), torch.full((2, 4, 24, 24), -7.1), padding="reflect")
+    assert torch.allclose(s, torch.ones(2, 24, 24), atol=1e-2)
+
+
+def test_batched_equals_one_mask_per_call_with_reflect_padding(cfg_state):
+    opts = RiseOptions(num_masks=10, batch_size=4, ssim_padding="reflect", seed=7)
+    masks = rise.make_masks(opts, tuple(cfg_state.latent_in.shape[-2:]), "cpu")
+    batched, looped = rise.explain_step(cfg_state, opts, masks), rise.explain_step_reference(cfg_state, opts, masks)
+    assert (batched["rise"] - looped["rise"]).abs().max() <= 1e-5 and batched["rise"].std() > 1e-4
+    zero = rise.explain_step(cfg_state, RiseOptions(num_masks=10, batch_size=4, seed=7), masks)
+    assert (zero["rise"] - batched["rise"]).abs().max() > 1e-3  # the option reaches the score
 
 
 def test_ssim_structure_is_finite_on_constant_inputs_and_zero_padded():

@@ -49,6 +49,7 @@ MASK_KINDS = {0: "pixel", 1: "pixel", 2: "grid"}
 SCORES = {0: "structure", 1: "structure", 2: "cosine"}
 RISE_TARGETS = {0: "eps", 1: "eps", 2: "x_prev"}
 SUBSTRATES = {0: "zero", 1: "zero", 2: "blur"}
+SSIM_PADDINGS = {0: "zero", 1: "zero", 2: "reflect"}
 CAM_TARGETS = {0: "output_sum", 1: "output_sum", 2: "guided_sum", 3: "guided_sqnorm"}
 MAP_DTYPES = {0: "float32", 1: "float16", 2: "float32"}
 TENSOR_DTYPES = {pb.Tensor.D_TYPE_FLOAT16: "float16", pb.Tensor.D_TYPE_FLOAT32: "float32",
@@ -128,6 +129,8 @@ def rise_from_pb(r: Any) -> RiseOptions:
         score=_enum("explain.rise.score", r.score, SCORES, R.Score),  # type: ignore[arg-type]
         target=_enum("explain.rise.target", r.target, RISE_TARGETS, R.Target),  # type: ignore[arg-type]
         substrate=_enum("explain.rise.substrate", r.substrate, SUBSTRATES, R.Substrate),  # type: ignore[arg-type]
+        ssim_padding=_enum("explain.rise.ssim_padding", r.ssim_padding, SSIM_PADDINGS,  # type: ignore[arg-type]
+                           R.SsimPadding),
         structure_2x=r.structure_2x)
 
 
@@ -199,7 +202,8 @@ def spec_to_request(spec: JobSpec, timeout_s: float | None = None) -> Any:
         req.explain.rise.CopyFrom(pb.RiseOptions(
             masks=r.num_masks, p=r.p, mask_kind=_number(MASK_KINDS, r.mask), grid_size=r.grid_size,
             score=_number(SCORES, r.score), target=_number(RISE_TARGETS, r.target), batch=r.batch_size,
-            substrate=_number(SUBSTRATES, r.substrate), structure_2x=r.structure_2x, mask_seed=r.seed))
+            substrate=_number(SUBSTRATES, r.substrate), structure_2x=r.structure_2x, mask_seed=r.seed,
+            ssim_padding=_number(SSIM_PADDINGS, r.ssim_padding)))
     if e.cam is not None:
         req.explain.cam.CopyFrom(pb.CamOptions(layers=list(e.cam.layers), target=_number(CAM_TARGETS, e.cam.target)))
     req.explain.attention.enabled = e.attention is not None

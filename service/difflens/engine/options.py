@@ -19,6 +19,7 @@ SchedulerName = Literal["ddim", "ddpm", "dpmsolver++", "euler"]
 SamplingKind = Literal["uniform", "early", "late", "explicit"]
 MaskKind = Literal["pixel", "grid"]
 Substrate = Literal["zero", "blur"]
+SsimPadding = Literal["zero", "reflect"]
 ScoreKind = Literal["structure", "cosine"]
 RiseTarget = Literal["eps", "x_prev"]
 CamTarget = Literal["output_sum", "guided_sum", "guided_sqnorm"]
@@ -32,6 +33,7 @@ SAMPLING_KINDS: tuple[str, ...] = get_args(SamplingKind)
 MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
 SUBSTRATES: tuple[str, ...] = get_args(Substrate)
 SCORES: tuple[str, ...] = get_args(ScoreKind)
+SSIM_PADDINGS: tuple[str, ...] = get_args(SsimPadding)
 RISE_TARGETS: tuple[str, ...] = get_args(RiseTarget)
 CAM_TARGETS: tuple[str, ...] = get_args(CamTarget)
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -126,6 +128,9 @@ class RiseOptions:
     """DF-RISE (METHOD.md). `masks`, when given, is (N, h, w) in [0, 1] and overrides num_masks/p/kind/seed.
 
     structure_2x: the reference code's 2*sigma_xy numerator (parity flag).
+    ssim_padding: how the structure term's 15 x 15 window sees past the latent's border - "zero" (METHOD.md: the
+    padded zeros count as data, identical in both inputs, which raises the score on a 7-pixel ring; on a 32 x 32
+    latent that ring decides where the map peaks) or "reflect" (the border's own pixels, mirrored).
     """
 
     num_masks: int = 256
@@ -135,6 +140,7 @@ class RiseOptions:
     substrate: Substrate = "zero"
     score: ScoreKind = "structure"
     structure_2x: bool = False
+    ssim_padding: SsimPadding = "zero"
     target: RiseTarget = "eps"
     batch_size: int = 32
     seed: int = 0
@@ -147,6 +153,7 @@ class RiseOptions:
         check_range("rise.grid_size", self.grid_size, 1, 1024)
         check_choice("rise.substrate", self.substrate, get_args(Substrate))
         check_choice("rise.score", self.score, get_args(ScoreKind))
+        check_choice("rise.ssim_padding", self.ssim_padding, get_args(SsimPadding))
         check_choice("rise.target", self.target, get_args(RiseTarget))
         check_range("rise.batch_size", self.batch_size, 1, 4096)
         if self.masks is not None and self.masks.dim() != 3:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from difflens.engine.options import RiseOptions
+from difflens.engine.options import RiseOptions, SsimPadding
 from difflens.engine.sampler import StepState
 from difflens.errors import InvalidArgument
 
@@ -104,15 +104,16 @@ def gaussian_filter(z: torch.Tensor, size: int, sigma: float, padding_mode: str 
     return F.conv2d(z, g.view(1, 1, 1, size).expand(c, 1, 1, size), padding=(0, pad), groups=c)
 
 
-def _local_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_stats(z: torch.Tensor, mode: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian-weighted local mean and variance (clamped at 0). z: (B, C, h, w) -> two (B, C, h, w)."""
     c = z.shape[1]
-    both = gaussian_filter(torch.cat([z, z * z], dim=1), SSIM_WINDOW, SSIM_SIGMA)
+    both = gaussian_filter(torch.cat([z, z * z], dim=1), SSIM_WINDOW, SSIM_SIGMA, mode)
     mu, mean_sq = both[:, :c], both[:, c:]
     return mu, (mean_sq - mu * mu).clamp_min(0)
 
 
-def ssim_structure(x: torch.Tensor, y: torch.Tensor, *, double_covariance: bool = False) -> torch.Tensor:
+def ssim_structure(x: torch.Tensor, y: torch.Tensor, *, double_covariance: bool = False,
+                   padding: SsimPadding = "zero") -> torch.Tensor:
     """SSIM structure term per pixel, averaged over channels. x, y: (B, C, h, w) -> (B, h, w).
 
     Per channel S = (sigma_xy + C3) / (sigma_x * sigma_y + C3) with C3 = C2 / 2, C2 = (0.03 * 1)^2; local
@@ -120,10 +121,12 @@ def ssim_structure(x: torch.Tensor, y: torch.Tensor, *, double_covariance: bool 
     input size. Variances are clamped at 0 before the square root (the reference code can produce NaN there).
     Either batch may be 1 and is then broadcast against the other (its statistics are computed once).
     double_covariance: the reference code's 2 * sigma_xy numerator (parity option).
+    padding: "reflect" mirrors the border pixels into the window instead of zeros (needs h, w > 7).
     """
-    mu_x, var_x = _local_stats(x)
-    mu_y, var_y = _local_stats(y)
-    cov = gaussian_filter(x * y, SSIM_WINDOW, SSIM_SIGMA) - mu_x * mu_y
+    mode = "zeros" if padding == "zero" else "reflect"
+    mu_x, var_x = _local_stats(x, mode)
+    mu_y, var_y = _local_stats(y, mode)
+    cov = gaussian_filter(x * y, SSIM_WINDOW, SSIM_SIGMA, mode) - mu_x * mu_y
     num = (2 * cov if double_covariance else cov) + SSIM_C3
     return (num / (var_x.sqrt() * var_y.sqrt() + SSIM_C3)).mean(dim=1)
 
@@ -132,7 +135,7 @@ def score(ref: torch.Tensor, out: torch.Tensor, opts: RiseOptions) -> torch.Tens
     """Per-pixel similarity of each output to the reference. ref: (1, C, h, w); out: (B, C, h, w) -> (B, h, w)."""
     if opts.score == "cosine":
         return F.cosine_similarity(out, ref, dim=1)
-    return ssim_structure(ref, out, double_covariance=opts.structure_2x)
+    return ssim_structure(ref, out, double_covariance=opts.structure_2x, padding=opts.ssim_padding)
 
 
 # --- one step --------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid-size", type=int, default=8, help="DF-RISE grid cells per side for --mask grid")
     p.add_argument("--score", choices=("structure", "cosine"), default="structure",
                    help="DF-RISE per-pixel score (default structure)")
+    p.add_argument("--ssim-padding", choices=("zero", "reflect"), default="zero",
+                   help="DF-RISE structure term's window past the latent's border (default zero, as METHOD.md)")
     p.add_argument("--steps", default="6", metavar="N|i,j,...",
                    help="explained steps: N spread over the trajectory, or step indices (default 6)")
     p.add_argument("--chunks", type=int, default=16, help="deletion / insertion points - 1 (default 16)")
@@ -39,6 +41,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 FLAGS = {"fidelity_images": "--captions", "explain_captions": "--explain-captions", "masks": "--masks",
          "chunks": "--chunks", "steps": "--steps", "sampling.shift": "--shift", "rise.mask": "--mask",
          "rise.grid_size": "--grid-size", "rise.score": "--score", "rise.num_masks": "--masks",
+         "rise.ssim_padding": "--ssim-padding",
          "r3_steps": "--r3-steps"}
 
 
@@ -69,6 +72,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cfg = EvalConfig(fidelity_images=args.captions, explain_captions=args.explain_captions, masks=args.masks,
                          steps=parse_steps(args.steps), chunks=args.chunks, shift=args.shift, seed=args.seed,
                          rise_mask=args.mask, rise_grid_size=args.grid_size, rise_score=args.score,
+                         rise_ssim_padding=args.ssim_padding,
                          r3_steps=parse_ints("r3_steps", args.r3_steps) if args.r3_steps.strip() else ())
     except InvalidArgument as e:
         raise InvalidArgument(FLAGS.get(e.field, e.field), e.message) from None

@@ -62,7 +62,8 @@ def markdown(s: dict[str, Any]) -> str:
              f"held-out captions. Explained: {ex['accepted']} images ({ex['screened']} generated, excluded "
              f"{ex['excluded'] or 'none'}), steps {ex['steps']}, {s['config']['masks']} masks "
              f"(DF-RISE mask {s['config'].get('rise_mask', 'pixel')}, "
-             f"score {s['config'].get('rise_score', 'structure')}).",
+             f"score {s['config'].get('rise_score', 'structure')}, "
+             f"SSIM padding {s['config'].get('rise_ssim_padding', 'zero')}).",
              "",
              f"## Prompt fidelity per schedule (R3, lambda = {r3['shift']})", ""]
     lines += _table(["schedule", *FIDELITY_ATTRS],

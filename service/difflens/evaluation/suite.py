@@ -38,6 +38,7 @@ from difflens.engine.options import (
     RiseOptions,
     Sampling,
     ScoreKind,
+    SsimPadding,
     StepSelector,
 )
 from difflens.engine.runner import UNetRunner
@@ -62,8 +63,8 @@ EXPLAIN_SEED_OFFSET = 10_000  # explained images never share noise with the fide
 @dataclass(frozen=True)
 class EvalConfig:
     """Sizes of a run. steps: how many explained steps, spread evenly over the trajectory (first and last
-    included), or explicit step indices. rise_mask / rise_grid_size / rise_score: the DF-RISE variant judged
-    (RiseOptions' mask, grid_size, score)."""
+    included), or explicit step indices. rise_mask / rise_grid_size / rise_score / rise_ssim_padding: the DF-RISE
+    variant judged (RiseOptions' mask, grid_size, score, ssim_padding)."""
 
     fidelity_images: int = 200
     explain_captions: int = 16
@@ -84,11 +85,13 @@ class EvalConfig:
     rise_mask: MaskKind = "pixel"
     rise_grid_size: int = 8
     rise_score: ScoreKind = "structure"
+    rise_ssim_padding: SsimPadding = "zero"
 
     def rise_options(self) -> RiseOptions:
         """The DF-RISE options every explained step uses (InvalidArgument naming rise.<field> when invalid)."""
         return RiseOptions(num_masks=self.masks, batch_size=self.rise_batch, seed=self.seed,
-                           mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score)
+                           mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score,
+                           ssim_padding=self.rise_ssim_padding)
 
     def __post_init__(self) -> None:
         for name in ("fidelity_images", "explain_captions", "max_candidates_factor", "masks", "rise_batch",
