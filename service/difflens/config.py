@@ -20,6 +20,7 @@ from difflens.errors import InvalidArgument
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[str, ...] = get_args(DType)
 UNetBackend = Literal["eager", "compile"]  # engine.options.Backend
+THREADS_ALLOWED = "allowed: an integer >= 0 (0: the CPUs this process may use)"
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -54,8 +55,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.threads < 0:
-            raise InvalidArgument("threads", f"got {self.threads}; allowed: an integer >= 0 "
-                                             "(0: the CPUs this process may use)")
+            raise InvalidArgument("threads", f"got {self.threads}; {THREADS_ALLOWED}")
         if self.dtype not in get_args(DType):
             raise InvalidArgument("dtype", f"got {self.dtype!r}; allowed: {', '.join(get_args(DType))}")
         if self.unet_backend not in get_args(UNetBackend):
@@ -90,10 +90,12 @@ class Settings:
         for var in ("DIFFLENS_THREADS", "OMP_NUM_THREADS"):  # the OpenMP convention too, as torch honours it
             if var in env:
                 try:
-                    values["threads"] = int(env[var])
+                    threads = int(env[var])
                 except ValueError:
-                    raise InvalidArgument(var, f"got {env[var]!r}; allowed: an integer >= 0 (0: the CPUs this "
-                                               "process may use)") from None
+                    threads = -1
+                if threads < 0:
+                    raise InvalidArgument(var, f"got {env[var]!r}; {THREADS_ALLOWED}")
+                values["threads"] = threads
                 break
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -85,6 +85,7 @@ def test_sigterm_drains_running_streams_then_exits(tiny_dir, tmp_path):
     (["serve", "--embedded", "--model", "tiny"], "--model: got 'tiny'; expected NAME=DIR"),
     (["serve", "--embedded", "--max-queue-depth", "0"], "--max-queue-depth: got 0; must be >= 1"),
     (["serve", "--embedded", "--drain-grace", "-1"], "--drain-grace: got -1.0; must be >= 0"),
+    (["serve", "--embedded", "--threads", "-1"], "--threads: got -1; allowed: an integer >= 0"),
     (["serve", "--embedded", "--port", "0", "--model", "x=/no/such/folder"], "/no/such/folder"),
 ])
 def test_bad_serve_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypatch):

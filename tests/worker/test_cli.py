@@ -55,6 +55,7 @@ def test_worker_process_finishes_its_job_on_sigterm(tiny_dir, redis_url, queue_n
 @pytest.mark.parametrize(("argv", "message"), [
     (["worker"], "--redis: a worker process needs the Redis URL"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--max-jobs", "0"], "--max-jobs: got 0; must be >= 1"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--threads", "-2"], "--threads: got -2; allowed: an integer >= 0"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--model", "tiny"], "--model: got 'tiny'; expected NAME=DIR"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--backend", "jit"], "--backend: got 'jit'; allowed: eager, compile"),
 ])

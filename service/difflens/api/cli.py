@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from difflens.config import DTYPES, ServiceSettings, Settings
+from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 
@@ -58,6 +58,8 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
                         ("--max-batch", args.max_batch)):
         if value is not None and value < 1:
             raise InvalidArgument(flag, f"got {value}; must be >= 1")
+    if args.threads is not None and args.threads < 0:
+        raise InvalidArgument("--threads", f"got {args.threads}; {THREADS_ALLOWED}")
     if args.drain_grace is not None and args.drain_grace < 0:
         raise InvalidArgument("--drain-grace", f"got {args.drain_grace}; must be >= 0")
     if args.embedded and args.redis:

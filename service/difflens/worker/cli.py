@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from difflens.config import DTYPES, ServiceSettings, Settings
+from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 
@@ -56,6 +56,8 @@ def _positive(flag: str, value: int | None) -> None:
 def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     _positive("--max-jobs", args.max_jobs)
     _positive("--max-batch", args.max_batch)
+    if args.threads is not None and args.threads < 0:
+        raise InvalidArgument("--threads", f"got {args.threads}; {THREADS_ALLOWED}")
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
     engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
