@@ -77,7 +77,10 @@ def test_plots_are_pngs_and_the_report_names_targets(run):
     assert all(p.read_bytes()[:8] == PNG for p in pngs)
     md = markdown(summary)
     assert "| DF-RISE |" in md and all(t["name"] in md for t in summary["targets"])
-    assert md.count("MISSED") == sum(not t["met"] for t in summary["targets"])
+    assert md.count("MISSED") == sum(not t["met"] and t["measured"] is not None for t in summary["targets"])
+    unmeasured = {**summary, "targets": [{**t, "measured": None, "met": False} for t in summary["targets"]]}
+    table = markdown(unmeasured).split("## Targets")[1]  # a run without fidelity images misses nothing there
+    assert "MISSED" not in table and table.count("not measured") == len(summary["targets"])
 
 
 def test_explained_steps():

@@ -93,7 +93,8 @@ def markdown(s: dict[str, Any]) -> str:
                       _f(c[m]["texture_higher_late"])] for m in METHODS])
     lines += ["", "## Targets", ""]
     lines += _table(["target", "measured", "wanted", "status"],
-                    [[t["name"], _f(t["measured"]), t["target"], "met" if t["met"] else "MISSED"]
+                    [[t["name"], _f(t["measured"]), t["target"],
+                      "not measured" if t["measured"] is None else "met" if t["met"] else "MISSED"]
                      for t in s["targets"]])
     sec = s["seconds"]
     lines += ["", f"Time: {sec['total']:.0f} s (fidelity {sec['fidelity']:.0f} s, explanation "
