@@ -36,14 +36,33 @@ TIMESTEP = 500
 RESULTS = Path(__file__).parent / "results" / "rise.json"
 
 
-def build_unet(seed: int = 0) -> Any:
-    """SD1.x's block layout at small widths: 3 levels, cross-attention in the upper two, 2 resnets per block."""
+CHANNELS = (32, 64, 64)
+HEAD_DIM = 32  # SD1.5's attention heads are 40, 80 and 160 wide; SD2 and SDXL's are 64
+
+
+def attention_heads(head_dim: int) -> tuple[int, ...]:
+    """Heads per level for a head width of `head_dim` (0: 8 heads everywhere, SD1.5's config taken literally,
+    which at these widths makes heads 4 and 8 wide)."""
+    if head_dim == 0:
+        return (8,) * len(CHANNELS)
+    if any(c % head_dim for c in CHANNELS):
+        raise SystemExit(f"--head-dim: got {head_dim}; must divide every level's width {CHANNELS} (or be 0)")
+    return tuple(c // head_dim for c in CHANNELS)
+
+
+def build_unet(seed: int = 0, head_dim: int = HEAD_DIM) -> Any:
+    """SD1.x's block layout at small widths: 3 levels, cross-attention in the upper two, 2 resnets per block.
+
+    The heads keep SD's proportions (`head_dim` wide), not its head count: 8 heads over 32 channels would make
+    each head 4 wide, where the softmax over 256 x 256 scores costs more than everything else in the UNet and
+    no SD model's cost looks like that."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet: Any = UNet2DConditionModel(
         sample_size=LATENT[1], in_channels=LATENT[0], out_channels=LATENT[0], layers_per_block=2,
-        block_out_channels=(32, 64, 64), norm_num_groups=32, cross_attention_dim=EMBED[1], attention_head_dim=8,
+        block_out_channels=CHANNELS, norm_num_groups=32, cross_attention_dim=EMBED[1],
+        attention_head_dim=attention_heads(head_dim),  # diffusers' legacy name: this is the number of heads
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
@@ -180,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-masks", type=int, default=16, help="masks per timed run (rounded to whole batches)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                    help=f"width of each attention head (default {HEAD_DIM}; 0: 8 heads per block as SD1.5's "
+                         "config says, 4 and 8 wide at these channel counts)")
     ap.add_argument("--quick", action="store_true", help="batches 1,8,32, eager only, 2 repeats")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -195,13 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     backends = args.backends.split(",")
     allow_recompiles(len(batches) + 2)
-    unet = build_unet()
+    unet = build_unet(head_dim=args.head_dim)
     print(HEADER, flush=True)
     rows = [r for backend in backends for r in run_backend(unet, backend, batches, args.min_masks, args.repeats)]
     result = {
         "machine": machine_info(),
         "config": {"latent": list(LATENT), "embed": list(EMBED), "guidance": GUIDANCE, "repeats": args.repeats,
-                   "min_masks": args.min_masks, "unet": "SD-shaped (32, 64, 64), 2 resnets/block, cross-attn 64"},
+                   "min_masks": args.min_masks, "unet": f"SD-shaped {CHANNELS}, 2 resnets/block, cross-attn 64",
+                   "attention_heads": list(attention_heads(args.head_dim)), "head_dim": args.head_dim},
         "targets": {"ratio_vs_unet": 0.95, "ratio_vs_loop": 3.0},
         "rows": [vars(r) for r in rows],
     }
