@@ -259,6 +259,14 @@ def test_blur_substrate_is_an_11x11_sigma5_reflect_gaussian():
     assert torch.allclose(rise.substrate(const, RiseOptions(substrate="blur")), const)  # no darkened border
 
 
+def test_gaussian_filter_refuses_reflect_padding_wider_than_the_map():
+    with pytest.raises(ValueError, match="more than 7 samples a side, got 7"):
+        rise.gaussian_filter(torch.zeros(1, 1, 7, 9), 15, 1.5, "reflect")
+    with pytest.raises(ValueError, match="padding_mode: got 'circular'"):
+        rise.gaussian_filter(torch.zeros(1, 1, 9, 9), 15, 1.5, "circular")
+    assert rise.gaussian_filter(torch.ones(1, 1, 3, 5), 15, 1.5).shape == (1, 1, 3, 5)  # zeros: any size
+
+
 def test_targets_pick_eps_or_the_next_latent(cfg_state):
     assert torch.equal(rise.reference(cfg_state, RiseOptions()), cfg_state.eps)
     assert torch.equal(rise.reference(cfg_state, RiseOptions(target="x_prev")), cfg_state.latent_next)
