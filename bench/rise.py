@@ -126,32 +126,32 @@ def bare_unet(state: StepState, batch: int, calls: int) -> Callable[[], object]:
     return run
 
 
-def measure_loop(state: StepState, masks: int, repeats: int) -> float:
-    """masks/s of the reference loop (one mask per UNet call)."""
+def reference_loop(state: StepState, masks: int) -> Callable[[], object]:
+    """The reference loop (one mask per UNet call) over `masks` masks."""
     opts = RiseOptions(num_masks=masks, batch_size=1, seed=1)
     m = rise.make_masks(opts, LATENT[1:], "cpu")
-    [seconds], _ = median_seconds(lambda: rise.explain_step_reference(state, opts, m), repeats=repeats)
-    return masks / seconds
+    return lambda: rise.explain_step_reference(state, opts, m)
 
 
-def measure_batch(state: StepState, backend: str, batch: int, min_masks: int, repeats: int, loop: float) -> Row:
-    """One row: DF-RISE with `batch` masks per UNet call against the bare UNet at that batch."""
+def measure_batch(state: StepState, backend: str, batch: int, min_masks: int, repeats: int) -> Row:
+    """One row: DF-RISE with `batch` masks per UNet call against the bare UNet at that batch and against the
+    reference loop, the three timed in turn within each repeat (a drift in machine load hits all three)."""
     masks = max(batch, min_masks // batch * batch)  # whole chunks: no odd-sized last call (a recompile)
     opts = RiseOptions(num_masks=masks, batch_size=batch, seed=1)
     m = rise.make_masks(opts, LATENT[1:], "cpu")
-    (unet_s, rise_s), warmup_s = median_seconds(bare_unet(state, batch, masks // batch),
-                                                lambda: rise.explain_step(state, opts, m), repeats=repeats)
-    mps, ups = masks / rise_s, masks / unet_s
-    return Row(backend, batch, masks, mps, ups, loop, mps / ups, mps / loop, state.runner.backend, warmup_s)
+    (unet_s, rise_s, loop_s), warmup_s = median_seconds(
+        bare_unet(state, batch, masks // batch), lambda: rise.explain_step(state, opts, m),
+        reference_loop(state, min_masks), repeats=repeats)
+    mps, ups, lps = masks / rise_s, masks / unet_s, min_masks / loop_s
+    return Row(backend, batch, masks, mps, ups, lps, mps / ups, mps / lps, state.runner.backend, warmup_s)
 
 
 def run_backend(unet: Any, backend: str, batches: list[int], min_masks: int, repeats: int) -> list[Row]:
     runner = UNetRunner(unet, backend)  # type: ignore[arg-type]
     state = make_state(runner)
-    loop = measure_loop(state, min_masks, repeats)
     rows = []
     for b in batches:
-        rows.append(measure_batch(state, backend, b, min_masks, repeats, loop))
+        rows.append(measure_batch(state, backend, b, min_masks, repeats))
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated masks per UNet call")
     ap.add_argument("--backends", default="eager,compile", help="comma-separated: eager, compile")
     ap.add_argument("--min-masks", type=int, default=16, help="masks per timed run (rounded to whole batches)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--head-dim", type=int, default=HEAD_DIM,
                     help=f"width of each attention head (default {HEAD_DIM}; 0: 8 heads per block as SD1.5's "
