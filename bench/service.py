@@ -66,9 +66,43 @@ def redis_url(given: str | None) -> Iterator[str]:
         yield url
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, from /proc (None where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU time per process over the served runs only (front, worker, this client), summed across runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.total = dict.fromkeys(pids, 0.0)
+        self.runs = 0
+        self._start: dict[str, float | None] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for k, p in self.pids.items():
+            now, before = cpu_seconds(p), self._start[k]
+            if now is not None and before is not None:
+                self.total[k] += now - before
+        self.runs += 1
+
+    def per_run_ms(self) -> dict[str, float]:
+        return {k: v / max(1, self.runs) * 1000 for k, v in self.total.items()}
+
+
 @contextlib.contextmanager
-def processes(model_dir: Path, url: str, log_dir: Path, threads: int) -> Iterator[str]:
-    """`difflens serve` and `difflens worker` on `url`; yields the front's target once both are up."""
+def processes(model_dir: Path, url: str, log_dir: Path, threads: int) -> Iterator[tuple[str, dict[str, int]]]:
+    """`difflens serve` and `difflens worker` on `url`; yields the front's target and their pids once both are
+    up."""
     queue = f"bench-{os.getpid()}"
     port_file = log_dir / "port"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -87,7 +121,7 @@ def processes(model_dir: Path, url: str, log_dir: Path, threads: int) -> Iterato
             if time.monotonic() > end or any(p.poll() is not None for p in procs):
                 raise RuntimeError("server or worker did not start; see " + str(log_dir))
             time.sleep(0.1)
-        yield f"127.0.0.1:{port_file.read_text().strip()}"
+        yield f"127.0.0.1:{port_file.read_text().strip()}", {"front": procs[0].pid, "worker": procs[1].pid}
     finally:
         for p in procs:
             p.terminate()
@@ -105,12 +139,16 @@ def spec_of(options: ExplainOptions) -> JobSpec:
                    explain=options)
 
 
-def time_local(model: Any, spec: JobSpec) -> float:
+def time_local(model: Any, spec: JobSpec, cpu: list[float] | None = None) -> float:
+    """Wall seconds of one in-process run; its CPU seconds (all threads) are appended to `cpu` when given."""
     from difflens.engine.explain import run_explanation
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     run_explanation(model, spec.params, spec.explain)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return elapsed
 
 
 def time_served(client: Any, spec: JobSpec) -> float:
@@ -130,6 +168,9 @@ def summarize(local: list[float], served: list[float]) -> dict[str, float]:
     row = {"local_p50_ms": statistics.median(local) * ms, "local_p90_ms": percentile(local, 0.9) * ms,
            "served_p50_ms": statistics.median(served) * ms, "served_p90_ms": percentile(served, 0.9) * ms}
     row["added_p50_ms"] = row["served_p50_ms"] - row["local_p50_ms"]
+    # The same cost read from each served run against the in-process run just before it: a drift in machine
+    # speed over the run (a shared VM's neighbours) moves both runs of a pair alike and cancels here.
+    row["added_paired_p50_ms"] = statistics.median(s - a for s, a in zip(served, local, strict=True)) * ms
     return row
 
 
@@ -161,24 +202,33 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="difflens-bench-") as tmp, redis_url(args.redis) as url:
         model_dir = make_tiny_model(Path(tmp) / "tiny")
         model = load_model(model_dir)
-        with processes(model_dir, url, Path(tmp), threads) as target, DifflensClient(target) as client:
+        with processes(model_dir, url, Path(tmp), threads) as (target, pids), DifflensClient(target) as client:
             for name, options in JOBS.items():
                 spec = spec_of(options)
                 for _ in range(warmup):
                     time_local(model, spec)
                     time_served(client, spec)
-                local, served = [], []
+                local, served, local_cpu = [], [], []
+                meter = CpuMeter({**pids, "client": os.getpid()})
                 for _ in range(runs):  # interleaved: background load hits both paths alike
                     time.sleep(settle_s)
-                    local.append(time_local(model, spec))
+                    local.append(time_local(model, spec, local_cpu))
                     time.sleep(settle_s)
-                    served.append(time_served(client, spec))
+                    with meter:
+                        served.append(time_served(client, spec))
                 rows[name] = summarize(local, served)
-    header = f"{'job':<6} {'local p50':>10} {'local p90':>10} {'served p50':>11} {'served p90':>11} {'added p50':>10}"
+                rows[name].update({f"cpu_{k}_ms": v for k, v in meter.per_run_ms().items()})
+                rows[name]["cpu_local_ms"] = statistics.mean(local_cpu) * 1000
+    header = (f"{'job':<6} {'local p50':>10} {'local p90':>10} {'served p50':>11} {'served p90':>11} {'added p50':>10} "
+              f"{'paired p50':>11}")
     print(header)
     for name, r in rows.items():
         print(f"{name:<6} {r['local_p50_ms']:>8.1f}ms {r['local_p90_ms']:>8.1f}ms {r['served_p50_ms']:>9.1f}ms "
-              f"{r['served_p90_ms']:>9.1f}ms {r['added_p50_ms']:>8.1f}ms")
+              f"{r['served_p90_ms']:>9.1f}ms {r['added_p50_ms']:>8.1f}ms {r['added_paired_p50_ms']:>9.1f}ms")
+    print("CPU per run (ms, all threads): in-process engine | served: worker, front, client")
+    for name, r in rows.items():
+        print(f"{name:<6} {r['cpu_local_ms']:>8.1f} | {r['cpu_worker_ms']:>8.1f} {r['cpu_front_ms']:>6.1f} "
+              f"{r['cpu_client_ms']:>6.1f}")
     ok = all(r["added_p50_ms"] <= TARGET_ADDED_P50_MS for r in rows.values())
     print(f"target: added p50 <= {TARGET_ADDED_P50_MS:g} ms: {'met' if ok else 'NOT met'}")
     result = {"benchmark": "service", "runs": runs, "warmup": warmup, "settle_ms": args.settle_ms, "jobs": rows,

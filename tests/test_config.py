@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from difflens.config import Settings
+from difflens.config import WORKER_GOMP_SPINCOUNT, Settings, limit_idle_spin
 from difflens.errors import InvalidArgument
 
 
@@ -102,3 +106,30 @@ def test_a_short_visibility_timeout_can_be_set_with_its_heartbeat_from_the_envir
     assert (s.visibility_timeout_s, s.heartbeat_interval_s) == (3.0, 1.0)
     with pytest.raises(InvalidArgument, match="DIFFLENS_HEARTBEAT_INTERVAL_S"):
         ServiceSettings.from_env({"DIFFLENS_HEARTBEAT_INTERVAL_S": "often"})
+
+
+def test_limit_idle_spin_leaves_an_operator_choice_and_a_loaded_torch_alone(monkeypatch):
+    for chosen in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "5"}):
+        env = dict(chosen)
+        assert not limit_idle_spin(env) and env == chosen
+    # this test process has torch loaded: libgomp already read its environment, so nothing is set
+    assert "torch" in sys.modules
+    env: dict[str, str] = {}
+    assert not limit_idle_spin(env) and env == {}
+    monkeypatch.delitem(sys.modules, "torch")
+    assert limit_idle_spin(env) and env == {"GOMP_SPINCOUNT": WORKER_GOMP_SPINCOUNT}
+
+
+def test_the_worker_command_sets_the_spin_before_torch_loads():
+    # The worker's entry point, run as `difflens worker` would be, up to the point torch is imported: the spin
+    # count must already be in the environment libgomp will read.
+    code = ("import os, sys\n"
+            "from difflens.config import limit_idle_spin\n"
+            "import difflens.cli, difflens.worker.cli\n"
+            "assert 'torch' not in sys.modules, 'the CLI imported torch at import time'\n"
+            "assert limit_idle_spin()\n"
+            "import torch\n"
+            "print(os.environ['GOMP_SPINCOUNT'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == WORKER_GOMP_SPINCOUNT

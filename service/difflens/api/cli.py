@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings
+from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 
@@ -110,6 +110,8 @@ async def _serve(settings: ServiceSettings, embedded: bool, port_file: Path | No
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.embedded:
+        limit_idle_spin()  # before anything imports torch
     settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.embedded:  # the front alone runs no torch; the embedded worker's threads follow the CPU limit

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings
+from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 
@@ -71,6 +71,7 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    limit_idle_spin()  # before anything imports torch
     settings = worker_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
