@@ -43,6 +43,21 @@ def test_aggregate_by_hand():
     assert own["pointing_game"] == 0.5 and "deletion_auc" not in own and "baseline_spearman" not in own
 
 
+def test_the_ground_truth_mask_is_aggregated_as_a_reference_with_curves_and_no_sanity_check():
+    rs = [record(0, True, True, 2.0, 1.0, 0.5, (1.0, 0.5, 0.0)), record(5, True, True, 4.0, 1.0, 0.5, (1, 0, 0))]
+    for r in rs:
+        ref = {k: v for k, v in r["methods"]["cam"].items() if k != "sanity_spearman"}
+        r["methods"]["object_mask"] = ref | {"deletion": curve((1.0, 0.0, 0.0))}
+    a = metrics.aggregate(rs)
+    ref = a["object_mask"]
+    assert ref["deletion_auc"] == pytest.approx(0.25) and ref["deletion_vs_random"] == pytest.approx(1 - 0.25 / 0.75)
+    assert math.isnan(ref["sanity_spearman"])  # a ground truth has no weight-randomised counterpart
+    assert metrics.per_step(rs, [0, 5])["object_mask"]["deletion_auc"] == [0.25, 0.25]
+    assert metrics.mean_curves(rs)["object_mask"]["deletion"]["ssim"] == [1.0, 0.0, 0.0]
+    # records without it (an older run's) aggregate as before
+    assert "object_mask" not in metrics.aggregate([record(0, True, True, 1.0, 1.0, 0.0, (1, 0, 0))])
+
+
 def test_no_formed_steps_gives_nan_not_zero():
     a = metrics.aggregate([record(0, False, True, 1.0, 1.0, 0.0, (1, 0, 0))])["rise"]
     assert math.isnan(a["pointing_game_formed"]) and a["pointing_game"] == 1.0

@@ -43,6 +43,10 @@ def test_summary_json_has_every_key_in_range(run):
             assert v is not None and (-1.0 <= v <= 1.0 if k == "sanity_spearman" else 0.0 <= v <= 1.0), (m, k)
         for k in ("object_ratio", "edge_ratio"):
             assert s[m][k] >= 0.0
+    ref = s["object_mask"]  # the ground truth as a map calibrates deletion / insertion
+    assert ref["pointing_game"] == 1.0 and ref["sanity_spearman"] is None
+    assert 0.0 <= ref["deletion_auc"] <= 1.0 and ref["random_deletion_auc"] == s["rise"]["random_deletion_auc"]
+    assert len(s["series"]["object_mask"]["deletion_auc"]) == 3
     assert s["explained"]["accepted"] == 3 and s["explained"]["steps"] == [0, 2, 3]
     assert set(s["r3"]["fidelity"]) == {"uniform", "early", "late"}
     early, late = s["r3"]["timesteps"]["early"], s["r3"]["timesteps"]["late"]
@@ -77,6 +81,7 @@ def test_plots_are_pngs_and_the_report_names_targets(run):
     assert all(p.read_bytes()[:8] == PNG for p in pngs)
     md = markdown(summary)
     assert "| DF-RISE |" in md and all(t["name"] in md for t in summary["targets"])
+    assert "| reference: the ground-truth object mask as the map |" in md and "Calibration: " in md
     assert md.count("MISSED") == sum(not t["met"] and t["measured"] is not None for t in summary["targets"])
     unmeasured = {**summary, "targets": [{**t, "measured": None, "met": False} for t in summary["targets"]]}
     table = markdown(unmeasured).split("## Targets")[1]  # a run without fidelity images misses nothing there

@@ -9,7 +9,9 @@ with curve = {"fraction", "ssim", "cosine"} lists (engine.faithfulness.perturbat
 attention (the colour-token map plus the shape-token map), and attention_color / attention_shape (each token's
 map alone; no perturbation curves). Diagnostic: rise_own = rise - rise_mean, what each pixel's own mask adds to
 the DF-RISE map beyond the mask-independent mean score (no curves; not a method the targets judge), and for rise
-"baseline_spearman", the rank correlation of the DF-RISE map with that mean score. The random ordering's curves
+"baseline_spearman", the rank correlation of the DF-RISE map with that mean score. Reference: object_mask, the
+ground-truth object mask itself used as a saliency map (no sanity check), which calibrates the deletion and
+insertion metric: no map can rank the object's pixels better. The random ordering's curves
 are the same function with a random pixel order, one order per record, shared by every method of that record.
 """
 
@@ -30,6 +32,8 @@ from difflens.scenes.render import ObjectSpec
 METHODS = ("rise", "cam", "attention")
 TOKEN_METHODS = ("attention_color", "attention_shape")
 DIAGNOSTICS = ("rise_own",)
+REFERENCES = ("object_mask",)  # the ground truth as a map: what the metrics give a map that is exactly right
+CURVED = METHODS + REFERENCES  # the maps that get deletion / insertion curves
 REGIONS = ("object", "edge", "texture")
 KINDS = ("deletion", "insertion")
 Curve = dict[str, list[float]]
@@ -78,13 +82,18 @@ def curve_auc(curve: Curve, score: str = "ssim") -> float:
     return fa.auc(torch.tensor(curve["fraction"], dtype=torch.float64), torch.tensor(curve[score], dtype=torch.float64))
 
 
+def present(records: Sequence[dict[str, Any]], names: Sequence[str]) -> tuple[str, ...]:
+    """The `names` every record has a map for (a reference such as object_mask is absent from older records)."""
+    return tuple(n for n in names if records and all(n in r["methods"] for r in records))
+
+
 def _mean(values: Sequence[float]) -> float:
     v = [x for x in values if not (x is None or math.isnan(x))]
     return float(np.mean(v)) if v else float("nan")
 
 
 def _method_values(records: Sequence[dict[str, Any]], method: str, key: str) -> list[float]:
-    return [float(r["methods"][method][key]) for r in records if method in r["methods"]]
+    return [float(r["methods"][method][key]) for r in records if key in r["methods"].get(method, {})]
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -98,7 +107,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """
     out: dict[str, dict[str, float]] = {}
     formed = [r for r in records if r["formed"]]
-    for m in METHODS + TOKEN_METHODS + DIAGNOSTICS:
+    for m in METHODS + TOKEN_METHODS + DIAGNOSTICS + present(records, REFERENCES):
         s: dict[str, float] = {
             "n": len(records), "n_formed": len(formed),
             "pointing_game": _mean(_method_values(records, m, "pointing_game")),
@@ -110,7 +119,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
         s["sanity_spearman"], s["sanity_spearman_abs"] = _mean(rho), _mean([abs(x) for x in rho])
         if m == "rise":
             s["baseline_spearman"] = _mean(_method_values(records, m, "baseline_spearman"))
-        if m in METHODS:
+        if m in CURVED:
             for score, suffix in (("ssim", ""), ("cosine", "_cosine")):
                 for kind in KINDS:
                     s[f"{kind}_auc{suffix}"] = _mean([curve_auc(r["methods"][m][kind], score) for r in records])
@@ -128,7 +137,7 @@ def per_step(records: Sequence[dict[str, Any]], steps: Sequence[int]) -> dict[st
     out: dict[str, Any] = {"steps": list(steps),
                            "timesteps": [next((r["timestep"] for r in records if r["step"] == i), None)
                                          for i in steps]}
-    for m in METHODS + TOKEN_METHODS + DIAGNOSTICS:
+    for m in METHODS + TOKEN_METHODS + DIAGNOSTICS + present(records, REFERENCES):
         out[m] = {k: [agg[m][k] for agg in by_step] for k in by_step[0][m]} if by_step else {}
     return out
 
@@ -161,7 +170,7 @@ def mean_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Curve]
     out: dict[str, dict[str, Curve]] = {}
     if not records:
         return out
-    for name in (*METHODS, "random"):
+    for name in (*METHODS, *present(records, REFERENCES), "random"):
         out[name] = {}
         for kind in KINDS:
             cs = [(r["random"] if name == "random" else r["methods"][name])[kind] for r in records]

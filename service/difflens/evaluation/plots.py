@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from difflens.evaluation.metrics import KINDS, METHODS, REGIONS
+from difflens.evaluation.metrics import KINDS, METHODS, REFERENCES, REGIONS
 
 Series = dict[str, tuple[Sequence[float], Sequence[float | None]]]
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (120, 120, 120))
@@ -109,7 +109,7 @@ def write_charts(summary: dict[str, Any], out: Path) -> dict[str, Path]:
             written[name] = line_chart(lines, f"{kind} on the latent (mean over images and steps)",
                                        "fraction of latent pixels " + ("deleted" if kind == "deletion" else
                                                                        "restored"),
-                                       "SSIM", out / name, dashed=("random",))
+                                       "SSIM", out / name, dashed=("random", *REFERENCES))
     steps = series["steps"]
     for m in METHODS:
         lines = {f"{r} mass ratio": (steps, series[m].get(f"{r}_ratio", [])) for r in REGIONS} if steps else {}
@@ -126,9 +126,10 @@ def write_charts(summary: dict[str, Any], out: Path) -> dict[str, Path]:
         for kind in KINDS:
             lines = {m: (steps, series[m][f"{kind}_auc"]) for m in METHODS}
             lines["random"] = (steps, series["rise"][f"random_{kind}_auc"])
+            lines |= {r: (steps, series[r][f"{kind}_auc"]) for r in REFERENCES if r in series}
             name = f"{kind}_auc_per_step.png"
             written[name] = line_chart(lines, f"{kind} AUC per step", "step index", "AUC (SSIM)", out / name,
-                                       dashed=("random",))
+                                       dashed=("random", *REFERENCES))
     fid = summary["r3"]["fidelity"]
     attrs = ("count", "color", "position", "shape", "size", "texture")
     if any(fid.values()):

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from difflens.evaluation import plots
-from difflens.evaluation.metrics import DIAGNOSTICS, METHODS, REGIONS, TOKEN_METHODS
+from difflens.evaluation.metrics import DIAGNOSTICS, METHODS, REFERENCES, REGIONS, TOKEN_METHODS
 
 FIDELITY_ATTRS = ("count", "color", "position", "shape", "size", "texture")
 NAMES = {"rise": "DF-RISE", "cam": "DF-CAM", "attention": "attention (colour+shape)",
          "attention_color": "attention (colour word)", "attention_shape": "attention (shape word)",
-         "rise_own": "diagnostic: DF-RISE minus its mean score"}
+         "rise_own": "diagnostic: DF-RISE minus its mean score",
+         "object_mask": "reference: the ground-truth object mask as the map"}
 
 
 def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,9 +78,11 @@ def markdown(s: dict[str, Any]) -> str:
     keys = ("pointing_game", "pointing_game_formed", "deletion_auc", "random_deletion_auc", "insertion_auc",
             "random_insertion_auc", "sanity_spearman", "object_ratio", "edge_ratio", "texture_ratio")
     lines += _table(["method", *keys], [[NAMES[m], *(_f(s[m].get(k)) for k in keys)]
-                                       for m in METHODS + TOKEN_METHODS + DIAGNOSTICS])
+                                       for m in METHODS + TOKEN_METHODS + DIAGNOSTICS + REFERENCES
+                                       if m in s])
     lines += ["", f"Steps where the x0 prediction already shows the object: {s['rise']['n_formed']} of "
                   f"{s['rise']['n']}. AUCs: SSIM of the decoded x0 prediction (cosine of x_t-1 in summary.json).",
+              *_calibration(s),
               "", f"DF-RISE map vs its mask-independent mean score E_k[s_k] (Spearman): "
                   f"{_f(s['rise'].get('baseline_spearman'))}. Near 1, the map says where masking anything disturbs "
                   "the prediction, not which pixels matter; the diagnostic row judges rise - rise_mean instead.",
@@ -100,6 +103,17 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["", f"Time: {sec['total']:.0f} s (fidelity {sec['fidelity']:.0f} s, explanation "
                   f"{sec['explanation']:.0f} s)."]
     return "\n".join(lines) + "\n"
+
+
+def _calibration(s: dict[str, Any]) -> list[str]:
+    """What the deletion metric gives the ground truth itself: the most any map could show on it here."""
+    ref = s.get("object_mask")
+    if not ref:
+        return []
+    return ["", f"Calibration: the ground-truth object mask used as the map scores deletion "
+                f"{_f(ref.get('deletion_vs_random'))} below random and insertion {_f(ref.get('insertion_auc'))} "
+                f"(random {_f(ref.get('random_insertion_auc'))}): no map can rank the object's pixels better, so a "
+                "deletion target above this figure cannot be met by any method on this model and metric."]
 
 
 def _json_ready(v: Any) -> Any:

@@ -207,10 +207,12 @@ class _Explainer:
             "random": metrics.curves(state, maps["rise"], self.decode, self.cfg.chunks, order=order),
             "methods": {},
         }
-        for name, sal in maps.items():
+        reference = {"object_mask": torch.from_numpy(regions.object).float()}
+        for name, sal in (maps | reference).items():
             r = metrics.region_scores(sal, regions)
-            r["sanity_spearman"] = spearman(sal, random_maps[name])
-            if name in metrics.METHODS:
+            if name in random_maps:
+                r["sanity_spearman"] = spearman(sal, random_maps[name])
+            if name in metrics.CURVED:
                 r |= metrics.curves(state, sal, self.decode, self.cfg.chunks)
             record["methods"][name] = r
         record["methods"]["rise"]["baseline_spearman"] = spearman(maps["rise"], rise_mean)
