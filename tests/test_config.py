@@ -120,9 +120,9 @@ def test_limit_idle_spin_leaves_an_operator_choice_and_a_loaded_torch_alone(monk
     assert limit_idle_spin(env) and env == {"GOMP_SPINCOUNT": WORKER_GOMP_SPINCOUNT}
 
 
-def test_the_worker_command_sets_the_spin_before_torch_loads():
-    # The worker's entry point, run as `difflens worker` would be, up to the point torch is imported: the spin
-    # count must already be in the environment libgomp will read.
+def test_the_cli_loads_no_torch_so_the_worker_can_set_the_spin_first():
+    # run_worker calls limit_idle_spin first; that only works if importing the CLI has not loaded torch yet.
+    # In a fresh interpreter: import the CLI modules, set the spin, then load torch and see it in the environment.
     code = ("import os, sys\n"
             "from difflens.config import limit_idle_spin\n"
             "import difflens.cli, difflens.worker.cli\n"

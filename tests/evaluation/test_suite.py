@@ -81,7 +81,9 @@ def test_plots_are_pngs_and_the_report_names_targets(run):
     assert all(p.read_bytes()[:8] == PNG for p in pngs)
     md = markdown(summary)
     assert "| DF-RISE |" in md and all(t["name"] in md for t in summary["targets"])
-    assert "| reference: the ground-truth object mask as the map |" in md and "Calibration: " in md
+    assert "| reference: the ground-truth object mask as the map |" in md
+    below = summary["object_mask"]["deletion_vs_random"] * 100
+    assert f"Calibration: the ground-truth object mask used as the map scores deletion {below:.1f}% below" in md
     assert md.count("MISSED") == sum(not t["met"] and t["measured"] is not None for t in summary["targets"])
     unmeasured = {**summary, "targets": [{**t, "measured": None, "met": False} for t in summary["targets"]]}
     table = markdown(unmeasured).split("## Targets")[1]  # a run without fidelity images misses nothing there

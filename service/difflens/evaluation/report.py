@@ -106,14 +106,16 @@ def markdown(s: dict[str, Any]) -> str:
 
 
 def _calibration(s: dict[str, Any]) -> list[str]:
-    """What the deletion metric gives the ground truth itself: the most any map could show on it here."""
+    """What the deletion metric gives the ground truth itself: how far ranking the object's pixels first can go."""
     ref = s.get("object_mask")
     if not ref:
         return []
-    return ["", f"Calibration: the ground-truth object mask used as the map scores deletion "
-                f"{_f(ref.get('deletion_vs_random'))} below random and insertion {_f(ref.get('insertion_auc'))} "
-                f"(random {_f(ref.get('random_insertion_auc'))}): no map can rank the object's pixels better, so a "
-                "deletion target above this figure cannot be met by any method on this model and metric."]
+    below = ref.get("deletion_vs_random")
+    below_text = "n/a" if below is None or math.isnan(below) else f"{below * 100:.1f}%"
+    return ["", f"Calibration: the ground-truth object mask used as the map scores deletion {below_text} below "
+                f"random and insertion {_f(ref.get('insertion_auc'))} (random {_f(ref.get('random_insertion_auc'))})."
+                " No map ranks the object's pixels better; a method that scores far above this on deletion does so "
+                "by ranking something other than the object."]
 
 
 def _json_ready(v: Any) -> Any:
