@@ -29,6 +29,13 @@ def test_loads_every_component_offline(tiny_dir, monkeypatch):
     assert m.dtype == torch.float32
 
 
+def test_device_and_dtype_follow_the_unet(tiny_dir):
+    m = load_model(tiny_dir, dtype=torch.float64)
+    assert (m.device, m.dtype) == (m.unet.device, m.unet.dtype) == (torch.device("cpu"), torch.float64)
+    m.unet.to(torch.float32)
+    assert m.dtype == torch.float32
+
+
 def test_missing_folder_names_the_path(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         load_model(tmp_path / "nope")
