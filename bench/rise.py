@@ -86,10 +86,10 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def median_seconds(*fns: Callable[[], object], repeats: int) -> tuple[list[float], float]:
-    """Median wall time of each function, and the time of the first (warm-up) call of the first one, which with
-    the compile backend includes compiling for this batch shape. Repeats are interleaved (a, b, a, b, ...) so that
-    load from other processes on a shared machine hits every function alike and the ratios stay fair."""
+def timed_repeats(*fns: Callable[[], object], repeats: int) -> tuple[list[list[float]], float]:
+    """Wall times of each function over `repeats` rounds, and the time of the first (warm-up) call of the first
+    one, which with the compile backend includes compiling for this batch shape. Each round runs every function
+    once, in turn (a, b, c, a, b, c, ...), so a drift in load from other processes hits all of a round alike."""
     warmup = _seconds(fns[0])
     for fn in fns[1:]:
         fn()
@@ -97,7 +97,13 @@ def median_seconds(*fns: Callable[[], object], repeats: int) -> tuple[list[float
     for _ in range(repeats):
         for fn, ts in zip(fns, times, strict=True):
             ts.append(_seconds(fn))
-    return [statistics.median(ts) for ts in times], warmup
+    return times, warmup
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i]: each ratio compares two runs made moments apart, so a slow spell of
+    the machine that hits one round cancels within it instead of skewing one side's median."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 @dataclass
@@ -139,11 +145,13 @@ def measure_batch(state: StepState, backend: str, batch: int, min_masks: int, re
     masks = max(batch, min_masks // batch * batch)  # whole chunks: no odd-sized last call (a recompile)
     opts = RiseOptions(num_masks=masks, batch_size=batch, seed=1)
     m = rise.make_masks(opts, LATENT[1:], "cpu")
-    (unet_s, rise_s, loop_s), warmup_s = median_seconds(
+    (unet_t, rise_t, loop_t), warmup_s = timed_repeats(
         bare_unet(state, batch, masks // batch), lambda: rise.explain_step(state, opts, m),
         reference_loop(state, min_masks), repeats=repeats)
-    mps, ups, lps = masks / rise_s, masks / unet_s, min_masks / loop_s
-    return Row(backend, batch, masks, mps, ups, lps, mps / ups, mps / lps, state.runner.backend, warmup_s)
+    # per-round rates: the ratios are medians of same-round ratios, the rates medians of each side alone
+    mps, ups, lps = ([n / t for t in ts] for n, ts in ((masks, rise_t), (masks, unet_t), (min_masks, loop_t)))
+    return Row(backend, batch, masks, statistics.median(mps), statistics.median(ups), statistics.median(lps),
+               paired_ratio(mps, ups), paired_ratio(mps, lps), state.runner.backend, warmup_s)
 
 
 def run_backend(unet: Any, backend: str, batches: list[int], min_masks: int, repeats: int) -> list[Row]:
@@ -197,7 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated masks per UNet call")
     ap.add_argument("--backends", default="eager,compile", help="comma-separated: eager, compile")
     ap.add_argument("--min-masks", type=int, default=16, help="masks per timed run (rounded to whole batches)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    ap.add_argument("--repeats", type=int, default=9,
+                    help="timed rounds per row (rates: medians; ratios: medians of same-round ratios)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--head-dim", type=int, default=HEAD_DIM,
                     help=f"width of each attention head (default {HEAD_DIM}; 0: 8 heads per block as SD1.5's "
