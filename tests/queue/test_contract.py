@@ -213,6 +213,46 @@ def test_cancel_running_job_raises_the_flag_the_worker_polls(backend):
     assert (rec.state, rec.error) == ("cancelled", "CANCELLED: stopped at step 3")
 
 
+def wait_for(predicate, timeout_s: float = 2.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def test_the_claiming_worker_is_signalled_a_cancel_from_another_front(backend):
+    q = backend.queue()
+    other = backend.replica(q)  # a front that never claimed: it publishes the cancel
+    job, bystander = q.enqueue(spec()), q.enqueue(spec())
+    c, d = q.claim("w", block_s=1), q.claim("w", block_s=1)
+    assert (c.job_id, d.job_id) == (job.id, bystander.id)
+    assert q.cancel_signalled(job.id) is False  # vouched for, not cancelled: no read needed
+    other.cancel(job.id)
+    assert wait_for(lambda: q.cancel_signalled(job.id) is True)
+    assert q.cancel_signalled(bystander.id) is False  # only the cancelled job
+    assert q.finish(c, Failed("CANCELLED", "stopped"))
+    if backend.url is not None:
+        assert q.cancel_signalled(job.id) is None  # finished: forgotten, so the watch holds only live jobs
+
+
+def test_a_job_claimed_without_the_subscription_is_not_vouched_for(backend):
+    if backend.url is None:
+        pytest.skip("the in-process queue reads its flag directly: it always vouches")
+    q = backend.queue()
+    job = q.enqueue(spec())
+    c = q.claim("w", block_s=1)
+    watch = q._watch
+    with watch._lock:
+        watch._generation += 1  # as after a reconnect: what was published in between is unknown
+    assert q.cancel_signalled(job.id) is None
+    backend.replica(q).cancel(job.id)
+    assert q.cancel_requested(job.id)  # the worker falls back to reading the flag
+    assert q.heartbeat(c)  # and the heartbeat, which returns the flag, marks it
+    assert q.cancel_signalled(job.id) is True
+
+
 def test_cancelled_job_whose_worker_died_is_not_handed_out_again(backend):
     q = backend.queue()
     job = q.enqueue(spec())

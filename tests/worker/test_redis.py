@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from difflens.jobs import Completed, Started, Step
-from tests.worker.helpers import settings, solo, spec, wait_terminal
+from difflens.jobs import Completed, JobSpec, Started, Step
+from tests.worker.helpers import settings, solo, spec, wait_for, wait_terminal
 
 
 def test_two_workers_share_a_redis_queue(make_worker, tiny_dir, tiny_model, redis_url, queue_name):
@@ -35,4 +35,40 @@ def test_two_workers_share_a_redis_queue(make_worker, tiny_dir, tiny_model, redi
         assert front.get(job_id).state == "completed"
     assert workers == {"redis-a", "redis-b"}  # one job at a time each: both had to work
     assert front.depth() == 0
+    front.close()
+
+
+def test_a_cancel_reaches_the_worker_over_the_channel_without_a_read_per_step(make_worker, tiny_dir, redis_url,
+                                                                             queue_name):
+    """Between explained steps the worker checks for a cancel before every denoising step. On Redis the check is
+    answered by the cancel channel the worker's queue subscribes to, not by a read of the flag per step; a cancel
+    from another front still stops the job before its next explained step."""
+    from dataclasses import replace
+
+    from difflens.engine.options import StepSelector
+    from difflens.jobs import Failed
+    from difflens.queue.redis_streams import RedisStreamsQueue
+
+    s = settings(tiny_dir, queue_name=queue_name, worker_max_jobs=1)
+    front, worker_queue = RedisStreamsQueue(redis_url, s), RedisStreamsQueue(redis_url, s)
+    reads = []
+    read_flag = worker_queue.cancel_requested
+    worker_queue.cancel_requested = lambda job_id: reads.append(job_id) or read_flag(job_id)  # type: ignore[method-assign]
+    make_worker(s, worker_queue, name="redis-signal")
+
+    def every_tenth(steps: int) -> JobSpec:
+        job = spec(steps=steps, masks=4)
+        return replace(job, explain=replace(job.explain, steps=StepSelector("every", every=10)))
+
+    done = wait_terminal(front, front.enqueue(every_tenth(12)).id)
+    assert isinstance(done[-1], Completed) and [e.index for e in done if isinstance(e, Step)] == [0, 10]
+    assert reads == []  # 12 checks, none of them a read
+
+    job_id = front.enqueue(every_tenth(400)).id
+    wait_for(front, job_id, Step)
+    front.cancel(job_id)
+    events = wait_terminal(front, job_id)
+    assert events[-1] == Failed("CANCELLED", "cancelled by the caller")
+    assert [e.index for e in events if isinstance(e, Step)] in ([0], [0, 10])
+    assert reads == []
     front.close()

@@ -22,8 +22,10 @@ Semantics every implementation keeps:
   per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
   one terminal event. It also acknowledges the job in the work stream.
 - `cancel` on a queued job makes it terminal at once (a Failed(CANCELLED) event); on a running job it raises the
-  cancel flag that the worker polls (`cancel_requested`) between denoising steps and then finishes with
-  Failed(CANCELLED).
+  cancel flag that the worker checks between denoising steps and then finishes with Failed(CANCELLED).
+  `cancel_requested` reads the flag; `cancel_signalled` answers without a read where the queue pushes cancels to
+  the worker that claimed the job (Redis: a pub/sub channel), possibly a moment late, and None where it cannot
+  vouch for the job (the worker then reads the flag).
 - `events(job_id, after, block_s)` returns (sequence, event) pairs with sequence > after, waiting up to block_s
   for the first one; sequences are 0, 1, 2, ... per job. This is how Explain and WatchJob stream from any front.
 """
@@ -82,6 +84,8 @@ class JobQueue(Protocol):
     def cancel(self, job_id: str) -> JobRecord: ...
 
     def cancel_requested(self, job_id: str) -> bool: ...
+
+    def cancel_signalled(self, job_id: str) -> bool | None: ...
 
     def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]:
         """(sequence, event) pairs with sequence > `after`, waiting up to `block_s` for the first. Empty only when

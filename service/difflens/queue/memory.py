@@ -105,6 +105,9 @@ class InProcessQueue:
             job = self._jobs.get(job_id)
             return job is not None and job.cancel
 
+    def cancel_signalled(self, job_id: str) -> bool | None:
+        return self.cancel_requested(job_id)  # the flag is in this process: reading it costs no round trip
+
     def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]:
         end = time.monotonic() + block_s
         with self._cond:

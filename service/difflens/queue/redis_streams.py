@@ -11,13 +11,21 @@ Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a
                          field e = encode_event bytes, or q = position for the Queued event the enqueue script
                          writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
     P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
+    P:cancel             pub/sub channel: the cancel script publishes the id of a running job whose flag it raised
 The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
 script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
+
+A worker learns of a cancel without a read per denoising step: its queue object subscribes to P:cancel before its
+first claim (`_CancelWatch`), and `cancel_signalled` answers from what arrived, for jobs claimed while that
+subscription was up and unbroken; otherwise it returns None and the worker reads the flag (`cancel_requested`).
+The heartbeat script also returns the flag, so a message lost with a silently dead connection delays a cancel by
+at most one heartbeat interval.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from typing import Any
@@ -38,8 +46,14 @@ from difflens.queue.common import (
     terminal_state,
 )
 
+log = logging.getLogger(__name__)
+
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 10_000
+# How long the first claim waits for the cancel channel's subscription before claiming without it (its jobs then
+# read the flag per step), and how often that connection pings Redis, so a dead one is noticed.
+WATCH_READY_S = 2.0
+WATCH_HEALTH_CHECK_S = 5
 
 # Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] work stream, KEYS[4] waiting
 # zset; TTL in ms and `now` come from the caller so every script is deterministic.
@@ -147,8 +161,8 @@ terminate(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 
-# ARGV: Failed(CANCELLED) bytes, error, now, ttl, group, job id. -1 unknown job, 0 already terminal,
-# 1 cancelled while never claimed (terminal now), 2 held by a worker (cancel flag raised).
+# ARGV: Failed(CANCELLED) bytes, error, now, ttl, group, job id, cancel channel. -1 unknown job, 0 already terminal,
+# 1 cancelled while never claimed (terminal now), 2 held by a worker (cancel flag raised, and published).
 _CANCEL = _LUA_PRELUDE + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return -1 end
@@ -159,16 +173,18 @@ if owner == '' then
 end
 redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[3])
 touch(ARGV[4])
+redis.call('PUBLISH', ARGV[7], ARGV[6])
 return 2
 """
 
 # ARGV: token, now, ttl, group, worker. XCLAIM by the same consumer resets the entry's idle time, which is what
-# keeps XAUTOCLAIM in other workers' claim() off a job that is slow but alive.
+# keeps XAUTOCLAIM in other workers' claim() off a job that is slow but alive. 0 lost, 1 ok, 2 ok + cancel flag.
 _HEARTBEAT = _LUA_PRELUDE + _OWNED + """
 if not owned(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'updated_at', ARGV[2])
 redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[5], 0, redis.call('HGET', KEYS[1], 'entry'), 'JUSTID')
 touch(ARGV[3])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 return 1
 """
 
@@ -229,6 +245,9 @@ class RedisStreamsQueue:
         self._last_reclaim = 0.0
         self._reclaim_cursor: bytes | str = "0-0"
         self._reclaim_lock = threading.Lock()
+        self._cancel_channel = f"{p}:cancel"
+        self._watch: _CancelWatch | None = None  # started by the first claim: fronts never subscribe
+        self._watch_lock = threading.Lock()
         try:
             self._r.xgroup_create(self._work, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -280,12 +299,19 @@ class RedisStreamsQueue:
 
     def cancel(self, job_id: str) -> JobRecord:
         if self._cancel(keys=self._keys(job_id), args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}",
-                                                       time.time(), self._ttl_ms, GROUP, job_id]) == -1:
+                                                       time.time(), self._ttl_ms, GROUP, job_id,
+                                                       self._cancel_channel]) == -1:
             raise JobNotFound(job_id)
         return self.get(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
         return self._r.hget(self._job_prefix + job_id, "cancel") == b"1"
+
+    def cancel_signalled(self, job_id: str) -> bool | None:
+        """Whether a cancel of `job_id` (claimed through this object) was published, from the cancel channel
+        without a round trip; None when the subscription was not up, or broke, since the job was claimed."""
+        watch = self._watch
+        return None if watch is None else watch.cancelled(job_id)
 
     def events(self, job_id: str, after: int = -1, block_s: float = 0.0) -> list[tuple[int, Event]]:
         key, start = self._events_from(job_id, after)
@@ -315,6 +341,8 @@ class RedisStreamsQueue:
         return [_s(fields[b"job"]) for _, fields in self._r.xrange(self._dead)]
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._owns_client:
             self._r.close()
 
@@ -322,19 +350,27 @@ class RedisStreamsQueue:
 
     def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None:
         end = time.monotonic() + block_s
+        watch = self._cancel_watch()
         while True:
             entry = self._reclaimable(worker) or self._read_new(worker, end - time.monotonic())
             if entry is not None:
+                # the subscription as it is before the claim script reads the flag: every later cancel of
+                # this job is published while it listens, unless it breaks (then the generation moves on)
+                generation = watch.generation()
                 claim = self._take(worker, *entry, start=start)
                 if claim is not None:
+                    watch.track(claim.job_id, generation)
                     return claim
                 continue
             if time.monotonic() >= end:
                 return None
 
     def heartbeat(self, claim: Claim) -> bool:
-        return bool(self._heartbeat(keys=self._keys(claim.job_id),
-                                    args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker]))
+        reply = self._heartbeat(keys=self._keys(claim.job_id),
+                                args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker])
+        if reply == 2 and self._watch is not None:
+            self._watch.mark(claim.job_id)  # a cancel whose message was lost is caught here
+        return bool(reply)
 
     def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
@@ -405,12 +441,127 @@ class RedisStreamsQueue:
         return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
                      enqueued_at=created_at, started=started)
 
+    def _cancel_watch(self) -> _CancelWatch:
+        with self._watch_lock:
+            if self._watch is None:
+                client = (redis.Redis.from_url(self._url, health_check_interval=WATCH_HEALTH_CHECK_S)
+                          if self._url is not None else self._r)
+                self._watch = _CancelWatch(client, self._cancel_channel, owns_client=self._url is not None)
+                if not self._watch.wait_up(WATCH_READY_S):
+                    log.warning("cancel channel %s: not subscribed after %.0f s; jobs read their cancel flag per "
+                                "step until it is", self._cancel_channel, WATCH_READY_S)
+            return self._watch
+
     def _terminate(self, job_id: str, token: str, event: Event, dead_letter: bool = False) -> bool:
         """The at-most-once finish of the claim `token`; `dead_letter` also records the job in P:dead."""
+        if self._watch is not None:
+            self._watch.forget(job_id)
         return bool(self._finish(
             keys=[*self._keys(job_id), self._dead],
             args=[token, encode_event(event), terminal_state(event), error_of(event), time.time(), self._ttl_ms,
                   GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))
+
+
+class _CancelWatch:
+    """The cancel channel, heard by a daemon thread. `generation` counts subscriptions (a reconnect makes a new
+    one, and what was published in between is unknown); a job is vouched for only while the subscription it was
+    claimed under is still the one up. Ids heard for jobs not (yet) tracked are kept RACE_S seconds: the message
+    of a job cancelled just after its claim script may arrive before `track`."""
+
+    RACE_S = 60.0
+
+    def __init__(self, client: Any, channel: str, owns_client: bool) -> None:
+        self._client, self._owns_client, self._channel = client, owns_client, channel
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._up = False
+        self._tracked: dict[str, int | None] = {}  # job id -> generation it was claimed under (None: not up)
+        self._cancelled: set[str] = set()  # tracked jobs heard cancelled
+        self._recent: dict[str, float] = {}  # untracked ids heard -> monotonic time
+        self._up_event = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"cancel-watch-{channel}", daemon=True)
+        self._thread.start()
+
+    def wait_up(self, timeout_s: float) -> bool:
+        return self._up_event.wait(timeout_s)
+
+    def generation(self) -> int | None:
+        with self._lock:
+            return self._generation if self._up else None
+
+    def track(self, job_id: str, generation: int | None) -> None:
+        with self._lock:
+            self._tracked[job_id] = generation
+            if self._recent.pop(job_id, None) is not None:
+                self._cancelled.add(job_id)
+
+    def cancelled(self, job_id: str) -> bool | None:
+        with self._lock:
+            if job_id in self._cancelled:
+                return True
+            generation = self._tracked.get(job_id)
+            if generation is None or not self._up or generation != self._generation:
+                return None
+            return False
+
+    def mark(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._tracked.pop(job_id, None)
+            self._cancelled.discard(job_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._owns_client:
+            self._client.close()
+
+    def _heard(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._tracked:
+                self._cancelled.add(job_id)
+                return
+            now = time.monotonic()
+            self._recent[job_id] = now
+            if len(self._recent) > 1000:  # other workers' jobs: keep only the race window
+                self._recent = {k: t for k, t in self._recent.items() if now - t < self.RACE_S}
+
+    def _run(self) -> None:
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._client.pubsub()
+                    pubsub.subscribe(self._channel)
+                msg = pubsub.get_message(timeout=0.5)
+                if msg is None:
+                    continue
+                if msg["type"] == "subscribe":  # also after redis-py reconnected and subscribed again
+                    with self._lock:
+                        self._generation += 1
+                        self._up = True
+                    self._up_event.set()
+                elif msg["type"] == "message":
+                    self._heard(_s(msg["data"]))
+            except Exception as e:  # the connection broke: what was published meanwhile is unknown
+                with self._lock:
+                    was_up, self._up = self._up, False
+                if was_up:  # once per outage, not per retry
+                    log.warning("cancel channel %s: subscription lost (%s); jobs read their cancel flag per step "
+                                "until it is back", self._channel, e)
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+                pubsub = None
+                self._stop.wait(0.5)
+        if pubsub is not None:
+            pubsub.close()
 
 
 class AsyncRedisFront:

@@ -70,7 +70,8 @@ class JobRun:
     published: set[int] = field(default_factory=set)
     words: list[str] = field(default_factory=list)
     pending: StepExplanation | None = None
-    # The cancel flag as the last publish saw it, for the check right after it (None: read it from the queue).
+    # The cancel flag as the last publish saw it, for the check right after it (None: ask the queue: pushed, or
+    # else read).
     cancel_seen: bool | None = None
 
     @property
@@ -118,7 +119,11 @@ class JobRun:
         if self.lost.is_set():
             raise LostClaim
         seen, self.cancel_seen = self.cancel_seen, None
-        if self.queue.cancel_requested(self.claim.job_id) if seen is None else seen:
+        if seen is None:
+            seen = self.queue.cancel_signalled(self.claim.job_id)
+        if seen is None:
+            seen = self.queue.cancel_requested(self.claim.job_id)
+        if seen:
             raise Cancelled(f"cancelled before step {index}")
         deadline = self.claim.spec.deadline
         if deadline is not None and time.time() >= deadline:
