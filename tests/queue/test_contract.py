@@ -253,6 +253,20 @@ def test_a_job_claimed_without_the_subscription_is_not_vouched_for(backend):
     assert q.cancel_signalled(job.id) is True
 
 
+def test_a_claim_that_lost_its_job_is_forgotten_by_the_cancel_watch(backend):
+    if backend.url is None:
+        pytest.skip("the in-process queue keeps no watch")
+    q = backend.queue()
+    job = q.enqueue(spec())
+    first = q.claim("slow", block_s=1)
+    time.sleep(0.5)  # past the visibility timeout without a heartbeat
+    heir = backend.replica(q).claim("heir", block_s=2)
+    assert heir is not None and heir.job_id == job.id
+    assert q.cancel_signalled(job.id) is False
+    assert q.publish(first, step(0)) == Published.LOST
+    assert q.cancel_signalled(job.id) is None  # not ours any more: nothing kept for it
+
+
 def test_cancelled_job_whose_worker_died_is_not_handed_out_again(backend):
     q = backend.queue()
     job = q.enqueue(spec())

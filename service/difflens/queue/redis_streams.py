@@ -368,16 +368,22 @@ class RedisStreamsQueue:
     def heartbeat(self, claim: Claim) -> bool:
         reply = self._heartbeat(keys=self._keys(claim.job_id),
                                 args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker])
-        if reply == 2 and self._watch is not None:
-            self._watch.mark(claim.job_id)  # a cancel whose message was lost is caught here
+        if self._watch is not None:
+            if reply == 2:
+                self._watch.mark(claim.job_id)  # a cancel whose message was lost is caught here
+            elif not reply:
+                self._watch.forget(claim.job_id)  # reclaimed by another worker: it finishes the job, not us
         return bool(reply)
 
     def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
-        return Published(self._publish(keys=self._keys(claim.job_id),
-                                       args=[claim.token, encode_event(event), 1 if isinstance(event, Started) else 0,
-                                             time.time(), self._ttl_ms]))
+        result = Published(self._publish(keys=self._keys(claim.job_id),
+                                         args=[claim.token, encode_event(event),
+                                               1 if isinstance(event, Started) else 0, time.time(), self._ttl_ms]))
+        if not result and self._watch is not None:
+            self._watch.forget(claim.job_id)
+        return result
 
     def finish(self, claim: Claim, event: Event) -> bool:
         if not is_terminal(event):
