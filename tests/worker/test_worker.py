@@ -191,3 +191,80 @@ def test_stop_finishes_held_jobs_and_takes_no_more(make_worker, tiny_dir):
     assert worker._thread is not None and not worker._thread.is_alive()
     assert isinstance(queue.events(first)[-1][1], Completed)
     assert queue.get(second).state == "queued"
+
+
+class _SteeredQueue:
+    """Builds an InProcessQueue whose Step publishes can be held at a gate, lose the claim, or fail once; every
+    other call is the real queue's."""
+
+    @staticmethod
+    def make(s, *, gate_step=None, lose_step=None, fail_step=None):
+        import threading
+
+        from difflens.queue.base import Published
+        from difflens.queue.memory import InProcessQueue
+
+        class Steered(InProcessQueue):
+            def __init__(self):
+                super().__init__(s)
+                self.gate, self.threads, self.lost_tokens = threading.Event(), set(), set()
+
+            def publish(self, claim, event):
+                if isinstance(event, Step):
+                    self.threads.add(threading.current_thread().name)
+                    if event.index == gate_step:
+                        assert self.gate.wait(30), "the gate was never opened"
+                    if claim.token in self.lost_tokens or (event.index == lose_step and claim.delivery == 1):
+                        self.lost_tokens.add(claim.token)  # as if reclaimed: this claim owns nothing any more
+                        return Published.LOST
+                    if event.index == fail_step and claim.delivery == 1:
+                        raise ConnectionError("the queue's backend went away")
+                return super().publish(claim, event)
+
+            def heartbeat(self, claim):
+                return claim.token not in self.lost_tokens and super().heartbeat(claim)
+
+            def finish(self, claim, event):
+                return claim.token not in self.lost_tokens and super().finish(claim, event)
+
+        return Steered()
+
+
+def test_denoising_goes_on_while_a_step_event_is_being_published(make_worker, worker_settings):
+    """Step 0's publish is held until the job's DF-RISE has run for step 1: a worker that waited on each publish
+    would never get there (the gate times out)."""
+    queue = _SteeredQueue.make(worker_settings, gate_step=0)
+    job_id = queue.enqueue(spec(steps=3, masks=4, batch=4)).id  # one DF-RISE UNet call per step
+    worker = make_worker(worker_settings, queue)
+    end = time.monotonic() + 60
+    while worker.stats.calls < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert worker.stats.calls >= 2, "step 1 was never explained while step 0's event waited"
+    queue.gate.set()
+    events = wait_terminal(queue, job_id)
+    assert [type(e) for e in events] == [Queued, Started, Step, Step, Step, Completed]
+    assert [e.index for e in _steps(events)] == [0, 1, 2]
+    assert all(name.startswith("publish-") for name in queue.threads), queue.threads
+
+
+def test_a_publish_that_finds_the_claim_lost_stops_the_job_and_another_delivery_finishes_it(tiny_dir,
+                                                                                              make_worker):
+    s = settings(tiny_dir, visibility_timeout_s=1.0)
+    queue = _SteeredQueue.make(s, lose_step=1)
+    job_id = queue.enqueue(spec(steps=4, masks=4)).id
+    make_worker(s, queue)
+    events = wait_terminal(queue, job_id)
+    # The first delivery got step 0 out; step 1 found the claim lost, and the job stopped before step 2's
+    # event: the second delivery publishes steps 1-3 and the only terminal event.
+    assert [type(e) for e in events] == [Queued, Started, Step, Started, Step, Step, Step, Completed]
+    assert [e.index for e in _steps(events)] == [0, 1, 2, 3]
+    assert json.loads(events[-1].audit_json)["attempt"] == 2
+
+
+def test_a_failed_step_publish_fails_the_job_with_no_later_step_events(make_worker, worker_settings):
+    queue = _SteeredQueue.make(worker_settings, fail_step=1)
+    job_id = queue.enqueue(spec(steps=5, masks=4)).id
+    make_worker(worker_settings, queue)
+    events = wait_terminal(queue, job_id)
+    assert [type(e) for e in events] == [Queued, Started, Step, Failed]
+    assert events[-1].code == "INTERNAL"

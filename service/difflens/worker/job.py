@@ -1,5 +1,11 @@
 """One claimed job, run to its terminal event: Started, a Step per explained step as it happens, then Completed
 (image and audit record) or Failed. Cancellation, deadlines and lost ownership are checked between denoising steps.
+
+Step events are handed to the worker's publisher thread (`publisher`), so the denoising loop does not wait on the
+queue's round trip for each explained step (~1.5 ms on Redis here, bench/service.py): the publish of step k
+overlaps step k + 1, and the last one overlaps decoding, the PNG and the audit record. The publisher is one thread,
+so a job's events keep their order; the terminal event waits for every publish before it. A publish that says the
+claim lost the job, or that a cancel was requested, or that fails, is acted on at the next check between steps.
 """
 
 from __future__ import annotations
@@ -7,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +64,8 @@ def step_event(se: StepExplanation, words: list[str], output: OutputOptions, mod
 @dataclass
 class JobRun:
     """Runs `claim` on `entry` with `runner` (this job's JobRunner). `lost` is set by the worker's heartbeat
-    thread when the queue says the claim lost the job."""
+    thread (or a publish) when the queue says the claim lost the job. `publisher`: a one-thread executor for step
+    events (None: publish them on the job's thread)."""
 
     claim: Claim
     queue: JobQueue
@@ -65,6 +73,7 @@ class JobRun:
     runner: JobRunner
     settings: ServiceSettings
     lost: threading.Event = field(default_factory=threading.Event)
+    publisher: Executor | None = None
     denoise_s: dict[int, float] = field(default_factory=dict)
     rise_exact: dict[int, bool] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
@@ -73,6 +82,8 @@ class JobRun:
     # The cancel flag as the last publish saw it, for the check right after it (None: ask the queue: pushed, or
     # else read).
     cancel_seen: bool | None = None
+    in_flight: list[Future[Published | None]] = field(default_factory=list)
+    publish_error: BaseException | None = None  # a step publish failed: the job's later steps are not published
 
     @property
     def model_label(self) -> str:
@@ -93,6 +104,7 @@ class JobRun:
             exp = self._explain()
             png = image_png(exp.image)
             record = self._record(exp, png, started)
+            self._settle(wait=True)
             return self._finish(Completed(png, audit.dumps(record)), "completed")
         except LostClaim:
             log.info("job %s: lost to another worker (delivery %d); stopped", claim.job_id, claim.delivery)
@@ -116,9 +128,10 @@ class JobRun:
 
     def _check(self, index: int) -> None:
         """Before denoising step `index`: ownership, cancel flag, deadline (in that order)."""
+        pushed = self._settle(wait=False)
         if self.lost.is_set():
             raise LostClaim
-        seen, self.cancel_seen = self.cancel_seen, None
+        seen, self.cancel_seen = True if pushed else self.cancel_seen, None
         if seen is None:
             seen = self.queue.cancel_signalled(self.claim.job_id)
         if seen is None:
@@ -150,8 +163,37 @@ class JobRun:
         if se is None or se.index in self.published:
             return
         latency = denoise_s + sum(se.seconds.values())
-        self._publish_or_stop(step_event(se, self.words, self.claim.spec.output, self.entry.model, latency, total))
+        event = step_event(se, self.words, self.claim.spec.output, self.entry.model, latency, total)
         self.published.add(se.index)
+        if self.publisher is None:
+            self._publish_or_stop(event)
+        else:
+            self.in_flight.append(self.publisher.submit(self._publish_step, event))
+
+    def _publish_step(self, event: Step) -> Published | None:
+        """On the publisher thread. Once a publish failed or found the job lost, the job's later steps are dropped
+        (None): its event stream must not show a gap before the Failed event."""
+        if self.lost.is_set() or self.publish_error is not None:
+            return None
+        try:
+            result = self.queue.publish(self.claim, event)
+        except BaseException as e:
+            self.publish_error = e
+            raise
+        if not result:
+            self.lost.set()
+        return result
+
+    def _settle(self, wait: bool) -> bool:
+        """Take the step publishes that are done (all of them, waiting for each, with `wait`), in order: one that
+        failed re-raises its error, a lost claim raises LostClaim. Returns whether one saw the cancel flag."""
+        cancel = False
+        while self.in_flight and (wait or self.in_flight[0].done()):
+            result = self.in_flight.pop(0).result()
+            if self.lost.is_set():
+                raise LostClaim
+            cancel |= result == Published.CANCEL_REQUESTED
+        return cancel
 
     def _publish_or_stop(self, event: Event) -> None:
         result = self.queue.publish(self.claim, event)
@@ -172,6 +214,9 @@ class JobRun:
                                   png=png, runtime=runtime, timings=timings, rise_exact=self.rise_exact)
 
     def _finish(self, event: Completed | Failed, status: str, error: str | None = None) -> str | None:
+        for f in self.in_flight:  # the terminal event goes after every step event (which may fail: no matter now)
+            f.exception()
+        self.in_flight.clear()
         if not self.queue.finish(self.claim, event):
             log.info("job %s: already terminal or lost; %s dropped", self.claim.job_id, type(event).__name__)
             return None

@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from difflens import metrics
@@ -84,6 +84,8 @@ class Worker:
         # Long-lived job threads, not one per job: torch's OpenMP runtime builds a thread team per calling thread,
         # and a fresh team for every job cost a tiny job ~20 ms on the 2-core CI machine (bench/service.py).
         pool = ThreadPoolExecutor(self.settings.worker_max_jobs, thread_name_prefix=f"job-{self.name}")
+        # One thread publishes every job's step events (in order per job) while the job threads denoise on.
+        publisher = ThreadPoolExecutor(1, thread_name_prefix=f"publish-{self.name}")
         log.info("worker %s: taking jobs (max_jobs=%d, max_batch=%d)", self.name, self.settings.worker_max_jobs,
                  self.settings.worker_max_batch)
         try:
@@ -94,9 +96,10 @@ class Worker:
                 if claim is None:
                     slots.release()
                     continue
-                pool.submit(self._job, claim, slots)
+                pool.submit(self._job, claim, slots, publisher)
         finally:
             pool.shutdown(wait=True)
+            publisher.shutdown(wait=True)
             beat_stop.set()
             beat.join()
             log.info("worker %s: stopped", self.name)
@@ -112,12 +115,12 @@ class Worker:
             stop.wait(1.0)
             return None
 
-    def _job(self, claim: Claim, slots: threading.BoundedSemaphore) -> None:
+    def _job(self, claim: Claim, slots: threading.BoundedSemaphore, publisher: Executor) -> None:
         lost = threading.Event()
         with self._lock:
             self._held[claim.job_id] = (claim, lost)
         try:
-            self._run_claim(claim, lost)
+            self._run_claim(claim, lost, publisher)
         except Exception:  # never let a job thread die silently (queue errors while finishing, ...)
             log.exception("worker %s: job %s: unhandled error", self.name, claim.job_id)
         finally:
@@ -125,7 +128,7 @@ class Worker:
                 self._held.pop(claim.job_id, None)
             slots.release()
 
-    def _run_claim(self, claim: Claim, lost: threading.Event) -> None:
+    def _run_claim(self, claim: Claim, lost: threading.Event, publisher: Executor) -> None:
         try:
             entry = self.registry.get(claim.spec.model)
         except InvalidArgument as e:
@@ -137,7 +140,7 @@ class Worker:
                                                           "worker"), "model_load")
             return
         runner = JobRunner(entry.runner, entry.lock, self._batcher(entry))
-        JobRun(claim, self.queue, entry, runner, self.settings, lost).run()
+        JobRun(claim, self.queue, entry, runner, self.settings, lost, publisher).run()
 
     def _fail_early(self, claim: Claim, event: Failed, error: str) -> None:
         if self.queue.finish(claim, event):
