@@ -11,6 +11,7 @@ import pytest
 from difflens.errors import ResourceExhausted
 from difflens.jobs import Completed, Failed, Queued, Started, Step
 from difflens.queue.base import JobNotFound, Published
+from difflens.queue.common import CANCELLED_MESSAGE as CANCELLED
 from tests.queue.conftest import FAST, spec
 
 LAPSE_S = FAST["visibility_timeout_s"] + 0.15  # long enough for a holder to lose its job
@@ -360,3 +361,47 @@ def test_reclaim_finds_an_abandoned_job_behind_many_live_ones(backend):
         got = q.claim("w2", block_s=FAST["heartbeat_interval_s"])
     assert got is not None and (got.job_id, got.delivery) == (abandoned.job_id, 2)
     assert all(q.publish(c, Started("w1")) for c in live)  # none of the live ones was taken
+
+
+def test_claim_ahead_is_claim_with_start_once_confirmed(backend):
+    q = backend.queue()
+    watcher = backend.replica(q)
+    job = q.enqueue(spec("ahead", caller="alice"))
+    got = q.claim_ahead("w1", block_s=1)
+    assert got is not None
+    c, confirm = got
+    assert (c.job_id, c.spec, c.delivery, c.started, c.worker) == (job.id, spec("ahead", caller="alice"), 1, True, "w1")
+    assert abs(c.enqueued_at - job.created_at) < 1e-3
+    assert confirm()
+    assert watcher.events(job.id) == [(0, Queued(position=0)), (1, Started("w1", attempt=1))]
+    assert watcher.get(job.id).state == "running" and q.cancel_signalled(job.id) is False
+    assert q.heartbeat(c) and q.publish(c, step(0)) == Published.OK and q.finish(c, Completed(b"png", "{}"))
+    assert kinds(watcher, job.id) == [(0, "Queued"), (1, "Started"), (2, "Step"), (3, "Completed")]
+
+
+def test_claim_ahead_hands_a_new_job_out_before_the_claim_script_and_says_if_it_held(backend):
+    if backend.url is None:
+        pytest.skip("the in-process queue settles a claim as it hands it out")
+    q = backend.queue()
+    watcher = backend.replica(q)
+    job = q.enqueue(spec())
+    c, confirm = q.claim_ahead("w1", block_s=1)
+    assert watcher.get(job.id).state == "queued" and kinds(watcher, job.id) == [(0, "Queued")]  # not claimed yet
+    assert not q.heartbeat(c)  # nothing is held before confirm()
+    assert confirm() and watcher.get(job.id).state == "running" and q.heartbeat(c)
+    assert q.finish(c, Completed(b"png", "{}"))
+    # Cancelled between the hand-out and the claim script: the job stays cancelled, and the claim never held.
+    gone = q.enqueue(spec("gone"))
+    c2, confirm2 = q.claim_ahead("w1", block_s=1)
+    assert c2.job_id == gone.id
+    watcher.cancel(gone.id)
+    assert not confirm2()
+    assert q.publish(c2, step(0)) == Published.LOST and not q.finish(c2, Completed(b"png", "{}"))
+    assert [e for _, e in watcher.events(gone.id)] == [Queued(position=0), Failed("CANCELLED", CANCELLED)]
+    # Past its deadline by the time the claim script runs: failed by the queue, as claim() would.
+    late = q.enqueue(spec("late", deadline=time.time() + 0.2))
+    c3, confirm3 = q.claim_ahead("w1", block_s=1)
+    time.sleep(0.3)
+    assert c3.job_id == late.id and not confirm3()
+    assert [type(e).__name__ for _, e in watcher.events(late.id)] == ["Queued", "Failed"]
+    assert watcher.get(late.id).state == "failed" and q.depth() == 0

@@ -268,3 +268,46 @@ def test_a_failed_step_publish_fails_the_job_with_no_later_step_events(make_work
     events = wait_terminal(queue, job_id)
     assert [type(e) for e in events] == [Queued, Started, Step, Failed]
     assert events[-1].code == "INTERNAL"
+
+
+def test_a_job_handed_out_ahead_publishes_nothing_until_its_claim_holds_and_stops_if_it_does_not(tiny_dir,
+                                                                                                   make_worker):
+    """JobQueue.claim_ahead: the worker starts on the job while the claim is settled. Here the settling is held
+    until the job has explained two steps, and then says the claim did not hold (as Redis's claim script does for
+    a job cancelled in between, which it also finishes): no Step may have gone out, and the job stops."""
+    import threading
+
+    from difflens.queue.memory import InProcessQueue
+
+    s = settings(tiny_dir)
+
+    class Ahead(InProcessQueue):
+        gate = threading.Event()
+
+        def claim_ahead(self, worker, block_s=1.0):
+            got = super().claim_ahead(worker, block_s)
+            if got is None:
+                return None
+            claim, _ = got
+
+            def confirm():
+                assert self.gate.wait(30), "the gate was never opened"
+                super(Ahead, self).finish(claim, Failed("CANCELLED", "cancelled by the caller"))
+                return False
+
+            return claim, confirm
+
+    queue = Ahead(s)
+    job_id = queue.enqueue(spec(steps=6, masks=4, batch=4)).id
+    worker = make_worker(s, queue)
+    end = time.monotonic() + 60
+    while worker.stats.calls < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert worker.stats.calls >= 2, "the job did not start before its claim was settled"
+    assert [type(e) for _, e in queue.events(job_id)] == [Queued, Started]  # two steps explained, none out
+    queue.gate.set()
+    events = wait_terminal(queue, job_id)
+    time.sleep(0.5)  # the job thread sees the verdict at its next step and must stop without a word
+    assert [type(e) for _, e in queue.events(job_id)] == [Queued, Started, Failed]
+    assert worker.stats.calls < 6, "the job ran to its end"
+    assert events[-1] == Failed("CANCELLED", "cancelled by the caller")

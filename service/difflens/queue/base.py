@@ -14,6 +14,10 @@ Semantics every implementation keeps:
   their deadline are failed at claim time and not handed out. With `start=True` the claim also appends
   `Started(worker, delivery)` and moves the job to running in the same atomic step (`Claim.started`): the worker's
   first event costs no round trip of its own, and a job failed at claim time never shows a Started event.
+- `claim_ahead` is claim(start=True) that may hand the job out before the claim is settled, with a `confirm()`
+  that settles it (Redis: the claim script, run while the worker already starts on the job; one round trip off
+  every job's latency). Until confirm() returned True the worker publishes nothing of the job; False means the
+  queue failed or dropped it as claim() would have (cancelled or expired meanwhile), and the worker just stops.
 - `publish` appends an event to the job's event stream, but only while the claim still owns the job (a reclaimed
   job's first worker, if it was only slow, gets `Published.LOST` back and must stop). `Started` moves the job to
   running. The reply also says whether a cancel was requested (`Published.CANCEL_REQUESTED`): the worker, which
@@ -32,6 +36,7 @@ Semantics every implementation keeps:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -74,6 +79,8 @@ class JobQueue(Protocol):
     def get(self, job_id: str) -> JobRecord: ...
 
     def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None: ...
+
+    def claim_ahead(self, worker: str, block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None: ...
 
     def heartbeat(self, claim: Claim) -> bool: ...
 

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -43,6 +44,7 @@ from difflens.queue.common import (
     new_job_id,
     new_token,
     queue_full,
+    settled,
     terminal_state,
 )
 
@@ -93,7 +95,7 @@ end
 local depth = redis.call('ZCARD', KEYS[4])
 if depth >= tonumber(ARGV[7]) then return {'full', depth} end
 redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), ARGV[1])
-local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 'at', ARGV[5])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
            'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
            'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
@@ -190,6 +192,19 @@ return 1
 
 
 TERMINAL_STATES = (b"completed", b"failed", b"cancelled")
+
+
+def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim | None:
+    """The claim a new work entry (first delivery) becomes once the claim script starts it, made before it runs;
+    None for an entry without the spec (queued by an older front) or with one this worker cannot read."""
+    if b"spec" not in fields or b"at" not in fields:
+        return None
+    try:
+        spec = JobSpec.from_json(fields[b"spec"])
+    except (ValueError, KeyError, TypeError):
+        return None  # the claim script path fails it with the reason
+    return Claim(job_id=job_id, spec=spec, worker=worker, token=new_token(), delivery=1,
+                 enqueued_at=float(fields[b"at"]), started=True)
 
 
 def _s(value: bytes | str | None) -> str:
@@ -356,12 +371,51 @@ class RedisStreamsQueue:
             if entry is not None:
                 # the subscription as it is before the claim script reads the flag: every later cancel of
                 # this job is published while it listens, unless it breaks (then the generation moves on)
-                generation = watch.generation()
-                claim = self._take(worker, *entry, start=start)
+                claim = self._take(worker, entry[0], entry[1], start=start, generation=watch.generation())
                 if claim is not None:
-                    watch.track(claim.job_id, generation)
                     return claim
                 continue
+            if time.monotonic() >= end:
+                return None
+
+    def claim_ahead(self, worker: str, block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
+        """claim(start=True), one round trip sooner for a new job: its work entry carries the spec, so the job is
+        handed out as soon as the stream delivers it, and `confirm()` runs the claim script (from any thread) while
+        the worker starts on it. confirm() says whether the claim holds; False (or an error) means the claim script
+        failed or dropped the job as claim() would have, and nothing of it may be published. A reclaimed job, or
+        an entry without a spec, is claimed as claim() does (confirm() then just says True)."""
+        end = time.monotonic() + block_s
+        watch = self._cancel_watch()
+        while True:
+            reclaimed = self._reclaimable(worker)
+            if reclaimed is not None:
+                claim = self._take(worker, *reclaimed, start=True, generation=watch.generation())
+                if claim is not None:
+                    return claim, settled
+                continue
+            entry = self._read_new(worker, end - time.monotonic())
+            if entry is not None:
+                entry_id, job_id, fields = entry
+                ahead = _ahead_claim(job_id, fields, worker)
+                if ahead is None:  # queued by an older front: the entry has the job id only
+                    claim = self._take(worker, entry_id, job_id, start=True, generation=watch.generation())
+                    if claim is not None:
+                        return claim, settled
+                    continue
+                generation = watch.generation()
+
+                def confirm(entry_id: bytes = entry_id, ahead: Claim = ahead,
+                            generation: int | None = generation) -> bool:
+                    taken = self._take(worker, entry_id, ahead.job_id, start=True, token=ahead.token,
+                                       generation=generation)
+                    if taken is not None and (taken.delivery, taken.started) != (ahead.delivery, True):
+                        # cannot happen for a first delivery; if it did, the job is left to be reclaimed
+                        log.warning("job %s: claimed as delivery %d (started: %s), not as the first; stopped",
+                                    ahead.job_id, taken.delivery, taken.started)
+                        return False
+                    return taken is not None
+
+                return ahead, confirm
             if time.monotonic() >= end:
                 return None
 
@@ -413,7 +467,8 @@ class RedisStreamsQueue:
         entry_id, fields = claimed[0]
         return (entry_id, _s(fields[b"job"])) if fields else None
 
-    def _read_new(self, worker: str, block_s: float) -> tuple[bytes, str] | None:
+    def _read_new(self, worker: str, block_s: float) -> tuple[bytes, str, dict[bytes, bytes]] | None:
+        """A new work entry for `worker`: (entry id, job id, the entry's fields), or None after block_s."""
         # never block past the next reclaim scan, so abandoned jobs are found while the stream is idle
         block_ms = int(min(block_s, self._reclaim_every_s) * 1000)
         reply = self._r.xreadgroup(GROUP, worker, {self._work: ">"}, count=1,
@@ -421,11 +476,13 @@ class RedisStreamsQueue:
         if not reply or not reply[0][1]:
             return None
         entry_id, fields = reply[0][1][0]
-        return entry_id, _s(fields[b"job"])
+        return entry_id, _s(fields[b"job"]), fields
 
-    def _take(self, worker: str, entry_id: bytes, job_id: str, start: bool) -> Claim | None:
-        """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so."""
-        token, now = new_token(), time.time()
+    def _take(self, worker: str, entry_id: bytes, job_id: str, start: bool, generation: int | None,
+              token: str | None = None) -> Claim | None:
+        """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so. The cancel
+        watch then tracks the job from `generation`, its subscription's before the claim script ran."""
+        token, now = token or new_token(), time.time()
         reply = self._claim(keys=self._keys(job_id),
                             args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id, 1 if start else 0,
                                   self.settings.max_deliveries])
@@ -444,6 +501,8 @@ class RedisStreamsQueue:
         if failed is not None:
             self._terminate(job_id, token, failed, dead_letter=failed.code == "ABORTED")
             return None
+        if self._watch is not None:
+            self._watch.track(job_id, generation)
         return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
                      enqueued_at=created_at, started=started)
 

@@ -65,7 +65,9 @@ def step_event(se: StepExplanation, words: list[str], output: OutputOptions, mod
 class JobRun:
     """Runs `claim` on `entry` with `runner` (this job's JobRunner). `lost` is set by the worker's heartbeat
     thread (or a publish) when the queue says the claim lost the job. `publisher`: a one-thread executor for step
-    events (None: publish them on the job's thread)."""
+    events (None: publish them on the job's thread). `confirmed`: for a claim handed out ahead of its settling
+    (JobQueue.claim_ahead), whether it holds; the job runs meanwhile but publishes nothing until it is True, and
+    stops when it is False (None: settled)."""
 
     claim: Claim
     queue: JobQueue
@@ -74,6 +76,7 @@ class JobRun:
     settings: ServiceSettings
     lost: threading.Event = field(default_factory=threading.Event)
     publisher: Executor | None = None
+    confirmed: Future[bool] | None = None
     denoise_s: dict[int, float] = field(default_factory=dict)
     rise_exact: dict[int, bool] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
@@ -129,7 +132,7 @@ class JobRun:
     def _check(self, index: int) -> None:
         """Before denoising step `index`: ownership, cancel flag, deadline (in that order)."""
         pushed = self._settle(wait=False)
-        if self.lost.is_set():
+        if self.lost.is_set() or (self.confirmed is not None and self.confirmed.done() and not self._owned()):
             raise LostClaim
         seen, self.cancel_seen = True if pushed else self.cancel_seen, None
         if seen is None:
@@ -175,6 +178,9 @@ class JobRun:
         (None): its event stream must not show a gap before the Failed event."""
         if self.lost.is_set() or self.publish_error is not None:
             return None
+        if not self._owned():
+            self.lost.set()
+            return None
         try:
             result = self.queue.publish(self.claim, event)
         except BaseException as e:
@@ -195,7 +201,13 @@ class JobRun:
             cancel |= result == Published.CANCEL_REQUESTED
         return cancel
 
+    def _owned(self) -> bool:
+        """Whether the claim holds, once the queue settled it (waits for that)."""
+        return self.confirmed is None or self.confirmed.result()
+
     def _publish_or_stop(self, event: Event) -> None:
+        if not self._owned():
+            raise LostClaim
         result = self.queue.publish(self.claim, event)
         if not result:
             raise LostClaim
@@ -217,6 +229,10 @@ class JobRun:
         for f in self.in_flight:  # the terminal event goes after every step event (which may fail: no matter now)
             f.exception()
         self.in_flight.clear()
+        if not self._owned():
+            log.info("job %s: the claim did not hold (cancelled or expired meanwhile); %s dropped",
+                     self.claim.job_id, type(event).__name__)
+            return None
         if not self.queue.finish(self.claim, event):
             log.info("job %s: already terminal or lost; %s dropped", self.claim.job_id, type(event).__name__)
             return None

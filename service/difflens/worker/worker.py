@@ -1,5 +1,8 @@
 """The worker: claims jobs, runs up to `worker_max_jobs` of them at once on the shared loaded models (their DF-RISE
 masks share UNet batches), heartbeats the jobs it holds, and on stop finishes them before returning.
+
+A job is claimed ahead (JobQueue.claim_ahead): its thread starts on it while this thread settles the claim (on
+Redis, the claim script's round trip), and it publishes nothing until the claim holds.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ import os
 import socket
 import threading
 import uuid
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from difflens import metrics
@@ -55,7 +59,7 @@ class Worker:
         self.name = name or default_name()
         self.stats = UNetCallStats()
         self._batchers: dict[str, UNetBatcher] = {}
-        self._held: dict[str, tuple[Claim, threading.Event]] = {}
+        self._held: dict[str, tuple[Claim, threading.Event, Future[bool]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,11 +96,14 @@ class Worker:
             while not stop.is_set():
                 if not slots.acquire(timeout=CLAIM_BLOCK_S):
                     continue
-                claim = self._claim(stop)
-                if claim is None:
+                got = self._claim(stop)
+                if got is None:
                     slots.release()
                     continue
-                pool.submit(self._job, claim, slots, publisher)
+                claim, confirm = got
+                confirmed: Future[bool] = Future()
+                pool.submit(self._job, claim, slots, publisher, confirmed)
+                self._confirm(claim, confirm, confirmed)  # while the job thread already starts on it
         finally:
             pool.shutdown(wait=True)
             publisher.shutdown(wait=True)
@@ -106,21 +113,30 @@ class Worker:
 
     # ------------------------------------------------------------ internals
 
-    def _claim(self, stop: threading.Event) -> Claim | None:
+    def _claim(self, stop: threading.Event) -> tuple[Claim, Callable[[], bool]] | None:
         try:
-            return self.queue.claim(self.name, block_s=CLAIM_BLOCK_S, start=True)
+            return self.queue.claim_ahead(self.name, block_s=CLAIM_BLOCK_S)
         except Exception:  # the queue's backend is down: keep the worker alive and retry
             log.exception("worker %s: claim failed; retrying", self.name)
             metrics.ERRORS.labels("queue").inc()
             stop.wait(1.0)
             return None
 
-    def _job(self, claim: Claim, slots: threading.BoundedSemaphore, publisher: Executor) -> None:
+    def _confirm(self, claim: Claim, confirm: Callable[[], bool], confirmed: Future[bool]) -> None:
+        try:
+            confirmed.set_result(confirm())
+        except Exception:  # the job's entry stays pending: it is reclaimed after the visibility timeout
+            log.exception("worker %s: claim of job %s failed; the job stops", self.name, claim.job_id)
+            metrics.ERRORS.labels("queue").inc()
+            confirmed.set_result(False)
+
+    def _job(self, claim: Claim, slots: threading.BoundedSemaphore, publisher: Executor,
+             confirmed: Future[bool]) -> None:
         lost = threading.Event()
         with self._lock:
-            self._held[claim.job_id] = (claim, lost)
+            self._held[claim.job_id] = (claim, lost, confirmed)
         try:
-            self._run_claim(claim, lost, publisher)
+            self._run_claim(claim, lost, publisher, confirmed)
         except Exception:  # never let a job thread die silently (queue errors while finishing, ...)
             log.exception("worker %s: job %s: unhandled error", self.name, claim.job_id)
         finally:
@@ -128,22 +144,22 @@ class Worker:
                 self._held.pop(claim.job_id, None)
             slots.release()
 
-    def _run_claim(self, claim: Claim, lost: threading.Event, publisher: Executor) -> None:
+    def _run_claim(self, claim: Claim, lost: threading.Event, publisher: Executor, confirmed: Future[bool]) -> None:
         try:
             entry = self.registry.get(claim.spec.model)
         except InvalidArgument as e:
-            self._fail_early(claim, Failed("INVALID_ARGUMENT", str(e)), "invalid_argument")
+            self._fail_early(claim, confirmed, Failed("INVALID_ARGUMENT", str(e)), "invalid_argument")
             return
         except ModelLoadError:
             log.exception("worker %s: model %r cannot be loaded", self.name, claim.spec.model)
-            self._fail_early(claim, Failed("UNAVAILABLE", f"model {claim.spec.model!r} cannot be loaded by this "
-                                                          "worker"), "model_load")
+            self._fail_early(claim, confirmed, Failed("UNAVAILABLE", f"model {claim.spec.model!r} cannot be loaded "
+                                                                     "by this worker"), "model_load")
             return
         runner = JobRunner(entry.runner, entry.lock, self._batcher(entry))
-        JobRun(claim, self.queue, entry, runner, self.settings, lost, publisher).run()
+        JobRun(claim, self.queue, entry, runner, self.settings, lost, publisher, confirmed).run()
 
-    def _fail_early(self, claim: Claim, event: Failed, error: str) -> None:
-        if self.queue.finish(claim, event):
+    def _fail_early(self, claim: Claim, confirmed: Future[bool], event: Failed, error: str) -> None:
+        if confirmed.result() and self.queue.finish(claim, event):
             metrics.JOBS.labels("failed").inc()
             metrics.ERRORS.labels(error).inc()
 
@@ -170,7 +186,9 @@ class Worker:
         while not stop.wait(self.settings.heartbeat_interval_s):
             with self._lock:
                 held = list(self._held.values())
-            for claim, lost in held:
+            for claim, lost, confirmed in held:
+                if not (confirmed.done() and confirmed.result()):
+                    continue  # not ours yet (or not at all): the claim script has not run
                 try:
                     if not self.queue.heartbeat(claim):
                         lost.set()
