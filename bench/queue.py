@@ -1,7 +1,8 @@
 """Queue throughput: no-op jobs per second through each JobQueue implementation, and their end-to-end latency.
 
 One producer thread enqueues jobs, keeping at most --inflight of them unfinished; --workers threads each claim a
-job, publish Started and finish it with Completed (no engine work), as a worker does around a real job. Each Redis
+job as a worker does (claim_ahead, then confirm(): the claim script, which writes Started) and finish it with
+Completed (no engine work). Each Redis
 worker thread has its own RedisStreamsQueue (its own connection pool), like separate worker processes.
 Latency is enqueue call -> finish returned. Target: >= 500 jobs/s through Redis.
     PYTHONPATH=service .venv/bin/python -m bench.queue [--jobs 2000] [--workers 4] [--backends redis,memory]
@@ -27,7 +28,7 @@ from typing import Any
 
 from difflens.config import ServiceSettings
 from difflens.engine.options import GenerationParams
-from difflens.jobs import Completed, JobSpec, Started
+from difflens.jobs import Completed, JobSpec
 from difflens.queue.base import JobQueue
 from difflens.queue.memory import InProcessQueue
 from difflens.queue.redis_streams import RedisStreamsQueue
@@ -67,11 +68,12 @@ def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: i
 
     def work(q: JobQueue, name: str) -> None:
         while not stop.is_set():
-            c = q.claim(name, block_s=0.2)
-            if c is None:
+            got = q.claim_ahead(name, block_s=0.2)
+            if got is None:
                 continue
-            q.publish(c, Started(name, c.delivery))
-            q.finish(c, Completed(b"", "{}"))
+            c, confirm = got
+            if confirm():  # the claim script, which also writes Started
+                q.finish(c, Completed(b"", "{}"))
             t = time.perf_counter()
             with lock:
                 finished.append((c.job_id, t))
