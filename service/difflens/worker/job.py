@@ -100,7 +100,7 @@ class JobRun:
         else:  # a re-delivery: the client already saw these steps from an earlier attempt
             self.published = {e.index for _, e in self.queue.events(claim.job_id) if isinstance(e, Step)}
         try:
-            if claim.started:  # the claim wrote Started, and saw no cancel flag
+            if claim.started:  # the claim writes Started only if it saw no cancel flag (ahead: if confirmed)
                 self.cancel_seen = False
             else:
                 self._publish_or_stop(Started(worker=claim.worker, attempt=claim.delivery))
