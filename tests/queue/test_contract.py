@@ -17,6 +17,12 @@ from tests.queue.conftest import FAST, spec
 LAPSE_S = FAST["visibility_timeout_s"] + 0.15  # long enough for a holder to lose its job
 
 
+def redis_only(backend, why: str) -> None:
+    """Skip on the in-process backend, saying `why` the case does not apply to it."""
+    if backend.url is None:
+        pytest.skip(why)
+
+
 def kinds(q, job_id, after=-1):
     return [(i, type(e).__name__) for i, e in q.events(job_id, after)]
 
@@ -239,8 +245,7 @@ def test_the_claiming_worker_is_signalled_a_cancel_from_another_front(backend):
 
 
 def test_a_job_claimed_without_the_subscription_is_not_vouched_for(backend):
-    if backend.url is None:
-        pytest.skip("the in-process queue reads its flag directly: it always vouches")
+    redis_only(backend, "the in-process queue reads its flag directly: it always vouches")
     q = backend.queue()
     job = q.enqueue(spec())
     c = q.claim("w", block_s=1)
@@ -255,8 +260,7 @@ def test_a_job_claimed_without_the_subscription_is_not_vouched_for(backend):
 
 
 def test_a_claim_that_lost_its_job_is_forgotten_by_the_cancel_watch(backend):
-    if backend.url is None:
-        pytest.skip("the in-process queue keeps no watch")
+    redis_only(backend, "the in-process queue keeps no watch")
     q = backend.queue()
     job = q.enqueue(spec())
     first = q.claim("slow", block_s=1)
@@ -380,8 +384,7 @@ def test_claim_ahead_is_claim_with_start_once_confirmed(backend):
 
 
 def test_claim_ahead_hands_a_new_job_out_before_the_claim_script_and_says_if_it_held(backend):
-    if backend.url is None:
-        pytest.skip("the in-process queue settles a claim as it hands it out")
+    redis_only(backend, "the in-process queue settles a claim as it hands it out")
     q = backend.queue()
     watcher = backend.replica(q)
     job = q.enqueue(spec())

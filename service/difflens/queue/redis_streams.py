@@ -24,6 +24,7 @@ at most one heartbeat interval.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -196,13 +197,14 @@ TERMINAL_STATES = (b"completed", b"failed", b"cancelled")
 
 def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim | None:
     """The claim a new work entry (first delivery) becomes once the claim script starts it, made before it runs;
-    None for an entry without the spec (queued by an older front) or with one this worker cannot read."""
+    None for an entry without the spec (queued by an older front) or with one this worker cannot read (the claim
+    script's path then fails the job with the reason)."""
     if b"spec" not in fields or b"at" not in fields:
         return None
     try:
         spec = JobSpec.from_json(fields[b"spec"])
     except (ValueError, KeyError, TypeError):
-        return None  # the claim script path fails it with the reason
+        return None
     return Claim(job_id=job_id, spec=spec, worker=worker, token=new_token(), delivery=1,
                  enqueued_at=float(fields[b"at"]), started=True)
 
@@ -364,19 +366,8 @@ class RedisStreamsQueue:
     # ------------------------------------------------------------ worker side
 
     def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None:
-        end = time.monotonic() + block_s
-        watch = self._cancel_watch()
-        while True:
-            entry = self._reclaimable(worker) or self._read_new(worker, end - time.monotonic())
-            if entry is not None:
-                # the subscription as it is before the claim script reads the flag: every later cancel of
-                # this job is published while it listens, unless it breaks (then the generation moves on)
-                claim = self._take(worker, entry[0], entry[1], start=start, generation=watch.generation())
-                if claim is not None:
-                    return claim
-                continue
-            if time.monotonic() >= end:
-                return None
+        got = self._claim_next(worker, block_s, start, ahead=False)
+        return None if got is None else got[0]
 
     def claim_ahead(self, worker: str, block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
         """claim(start=True), one round trip sooner for a new job: its work entry carries the spec, so the job is
@@ -384,40 +375,7 @@ class RedisStreamsQueue:
         the worker starts on it. confirm() says whether the claim holds; False (or an error) means the claim script
         failed or dropped the job as claim() would have, and nothing of it may be published. A reclaimed job, or
         an entry without a spec, is claimed as claim() does (confirm() then just says True)."""
-        end = time.monotonic() + block_s
-        watch = self._cancel_watch()
-        while True:
-            reclaimed = self._reclaimable(worker)
-            if reclaimed is not None:
-                claim = self._take(worker, *reclaimed, start=True, generation=watch.generation())
-                if claim is not None:
-                    return claim, settled
-                continue
-            entry = self._read_new(worker, end - time.monotonic())
-            if entry is not None:
-                entry_id, job_id, fields = entry
-                ahead = _ahead_claim(job_id, fields, worker)
-                if ahead is None:  # queued by an older front: the entry has the job id only
-                    claim = self._take(worker, entry_id, job_id, start=True, generation=watch.generation())
-                    if claim is not None:
-                        return claim, settled
-                    continue
-                generation = watch.generation()
-
-                def confirm(entry_id: bytes = entry_id, ahead: Claim = ahead,
-                            generation: int | None = generation) -> bool:
-                    taken = self._take(worker, entry_id, ahead.job_id, start=True, token=ahead.token,
-                                       generation=generation)
-                    if taken is not None and (taken.delivery, taken.started) != (ahead.delivery, True):
-                        # cannot happen for a first delivery; if it did, the job is left to be reclaimed
-                        log.warning("job %s: claimed as delivery %d (started: %s), not as the first; stopped",
-                                    ahead.job_id, taken.delivery, taken.started)
-                        return False
-                    return taken is not None
-
-                return ahead, confirm
-            if time.monotonic() >= end:
-                return None
+        return self._claim_next(worker, block_s, start=True, ahead=True)
 
     def heartbeat(self, claim: Claim) -> bool:
         reply = self._heartbeat(keys=self._keys(claim.job_id),
@@ -446,7 +404,42 @@ class RedisStreamsQueue:
 
     # ------------------------------------------------------------ claim internals
 
-    def _reclaimable(self, worker: str) -> tuple[bytes, str] | None:
+    def _claim_next(self, worker: str, block_s: float, start: bool, ahead: bool) \
+            -> tuple[Claim, Callable[[], bool]] | None:
+        """claim() and, with `ahead`, claim_ahead(): the next reclaimable or new entry, owned (or failed and skipped,
+        as claim_verdict says) by the claim script - or, for a new entry that carries its spec, handed out ahead
+        with the script as its confirm()."""
+        end = time.monotonic() + block_s
+        watch = self._cancel_watch()
+        while True:
+            entry = self._reclaimable(worker) or self._read_new(worker, end - time.monotonic())
+            if entry is None:
+                if time.monotonic() >= end:
+                    return None
+                continue
+            entry_id, job_id, fields = entry
+            # the subscription as it is before the claim script reads the flag: every later cancel of this job
+            # is published while it listens, unless it breaks (then the generation moves on)
+            generation = watch.generation()
+            first = _ahead_claim(job_id, fields, worker) if ahead and fields is not None else None
+            if first is not None:
+                return first, functools.partial(self._confirm_ahead, entry_id, first, generation)
+            claim = self._take(worker, entry_id, job_id, start=start, generation=generation)
+            if claim is not None:
+                return claim, settled
+
+    def _confirm_ahead(self, entry_id: bytes, ahead: Claim, generation: int | None) -> bool:
+        """confirm() of a claim handed out ahead: the claim script, with the claim's own token."""
+        taken = self._take(ahead.worker, entry_id, ahead.job_id, start=True, token=ahead.token,
+                           generation=generation)
+        if taken is not None and (taken.delivery, taken.started) != (ahead.delivery, True):
+            # cannot happen for a first delivery; if it did, the job is left to be reclaimed
+            log.warning("job %s: claimed as delivery %d (started: %s), not as the first; stopped",
+                        ahead.job_id, taken.delivery, taken.started)
+            return False
+        return taken is not None
+
+    def _reclaimable(self, worker: str) -> tuple[bytes, str, None] | None:
         """An entry whose holder stopped heartbeating for longer than the visibility timeout, now ours.
 
         XAUTOCLAIM looks at no more than 10 x COUNT pending entries per call, so with many live jobs held the scan
@@ -465,7 +458,7 @@ class RedisStreamsQueue:
         if not claimed:
             return None
         entry_id, fields = claimed[0]
-        return (entry_id, _s(fields[b"job"])) if fields else None
+        return (entry_id, _s(fields[b"job"]), None) if fields else None  # not a first delivery: no fields
 
     def _read_new(self, worker: str, block_s: float) -> tuple[bytes, str, dict[bytes, bytes]] | None:
         """A new work entry for `worker`: (entry id, job id, the entry's fields), or None after block_s."""
