@@ -121,3 +121,64 @@ def test_replay_of_a_cuda_record_without_cuda_asks_for_a_device(record, tiny_dir
     gpu["runtime"]["device"] = "cuda"
     assert main(["replay", _write(tmp_path, gpu), "--model-dir", str(tiny_dir)]) == 2
     assert "--device: the record ran on cuda" in capsys.readouterr().err
+
+
+def _rows(text: str) -> dict[str, str]:
+    """The replay table: item -> its match column."""
+    return {line.split()[0]: line.split()[3] for line in text.splitlines() if line.startswith(("image.", "step"))}
+
+
+def test_re_explaining_checks_the_image_and_the_unchanged_maps_and_adds_the_new_ones(record, tiny_dir, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "re"
+    # DF-CAM as recorded, DF-RISE with other options, attention dropped, step 0 only
+    argv = ["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir), "--out", str(out),
+            "--methods", "cam,rise", "--masks", "16", "--explain-steps", "0"]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    cam_items = {f"step000/{n}" for n in record["hashes"]["maps"]["0"] if n.startswith("cam")}
+    assert set(rows) == {"image.rgb_uint8", "image.png"} | cam_items and len(cam_items) > 1
+    assert set(rows.values()) == {"yes"}
+    summary = json.loads((out / "replay.json").read_text())
+    assert summary["re_explained"] and summary["mismatches"] == 0
+    assert summary["explain"]["rise"]["num_masks"] == 16 and summary["explain"]["attention"] is None
+    assert set(summary["new_maps"]) == {"step000/rise", "step000/rise_raw", "step000/rise_mean"}
+    with np.load(out / "explanation.npz") as z:
+        assert z["explained_steps"].tolist() == [0]
+        assert all(audit.array_sha256(z[k], "float32") == h for k, h in summary["new_maps"].items())
+        # 16 masks, not the record's 8: a different map from the recorded one
+        assert audit.array_sha256(z["step000/rise"], "float32") != record["hashes"]["maps"]["0"]["rise"]
+
+
+def test_re_explaining_still_catches_a_different_image(record, tiny_dir, tmp_path, capsys):
+    bad = json.loads(json.dumps(record))
+    bad["hashes"]["image"]["rgb_uint8"] = "0" * 64
+    argv = ["replay", _write(tmp_path, bad), "--model-dir", str(tiny_dir), "--out", str(tmp_path / "re"),
+            "--methods", "attn", "--explain-steps", "1"]
+    assert main(argv) == 1
+    rows = _rows(capsys.readouterr().out)
+    assert rows["image.rgb_uint8"] == "NO" and rows["step001/attn"] == "yes"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--methods", "cam"], "--out: re-explaining makes maps the record does not have"),
+    (["--methods", "cam", "--masks", "4", "--out", "OUT"], "--masks: a rise option, but rise is not among the "
+                                                             "methods (cam)"),
+    (["--explain-steps", "every:0", "--out", "OUT"], "--explain-steps: got 0"),
+])
+def test_bad_re_explain_flags_exit_2_before_anything_runs(record, tiny_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "re"
+    argv = ["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir),
+            *[str(out) if f == "OUT" else f for f in flags]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_flags_that_repeat_the_record_replay_it_as_recorded(record, tiny_dir, tmp_path, capsys):
+    argv = ["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir), "--methods", "rise,cam,attn",
+            "--masks", "8"]
+    assert main(argv) == 0  # no --out needed: nothing new is made
+    text = capsys.readouterr().out
+    assert len(_rows(text)) == 2 + sum(len(m) for m in record["hashes"]["maps"].values())
+    assert "re-explained" not in text

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difflens import cli
+from difflens import cli, explain_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,7 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--mask", "stars"], "--mask"),
     (["--cam-target", "x"], "--cam-target"),
     (["--methods", "cam", "--cam-layers", "up_blocks.9"], "--cam-layers"),
+    (["--methods", "cam", "--masks", "8"], "--masks"),  # a DF-RISE option without DF-RISE is not dropped silently
     (["--backend", "jit"], "--backend"),
     (["--guidance", "-1"], "--guidance"),
 ])
@@ -91,11 +92,11 @@ def test_out_must_be_a_folder(tiny_dir, tmp_path, capsys):
 
 
 def test_step_selector_parsing():
-    assert cli.parse_step_selector("all").kind == "all"
-    assert cli.parse_step_selector("every:4").every == 4
-    assert cli.parse_step_selector("9,3,5").indices == (9, 3, 5)
-    assert cli.parse_methods("cam, rise,cam") == ("cam", "rise")
-    assert cli.parse_methods("none") == ()
+    assert explain_flags.parse_step_selector("all").kind == "all"
+    assert explain_flags.parse_step_selector("every:4").every == 4
+    assert explain_flags.parse_step_selector("9,3,5").indices == (9, 3, 5)
+    assert explain_flags.parse_methods("cam, rise,cam") == ("cam", "rise")
+    assert explain_flags.parse_methods("none") == ()
 
 
 def test_explain_with_every_method(tiny_dir, tmp_path, capsys):

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,27 @@ def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, wei
 
 def dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, indent=2, sort_keys=False, default=str)
+
+
+def method_of(map_name: str) -> str:
+    """The explainer a map comes from: 'rise_raw' -> 'rise', 'cam/up_blocks.0' -> 'cam', 'attn' -> 'attn'."""
+    return re.split(r"[_/]", map_name, maxsplit=1)[0]
+
+
+def comparable_maps(recorded: Mapping[str, Any], replayed: Mapping[str, Any],
+                    methods: set[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """For a re-explanation: the parts of two "maps" hashes ({"<step>": {"<map>": hash}}) that can be compared -
+    steps explained in both, maps of `methods` (those run with the record's options) - and the replayed maps
+    outside them ({"stepNNN/<map>": hash}: new, nothing to compare them with)."""
+    steps = set(recorded) & set(replayed)
+
+    def part(side: Mapping[str, Any]) -> dict[str, Any]:
+        return {s: {n: h for n, h in side[s].items() if method_of(n) in methods} for s in steps}
+
+    old, new = part(recorded), part(replayed)
+    fresh = {f"step{int(s):03d}/{n}": h for s, maps in replayed.items() for n, h in maps.items()
+             if n not in new.get(s, {})}
+    return old, new, fresh
 
 
 def compare_hashes(recorded: Mapping[str, Any], replayed: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:

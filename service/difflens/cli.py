@@ -15,20 +15,10 @@ from typing import Any
 
 from difflens.api.cli import add_serve
 from difflens.config import DTYPES
-from difflens.engine.options import (  # torch-free at import, so the parser builds fast
-    BACKENDS,
-    CAM_TARGETS,
-    MASK_KINDS,
-    METHODS,
-    RISE_TARGETS,
-    SAMPLING_KINDS,
-    SCHEDULERS,
-    SCORES,
-    SSIM_PADDINGS,
-    SUBSTRATES,
-)
+from difflens.engine.options import BACKENDS, SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
 from difflens.errors import DifflensError, InvalidArgument, ModelLoadError
 from difflens.evaluation.cli import add_evaluate
+from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints
 from difflens.worker.cli import add_replay, add_worker
 
 # Domain field names (InvalidArgument.field) -> the option a CLI user typed.
@@ -48,10 +38,6 @@ FLAG_OF_FIELD = {
 }
 
 
-def _choices(values: Sequence[str]) -> str:
-    return "|".join(values)
-
-
 def add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="generate an image and explain its denoising steps",
                        description="Generate PROMPT with the model in MODEL_DIR and explain the selected steps. "
@@ -64,40 +50,22 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created; written only on success)")
     g = p.add_argument_group("generation (default: the model's recommended values)")
     g.add_argument("--steps", type=int, help="number of denoising steps")
-    g.add_argument("--scheduler", metavar=_choices(SCHEDULERS))
+    g.add_argument("--scheduler", metavar=choices_text(SCHEDULERS))
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
     g.add_argument("--negative", help="negative prompt (default empty)")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
-    g.add_argument("--sampling", metavar=_choices(SAMPLING_KINDS),
+    g.add_argument("--sampling", metavar=choices_text(SAMPLING_KINDS),
                    help="timestep spacing; early/late = exponential packing (default uniform; explicit when "
                         "--timesteps is given)")
     g.add_argument("--shift", type=float, help="lambda of early/late sampling (default 60)")
     g.add_argument("--timesteps", metavar="999,800,...", help="explicit, strictly decreasing timesteps")
-    e = p.add_argument_group("explanation")
-    e.add_argument("--methods", default="rise,cam,attn", metavar="rise,cam,attn|none",
-                   help="comma-separated methods, or none (default: all three)")
-    e.add_argument("--explain-steps", default="all", metavar="all|3,5,9|every:K",
-                   help="which step indices (0-based) to explain (default all)")
-    e.add_argument("--masks", type=int, help="DF-RISE: number of masks (default 256)")
-    e.add_argument("--batch", type=int, help="DF-RISE: masks per UNet call (default 32)")
-    e.add_argument("--mask", metavar=_choices(MASK_KINDS), help="DF-RISE mask kind (default pixel)")
-    e.add_argument("--grid-size", type=int, help="DF-RISE grid masks: cells per side (default 8)")
-    e.add_argument("--p", type=float, help="DF-RISE: probability a mask keeps a pixel (default 0.5)")
-    e.add_argument("--substrate", metavar=_choices(SUBSTRATES), help="DF-RISE masked-out value (default zero)")
-    e.add_argument("--score", metavar=_choices(SCORES), help="DF-RISE per-pixel score (default structure)")
-    e.add_argument("--structure-2x", action="store_true", help="DF-RISE: the reference code's 2*sigma_xy")
-    e.add_argument("--ssim-padding", metavar=_choices(SSIM_PADDINGS),
-                   help="DF-RISE structure term's window past the border (default zero, as METHOD.md)")
-    e.add_argument("--rise-target", metavar=_choices(RISE_TARGETS), help="DF-RISE reference (default eps)")
-    e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed (default 0)")
-    e.add_argument("--cam-layers", metavar="a,b,...", help="DF-CAM UNet module paths (default: the reference set)")
-    e.add_argument("--cam-target", metavar=_choices(CAM_TARGETS), help="DF-CAM target scalar (default output_sum)")
+    add_explanation_flags(p)
     r = p.add_argument_group("runtime (default: DIFFLENS_* environment, else eager / cpu / float32)")
-    r.add_argument("--backend", metavar=_choices(BACKENDS), help="UNet backend")
+    r.add_argument("--backend", metavar=choices_text(BACKENDS), help="UNet backend")
     r.add_argument("--device", metavar="cpu|cuda|cuda:N")
-    r.add_argument("--dtype", metavar=_choices(DTYPES))
+    r.add_argument("--dtype", metavar=choices_text(DTYPES))
     p.set_defaults(run=run_explain)
 
 
@@ -120,50 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    items = [m.strip() for m in text.split(",") if m.strip()]
-    if items == ["none"]:
-        return ()
-    bad = [m for m in items if m not in METHODS]
-    if bad or not items:
-        raise InvalidArgument("methods", f"got {text!r}; allowed: none or a comma-separated subset of "
-                                         f"{','.join(METHODS)}")
-    return tuple(dict.fromkeys(items))
-
-
-def parse_ints(field: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InvalidArgument(field, f"got {text!r}; expected comma-separated integers") from None
-    if not values:
-        raise InvalidArgument(field, "expected at least one integer")
-    return values
-
-
-def parse_step_selector(text: str) -> Any:
-    from difflens.engine.options import StepSelector
-
-    text = text.strip()
-    if text == "all":
-        return StepSelector("all")
-    if text.startswith("every:"):
-        return StepSelector("every", every=parse_ints("explain.steps", text[len("every:"):])[0])
-    try:
-        return StepSelector("list", indices=parse_ints("explain.steps", text))
-    except InvalidArgument:
-        raise InvalidArgument("explain.steps", f"got {text!r}; allowed: all, every:K or a list like 3,5,9") from None
-
-
 def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything api.explain needs, validated (every check that does not need the model happens here)."""
-    from difflens.engine.options import CamOptions, GenerationParams, RiseOptions, Sampling
+    """{"generation": GenerationParams fields, "explain": ExplainOptions}, validated (every check that does not
+    need the model happens here)."""
+    from difflens.engine.options import GenerationParams, Sampling
 
-    methods = parse_methods(args.methods)
     if args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("out", f"{args.out} exists and is not a folder")
     timesteps = parse_ints("sampling.timesteps", args.timesteps) if args.timesteps is not None else None
@@ -174,14 +107,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
                         scheduler=args.scheduler)
     generation["sampling"] = sampling
     GenerationParams(args.prompt, **generation)  # validates now, before the model is loaded
-    rise = RiseOptions(**_given(num_masks=args.masks, batch_size=args.batch, mask=args.mask,
-                                grid_size=args.grid_size, p=args.p, substrate=args.substrate, score=args.score,
-                                target=args.rise_target, seed=args.mask_seed, ssim_padding=args.ssim_padding),
-                       structure_2x=args.structure_2x)
-    layers = tuple(x.strip() for x in args.cam_layers.split(",") if x.strip()) if args.cam_layers else None
-    cam = CamOptions(**_given(layers=layers, target=args.cam_target))
-    return {"methods": methods, "generation": generation, "rise": rise, "cam": cam,
-            "steps": parse_step_selector(args.explain_steps)}
+    return {"generation": generation, "explain": explanation_options(args)}
 
 
 class Progress:
@@ -224,8 +150,10 @@ def run_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model_dir, device=settings.device, dtype=settings.torch_dtype)
     progress = Progress()
     try:
+        opts = request["explain"]
         exp = explain(model, args.prompt, backend=settings.unet_backend, device=settings.device,
-                      on_step=progress.on_step, on_progress=progress.on_progress, **request)
+                      on_step=progress.on_step, on_progress=progress.on_progress, generation=request["generation"],
+                      methods=opts.methods, rise=opts.rise, cam=opts.cam, steps=opts.steps)
     finally:
         progress.close()
     try:

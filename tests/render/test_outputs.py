@@ -105,3 +105,17 @@ def test_refuses_a_file_as_out_dir(explanation, tmp_path):
     with pytest.raises(NotADirectoryError):
         write_outputs(explanation, f)
     assert f.read_text() == "x"
+
+
+def test_companion_files_are_written_with_the_outputs_and_cleared_with_them(explanation, tmp_path):
+    out = tmp_path / "run"
+    written = write_outputs(explanation, out, companions={"audit.json": b'{"job_id": "j1"}'})
+    assert (out / "audit.json").read_bytes() == b'{"job_id": "j1"}' and written["audit.json"] == out / "audit.json"
+    write_outputs(explanation, out)  # a later run without a record: the old one no longer describes the image
+    assert not (out / "audit.json").exists()
+
+
+def test_an_unknown_companion_is_refused_before_anything_is_written(explanation, tmp_path):
+    with pytest.raises(ValueError, match=r"\['notes.txt'\]; allowed: audit.json, replay.json"):
+        write_outputs(explanation, tmp_path / "run", companions={"notes.txt": b"x"})
+    assert list(tmp_path.iterdir()) == []

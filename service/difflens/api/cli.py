@@ -127,7 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def remote_spec(args: argparse.Namespace) -> Any:
     """The local CLI's options -> a JobSpec (the same checks as `difflens explain`, before anything is sent)."""
     from difflens.cli import build_request
-    from difflens.engine.options import AttentionOptions, ExplainOptions, GenerationParams
+    from difflens.engine.options import GenerationParams
     from difflens.jobs import JobSpec
 
     for flag in ("backend", "device", "dtype"):
@@ -136,12 +136,8 @@ def remote_spec(args: argparse.Namespace) -> Any:
     if args.server.rpartition(":")[0] == "" or not args.server.rpartition(":")[2].isdigit():
         raise InvalidArgument("--server", f"got {args.server!r}; expected HOST:PORT")
     r = build_request(args)
-    methods = r["methods"]
-    explain = ExplainOptions(steps=r["steps"], rise=r["rise"] if "rise" in methods else None,
-                             cam=r["cam"] if "cam" in methods else None,
-                             attention=AttentionOptions() if "attn" in methods else None)
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
-    return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=explain)
+    return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"])
 
 
 class RemoteProgress:
@@ -223,11 +219,11 @@ def run_explain_remote(args: argparse.Namespace) -> int:
         print(f"difflens: error: job {stream.job_id} failed: {why}", file=sys.stderr)
         return 1
     try:
-        written = write_outputs(explanation_from_events(stream.events), args.out)
-        (args.out / AUDIT_FILE).write_text(result.audit_json)
+        written = write_outputs(explanation_from_events(stream.events), args.out,
+                                companions={AUDIT_FILE: result.audit_json.encode("utf-8")})
     except OSError as e:
         print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1
-    print(f"difflens: wrote {len(written) + 1} files to {args.out} (job {stream.job_id})")
+    print(f"difflens: wrote {len(written)} files to {args.out} (job {stream.job_id})")
     print(f"difflens: report: {written['report.html']}")
     return 0

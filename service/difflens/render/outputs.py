@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,12 +24,14 @@ if TYPE_CHECKING:
     from difflens.engine.explain import Explanation
 
 FIXED_NAMES = ("image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png")
+# Written beside the outputs by the commands that have them: a served job's audit record, replay's comparison.
+COMPANION_NAMES = ("audit.json", "replay.json")
 
 
 def all_output_names() -> set[str]:
     """Every file name write_outputs can produce (used to clear a previous run's leftovers)."""
     per_method = {f"strip_{m}.png" for m in compose.METHODS} | {f"{m}.gif" for m in compose.METHODS}
-    return set(FIXED_NAMES) | per_method
+    return set(FIXED_NAMES) | set(COMPANION_NAMES) | per_method
 
 
 def step_key(index: int, name: str) -> str:
@@ -77,17 +80,22 @@ def render_files(exp: Explanation) -> dict[str, bytes]:
     return files
 
 
-def write_outputs(explanation: Explanation, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def write_outputs(explanation: Explanation, out_dir: str | os.PathLike[str],
+                  companions: Mapping[str, bytes] | None = None) -> dict[str, Path]:
     """Write every output of `explanation` into `out_dir` (created if missing). Returns file name -> path.
 
     Always image.png, params.json, report.html; with explained steps also explanation.npz and, per method
-    present, strip_<method>.png and <method>.gif; with attention maps attn_tokens.png. Files of a previous run
-    in `out_dir` with these names are replaced or, when this run does not produce them, removed.
+    present, strip_<method>.png and <method>.gif; with attention maps attn_tokens.png; `companions` (names from
+    COMPANION_NAMES -> bytes) in the same all-or-nothing write. Files of a previous run in `out_dir` with these
+    names are replaced or, when this run does not produce them, removed.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
-    files = render_files(explanation)
+    unknown = set(companions or {}) - set(COMPANION_NAMES)
+    if unknown:
+        raise ValueError(f"companion files {sorted(unknown)}; allowed: {', '.join(COMPANION_NAMES)}")
+    files = {**render_files(explanation), **(companions or {})}
     created = _first_missing_ancestor(out.absolute().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"

@@ -12,6 +12,7 @@ from pathlib import Path
 from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
+from difflens.explain_flags import add_explanation_flags, explanation_given, explanation_options
 
 
 def add_worker(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +40,16 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
 def add_replay(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="re-run a job from its audit record and compare every hash",
                        description="Regenerate the image and maps of AUDIT.json in-process and compare their hashes "
-                                   "with the record's. Exit 0 if all match, 1 if not, 2 on bad input.")
+                                   "with the record's. Explanation flags re-explain the same image: other methods, "
+                                   "steps or options (the image is still checked; maps the record lacks are new). "
+                                   "Exit 0 if all compared items match, 1 if not, 2 on bad input.")
     p.add_argument("audit", metavar="AUDIT.json", type=Path)
     p.add_argument("--model", action="append", metavar="NAME=DIR", help="where the record's model is (by name)")
     p.add_argument("--model-dir", metavar="DIR", help="the model folder (overrides the name lookup)")
     p.add_argument("--device", metavar="cpu|cuda|cuda:N", help="default: the record's device")
-    p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report) here")
+    p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report, replay.json) here; "
+                                            "required when re-explaining")
+    add_explanation_flags(p, keep="the record")
     p.set_defaults(run=run_replay)
 
 
@@ -112,4 +117,6 @@ def run_replay(args: argparse.Namespace) -> int:
     models = dict(ServiceSettings.parse_models(args.model))
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("--out", f"{args.out} exists and is not a folder")
-    return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out)
+    overrides = (lambda base: explanation_options(args, base)) if explanation_given(args) else None
+    return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out,
+                  explain=overrides)

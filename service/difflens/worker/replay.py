@@ -5,10 +5,15 @@ The model is found by the record's model name (--model NAME=DIR, else the shippe
 dtype and UNet backend unless --device says otherwise. The denoising trajectory, hence the image, is
 bit-reproducible; DF-RISE maps of steps whose UNet calls were shared with other jobs (record 'rise_exact' false)
 can differ in the last bits, and the table says so.
+
+Re-explaining: explanation flags (--methods, --explain-steps, DF-RISE / DF-CAM options) change what is explained
+and keep the rest of the request. Explaining never changes the trajectory, so the image is still checked against
+the record; maps are checked where the record has them with the same options, and the rest are new.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -17,9 +22,12 @@ from typing import Any
 
 from difflens import audit
 from difflens.config import ServiceSettings, Settings
+from difflens.engine.options import ExplainOptions
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
 from difflens.models import weights_sha256
+
+REPLAY_SCHEMA = "difflens.replay/1"
 
 
 def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -90,16 +98,33 @@ def format_table(rows: list[tuple[str, str, str, bool]], inexact_steps: set[int]
     return "\n".join(lines)
 
 
+def unchanged_methods(recorded: ExplainOptions, now: ExplainOptions) -> set[str]:
+    """The methods run now with exactly the record's options: only their maps can be compared."""
+    pairs = (("rise", recorded.rise, now.rise), ("cam", recorded.cam, now.cam),
+             ("attn", recorded.attention, now.attention))
+    return {m for m, a, b in pairs if a is not None and a == b}
+
+
 def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models: Mapping[str, str] | None = None,
            device: str | None = None, out: str | os.PathLike[str] | None = None,
+           explain: Callable[[ExplainOptions], ExplainOptions] | None = None,
            echo: Callable[[str], None] = print) -> int:
-    """Re-run the record at `path`; print the per-item table; 0 if every hash matches, 1 if not.
-    Bad input (file, record, model folder, weights) raises InvalidArgument before anything runs."""
+    """Re-run the record at `path`; print the per-item table; 0 if every compared hash matches, 1 if not.
+
+    `explain` (re-explaining) maps the record's explanation options to the ones to run: the generation is the
+    record's, so the image must still match; maps are compared where the step was explained in both runs by a
+    method with unchanged options, and the others are new (written to `out`, which re-explaining requires).
+    With `out`, replay.json beside the outputs lists every compared item and every new map's hash.
+    Bad input (file, record, model folder, weights, options) raises InvalidArgument before anything runs."""
     record = read_record(path)
     try:
         spec = JobSpec.from_json(json.dumps(record["request"]))
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidArgument("AUDIT", f"the record's request is malformed: {e}") from None
+    options = spec.explain if explain is None else explain(spec.explain)
+    re_explained = options != spec.explain
+    if re_explained and out is None:
+        raise InvalidArgument("--out", "re-explaining makes maps the record does not have; give --out DIR")
     folder = resolve_folder(record, model_dir, dict(models or {}))
     check_weights(folder, record["model"].get("weights_sha256", {}))
     settings = runtime_settings(record, device)
@@ -110,16 +135,28 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     from difflens.worker.job import image_png
 
     model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
-    exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
-    hashes = audit.explanation_hashes(exp, image_png(exp.image))
-    rows = audit.compare_hashes(record["hashes"], hashes)
+    exp = run_explanation(model, spec.params, options, runner=UNetRunner(model.unet, settings.unet_backend))
+    png = image_png(exp.image)
+    recorded, replayed = dict(record["hashes"]), audit.explanation_hashes(exp, png)
+    new: dict[str, str] = {}
+    if re_explained:
+        recorded["maps"], replayed["maps"], new = audit.comparable_maps(
+            recorded.get("maps", {}), replayed["maps"], unchanged_methods(spec.explain, options))
+    rows = audit.compare_hashes(recorded, replayed)
     inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
     echo(format_table(rows, inexact))
     mismatches = sum(not ok for *_, ok in rows)
-    echo(f"difflens: replay of job {record.get('job_id', '?')}: {len(rows) - mismatches}/{len(rows)} items match")
+    job = record.get("job_id", "?")
+    echo(f"difflens: replay of job {job}: {len(rows) - mismatches}/{len(rows)} items match")
+    if re_explained:
+        echo(f"difflens: re-explained: {len(new)} maps the record does not have (new methods, options or steps)")
     if out is not None:
         from difflens.render import write_outputs
 
-        written = write_outputs(exp, out)
+        summary = {"schema": REPLAY_SCHEMA, "audit": str(path), "job_id": job, "re_explained": re_explained,
+                   "explain": json.loads(dataclasses.replace(spec, explain=options).to_json())["explain"],
+                   "items": [{"item": i, "recorded": a, "replayed": b, "match": ok} for i, a, b, ok in rows],
+                   "mismatches": mismatches, "new_maps": new}
+        written = write_outputs(exp, out, companions={"replay.json": json.dumps(summary, indent=2).encode()})
         echo(f"difflens: wrote {len(written)} files to {out}")
     return 0 if mismatches == 0 else 1

@@ -1,0 +1,132 @@
+"""The explanation flags of the command line (--methods, --explain-steps, DF-RISE and DF-CAM options), shared by
+`difflens explain` and `difflens replay`, and their parsing into ExplainOptions.
+
+`explain` starts from the defaults (all three methods on every step); `replay` starts from the audit record's
+options, so a flag that is not given keeps what the record asked for. torch-free, so the parser builds fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from difflens.engine.options import (
+    CAM_TARGETS,
+    MASK_KINDS,
+    METHODS,
+    RISE_TARGETS,
+    SCORES,
+    SSIM_PADDINGS,
+    SUBSTRATES,
+    AttentionOptions,
+    CamOptions,
+    ExplainOptions,
+    RiseOptions,
+    StepSelector,
+)
+from difflens.errors import InvalidArgument
+
+# flag dest -> RiseOptions / CamOptions field (the flags a method's options come from)
+RISE_FLAGS = {"masks": "num_masks", "batch": "batch_size", "mask": "mask", "grid_size": "grid_size", "p": "p",
+              "substrate": "substrate", "score": "score", "structure_2x": "structure_2x",
+              "ssim_padding": "ssim_padding", "rise_target": "target", "mask_seed": "seed"}
+CAM_FLAGS = {"cam_layers": "layers", "cam_target": "target"}
+
+
+def choices_text(values: Sequence[str]) -> str:
+    return "|".join(values)
+
+
+def add_explanation_flags(p: argparse.ArgumentParser, *, keep: str | None = None) -> None:
+    """The explanation group. keep=None: unset flags take the defaults (explain); keep='the record': unset flags
+    keep that source's value (replay), and the help says so."""
+    e = p.add_argument_group("explanation" if keep is None else f"explanation (default: as in {keep})")
+    e.add_argument("--methods", default=None if keep else "rise,cam,attn", metavar="rise,cam,attn|none",
+                   help="comma-separated methods, or none" + ("" if keep else " (default: all three)"))
+    e.add_argument("--explain-steps", default=None if keep else "all", metavar="all|3,5,9|every:K",
+                   help="which step indices (0-based) to explain" + ("" if keep else " (default all)"))
+    e.add_argument("--masks", type=int, help="DF-RISE: number of masks (default 256)")
+    e.add_argument("--batch", type=int, help="DF-RISE: masks per UNet call (default 32)")
+    e.add_argument("--mask", metavar=choices_text(MASK_KINDS), help="DF-RISE mask kind (default pixel)")
+    e.add_argument("--grid-size", type=int, help="DF-RISE grid masks: cells per side (default 8)")
+    e.add_argument("--p", type=float, help="DF-RISE: probability a mask keeps a pixel (default 0.5)")
+    e.add_argument("--substrate", metavar=choices_text(SUBSTRATES), help="DF-RISE masked-out value (default zero)")
+    e.add_argument("--score", metavar=choices_text(SCORES), help="DF-RISE per-pixel score (default structure)")
+    e.add_argument("--structure-2x", action="store_true", default=None,
+                   help="DF-RISE: the reference code's 2*sigma_xy")
+    e.add_argument("--ssim-padding", metavar=choices_text(SSIM_PADDINGS),
+                   help="DF-RISE structure term's window past the border (default zero, as METHOD.md)")
+    e.add_argument("--rise-target", metavar=choices_text(RISE_TARGETS), help="DF-RISE reference (default eps)")
+    e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed (default 0)")
+    e.add_argument("--cam-layers", metavar="a,b,...", help="DF-CAM UNet module paths (default: the reference set)")
+    e.add_argument("--cam-target", metavar=choices_text(CAM_TARGETS), help="DF-CAM target scalar (default output_sum)")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    items = [m.strip() for m in text.split(",") if m.strip()]
+    if items == ["none"]:
+        return ()
+    bad = [m for m in items if m not in METHODS]
+    if bad or not items:
+        raise InvalidArgument("methods", f"got {text!r}; allowed: none or a comma-separated subset of "
+                                         f"{','.join(METHODS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_ints(field: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidArgument(field, f"got {text!r}; expected comma-separated integers") from None
+    if not values:
+        raise InvalidArgument(field, "expected at least one integer")
+    return values
+
+
+def parse_step_selector(text: str) -> StepSelector:
+    text = text.strip()
+    if text == "all":
+        return StepSelector("all")
+    if text.startswith("every:"):
+        return StepSelector("every", every=parse_ints("explain.steps", text[len("every:"):])[0])
+    try:
+        return StepSelector("list", indices=parse_ints("explain.steps", text))
+    except InvalidArgument:
+        raise InvalidArgument("explain.steps", f"got {text!r}; allowed: all, every:K or a list like 3,5,9") from None
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """The option fields whose flags were given (flag dest -> field name in `flags`)."""
+    out = {field: getattr(args, dest) for dest, field in flags.items() if getattr(args, dest, None) is not None}
+    if "layers" in out:
+        out["layers"] = tuple(x.strip() for x in out["layers"].split(",") if x.strip())
+    return out
+
+
+def explanation_given(args: argparse.Namespace) -> bool:
+    """Whether any explanation flag was given (replay: re-explain rather than replay as recorded)."""
+    dests = ("methods", "explain_steps", *RISE_FLAGS, *CAM_FLAGS)
+    return any(getattr(args, d, None) is not None for d in dests)
+
+
+def explanation_options(args: argparse.Namespace, base: ExplainOptions | None = None) -> ExplainOptions:
+    """The explanation flags -> ExplainOptions. Unset flags keep `base`'s value (None: the defaults). A DF-RISE
+    or DF-CAM flag for a method that is not among the methods is an error naming the flag, not silently dropped."""
+    base = base or ExplainOptions(rise=RiseOptions(), cam=CamOptions(), attention=AttentionOptions())
+    methods = parse_methods(args.methods) if args.methods is not None else base.methods
+    steps = parse_step_selector(args.explain_steps) if args.explain_steps is not None else base.steps
+    rise_kw, cam_kw = _given(args, RISE_FLAGS), _given(args, CAM_FLAGS)
+    for method, flags, given in (("rise", RISE_FLAGS, rise_kw), ("cam", CAM_FLAGS, cam_kw)):
+        if given and method not in methods:
+            dest = next(d for d, f in flags.items() if f in given)
+            raise InvalidArgument(f"--{dest.replace('_', '-')}",
+                                  f"a {method} option, but {method} is not among the methods "
+                                  f"({','.join(methods) or 'none'})")
+    return ExplainOptions(
+        steps=steps,
+        rise=dataclasses.replace(base.rise or RiseOptions(), **rise_kw) if "rise" in methods else None,
+        cam=dataclasses.replace(base.cam or CamOptions(), **cam_kw) if "cam" in methods else None,
+        attention=AttentionOptions() if "attn" in methods else None,
+    )
