@@ -90,6 +90,73 @@ def test_replay_of_a_served_jobs_audit_record_matches(client, tiny_dir, tmp_path
     assert "items match" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def served_record(embedded, tmp_path_factory) -> Path:
+    """The audit record of a served job (DF-RISE on every step of 3), written to a file."""
+    from difflens.client import DifflensClient
+
+    with DifflensClient(embedded.target, caller="tests") as c:
+        done = list(c.explain(job(steps=3, methods=("rise",)), timeout=120))[-1]
+    assert isinstance(done, Completed)
+    path = tmp_path_factory.mktemp("served") / "audit.json"
+    path.write_text(done.audit_json)
+    return path
+
+
+def _rows(text: str) -> dict[str, str]:
+    return {line.split()[0]: line.split()[3] for line in text.splitlines()
+            if line.startswith(("image.", "step", "weights/"))}
+
+
+def test_replay_on_the_server_runs_a_new_job_and_checks_its_weights_too(embedded, served_record, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["replay", str(served_record), "--server", embedded.target, "--out", str(out)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    record = json.loads(served_record.read_text())
+    assert {f"weights/{f}" for f in record["model"]["weights_sha256"]} < set(rows)
+    assert len(rows) == len(record["model"]["weights_sha256"]) + 2 + 3 * 3  # image x2, rise/raw/mean per step
+    assert set(rows.values()) == {"yes"}
+    new_record = json.loads((out / "audit.json").read_text())
+    assert new_record["job_id"] != record["job_id"] and new_record["request"]["idempotency_key"] != \
+        record["request"]["idempotency_key"]
+    assert json.loads((out / "replay.json").read_text())["server"] == embedded.target
+
+
+def test_re_explaining_on_the_server_keeps_the_image(embedded, served_record, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["replay", str(served_record), "--server", embedded.target, "--out", str(out), "--methods", "cam",
+            "--cam-layers", ",".join(CAM_LAYERS), "--explain-steps", "1"]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["image.rgb_uint8"] == rows["image.png"] == "yes" and not any(r.startswith("step") for r in rows)
+    summary = json.loads((out / "replay.json").read_text())
+    assert set(summary["new_maps"]) == {"step001/cam"} | {f"step001/cam/{layer}" for layer in CAM_LAYERS}
+    with np.load(out / "explanation.npz") as z:
+        assert z["explained_steps"].tolist() == [1] and z["step001/cam"].shape == (16, 16)
+
+
+def test_replay_on_the_server_reports_other_weights(embedded, served_record, tmp_path, capsys):
+    record = json.loads(served_record.read_text())
+    name = sorted(record["model"]["weights_sha256"])[0]
+    record["model"]["weights_sha256"][name] = "f" * 64
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps(record))
+    assert main(["replay", str(path), "--server", embedded.target]) == 1
+    rows = _rows(capsys.readouterr().out)
+    assert rows[f"weights/{name}"] == "NO" and rows["image.rgb_uint8"] == "yes"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--server", "{target}", "--model-dir", "x"], "--model-dir: not used with --server"),
+    (["--server", "{target}", "--device", "cpu"], "--device: not used with --server"),
+    (["--server", "nohost"], "--server: got 'nohost'; expected HOST:PORT"),
+])
+def test_replay_on_the_server_bad_flags_exit_2(embedded, served_record, capsys, flags, message):
+    argv = ["replay", str(served_record), *[f.replace("{target}", embedded.target) for f in flags]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def _explain_args(out: Path) -> list[str]:
     return ["a red circle", "--out", str(out), "--steps", "3", "--guidance", "2", "--masks", "8", "--batch", "4",
             "--cam-layers", ",".join(CAM_LAYERS), "--explain-steps", "0,2"]

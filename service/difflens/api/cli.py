@@ -124,6 +124,12 @@ def run_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- explain --server
 
 
+def check_server(target: str) -> None:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument("--server", f"got {target!r}; expected HOST:PORT")
+
+
 def remote_spec(args: argparse.Namespace) -> Any:
     """The local CLI's options -> a JobSpec (the same checks as `difflens explain`, before anything is sent)."""
     from difflens.cli import build_request
@@ -133,8 +139,7 @@ def remote_spec(args: argparse.Namespace) -> Any:
     for flag in ("backend", "device", "dtype"):
         if getattr(args, flag, None) is not None:
             raise InvalidArgument(f"--{flag}", "not used with --server (the server's settings apply)")
-    if args.server.rpartition(":")[0] == "" or not args.server.rpartition(":")[2].isdigit():
-        raise InvalidArgument("--server", f"got {args.server!r}; expected HOST:PORT")
+    check_server(args.server)
     r = build_request(args)
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
     return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"])

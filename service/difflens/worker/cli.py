@@ -47,6 +47,9 @@ def add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", metavar="NAME=DIR", help="where the record's model is (by name)")
     p.add_argument("--model-dir", metavar="DIR", help="the model folder (overrides the name lookup)")
     p.add_argument("--device", metavar="cpu|cuda|cuda:N", help="default: the record's device")
+    p.add_argument("--server", metavar="HOST:PORT", help="run it as a new job on a difflens server instead of "
+                                                          "in-process (the record's model by name; its weights are "
+                                                          "checked against the record's)")
     p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report, replay.json) here; "
                                             "required when re-explaining")
     add_explanation_flags(p, keep="the record")
@@ -112,11 +115,28 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from difflens.worker.replay import replay
+    import grpc
+
+    from difflens.api.cli import check_server, rpc_error_line
+    from difflens.worker.replay import ReplayFailed, replay
 
     models = dict(ServiceSettings.parse_models(args.model))
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("--out", f"{args.out} exists and is not a folder")
+    if args.server is not None:
+        for flag in ("model", "model_dir", "device"):
+            if getattr(args, flag) is not None:
+                raise InvalidArgument(f"--{flag.replace('_', '-')}",
+                                      "not used with --server (the server's models and settings apply)")
+        check_server(args.server)
     overrides = (lambda base: explanation_options(args, base)) if explanation_given(args) else None
-    return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out,
-                  explain=overrides)
+    try:
+        return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out,
+                      explain=overrides, server=args.server)
+    except ReplayFailed as e:
+        print(f"difflens: error: {e}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:
+        line, status = rpc_error_line(e)
+        print(line, file=sys.stderr)
+        return status

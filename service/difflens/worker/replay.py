@@ -1,10 +1,12 @@
-"""`difflens replay`: re-run the request of an audit record in-process and compare every hash with the record's.
+"""`difflens replay`: re-run the request of an audit record and compare every hash with the record's.
 
-The model is found by the record's model name (--model NAME=DIR, else the shipped default) or given directly
-(--model-dir); its weight files must hash to the record's, else nothing runs. The run uses the record's device,
-dtype and UNet backend unless --device says otherwise. The denoising trajectory, hence the image, is
-bit-reproducible; DF-RISE maps of steps whose UNet calls were shared with other jobs (record 'rise_exact' false)
-can differ in the last bits, and the table says so.
+In-process by default: the model is found by the record's model name (--model NAME=DIR, else the shipped default)
+or given directly (--model-dir); its weight files must hash to the record's, else nothing runs. The run uses the
+record's device, dtype and UNet backend unless --device says otherwise. With --server, it runs as a new job on a
+difflens service, on the record's model by name, and the served weights are compared with the record's as rows of
+the table. The denoising trajectory, hence the image, is bit-reproducible on the same machine and dtype; DF-RISE
+maps of steps whose UNet calls were shared with other jobs (record 'rise_exact' false) can differ in the last bits,
+and the table says so.
 
 Re-explaining: explanation flags (--methods, --explain-steps, DF-RISE / DF-CAM options) change what is explained
 and keep the rest of the request. Explaining never changes the trajectory, so the image is still checked against
@@ -18,7 +20,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difflens import audit
 from difflens.config import ServiceSettings, Settings
@@ -26,6 +28,9 @@ from difflens.engine.options import ExplainOptions
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
 from difflens.models import weights_sha256
+
+if TYPE_CHECKING:
+    from difflens.engine.explain import Explanation
 
 REPLAY_SCHEMA = "difflens.replay/1"
 
@@ -105,16 +110,62 @@ def unchanged_methods(recorded: ExplainOptions, now: ExplainOptions) -> set[str]
     return {m for m, a, b in pairs if a is not None and a == b}
 
 
+def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None, models: Mapping[str, str],
+              device: str | None) -> tuple[Explanation, dict[str, Any]]:
+    """Run `spec` in-process on the record's model (its weights checked first) -> (explanation, its hashes)."""
+    folder = resolve_folder(record, model_dir, dict(models))
+    check_weights(folder, record["model"].get("weights_sha256", {}))
+    settings = runtime_settings(record, device)
+
+    from difflens.engine.explain import run_explanation
+    from difflens.engine.loading import load_model
+    from difflens.engine.runner import UNetRunner
+    from difflens.worker.job import image_png
+
+    model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
+    exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
+    return exp, audit.explanation_hashes(exp, image_png(exp.image))
+
+
+def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str) -> tuple[Explanation, dict[str, Any]]:
+    """Run `spec` as a new job on a difflens server, on the record's model by name -> (explanation, the new job's
+    audit record). The caller compares weights: the server's may differ. grpc.RpcError and ReplayFailed propagate."""
+    from difflens.client import DifflensClient, explanation_from_events
+    from difflens.jobs import Completed
+
+    # A fresh job: the record's idempotency key would hand back the recorded job, and its deadline has passed.
+    spec = dataclasses.replace(spec, model=str(record["model"].get("name", spec.model)), deadline=None,
+                               idempotency_key="", caller="")
+    with DifflensClient(server) as client:
+        stream = client.explain(spec)
+        for _ in stream:
+            pass
+    if not isinstance(stream.result, Completed):
+        raise ReplayFailed(f"job {stream.job_id} on {server} did not complete: {stream.result}")
+    return explanation_from_events(stream.events), json.loads(stream.result.audit_json)
+
+
+class ReplayFailed(RuntimeError):
+    """The replay job did not complete on the server."""
+
+
+def weight_rows(recorded: Mapping[str, str], served: Mapping[str, str]) -> list[tuple[str, str, str, bool]]:
+    return [(f"weights/{f}", recorded.get(f, "-"), served.get(f, "-"), recorded.get(f) == served.get(f))
+            for f in sorted(set(recorded) | set(served))]
+
+
 def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models: Mapping[str, str] | None = None,
            device: str | None = None, out: str | os.PathLike[str] | None = None,
-           explain: Callable[[ExplainOptions], ExplainOptions] | None = None,
+           explain: Callable[[ExplainOptions], ExplainOptions] | None = None, server: str | None = None,
            echo: Callable[[str], None] = print) -> int:
     """Re-run the record at `path`; print the per-item table; 0 if every compared hash matches, 1 if not.
 
-    `explain` (re-explaining) maps the record's explanation options to the ones to run: the generation is the
-    record's, so the image must still match; maps are compared where the step was explained in both runs by a
-    method with unchanged options, and the others are new (written to `out`, which re-explaining requires).
-    With `out`, replay.json beside the outputs lists every compared item and every new map's hash.
+    In-process by default; with `server` (HOST:PORT) as a new job on that difflens service, whose weights are
+    then compared with the record's as items of the table. `explain` (re-explaining) maps the record's
+    explanation options to the ones to run: the generation is the record's, so the image must still match; maps
+    are compared where the step was explained in both runs by a method with unchanged options, and the others
+    are new (written to `out`, which re-explaining requires). With `out`, replay.json beside the outputs lists
+    every compared item and every new map's hash (and, from a server, audit.json is the new job's record).
     Bad input (file, record, model folder, weights, options) raises InvalidArgument before anything runs."""
     record = read_record(path)
     try:
@@ -125,25 +176,25 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     re_explained = options != spec.explain
     if re_explained and out is None:
         raise InvalidArgument("--out", "re-explaining makes maps the record does not have; give --out DIR")
-    folder = resolve_folder(record, model_dir, dict(models or {}))
-    check_weights(folder, record["model"].get("weights_sha256", {}))
-    settings = runtime_settings(record, device)
-
-    from difflens.engine.explain import run_explanation
-    from difflens.engine.loading import load_model
-    from difflens.engine.runner import UNetRunner
-    from difflens.worker.job import image_png
-
-    model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
-    exp = run_explanation(model, spec.params, options, runner=UNetRunner(model.unet, settings.unet_backend))
-    png = image_png(exp.image)
-    recorded, replayed = dict(record["hashes"]), audit.explanation_hashes(exp, png)
-    new: dict[str, str] = {}
+    run_spec = dataclasses.replace(spec, explain=options)
+    rows: list[tuple[str, str, str, bool]] = []
+    companions: dict[str, bytes] = {}
+    inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
+    if server is None:
+        exp, replayed = run_local(record, run_spec, model_dir=model_dir, models=models or {}, device=device)
+    else:
+        exp, new_record = run_remote(record, run_spec, server)
+        replayed = new_record["hashes"]
+        rows += weight_rows(record["model"].get("weights_sha256", {}), new_record["model"]["weights_sha256"])
+        inexact |= {int(k) for k, exact in new_record.get("rise_exact", {}).items() if not exact}
+        companions["audit.json"] = audit.dumps(new_record).encode("utf-8")
+        echo(f"difflens: ran as job {new_record.get('job_id')} on {server} ({runtime_line(new_record)}; "
+             f"recorded: {runtime_line(record)})")
+    recorded, new = dict(record["hashes"]), dict[str, str]()
     if re_explained:
         recorded["maps"], replayed["maps"], new = audit.comparable_maps(
             recorded.get("maps", {}), replayed["maps"], unchanged_methods(spec.explain, options))
-    rows = audit.compare_hashes(recorded, replayed)
-    inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
+    rows += audit.compare_hashes(recorded, replayed)
     echo(format_table(rows, inexact))
     mismatches = sum(not ok for *_, ok in rows)
     job = record.get("job_id", "?")
@@ -153,10 +204,16 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     if out is not None:
         from difflens.render import write_outputs
 
-        summary = {"schema": REPLAY_SCHEMA, "audit": str(path), "job_id": job, "re_explained": re_explained,
-                   "explain": json.loads(dataclasses.replace(spec, explain=options).to_json())["explain"],
+        summary = {"schema": REPLAY_SCHEMA, "audit": str(path), "job_id": job, "server": server,
+                   "re_explained": re_explained, "explain": json.loads(run_spec.to_json())["explain"],
                    "items": [{"item": i, "recorded": a, "replayed": b, "match": ok} for i, a, b, ok in rows],
                    "mismatches": mismatches, "new_maps": new}
-        written = write_outputs(exp, out, companions={"replay.json": json.dumps(summary, indent=2).encode()})
+        companions["replay.json"] = json.dumps(summary, indent=2).encode("utf-8")
+        written = write_outputs(exp, out, companions=companions)
         echo(f"difflens: wrote {len(written)} files to {out}")
     return 0 if mismatches == 0 else 1
+
+
+def runtime_line(record: Mapping[str, Any]) -> str:
+    rt = record.get("runtime", {})
+    return f"{rt.get('device', '?')}, {rt.get('dtype', '?')}, {rt.get('unet_backend', '?')}"
