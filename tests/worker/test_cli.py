@@ -13,6 +13,7 @@ import pytest
 
 from difflens.cli import main
 from difflens.jobs import Completed, Started, Step
+from tests.support.promtool import promtool_report
 from tests.worker.helpers import settings, spec, wait_for, wait_terminal
 
 
@@ -49,6 +50,7 @@ def test_worker_process_finishes_its_job_on_sigterm(tiny_dir, redis_url, queue_n
     assert "SIGTERM: finishing held jobs" in output
     assert 'difflens_queue_wait_seconds_count{model="tiny"} 1.0' in scraped
     assert 'difflens_step_duration_seconds_count{method="denoise",model="tiny"' in scraped
+    assert promtool_report(scraped) in ("", None)  # None: no promtool here (tests/api/test_ops.py skips visibly)
     queue.close()
 
 
