@@ -6,7 +6,7 @@ DEMO_MODEL ?= models/shapes
 DEMO_PROMPT ?= a large red striped circle in the center
 OUT ?= out
 
-.PHONY: setup test demo lint bench clean train-shapes eval proto
+.PHONY: setup test demo lint bench soak clean train-shapes eval proto
 
 # gRPC stubs (git-ignored), regenerated whenever the contract changes; `make proto` forces it.
 GEN_DIR := service/difflens/_gen
@@ -73,6 +73,10 @@ bench: setup
 	$(PY) -m bench.rise
 	$(PY) -m bench.queue
 	$(PY) -m bench.service
+
+# Workers SIGKILLed at random under streaming clients: exactly one terminal event per job, nothing lost (~1 min).
+soak: setup
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,203 @@
+"""Soak the queue's promises: worker processes SIGKILLed at random while clients stream jobs through a front.
+
+    PYTHONPATH=service .venv/bin/python -m bench.soak [--clients 4] [--jobs 20] [--workers 3]
+        [--kill-every 2,5] [--seed 1] [--redis URL] [--out bench/results/soak.json]
+
+A private Redis (or --redis), one `difflens serve` and --workers `difflens worker` processes on the tiny
+random-weights model, with a 3 s visibility timeout and 4 deliveries at most. Every --kill-every seconds (uniform
+in MIN,MAX) one worker, chosen at random, is SIGKILLed and a new one started in its place. Each client streams
+--jobs Explain calls (3-14 steps, a random subset of the explainers, one in ten cancelled after a step), then
+watches the job again from its first event and reads its record.
+
+Checked per job (`job_problems`), as the client saw it: exactly one terminal event, last; WatchJob replays the
+stream's events; no step twice; a completed job has every explained step, in order, and its record says
+completed; a failed one only a prefix of them. Any problem is printed and makes the exit status 1. A job may fail
+ABORTED when every one of its deliveries was killed: that is the dead-letter rule, counted, not a problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.service import redis_url
+from difflens.jobs import Completed, Event, Failed, JobRecord, JobSpec, Step
+
+RESULTS = Path(__file__).parent / "results" / "soak.json"
+ENV = {"PYTHONUNBUFFERED": "1", "DIFFLENS_VISIBILITY_TIMEOUT_S": "3", "DIFFLENS_HEARTBEAT_INTERVAL_S": "0.5",
+       "DIFFLENS_MAX_DELIVERIES": "4"}
+
+
+def _comparable(event: Event) -> Any:
+    """An event as a value that == compares (a Step's maps are numpy arrays: by their bytes)."""
+    if isinstance(event, Step):
+        return ("step", event.index, event.timestep, tuple((k, v.tobytes()) for k, v in sorted(event.maps.items())),
+                tuple((t.token, t.map.tobytes()) for t in event.tokens))
+    return event
+
+
+def job_problems(spec: JobSpec, events: list[Event], watched: list[Event], record: JobRecord) -> list[str]:
+    """What is wrong with one job as its client saw it: the Explain stream's events, WatchJob's replay of them,
+    and GetJob's record. [] when nothing is."""
+    problems = []
+    terminal = [e for e in events if isinstance(e, Completed | Failed)]
+    if len(terminal) != 1 or events[-1] is not terminal[0]:
+        problems.append(f"{len(terminal)} terminal events, last {type(events[-1]).__name__ if events else None}")
+    if [_comparable(e) for e in watched] != [_comparable(e) for e in events]:
+        problems.append("WatchJob from the start differs from the Explain stream")
+    steps = [e.index for e in events if isinstance(e, Step)]
+    expected = list(range(int(spec.params.steps or 0))) if spec.explain.methods else []
+    if len(steps) != len(set(steps)):
+        problems.append(f"a step came twice: {steps}")
+    if terminal and isinstance(terminal[-1], Completed):
+        if steps != expected:
+            problems.append(f"completed with steps {steps}, expected {expected}")
+        if record.state != "completed":
+            problems.append(f"completed, but the record says {record.state}")
+    elif steps != expected[:len(steps)]:
+        problems.append(f"failed with steps {steps}, not a prefix of {expected}")
+    return problems
+
+
+class Fleet:
+    """The front and the workers, as processes; `kill_one` SIGKILLs a worker and starts its replacement."""
+
+    def __init__(self, url: str, model_dir: Path, logs: Path, workers: int) -> None:
+        self.env = {**os.environ, **ENV}
+        self.env.pop("DIFFLENS_REDIS_URL", None)
+        self.common = ["--redis", url, "--queue", f"soak-{os.getpid()}", "--model", f"tiny={model_dir}"]
+        self.logs = logs
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.generation = collections.Counter[str]()
+        self.kills = 0
+        port_file = logs / "port"
+        self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file)])
+        for i in range(workers):
+            self._start_worker(f"w{i}")
+        end = time.monotonic() + 120
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if time.monotonic() > end or self.front.poll() is not None:
+                raise RuntimeError(f"the front did not start; see {logs / 'front.log'}")
+            time.sleep(0.2)
+        self.target = f"127.0.0.1:{port_file.read_text().strip()}"
+
+    def _spawn(self, log: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{log}.log").open("w") as out:
+            return subprocess.Popen([sys.executable, "-m", "difflens", *argv, *self.common], stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env)
+
+    def _start_worker(self, slot: str) -> None:
+        name = f"{slot}-{self.generation[slot]}"
+        self.generation[slot] += 1
+        self.workers[slot] = self._spawn(name, ["worker", "--name", name, "--max-jobs", "2", "--threads", "1"])
+
+    def kill_one(self, rnd: random.Random) -> None:
+        slot = rnd.choice(sorted(self.workers))
+        self.workers[slot].send_signal(signal.SIGKILL)
+        self.workers[slot].wait()
+        self.kills += 1
+        self._start_worker(slot)
+
+    def stop(self) -> None:
+        procs = [self.front, *self.workers.values()]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_client(target: str, index: int, jobs: int, seed: int, out: list[dict[str, Any]]) -> None:
+    from difflens.client import DifflensClient
+    from tests.worker.helpers import spec
+
+    rnd = random.Random(f"{seed}-{index}")
+    with DifflensClient(target, caller=f"soak-{index}") as client:
+        for j in range(jobs):
+            methods = tuple(m for m in ("rise", "cam", "attn") if rnd.random() < 0.5)
+            s = spec(f"a red circle {index} {j}", seed=index * 1000 + j, steps=rnd.randint(3, 14),
+                     methods=methods, masks=16, batch=8)
+            cancel_after = rnd.randint(1, 3) if rnd.random() < 0.1 else None
+            stream = client.explain(s, timeout=300)
+            try:
+                for event in stream:
+                    if cancel_after is not None and isinstance(event, Step) and event.index >= cancel_after:
+                        client.cancel(stream.job_id)
+                        cancel_after = None
+                watched = list(client.watch(stream.job_id, timeout=60))
+                problems = job_problems(s, stream.events, watched, client.get(stream.job_id))
+            except Exception as e:  # a broken stream is the finding, not a crash of the soak
+                problems = [f"client error: {e!r}"]
+            last = stream.events[-1] if stream.events else None
+            outcome = "completed" if isinstance(last, Completed) else \
+                f"failed {last.code}" if isinstance(last, Failed) else "none"
+            out.append({"job": stream.job_id, "outcome": outcome, "problems": problems})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=20, help="jobs per client")
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--kill-every", default="2,5", metavar="MIN,MAX", help="seconds between kills (uniform)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--redis", help="Redis URL (default: DIFFLENS_REDIS_URL, else a private server)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    lo, hi = (float(x) for x in args.kill_every.split(","))
+    rnd = random.Random(args.seed)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="difflens-soak-") as tmp, \
+            redis_url(args.redis or os.environ.get("DIFFLENS_REDIS_URL")) as url:
+        from difflens.engine.tiny import make_tiny_model
+
+        fleet = Fleet(url, make_tiny_model(Path(tmp) / "tiny"), Path(tmp), args.workers)
+        try:
+            stop = threading.Event()
+            t0 = time.monotonic()
+
+            def killer() -> None:
+                while not stop.wait(rnd.uniform(lo, hi)):
+                    fleet.kill_one(rnd)
+
+            kt = threading.Thread(target=killer, daemon=True)
+            kt.start()
+            clients = [threading.Thread(target=run_client, args=(fleet.target, i, args.jobs, args.seed, results))
+                       for i in range(args.clients)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join()
+            stop.set()
+            kt.join()
+            seconds = time.monotonic() - t0
+        finally:
+            fleet.stop()
+    outcomes = collections.Counter(r["outcome"] for r in results)
+    bad = [r for r in results if r["problems"]]
+    for r in bad:
+        print(f"PROBLEM job {r['job']}: {'; '.join(r['problems'])}")
+    print(f"{len(results)} jobs in {seconds:.0f} s, {fleet.kills} workers SIGKILLed; outcomes: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) + f"; jobs with a problem: {len(bad)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"jobs": len(results), "seconds": round(seconds, 1), "kills": fleet.kills,
+                                    "outcomes": dict(outcomes), "problems": bad, "args": vars(args) | {
+                                        "out": str(args.out)}}, indent=2))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
