@@ -1,1 +1,2 @@
-"""Job queue: the interface (base.py), Redis Streams (redis_streams.py) and in-process (memory.py)."""
+"""Job queue: the interface (base.py), Redis Streams (redis_streams.py, with its keys and Lua scripts in
+redis_lua.py and the workers' cancel channel in redis_cancel.py) and in-process (memory.py)."""

@@ -63,3 +63,8 @@ def claim_verdict(*, cancel: bool, deadline: float | None, deliveries: int, max_
 def settled() -> bool:
     """The confirm() of a claim_ahead claim that the queue already settled: it holds."""
     return True
+
+
+def text(value: bytes | str | None) -> str:
+    """A Redis reply field as str ('' for a missing one)."""
+    return value.decode() if isinstance(value, bytes) else (value or "")

@@ -1,25 +1,12 @@
 """The production queue: Redis Streams with a consumer group of workers (base.py states the semantics).
 
-Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id):
-    P:work               stream of {job: id}; consumer group "workers" reads it with XREADGROUP
-    P:waiting            sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
-    P:enqueued           counter giving those scores
-    P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
-    P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
-                         owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq
-    P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
-                         field e = encode_event bytes, or q = position for the Queued event the enqueue script
-                         writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
-    P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
-    P:cancel             pub/sub channel: the cancel script publishes the id of a running job whose flag it raised
-The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
-script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
+The keys, and the Lua scripts through which every check-then-write on a job goes: redis_lua.py.
 
 A worker learns of a cancel without a read per denoising step: its queue object subscribes to P:cancel before its
-first claim (`_CancelWatch`), and `cancel_signalled` answers from what arrived, for jobs claimed while that
-subscription was up and unbroken; otherwise it returns None and the worker reads the flag (`cancel_requested`).
-The heartbeat script also returns the flag, so a message lost with a silently dead connection delays a cancel by
-at most one heartbeat interval.
+first claim (redis_cancel.CancelWatch), and `cancel_signalled` answers from what arrived, for jobs claimed while
+that subscription was up and unbroken; otherwise it returns None and the worker reads the flag
+(`cancel_requested`). The heartbeat script also returns the flag, so a message lost with a silently dead
+connection delays a cancel by at most one heartbeat interval.
 """
 
 from __future__ import annotations
@@ -37,6 +24,7 @@ import redis.asyncio
 
 from difflens.config import ServiceSettings
 from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started, decode_event, encode_event
+from difflens.queue import redis_lua as lua
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
@@ -47,7 +35,9 @@ from difflens.queue.common import (
     queue_full,
     settled,
     terminal_state,
+    text,
 )
+from difflens.queue.redis_cancel import CancelWatch
 
 log = logging.getLogger(__name__)
 
@@ -57,139 +47,6 @@ DEAD_LETTER_MAXLEN = 10_000
 # read the flag per step), and how often that connection pings Redis, so a dead one is noticed.
 WATCH_READY_S = 2.0
 WATCH_HEALTH_CHECK_S = 5
-
-# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] work stream, KEYS[4] waiting
-# zset; TTL in ms and `now` come from the caller so every script is deterministic.
-_LUA_PRELUDE = """
-local function is_terminal(state)
-  return state == 'completed' or state == 'failed' or state == 'cancelled'
-end
-local function touch(ttl)
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-end
-local function append(field, value)
-  local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('XADD', KEYS[2], '0-' .. n, field, value)
-end
-local function drop_entry(group, entry, job_id)
-  redis.call('XACK', KEYS[3], group, entry)
-  redis.call('XDEL', KEYS[3], entry)
-  redis.call('ZREM', KEYS[4], job_id)
-end
--- the terminal event, the state and the acknowledgement in one step: the at-most-once finish
-local function terminate(event, state, err, now, ttl, group, job_id)
-  append('e', event)
-  redis.call('HSET', KEYS[1], 'state', state, 'error', err, 'updated_at', now)
-  drop_entry(group, redis.call('HGET', KEYS[1], 'entry'), job_id)
-  touch(ttl)
-end
-"""
-
-# KEYS[5] idempotency key, KEYS[6] score counter. ARGV: id, spec, model, deadline, now, ttl, max depth,
-# use idempotency (1/0), job key prefix.
-_ENQUEUE = _LUA_PRELUDE + """
-if ARGV[8] == '1' then
-  local existing = redis.call('GET', KEYS[5])
-  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return {'existing', existing} end
-end
-local depth = redis.call('ZCARD', KEYS[4])
-if depth >= tonumber(ARGV[7]) then return {'full', depth} end
-redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), ARGV[1])
-local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 'at', ARGV[5])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
-           'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
-           'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
-append('q', depth)
-touch(ARGV[6])
-if ARGV[8] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6]) end
-return {'new', tostring(depth)}
-"""
-
-# ARGV: entry, group, token, worker, now, ttl, job id, start (1/0), max deliveries. Returns false when the entry
-# is stale (job expired or already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel,
-# created_at, started}. With start = 1 and nothing against handing the job out (claim_verdict's three tests, on
-# the same `now`), the Started event is appended and the job is running: started = 1.
-_CLAIM = _LUA_PRELUDE + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if (not state) or is_terminal(state) then
-  drop_entry(ARGV[2], ARGV[1], ARGV[7])
-  return false
-end
-local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-redis.call('ZREM', KEYS[4], ARGV[7])
-redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'worker', ARGV[4], 'heartbeat', ARGV[5], 'updated_at', ARGV[5])
-local cancel = redis.call('HGET', KEYS[1], 'cancel')
-local deadline = redis.call('HGET', KEYS[1], 'deadline')
-local started = 0
-if ARGV[8] == '1' and cancel ~= '1' and n <= tonumber(ARGV[9])
-    and (deadline == '' or tonumber(ARGV[5]) < tonumber(deadline)) then
-  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('XADD', KEYS[2], '0-' .. seq, 's', n, 'w', ARGV[4])
-  redis.call('HSET', KEYS[1], 'state', 'running')
-  started = 1
-end
-touch(ARGV[6])
-return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started}
-"""
-
-_OWNED = """
-local function owned(token)
-  local owner = redis.call('HGET', KEYS[1], 'owner')
-  return owner == token and not is_terminal(redis.call('HGET', KEYS[1], 'state'))
-end
-"""
-
-# ARGV: token, event bytes, '1' if Started, now, ttl. Returns a Published value: 0 lost, 1 ok, 2 ok + cancel flag.
-_PUBLISH = _LUA_PRELUDE + _OWNED + """
-if not owned(ARGV[1]) then return 0 end
-append('e', ARGV[2])
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'running') end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
-touch(ARGV[5])
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
-return 1
-"""
-
-# KEYS[5] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
-# dead-letter stream max length.
-_FINISH = _LUA_PRELUDE + _OWNED + """
-if not owned(ARGV[1]) then return 0 end
-if ARGV[9] == '1' then
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],
-             'entry', redis.call('HGET', KEYS[1], 'entry'), 'deliveries', redis.call('HGET', KEYS[1], 'deliveries'),
-             'worker', redis.call('HGET', KEYS[1], 'worker'))
-end
-terminate(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
-return 1
-"""
-
-# ARGV: Failed(CANCELLED) bytes, error, now, ttl, group, job id, cancel channel. -1 unknown job, 0 already terminal,
-# 1 cancelled while never claimed (terminal now), 2 held by a worker (cancel flag raised, and published).
-_CANCEL = _LUA_PRELUDE + """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then return -1 end
-if is_terminal(redis.call('HGET', KEYS[1], 'state')) then return 0 end
-if owner == '' then
-  terminate(ARGV[1], 'cancelled', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-  return 1
-end
-redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[3])
-touch(ARGV[4])
-redis.call('PUBLISH', ARGV[7], ARGV[6])
-return 2
-"""
-
-# ARGV: token, now, ttl, group, worker. XCLAIM by the same consumer resets the entry's idle time, which is what
-# keeps XAUTOCLAIM in other workers' claim() off a job that is slow but alive. 0 lost, 1 ok, 2 ok + cancel flag.
-_HEARTBEAT = _LUA_PRELUDE + _OWNED + """
-if not owned(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'updated_at', ARGV[2])
-redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[5], 0, redis.call('HGET', KEYS[1], 'entry'), 'JUSTID')
-touch(ARGV[3])
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
-return 1
-"""
 
 
 TERMINAL_STATES = (b"completed", b"failed", b"cancelled")
@@ -209,17 +66,13 @@ def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim 
                  enqueued_at=float(fields[b"at"]), started=True)
 
 
-def _s(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
-
-
 def _record(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
     """A JobRecord from the job hash and its rank in the waiting set (JobNotFound when the hash is gone)."""
     if not h:
         raise JobNotFound(job_id)
-    return JobRecord(id=job_id, state=_s(h[b"state"]), model=_s(h[b"model"]),  # type: ignore[arg-type]
+    return JobRecord(id=job_id, state=text(h[b"state"]), model=text(h[b"model"]),  # type: ignore[arg-type]
                      created_at=float(h[b"created_at"]), updated_at=float(h[b"updated_at"]),
-                     queue_position=int(rank or 0), error=_s(h[b"error"]), worker=_s(h[b"worker"]),
+                     queue_position=int(rank or 0), error=text(h[b"error"]), worker=text(h[b"worker"]),
                      deliveries=int(h[b"deliveries"]))
 
 
@@ -235,7 +88,7 @@ def _event_of(fields: dict[bytes, bytes]) -> Event:
     if b"e" in fields:
         return decode_event(fields[b"e"])
     if b"s" in fields:
-        return Started(worker=_s(fields[b"w"]), attempt=int(fields[b"s"]))
+        return Started(worker=text(fields[b"w"]), attempt=int(fields[b"s"]))
     return Queued(position=int(fields[b"q"]))
 
 
@@ -254,7 +107,8 @@ class RedisStreamsQueue:
         self._job_prefix = f"{p}:job:"
         self._ttl_ms = max(1, int(settings.result_ttl_s * 1000))
         self._enqueue, self._claim, self._publish, self._finish, self._cancel, self._heartbeat = (
-            self._r.register_script(s) for s in (_ENQUEUE, _CLAIM, _PUBLISH, _FINISH, _CANCEL, _HEARTBEAT))
+            self._r.register_script(s)
+            for s in (lua.ENQUEUE, lua.CLAIM, lua.PUBLISH, lua.FINISH, lua.CANCEL, lua.HEARTBEAT))
         self._cancel_bytes = encode_event(Failed("CANCELLED", CANCELLED_MESSAGE))
         # XAUTOCLAIM scans the pending list; doing it on every claim would cost a round trip per job for
         # something only needed on the scale of the visibility timeout.
@@ -263,7 +117,7 @@ class RedisStreamsQueue:
         self._reclaim_cursor: bytes | str = "0-0"
         self._reclaim_lock = threading.Lock()
         self._cancel_channel = f"{p}:cancel"
-        self._watch: _CancelWatch | None = None  # started by the first claim: fronts never subscribe
+        self._watch: CancelWatch | None = None  # started by the first claim: fronts never subscribe
         self._watch_lock = threading.Lock()
         try:
             self._r.xgroup_create(self._work, GROUP, id="0", mkstream=True)
@@ -288,7 +142,7 @@ class RedisStreamsQueue:
         keys, args = self._enqueue_call(spec, job_id, now)
         kind, value = self._enqueue(keys=keys, args=args)
         if kind == b"existing":
-            return self.get(_s(value))
+            return self.get(text(value))
         return self._enqueued(spec, job_id, now, kind, value)
 
     def _enqueue_call(self, spec: JobSpec, job_id: str, now: float) -> tuple[list[str], list[Any]]:
@@ -355,7 +209,7 @@ class RedisStreamsQueue:
 
     def dead_letters(self) -> list[str]:
         """Ids of the jobs in the dead-letter stream, oldest first."""
-        return [_s(fields[b"job"]) for _, fields in self._r.xrange(self._dead)]
+        return [text(fields[b"job"]) for _, fields in self._r.xrange(self._dead)]
 
     def close(self) -> None:
         if self._watch is not None:
@@ -458,7 +312,7 @@ class RedisStreamsQueue:
         if not claimed:
             return None
         entry_id, fields = claimed[0]
-        return (entry_id, _s(fields[b"job"]), None) if fields else None  # not a first delivery: no fields
+        return (entry_id, text(fields[b"job"]), None) if fields else None  # not a first delivery: no fields
 
     def _read_new(self, worker: str, block_s: float) -> tuple[bytes, str, dict[bytes, bytes]] | None:
         """A new work entry for `worker`: (entry id, job id, the entry's fields), or None after block_s."""
@@ -469,7 +323,7 @@ class RedisStreamsQueue:
         if not reply or not reply[0][1]:
             return None
         entry_id, fields = reply[0][1][0]
-        return entry_id, _s(fields[b"job"]), fields
+        return entry_id, text(fields[b"job"]), fields
 
     def _take(self, worker: str, entry_id: bytes, job_id: str, start: bool, generation: int | None,
               token: str | None = None) -> Claim | None:
@@ -499,12 +353,12 @@ class RedisStreamsQueue:
         return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
                      enqueued_at=created_at, started=started)
 
-    def _cancel_watch(self) -> _CancelWatch:
+    def _cancel_watch(self) -> CancelWatch:
         with self._watch_lock:
             if self._watch is None:
                 client = (redis.Redis.from_url(self._url, health_check_interval=WATCH_HEALTH_CHECK_S)
                           if self._url is not None else self._r)
-                self._watch = _CancelWatch(client, self._cancel_channel, owns_client=self._url is not None)
+                self._watch = CancelWatch(client, self._cancel_channel, owns_client=self._url is not None)
                 if not self._watch.wait_up(WATCH_READY_S):
                     log.warning("cancel channel %s: not subscribed after %.0f s; jobs read their cancel flag per "
                                 "step until it is", self._cancel_channel, WATCH_READY_S)
@@ -520,107 +374,6 @@ class RedisStreamsQueue:
                   GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))
 
 
-class _CancelWatch:
-    """The cancel channel, heard by a daemon thread. `generation` counts subscriptions (a reconnect makes a new
-    one, and what was published in between is unknown); a job is vouched for only while the subscription it was
-    claimed under is still the one up. Ids heard for jobs not (yet) tracked are kept RACE_S seconds: the message
-    of a job cancelled just after its claim script may arrive before `track`."""
-
-    RACE_S = 60.0
-
-    def __init__(self, client: Any, channel: str, owns_client: bool) -> None:
-        self._client, self._owns_client, self._channel = client, owns_client, channel
-        self._lock = threading.Lock()
-        self._generation = 0
-        self._up = False
-        self._tracked: dict[str, int | None] = {}  # job id -> generation it was claimed under (None: not up)
-        self._cancelled: set[str] = set()  # tracked jobs heard cancelled
-        self._recent: dict[str, float] = {}  # untracked ids heard -> monotonic time
-        self._up_event = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"cancel-watch-{channel}", daemon=True)
-        self._thread.start()
-
-    def wait_up(self, timeout_s: float) -> bool:
-        return self._up_event.wait(timeout_s)
-
-    def generation(self) -> int | None:
-        with self._lock:
-            return self._generation if self._up else None
-
-    def track(self, job_id: str, generation: int | None) -> None:
-        with self._lock:
-            self._tracked[job_id] = generation
-            if self._recent.pop(job_id, None) is not None:
-                self._cancelled.add(job_id)
-
-    def cancelled(self, job_id: str) -> bool | None:
-        with self._lock:
-            if job_id in self._cancelled:
-                return True
-            generation = self._tracked.get(job_id)
-            if generation is None or not self._up or generation != self._generation:
-                return None
-            return False
-
-    def mark(self, job_id: str) -> None:
-        with self._lock:
-            self._cancelled.add(job_id)
-
-    def forget(self, job_id: str) -> None:
-        with self._lock:
-            self._tracked.pop(job_id, None)
-            self._cancelled.discard(job_id)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self._owns_client:
-            self._client.close()
-
-    def _heard(self, job_id: str) -> None:
-        with self._lock:
-            if job_id in self._tracked:
-                self._cancelled.add(job_id)
-                return
-            now = time.monotonic()
-            self._recent[job_id] = now
-            if len(self._recent) > 1000:  # other workers' jobs: keep only the race window
-                self._recent = {k: t for k, t in self._recent.items() if now - t < self.RACE_S}
-
-    def _run(self) -> None:
-        pubsub = None
-        while not self._stop.is_set():
-            try:
-                if pubsub is None:
-                    pubsub = self._client.pubsub()
-                    pubsub.subscribe(self._channel)
-                msg = pubsub.get_message(timeout=0.5)
-                if msg is None:
-                    continue
-                if msg["type"] == "subscribe":  # also after redis-py reconnected and subscribed again
-                    with self._lock:
-                        self._generation += 1
-                        self._up = True
-                    self._up_event.set()
-                elif msg["type"] == "message":
-                    self._heard(_s(msg["data"]))
-            except Exception as e:  # the connection broke: what was published meanwhile is unknown
-                with self._lock:
-                    was_up, self._up = self._up, False
-                if was_up:  # once per outage, not per retry
-                    log.warning("cancel channel %s: subscription lost (%s); jobs read their cancel flag per step "
-                                "until it is back", self._channel, e)
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:
-                        pass
-                pubsub = None
-                self._stop.wait(0.5)
-        if pubsub is not None:
-            pubsub.close()
-
 
 class AsyncRedisFront:
     """What the gRPC front does on the queue, as coroutines on one redis.asyncio client: enqueue, get, events.
@@ -630,14 +383,14 @@ class AsyncRedisFront:
     def __init__(self, queue: RedisStreamsQueue, url: str) -> None:
         self._q = queue
         self._r: Any = redis.asyncio.Redis.from_url(url)
-        self._enqueue = self._r.register_script(_ENQUEUE)
+        self._enqueue = self._r.register_script(lua.ENQUEUE)
 
     async def enqueue(self, spec: JobSpec) -> JobRecord:
         job_id, now = new_job_id(), time.time()
         keys, args = self._q._enqueue_call(spec, job_id, now)
         kind, value = await self._enqueue(keys=keys, args=args)
         if kind == b"existing":
-            return await self.get(_s(value))
+            return await self.get(text(value))
         return self._q._enqueued(spec, job_id, now, kind, value)
 
     async def get(self, job_id: str) -> JobRecord:

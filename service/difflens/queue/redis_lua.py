@@ -1,0 +1,151 @@
+"""The Redis Streams queue's keys and the Lua scripts that change them (redis_streams.py runs them).
+
+Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id):
+    P:work               stream of {job: id}; consumer group "workers" reads it with XREADGROUP
+    P:waiting            sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
+    P:enqueued           counter giving those scores
+    P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
+    P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
+                         owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq
+    P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
+                         field e = encode_event bytes, or q = position for the Queued event the enqueue script
+                         writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
+    P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
+    P:cancel             pub/sub channel: the cancel script publishes the id of a running job whose flag it raised
+The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
+script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
+"""
+
+# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] work stream, KEYS[4] waiting
+# zset; TTL in ms and `now` come from the caller so every script is deterministic.
+PRELUDE = """
+local function is_terminal(state)
+  return state == 'completed' or state == 'failed' or state == 'cancelled'
+end
+local function touch(ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+local function append(field, value)
+  local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], '0-' .. n, field, value)
+end
+local function drop_entry(group, entry, job_id)
+  redis.call('XACK', KEYS[3], group, entry)
+  redis.call('XDEL', KEYS[3], entry)
+  redis.call('ZREM', KEYS[4], job_id)
+end
+-- the terminal event, the state and the acknowledgement in one step: the at-most-once finish
+local function terminate(event, state, err, now, ttl, group, job_id)
+  append('e', event)
+  redis.call('HSET', KEYS[1], 'state', state, 'error', err, 'updated_at', now)
+  drop_entry(group, redis.call('HGET', KEYS[1], 'entry'), job_id)
+  touch(ttl)
+end
+"""
+
+# KEYS[5] idempotency key, KEYS[6] score counter. ARGV: id, spec, model, deadline, now, ttl, max depth,
+# use idempotency (1/0), job key prefix.
+ENQUEUE = PRELUDE + """
+if ARGV[8] == '1' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return {'existing', existing} end
+end
+local depth = redis.call('ZCARD', KEYS[4])
+if depth >= tonumber(ARGV[7]) then return {'full', depth} end
+redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), ARGV[1])
+local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 'at', ARGV[5])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
+           'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
+           'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
+append('q', depth)
+touch(ARGV[6])
+if ARGV[8] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6]) end
+return {'new', tostring(depth)}
+"""
+
+# ARGV: entry, group, token, worker, now, ttl, job id, start (1/0), max deliveries. Returns false when the entry
+# is stale (job expired or already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel,
+# created_at, started}. With start = 1 and nothing against handing the job out (claim_verdict's three tests, on
+# the same `now`), the Started event is appended and the job is running: started = 1.
+CLAIM = PRELUDE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (not state) or is_terminal(state) then
+  drop_entry(ARGV[2], ARGV[1], ARGV[7])
+  return false
+end
+local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+redis.call('ZREM', KEYS[4], ARGV[7])
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'worker', ARGV[4], 'heartbeat', ARGV[5], 'updated_at', ARGV[5])
+local cancel = redis.call('HGET', KEYS[1], 'cancel')
+local deadline = redis.call('HGET', KEYS[1], 'deadline')
+local started = 0
+if ARGV[8] == '1' and cancel ~= '1' and n <= tonumber(ARGV[9])
+    and (deadline == '' or tonumber(ARGV[5]) < tonumber(deadline)) then
+  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], '0-' .. seq, 's', n, 'w', ARGV[4])
+  redis.call('HSET', KEYS[1], 'state', 'running')
+  started = 1
+end
+touch(ARGV[6])
+return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started}
+"""
+
+OWNED = """
+local function owned(token)
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  return owner == token and not is_terminal(redis.call('HGET', KEYS[1], 'state'))
+end
+"""
+
+# ARGV: token, event bytes, '1' if Started, now, ttl. Returns a Published value: 0 lost, 1 ok, 2 ok + cancel flag.
+PUBLISH = PRELUDE + OWNED + """
+if not owned(ARGV[1]) then return 0 end
+append('e', ARGV[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'running') end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+touch(ARGV[5])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
+return 1
+"""
+
+# KEYS[5] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
+# dead-letter stream max length.
+FINISH = PRELUDE + OWNED + """
+if not owned(ARGV[1]) then return 0 end
+if ARGV[9] == '1' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],
+             'entry', redis.call('HGET', KEYS[1], 'entry'), 'deliveries', redis.call('HGET', KEYS[1], 'deliveries'),
+             'worker', redis.call('HGET', KEYS[1], 'worker'))
+end
+terminate(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+return 1
+"""
+
+# ARGV: Failed(CANCELLED) bytes, error, now, ttl, group, job id, cancel channel. -1 unknown job, 0 already terminal,
+# 1 cancelled while never claimed (terminal now), 2 held by a worker (cancel flag raised, and published).
+CANCEL = PRELUDE + """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return -1 end
+if is_terminal(redis.call('HGET', KEYS[1], 'state')) then return 0 end
+if owner == '' then
+  terminate(ARGV[1], 'cancelled', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[3])
+touch(ARGV[4])
+redis.call('PUBLISH', ARGV[7], ARGV[6])
+return 2
+"""
+
+# ARGV: token, now, ttl, group, worker. XCLAIM by the same consumer resets the entry's idle time, which is what
+# keeps XAUTOCLAIM in other workers' claim() off a job that is slow but alive. 0 lost, 1 ok, 2 ok + cancel flag.
+HEARTBEAT = PRELUDE + OWNED + """
+if not owned(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'updated_at', ARGV[2])
+redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[5], 0, redis.call('HGET', KEYS[1], 'entry'), 'JUSTID')
+touch(ARGV[3])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
+return 1
+"""
+
