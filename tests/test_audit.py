@@ -182,3 +182,44 @@ def test_flags_that_repeat_the_record_replay_it_as_recorded(record, tiny_dir, tm
     text = capsys.readouterr().out
     assert len(_rows(text)) == 2 + sum(len(m) for m in record["hashes"]["maps"].values())
     assert "re-explained" not in text
+
+
+def test_store_writes_one_file_per_attempt_under_the_utc_date(tmp_path):
+    record = {"job_id": "j1", "attempt": 2, "x": 1}
+    path = audit.store(audit.dumps(record), record, tmp_path / "records")
+    assert path.parent.parent == tmp_path / "records" and path.name == "j1.a2.json"
+    assert len(path.parent.name) == 10 and path.parent.name[4] == "-"  # YYYY-MM-DD
+    assert json.loads(path.read_text()) == record
+    assert [p.name for p in path.parent.iterdir()] == ["j1.a2.json"]  # no temporary file left
+
+
+def test_check_store_names_the_flag_for_a_folder_it_cannot_write(tmp_path):
+    from difflens.errors import InvalidArgument
+
+    audit.check_store(tmp_path / "new" / "folder")  # created
+    assert (tmp_path / "new" / "folder").is_dir()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InvalidArgument) as e:
+        audit.check_store(f)
+    assert e.value.field == "--audit-dir"
+
+
+def test_a_worker_with_an_audit_dir_keeps_the_delivered_record(tiny_dir, tiny_model, tmp_path):
+    events = run_one(tiny_model, settings(tiny_dir, audit_dir=str(tmp_path / "audit")), spec(steps=2))
+    done = events[-1]
+    assert isinstance(done, Completed)
+    record = json.loads(done.audit_json)
+    [kept] = (tmp_path / "audit").glob(f"*/{record['job_id']}.a1.json")
+    assert kept.read_text() == done.audit_json
+
+
+def test_no_image_is_delivered_when_its_record_cannot_be_kept(tiny_dir, tiny_model, tmp_path):
+    from difflens.jobs import Failed
+    from difflens.worker.job import AUDIT_STORE_MESSAGE
+
+    blocked = tmp_path / "audit"
+    blocked.write_text("a file where the folder should be")
+    events = run_one(tiny_model, settings(tiny_dir, audit_dir=str(blocked)), spec(steps=2))
+    assert events[-1] == Failed("INTERNAL", AUDIT_STORE_MESSAGE)
+    assert not any(isinstance(e, Completed) for e in events)

@@ -15,13 +15,17 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
 
 if TYPE_CHECKING:
@@ -110,6 +114,37 @@ def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, wei
 
 def dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, indent=2, sort_keys=False, default=str)
+
+
+def check_store(folder: str | os.PathLike[str]) -> None:
+    """Fail fast, before any job: `folder` (created if missing) must be a folder this process can write."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument("--audit-dir", f"{path}: cannot create the folder ({e.strerror or e})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidArgument("--audit-dir", f"{path}: not a folder this process can write")
+
+
+def store(text: str, record: Mapping[str, Any], folder: str | os.PathLike[str]) -> Path:
+    """Write a job's record (`text` = dumps(record)) durably to FOLDER/<UTC date>/<job id>.a<attempt>.json: one file
+    per attempt that produced the image (a worker that lost its claim may have finished too; the Completed event's
+    record names the attempt that was delivered). Written to a temporary name, fsynced, then renamed: a reader
+    never sees half a record. OSError when it cannot be written."""
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    target = Path(folder) / day / f"{record['job_id']}.a{record['attempt']}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def method_of(map_name: str) -> str:

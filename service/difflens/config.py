@@ -147,7 +147,7 @@ class ServiceSettings:
 
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
-    visibility timeout), DIFFLENS_MAX_DELIVERIES, plus Settings' variables.
+    visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_AUDIT_DIR, plus Settings' variables.
     """
 
     engine: Settings = Settings()
@@ -167,6 +167,9 @@ class ServiceSettings:
     drain_grace_s: float = 30.0
     worker_max_jobs: int = 4  # jobs a worker runs at once (their DF-RISE masks share UNet batches)
     worker_max_batch: int = 64  # samples per shared UNet call
+    # Workers also write every completed job's audit record here (audit.store), before the image is delivered:
+    # the record outlives the job's TTL in Redis. None: the record travels only in the Completed event.
+    audit_dir: str | None = None
     limits: Limits = Limits()
 
     def __post_init__(self) -> None:
@@ -207,7 +210,8 @@ class ServiceSettings:
                                ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
                                ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
                                ("heartbeat_interval_s", "DIFFLENS_HEARTBEAT_INTERVAL_S", float),
-                               ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int)):
+                               ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int),
+                               ("audit_dir", "DIFFLENS_AUDIT_DIR", str)):
             if var in env:
                 try:
                     values[key] = conv(env[var])

@@ -71,3 +71,12 @@ def test_a_missing_model_folder_fails_before_any_job(tmp_path, capsys):
     argv = ["worker", "--redis", "redis://127.0.0.1:1", "--model", f"m={tmp_path / 'none'}"]
     assert main(argv) == 2
     assert "folder does not exist" in capsys.readouterr().err
+
+
+def test_an_audit_dir_that_cannot_be_written_fails_before_any_job(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["worker", "--redis", "redis://127.0.0.1:1", "--audit-dir", str(f)]) == 2
+    assert "--audit-dir: " in capsys.readouterr().err
+    assert main(["serve", "--redis", "redis://127.0.0.1:1", "--audit-dir", str(tmp_path / "a")]) == 2
+    assert "--audit-dir: only with --embedded" in capsys.readouterr().err

@@ -46,6 +46,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                                             "use, container limit included)")
     w.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
     w.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
+    w.add_argument("--audit-dir", metavar="DIR", help="also keep every completed job's audit record here, "
+                                                         "<UTC date>/<job id>.a<attempt>.json (default: "
+                                                         "DIFFLENS_AUDIT_DIR; none)")
     p.set_defaults(run=run_serve)
 
 
@@ -68,9 +71,16 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         host=args.host, port=args.port, metrics_port=args.metrics_port, max_queue_depth=args.max_queue_depth,
-        drain_grace_s=args.drain_grace, worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch)
+        drain_grace_s=args.drain_grace, worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch,
+        audit_dir=args.audit_dir)
     if args.embedded:
+        if settings.audit_dir is not None:
+            from difflens import audit
+
+            audit.check_store(settings.audit_dir)
         return dataclasses.replace(settings, redis_url=None)
+    if args.audit_dir is not None:
+        raise InvalidArgument("--audit-dir", "only with --embedded (the workers keep the records: pass it to them)")
     if not settings.redis_url:
         raise InvalidArgument("--redis", "the front needs the Redis URL (--redis or DIFFLENS_REDIS_URL), or "
                                          "--embedded for a single process with its own worker")

@@ -34,6 +34,9 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--name", help="worker name in job records (default: host-pid-random)")
+    p.add_argument("--audit-dir", metavar="DIR", help="also keep every completed job's audit record here, "
+                                                         "<UTC date>/<job id>.a<attempt>.json (default: "
+                                                         "DIFFLENS_AUDIT_DIR; none)")
     p.set_defaults(run=run_worker)
 
 
@@ -71,7 +74,12 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
-        worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port)
+        worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port,
+        audit_dir=args.audit_dir)
+    if settings.audit_dir is not None:
+        from difflens import audit
+
+        audit.check_store(settings.audit_dir)
     if not settings.redis_url:
         raise InvalidArgument("--redis", "a worker process needs the Redis URL (--redis or DIFFLENS_REDIS_URL); "
                                          "the in-process queue only exists inside `difflens serve --embedded`")

@@ -36,6 +36,7 @@ from difflens.worker.batching import JobRunner
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error while running the job (details are in the worker's log)"
+AUDIT_STORE_MESSAGE = "the job's audit record could not be stored (details are in the worker's log)"
 # The engine names the attention method "attn"; metrics and the contract say "attention".
 METRIC_METHOD = {"rise": "rise", "cam": "cam", "attn": "attention"}
 
@@ -107,8 +108,15 @@ class JobRun:
             exp = self._explain()
             png = image_png(exp.image)
             record = self._record(exp, png, started)
+            text = audit.dumps(record)
             self._settle(wait=True)
-            return self._finish(Completed(png, audit.dumps(record)), "completed")
+            if self.settings.audit_dir is not None and self._owned():
+                try:
+                    audit.store(text, record, self.settings.audit_dir)
+                except OSError:  # no image without its record: the deployment asked for them to be kept
+                    log.exception("job %s: audit record not stored in %s", claim.job_id, self.settings.audit_dir)
+                    return self._finish(Failed("INTERNAL", AUDIT_STORE_MESSAGE), "failed", error="audit_store")
+            return self._finish(Completed(png, text), "completed")
         except LostClaim:
             log.info("job %s: lost to another worker (delivery %d); stopped", claim.job_id, claim.delivery)
             return None
