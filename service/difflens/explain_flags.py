@@ -43,25 +43,32 @@ def add_explanation_flags(p: argparse.ArgumentParser, *, keep: str | None = None
     """The explanation group. keep=None: unset flags take the defaults (explain); keep='the record': unset flags
     keep that source's value (replay), and the help says so."""
     e = p.add_argument_group("explanation" if keep is None else f"explanation (default: as in {keep})")
+
+    def d(default: str) -> str:  # a flag's own default, shown only where unset flags take the defaults
+        return "" if keep else default
+
     e.add_argument("--methods", default=None if keep else "rise,cam,attn", metavar="rise,cam,attn|none",
-                   help="comma-separated methods, or none" + ("" if keep else " (default: all three)"))
+                   help="comma-separated methods, or none" + d(" (default: all three)"))
     e.add_argument("--explain-steps", default=None if keep else "all", metavar="all|3,5,9|every:K",
-                   help="which step indices (0-based) to explain" + ("" if keep else " (default all)"))
-    e.add_argument("--masks", type=int, help="DF-RISE: number of masks (default 256)")
-    e.add_argument("--batch", type=int, help="DF-RISE: masks per UNet call (default 32)")
-    e.add_argument("--mask", metavar=choices_text(MASK_KINDS), help="DF-RISE mask kind (default pixel)")
-    e.add_argument("--grid-size", type=int, help="DF-RISE grid masks: cells per side (default 8)")
-    e.add_argument("--p", type=float, help="DF-RISE: probability a mask keeps a pixel (default 0.5)")
-    e.add_argument("--substrate", metavar=choices_text(SUBSTRATES), help="DF-RISE masked-out value (default zero)")
-    e.add_argument("--score", metavar=choices_text(SCORES), help="DF-RISE per-pixel score (default structure)")
+                   help="which step indices (0-based) to explain" + d(" (default all)"))
+    e.add_argument("--masks", type=int, help="DF-RISE: number of masks" + d(" (default 256)"))
+    e.add_argument("--batch", type=int, help="DF-RISE: masks per UNet call" + d(" (default 32)"))
+    e.add_argument("--mask", metavar=choices_text(MASK_KINDS), help="DF-RISE mask kind" + d(" (default pixel)"))
+    e.add_argument("--grid-size", type=int, help="DF-RISE grid masks: cells per side" + d(" (default 8)"))
+    e.add_argument("--p", type=float, help="DF-RISE: probability a mask keeps a pixel" + d(" (default 0.5)"))
+    e.add_argument("--substrate", metavar=choices_text(SUBSTRATES),
+                   help="DF-RISE masked-out value" + d(" (default zero)"))
+    e.add_argument("--score", metavar=choices_text(SCORES), help="DF-RISE per-pixel score" + d(" (default structure)"))
     e.add_argument("--structure-2x", action="store_true", default=None,
                    help="DF-RISE: the reference code's 2*sigma_xy")
     e.add_argument("--ssim-padding", metavar=choices_text(SSIM_PADDINGS),
-                   help="DF-RISE structure term's window past the border (default zero, as METHOD.md)")
-    e.add_argument("--rise-target", metavar=choices_text(RISE_TARGETS), help="DF-RISE reference (default eps)")
-    e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed (default 0)")
-    e.add_argument("--cam-layers", metavar="a,b,...", help="DF-CAM UNet module paths (default: the reference set)")
-    e.add_argument("--cam-target", metavar=choices_text(CAM_TARGETS), help="DF-CAM target scalar (default output_sum)")
+                   help="DF-RISE structure term's window past the border" + d(" (default zero, as METHOD.md)"))
+    e.add_argument("--rise-target", metavar=choices_text(RISE_TARGETS), help="DF-RISE reference" + d(" (default eps)"))
+    e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed" + d(" (default 0)"))
+    e.add_argument("--cam-layers", metavar="a,b,...",
+                   help="DF-CAM UNet module paths" + d(" (default: the reference set)"))
+    e.add_argument("--cam-target", metavar=choices_text(CAM_TARGETS),
+                   help="DF-CAM target scalar" + d(" (default output_sum)"))
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
