@@ -22,6 +22,8 @@ DType = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[str, ...] = get_args(DType)
 UNetBackend = Literal["eager", "compile"]  # engine.options.Backend
 THREADS_ALLOWED = "allowed: an integer >= 0 (0: the CPUs this process may use)"
+AUDIT_DIR_HELP = ("also keep every completed job's audit record here, <UTC date>/<job id>.a<attempt>.json "
+                  "(default: DIFFLENS_AUDIT_DIR; none)")
 
 
 # Spin iterations of an idle OpenMP (libgomp) thread before it sleeps, in worker processes. libgomp's default

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
+from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 
@@ -46,9 +46,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                                             "use, container limit included)")
     w.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
     w.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
-    w.add_argument("--audit-dir", metavar="DIR", help="also keep every completed job's audit record here, "
-                                                         "<UTC date>/<job id>.a<attempt>.json (default: "
-                                                         "DIFFLENS_AUDIT_DIR; none)")
+    w.add_argument("--audit-dir", metavar="DIR", help=AUDIT_DIR_HELP)
     p.set_defaults(run=run_serve)
 
 

@@ -112,4 +112,3 @@ class CancelWatch:
                 self._stop.wait(0.5)
         if pubsub is not None:
             pubsub.close()
-

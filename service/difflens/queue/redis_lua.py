@@ -1,7 +1,8 @@
 """The Redis Streams queue's keys and the Lua scripts that change them (redis_streams.py runs them).
 
 Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id):
-    P:work               stream of {job: id}; consumer group "workers" reads it with XREADGROUP
+    P:work               stream of {job: id, spec: JSON, at: enqueue time}; consumer group "workers" reads it
+                         with XREADGROUP (the spec lets a worker start before its claim script settles)
     P:waiting            sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
     P:enqueued           counter giving those scores
     P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from difflens.config import DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
+from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 from difflens.explain_flags import add_explanation_flags, explanation_given, explanation_options
@@ -34,9 +34,7 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--name", help="worker name in job records (default: host-pid-random)")
-    p.add_argument("--audit-dir", metavar="DIR", help="also keep every completed job's audit record here, "
-                                                         "<UTC date>/<job id>.a<attempt>.json (default: "
-                                                         "DIFFLENS_AUDIT_DIR; none)")
+    p.add_argument("--audit-dir", metavar="DIR", help=AUDIT_DIR_HELP)
     p.set_defaults(run=run_worker)
 
 

@@ -103,6 +103,10 @@ def format_table(rows: list[tuple[str, str, str, bool]], inexact_steps: set[int]
     return "\n".join(lines)
 
 
+class ReplayFailed(RuntimeError):
+    """The replay job did not complete on the server."""
+
+
 def unchanged_methods(recorded: ExplainOptions, now: ExplainOptions) -> set[str]:
     """The methods run now with exactly the record's options: only their maps can be compared."""
     pairs = (("rise", recorded.rise, now.rise), ("cam", recorded.cam, now.cam),
@@ -143,10 +147,6 @@ def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str) -> tuple[E
     if not isinstance(stream.result, Completed):
         raise ReplayFailed(f"job {stream.job_id} on {server} did not complete: {stream.result}")
     return explanation_from_events(stream.events), json.loads(stream.result.audit_json)
-
-
-class ReplayFailed(RuntimeError):
-    """The replay job did not complete on the server."""
 
 
 def weight_rows(recorded: Mapping[str, str], served: Mapping[str, str]) -> list[tuple[str, str, str, bool]]:
