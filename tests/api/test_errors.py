@@ -4,8 +4,6 @@ its details only in the log; each is counted in difflens_errors_total."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import tempfile
 
 import grpc
 import pytest
@@ -16,7 +14,8 @@ from difflens.client import DifflensClient
 from difflens.errors import InvalidArgument, NotReady, ResourceExhausted
 from difflens.queue.base import JobNotFound
 from difflens.queue.memory import InProcessQueue
-from tests.api.helpers import free_port, job, settings
+from tests.api.helpers import job, settings
+from tests.support.redis_server import PrivateRedis
 
 
 def errors(kind: str) -> float:
@@ -62,42 +61,17 @@ def test_an_unexpected_error_is_internal_with_details_only_in_the_log(tiny_dir, 
 def test_a_redis_outage_is_unavailable_and_the_front_recovers_with_it(tiny_dir):
     """A private redis-server of our own, so it can be stopped and started again mid-test."""
     from difflens.api.server import BackgroundServer
-    from tests.support.redis_server import _binary
 
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def start_redis(folder):
-        proc = subprocess.Popen([_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
-        import time
-
-        import redis
-
-        for _ in range(200):
-            try:
-                redis.Redis.from_url(url).ping()
-                return proc
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    with tempfile.TemporaryDirectory() as folder:
-        proc = start_redis(folder)
-        try:
-            s = settings(tiny_dir, redis_url=url, queue_name="outage")
-            with BackgroundServer(s) as srv, DifflensClient(srv.target, retries=0) as client:
-                assert client.submit(job(steps=1)).state == "queued"
-                proc.terminate()
-                proc.wait(10)
-                before = errors("queue")
-                with pytest.raises(grpc.RpcError) as err:
-                    client.submit(job(steps=1))
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "queue cannot be reached" in err.value.details()
-                assert errors("queue") == before + 1
-                proc = start_redis(folder)
-                assert client.submit(job(steps=1)).state == "queued"  # the same front, no restart
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with PrivateRedis() as server:
+        s = settings(tiny_dir, redis_url=server.url, queue_name="outage")
+        with BackgroundServer(s) as srv, DifflensClient(srv.target, retries=0) as client:
+            assert client.submit(job(steps=1)).state == "queued"
+            server.stop()
+            before = errors("queue")
+            with pytest.raises(grpc.RpcError) as err:
+                client.submit(job(steps=1))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "queue cannot be reached" in err.value.details()
+            assert errors("queue") == before + 1
+            server.start()
+            assert client.submit(job(steps=1)).state == "queued"  # the same front, no restart

@@ -60,6 +60,34 @@ def test_a_fresh_queue_object_sees_jobs_of_a_closed_one(rb, queue_name):
     assert [type(e).__name__ for _, e in second.events(job.id)] == ["Queued", "Completed"]
 
 
+def forget_everything(r, name: str) -> None:
+    """What a Redis restarted without persistence (or flushed) does to one queue: every key gone, the work
+    stream's consumer group with it."""
+    keys = list(r.scan_iter(f"{name}:*"))
+    if keys:
+        r.delete(*keys)
+
+
+@pytest.mark.parametrize("reclaim_first", [False, True], ids=["read", "reclaim-scan"])
+def test_a_worker_makes_the_lost_consumer_group_again_and_takes_the_jobs_queued_since(rb, r, queue_name,
+                                                                                         reclaim_first):
+    front, worker = rb.queue(), rb.queue()
+    front.enqueue(spec("before"))
+    c = worker.claim("w", block_s=1)
+    assert c is not None
+    forget_everything(r, queue_name)
+    job = front.enqueue(spec("after"))  # the enqueue script makes a new work stream, with no group
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        r.xreadgroup("workers", "probe", {f"{queue_name}:work": ">"}, count=1)
+    # which call meets the missing group first: the reclaim scan (due) or the read (the scan not due yet)
+    worker._last_reclaim = 0.0 if reclaim_first else time.monotonic()
+    again = worker.claim("w", block_s=1)
+    assert again is not None and (again.job_id, again.spec.params.prompt) == (job.id, "after")
+    assert worker.finish(again, Completed(b"png", "{}"))
+    assert not worker.publish(c, Started("w"))  # the job held before the loss is gone with it, and stays gone
+    assert r.xlen(f"{queue_name}:work") == 0
+
+
 def test_finished_jobs_leave_nothing_in_the_work_stream(rb, r, queue_name):
     q = rb.queue()
     done = [q.enqueue(spec()) for _ in range(3)]

@@ -119,11 +119,27 @@ class RedisStreamsQueue:
         self._cancel_channel = f"{p}:cancel"
         self._watch: CancelWatch | None = None  # started by the first claim: fronts never subscribe
         self._watch_lock = threading.Lock()
+        self._create_group()
+
+    def _create_group(self) -> None:
+        """The workers' consumer group on the work stream, made with the stream unless it exists. From id 0: a
+        group made again after it was lost must hand out the entries already queued."""
         try:
             self._r.xgroup_create(self._work, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+
+    def _group_lost(self, e: redis.ResponseError) -> bool:
+        """Whether `e` says the consumer group is gone - then it is made again. A Redis that restarted without its
+        data (or was flushed) has lost the group while fronts go on adding work entries to a new stream; without
+        this every worker would fail every read until restarted, and those jobs would wait forever."""
+        if "NOGROUP" not in str(e):
+            return False
+        log.warning("queue %s: the consumer group %r was gone (Redis restarted without its data, or was flushed); "
+                    "made it again", self.settings.queue_name, GROUP)
+        self._create_group()
+        return True
 
     # ------------------------------------------------------------ keys
 
@@ -304,7 +320,13 @@ class RedisStreamsQueue:
                 return None
             self._last_reclaim, cursor = now, self._reclaim_cursor
         idle_ms = max(1, int(self.settings.visibility_timeout_s * 1000))
-        next_cursor, claimed, *_ = self._r.xautoclaim(self._work, GROUP, worker, idle_ms, start_id=cursor, count=1)
+        try:
+            next_cursor, claimed, *_ = self._r.xautoclaim(self._work, GROUP, worker, idle_ms, start_id=cursor,
+                                                          count=1)
+        except redis.ResponseError as e:
+            if not self._group_lost(e):
+                raise
+            next_cursor, claimed = "0-0", []
         with self._reclaim_lock:
             self._reclaim_cursor = next_cursor
             if claimed or next_cursor != b"0-0":
@@ -318,8 +340,13 @@ class RedisStreamsQueue:
         """A new work entry for `worker`: (entry id, job id, the entry's fields), or None after block_s."""
         # never block past the next reclaim scan, so abandoned jobs are found while the stream is idle
         block_ms = int(min(block_s, self._reclaim_every_s) * 1000)
-        reply = self._r.xreadgroup(GROUP, worker, {self._work: ">"}, count=1,
-                                   block=block_ms if block_ms > 0 else None)
+        try:
+            reply = self._r.xreadgroup(GROUP, worker, {self._work: ">"}, count=1,
+                                       block=block_ms if block_ms > 0 else None)
+        except redis.ResponseError as e:
+            if not self._group_lost(e):
+                raise
+            return None
         if not reply or not reply[0][1]:
             return None
         entry_id, fields = reply[0][1][0]
