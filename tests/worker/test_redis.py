@@ -72,3 +72,34 @@ def test_a_cancel_reaches_the_worker_over_the_channel_without_a_read_per_step(ma
     assert [e.index for e in events if isinstance(e, Step)] in ([0], [0, 10])
     assert reads == []
     front.close()
+
+
+def test_a_worker_outlives_a_redis_restart_that_lost_every_key(make_worker, tiny_dir, queue_name, caplog):
+    """Redis without persistence restarted (a pod rescheduled): every key is gone, the work stream's consumer group
+    with them. The worker rides out the outage with one error record, not one per retry, makes the group again
+    and runs the jobs queued since, with no restart of its own."""
+    import logging
+    import time
+
+    from difflens.queue.redis_streams import RedisStreamsQueue
+    from tests.support.redis_server import PrivateRedis
+
+    caplog.set_level(logging.INFO)
+    with PrivateRedis() as server:
+        s = settings(tiny_dir, queue_name=queue_name, worker_max_jobs=1)
+        front = RedisStreamsQueue(server.url, s)
+        worker = make_worker(s, RedisStreamsQueue(server.url, s), name="restart")
+        assert isinstance(wait_terminal(front, front.enqueue(spec(steps=1)).id)[-1], Completed)
+        server.stop()
+        time.sleep(3.0)  # the worker retries its claim every second meanwhile
+        server.start()
+        job_id = front.enqueue(spec("a blue square", steps=2)).id
+        events = wait_terminal(front, job_id, timeout=60)
+        assert [type(e) for e in events][-1] is Completed and front.get(job_id).state == "completed"
+        worker.stop(timeout=60)
+        front.close()
+    mine = [r for r in caplog.records if r.name.startswith("difflens.")]
+    failed = [r for r in mine if r.levelno >= logging.ERROR and "taking a job" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info, [r.getMessage() for r in failed]
+    assert any("works again after" in r.getMessage() for r in mine)
+    assert any("consumer group" in r.getMessage() and "made it again" in r.getMessage() for r in mine)

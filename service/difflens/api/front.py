@@ -19,6 +19,7 @@ from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
 from difflens.errors import NotReady
 from difflens.jobs import Event, JobRecord, JobSpec, Queued
+from difflens.outage import Outage
 from difflens.queue.base import AsyncFront, JobQueue, is_terminal
 from difflens.validation import validate
 
@@ -117,11 +118,13 @@ class Front:
 
     async def sample_depth(self, stop: asyncio.Event) -> None:
         """Keep difflens_queue_depth current until `stop` (the queue is shared: other fronts enqueue too)."""
+        outage = Outage(log, "sampling the queue depth", logging.WARNING)
         while not stop.is_set():
             try:
                 metrics.QUEUE_DEPTH.set(await self._run(self.queue.depth))
+                outage.ok()
             except Exception:  # a queue outage must not end the sampler; the RPCs report it
-                log.warning("queue depth sample failed", exc_info=True)
+                outage.failed()
             try:
                 await asyncio.wait_for(stop.wait(), DEPTH_SAMPLE_S)
             except TimeoutError:

@@ -21,6 +21,7 @@ from difflens.config import ServiceSettings
 from difflens.errors import InvalidArgument, ModelLoadError
 from difflens.jobs import Failed
 from difflens.models import LoadedModel, ModelRegistry
+from difflens.outage import Outage
 from difflens.queue.base import Claim, JobQueue
 from difflens.worker.batching import BatchStats, JobRunner, UNetBatcher
 from difflens.worker.job import JobRun
@@ -63,6 +64,7 @@ class Worker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claims_outage = Outage(log, f"worker {self.name}: taking a job from the queue")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -115,12 +117,14 @@ class Worker:
 
     def _claim(self, stop: threading.Event) -> tuple[Claim, Callable[[], bool]] | None:
         try:
-            return self.queue.claim_ahead(self.name, block_s=CLAIM_BLOCK_S)
+            got = self.queue.claim_ahead(self.name, block_s=CLAIM_BLOCK_S)
         except Exception:  # the queue's backend is down: keep the worker alive and retry
-            log.exception("worker %s: claim failed; retrying", self.name)
+            self._claims_outage.failed()
             metrics.ERRORS.labels("queue").inc()
             stop.wait(1.0)
             return None
+        self._claims_outage.ok()
+        return got
 
     def _confirm(self, claim: Claim, confirm: Callable[[], bool], confirmed: Future[bool]) -> None:
         try:
