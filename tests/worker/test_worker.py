@@ -171,12 +171,18 @@ def test_reclaimed_job_does_not_republish_steps(make_worker, tiny_dir):
     (spec(width=20), "width: got 20; must be a multiple of 16"),
 ])
 def test_bad_jobs_fail_with_invalid_argument_naming_the_field(make_worker, memory_queue, worker_settings, job,
-                                                              field):
+                                                              field, caplog):
     job_id = memory_queue.enqueue(job).id
     make_worker(worker_settings, memory_queue)
     events = wait_terminal(memory_queue, job_id)
     assert isinstance(events[-1], Failed) and events[-1].code == "INVALID_ARGUMENT"
     assert field in events[-1].message
+    # a model the front accepted but this worker lacks is the deployment's mistake: the operator is told
+    told = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+    assert len(told) == (job.model == "nope")
+    for line in told:
+        assert f"job {job_id} asks for model 'nope', which this worker does not serve (tiny)" in line
+        assert "same --model names" in line
 
 
 def test_stop_finishes_held_jobs_and_takes_no_more(make_worker, tiny_dir):

@@ -152,6 +152,10 @@ class Worker:
         try:
             entry = self.registry.get(claim.spec.model)
         except InvalidArgument as e:
+            # the front checked the name against its own --model list: theirs and this worker's differ
+            log.warning("worker %s: job %s asks for model %r, which this worker does not serve (%s); the job fails. "
+                        "Fronts and workers on one queue need the same --model names", self.name, claim.job_id,
+                        claim.spec.model, ", ".join(self.registry.names()) or "none")
             self._fail_early(claim, confirmed, Failed("INVALID_ARGUMENT", str(e)), "invalid_argument")
             return
         except ModelLoadError:
