@@ -199,3 +199,21 @@ def test_explain_server_bad_input_exits_2_naming_the_flag(embedded, tmp_path, ca
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("completed", "shown"), [(True, 10), (False, 3)])
+def test_the_remote_progress_bar_is_filled_only_for_a_completed_job(completed, shown, capsys):
+    """Steps after the last explained one send no event: a completed job's bar is filled at the end, a failed
+    job's bar stays where the job stopped (it used to read 10/10 above the error line)."""
+    from difflens.api.cli import RemoteProgress
+    from difflens.jobs import Step
+
+    progress = RemoteProgress()
+    for index in (0, 2):
+        progress.on_event(Step(index=index, timestep=900 - 100 * index, num_steps=10))
+    bar = progress.bar
+    progress.close(completed=completed)
+    assert bar.n == shown and progress.bar is None
+    progress.close(completed=True)  # a second close (the error path closed it already) changes nothing
+    assert bar.n == shown
+    assert f"{shown}/10" in capsys.readouterr().err

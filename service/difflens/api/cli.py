@@ -177,10 +177,14 @@ class RemoteProgress:
             self.bar.set_postfix_str(f"t={event.timestep} explained={self.explained}", refresh=False)
             self.bar.update(event.index + 1 - self.bar.n)
 
-    def close(self) -> None:
+    def close(self, completed: bool) -> None:
+        """End the bar before anything else is printed. Steps after the last explained one send no event: the bar
+        is filled for a completed job only, so a failed one shows where it stopped."""
         if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
+            if completed:
+                self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
+            self.bar = None
 
 
 def rpc_error_line(err: Any) -> tuple[str, int]:
@@ -217,16 +221,17 @@ def run_explain_remote(args: argparse.Namespace) -> int:
             for event in stream:
                 progress.on_event(event)
         except grpc.RpcError as e:
+            progress.close(completed=False)
             line, status = rpc_error_line(e)
             print(line, file=sys.stderr)
             return status
         except KeyboardInterrupt:
+            progress.close(completed=False)
             stream.cancel()
             print(f"difflens: interrupted; job {stream.job_id} cancelled, nothing written", file=sys.stderr)
             return 130
-        finally:
-            progress.close()
     result = stream.result
+    progress.close(completed=isinstance(result, Completed))
     if not isinstance(result, Completed):
         why = f"{result.code}: {result.message}" if isinstance(result, Failed) else "the stream ended early"
         print(f"difflens: error: job {stream.job_id} failed: {why}", file=sys.stderr)
