@@ -18,9 +18,10 @@ ready pb ExplainRequest.
 
 Retry-friendly: a request without an idempotency key gets a random one, so a retried Submit/Explain never runs a
 job twice; UNAVAILABLE is retried (with backoff) up to `retries` times; an Explain stream that breaks after the job
-id is known resumes with WatchJob from the next sequence, so no event is lost or repeated. RESOURCE_EXHAUSTED is
-not retried: `retry_after_s(err)` reads the server's hint. `caller` (metadata x-difflens-caller) scopes idempotency
-keys: the same key from another caller is another job.
+id is known resumes with WatchJob from the next sequence, so no event is lost or repeated, and keeps trying for
+`resume_for_s` (30 s by default: long enough for a front to be restarted; the job goes on meanwhile).
+RESOURCE_EXHAUSTED is not retried: `retry_after_s(err)` reads the server's hint. `caller` (metadata
+x-difflens-caller) scopes idempotency keys: the same key from another caller is another job.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+MAX_RESUME_BACKOFF_S = 2.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
 
@@ -71,7 +73,7 @@ class ExplainStream:
         self._done = False
 
     def __iter__(self) -> Iterator[Any]:
-        attempts = 0
+        attempts, broke_at = 0, 0.0
         while not self._done:
             try:
                 for msg in self._call:
@@ -89,10 +91,18 @@ class ExplainStream:
             except grpc.RpcError as e:
                 if self._done:
                     return
-                if e.code() not in RETRYABLE or attempts >= self.client.retries:
+                if e.code() not in RETRYABLE:
                     raise
                 attempts += 1
-                time.sleep(self.client.backoff_s * 2 ** (attempts - 1))
+                wait = self.client.backoff_s * 2 ** (attempts - 1)
+                if self.job_id:  # the job exists and goes on: ride out a front's restart, not just a blip
+                    broke_at = broke_at if attempts > 1 else time.monotonic()
+                    wait = min(wait, MAX_RESUME_BACKOFF_S)
+                    if time.monotonic() + wait - broke_at > self.client.resume_for_s:
+                        raise
+                elif attempts > self.client.retries:
+                    raise
+                time.sleep(wait)
                 self._call = self._reopen()
 
     def _reopen(self) -> Any:
@@ -117,10 +127,11 @@ class DifflensClient:
     """A connection to a difflens front. Thread-safe (one gRPC channel); close() or use as a context manager."""
 
     def __init__(self, target: str, *, caller: str | None = None, retries: int = 3, backoff_s: float = 0.2,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 resume_for_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.target = target
         self.retries = retries
         self.backoff_s = backoff_s
+        self.resume_for_s = resume_for_s
         self.metadata: tuple[tuple[str, str], ...] = ((CALLER_KEY, caller),) if caller else ()
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", max_message_bytes),

@@ -141,3 +141,46 @@ def test_a_sigkilled_workers_job_is_finished_by_another_with_one_completed_event
     indices = [e.index for e in events if isinstance(e, Step)]
     assert sorted(indices) == list(range(30))  # each step once: the survivor does not re-send what was seen
     assert record.state == "completed" and record.deliveries == 2 and record.worker == survivor
+
+
+def _serve(tiny_dir, redis_url: str, queue_name: str, port: int, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--redis", redis_url, "--queue", queue_name,
+                             "--port", str(port), "--model", f"{MODEL}={tiny_dir}"], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny_dir, redis_url, queue_name,
+                                                                    tmp_path):
+    """The front serving a stream is SIGKILLed mid-job and started again on the same address, which takes seconds
+    (longer than the unary retries' 1.4 s). The client's one Explain stream resumes with WatchJob once it is up and
+    sees every step once and one Completed; the job went on in the worker meanwhile."""
+    from tests.api.helpers import free_port
+
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    procs = [_serve(tiny_dir, redis_url, queue_name, port, log)]
+    try:
+        with DifflensClient(f"127.0.0.1:{port}", retries=50, backoff_s=0.2) as client:
+            client.list_models(timeout=60)  # up (the unary retries wait for the first start)
+            client.retries = 3
+            stream = client.explain(job(steps=16, masks=32, batch=8), timeout=180)
+            down_at, resumed_after = 0.0, 0.0
+            for event in stream:
+                if down_at and not resumed_after:
+                    resumed_after = time.monotonic() - down_at
+                if isinstance(event, Step) and len(procs) == 1:
+                    procs[0].send_signal(signal.SIGKILL)
+                    procs[0].wait(10)
+                    down_at = time.monotonic()
+                    procs.append(_serve(tiny_dir, redis_url, queue_name, port, log))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        log.close()
+    events = stream.events
+    assert resumed_after > 1.5, "the restart was quicker than the unary retries: the test shows nothing"
+    assert sorted(e.index for e in events if isinstance(e, Step)) == list(range(16))
+    assert sum(isinstance(e, Completed) for e in events) == 1 and isinstance(events[-1], Completed)
+    assert sum(isinstance(e, Started) for e in events) == 1  # the worker was never disturbed

@@ -223,6 +223,8 @@ def run_explain_remote(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             progress.close(completed=False)
             line, status = rpc_error_line(e)
+            if stream.job_id:  # the stream broke, not necessarily the job
+                line += f" (job {stream.job_id} was running and may still be: WatchJob or GetJob it later)"
             print(line, file=sys.stderr)
             return status
         except KeyboardInterrupt:
