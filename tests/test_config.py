@@ -79,6 +79,7 @@ def test_service_settings_from_env_and_flags():
     ({"models": (("a", "/x"), ("a", "/y"))}, "model"),
     ({"heartbeat_interval_s": 40.0}, "heartbeat_interval_s"),
     ({"max_deliveries": 0}, "max_deliveries"),
+    ({"redis_wait_s": -1.0}, "redis_wait_s"),
 ])
 def test_service_settings_reject_bad_values(kwargs, field):
     from difflens.config import ServiceSettings
@@ -95,6 +96,9 @@ def test_parse_models_names_the_flag():
         ServiceSettings.parse_models(["nodir"])
     with pytest.raises(InvalidArgument, match="DIFFLENS_MAX_QUEUE_DEPTH"):
         ServiceSettings.from_env({"DIFFLENS_MAX_QUEUE_DEPTH": "many"})
+    assert ServiceSettings.from_env({"DIFFLENS_REDIS_WAIT_S": "2.5"}).redis_wait_s == 2.5
+    with pytest.raises(InvalidArgument, match="DIFFLENS_REDIS_WAIT_S"):
+        ServiceSettings.from_env({"DIFFLENS_REDIS_WAIT_S": "soon"})
 
 
 def test_a_short_visibility_timeout_can_be_set_with_its_heartbeat_from_the_environment():

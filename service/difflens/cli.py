@@ -16,7 +16,7 @@ from typing import Any
 from difflens.api.cli import add_serve
 from difflens.config import DTYPES
 from difflens.engine.options import BACKENDS, SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
-from difflens.errors import DifflensError, InvalidArgument, ModelLoadError
+from difflens.errors import DifflensError, InvalidArgument, ModelLoadError, NotReady
 from difflens.evaluation.cli import add_evaluate
 from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints
 from difflens.worker.cli import add_replay, add_worker
@@ -181,6 +181,8 @@ def error_line(err: DifflensError) -> str:
         return f"difflens: error: {FLAG_OF_FIELD.get(err.field, err.field)}: {err.message}"
     if isinstance(err, ModelLoadError):
         return f"difflens: error: MODEL_DIR: {err.path}: {err.problem}"
+    if isinstance(err, NotReady):
+        return f"difflens: error: {err}"
     return f"difflens: error: {type(err).__name__}: {err}"
 
 

@@ -149,7 +149,8 @@ class ServiceSettings:
 
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
-    visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_AUDIT_DIR, plus Settings' variables.
+    visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_AUDIT_DIR, DIFFLENS_REDIS_WAIT_S (how long a front or
+    worker waits at start-up for Redis to answer), plus Settings' variables.
     """
 
     engine: Settings = Settings()
@@ -162,6 +163,7 @@ class ServiceSettings:
     heartbeat_interval_s: float = 5.0
     max_deliveries: int = 3
     result_ttl_s: float = 24 * 3600.0
+    redis_wait_s: float = 60.0
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
@@ -185,6 +187,8 @@ class ServiceSettings:
             raise InvalidArgument("heartbeat_interval_s", "must be shorter than visibility_timeout_s")
         if self.max_deliveries < 1:
             raise InvalidArgument("max_deliveries", "must be >= 1")
+        if not self.redis_wait_s >= 0:
+            raise InvalidArgument("redis_wait_s", f"got {self.redis_wait_s}; must be >= 0")
 
     def model_dirs(self) -> dict[str, str]:
         """name -> folder; with none configured, the shipped model as 'default'."""
@@ -213,7 +217,8 @@ class ServiceSettings:
                                ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
                                ("heartbeat_interval_s", "DIFFLENS_HEARTBEAT_INTERVAL_S", float),
                                ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int),
-                               ("audit_dir", "DIFFLENS_AUDIT_DIR", str)):
+                               ("audit_dir", "DIFFLENS_AUDIT_DIR", str),
+                               ("redis_wait_s", "DIFFLENS_REDIS_WAIT_S", float)):
             if var in env:
                 try:
                     values[key] = conv(env[var])

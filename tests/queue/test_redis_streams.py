@@ -189,3 +189,56 @@ def test_a_live_follower_reads_with_one_blocking_call_and_still_sees_the_end(rb,
     time.sleep(1.2)
     with pytest.raises(JobNotFound):
         q.events(job.id, after=1, block_s=0.2, live=True)
+
+
+def test_connect_waits_for_a_redis_that_starts_late(queue_name, caplog):
+    """A front or worker rolled out beside its Redis: it waits (one warning) instead of dying with a traceback."""
+    import threading
+
+    from difflens.config import ServiceSettings
+    from difflens.queue.redis_streams import connect
+    from tests.support.redis_server import PrivateRedis
+
+    server = PrivateRedis()
+    late = threading.Timer(1.0, server.start)
+    late.start()
+    try:
+        t0 = time.monotonic()
+        q = connect(ServiceSettings(redis_url=server.url, queue_name=queue_name, redis_wait_s=30.0))
+        waited = time.monotonic() - t0
+        job = q.enqueue(spec())
+        assert q.get(job.id).state == "queued"
+        q.close()
+    finally:
+        late.join()
+        server.__exit__()
+    assert waited >= 0.9
+    told = [r.getMessage() for r in caplog.records if "waiting up to 30 s for Redis" in r.getMessage()]
+    assert len(told) == 1 and server.url in told[0]
+
+
+def test_connect_gives_up_naming_the_flag_and_the_url_without_its_password():
+    from difflens.config import ServiceSettings
+    from difflens.errors import NotReady
+    from difflens.queue.redis_streams import connect
+    from tests.support.redis_server import _free_port
+
+    url = f"redis://:sekret@127.0.0.1:{_free_port()}/0"  # nobody listens there
+    t0 = time.monotonic()
+    with pytest.raises(NotReady) as err:
+        connect(ServiceSettings(redis_url=url, redis_wait_s=0.6))
+    assert 0.5 < time.monotonic() - t0 < 5
+    message = str(err.value)
+    assert message.startswith("--redis: cannot reach redis://:***@127.0.0.1:")
+    assert "sekret" not in message and "waited 0.6 s, DIFFLENS_REDIS_WAIT_S" in message
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://:pw@redis:6379/1", "redis://:***@redis:6379/1"),
+    ("rediss://app:pw@redis.internal/0", "rediss://app:***@redis.internal/0"),
+])
+def test_redacted_hides_only_the_password(url, shown):
+    from difflens.queue.redis_streams import redacted
+
+    assert redacted(url) == shown

@@ -67,6 +67,17 @@ def test_bad_worker_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypa
     assert message in capsys.readouterr().err
 
 
+def test_a_worker_whose_redis_never_answers_exits_2_with_one_line(tiny_dir, capsys, monkeypatch):
+    from tests.support.redis_server import _free_port
+
+    monkeypatch.setenv("DIFFLENS_REDIS_WAIT_S", "0.5")
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    assert main(["worker", "--redis", url, "--model", f"tiny={tiny_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"difflens: error: --redis: cannot reach {url} (waited 0.5 s, DIFFLENS_REDIS_WAIT_S)" in err
+    assert "Traceback" not in err
+
+
 def test_a_missing_model_folder_fails_before_any_job(tmp_path, capsys):
     argv = ["worker", "--redis", "redis://127.0.0.1:1", "--model", f"m={tmp_path / 'none'}"]
     assert main(argv) == 2

@@ -37,9 +37,9 @@ STOP_GRACE_S = 1.0  # for unary calls in flight when the job streams are done
 def make_queue(settings: ServiceSettings) -> JobQueue:
     """Redis Streams when settings.redis_url is set, else the in-process queue."""
     if settings.redis_url:
-        from difflens.queue.redis_streams import RedisStreamsQueue
+        from difflens.queue.redis_streams import connect
 
-        return RedisStreamsQueue(settings.redis_url, settings)
+        return connect(settings)  # waits for Redis up to settings.redis_wait_s (before serving: blocking is fine)
     from difflens.queue.memory import InProcessQueue
 
     return InProcessQueue(settings)

@@ -18,11 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 
 from difflens.config import ServiceSettings
+from difflens.errors import NotReady
 from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started, decode_event, encode_event
 from difflens.queue import redis_lua as lua
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
@@ -90,6 +92,40 @@ def _event_of(fields: dict[bytes, bytes]) -> Event:
     if b"s" in fields:
         return Started(worker=text(fields[b"w"]), attempt=int(fields[b"s"]))
     return Queued(position=int(fields[b"q"]))
+
+
+def redacted(url: str) -> str:
+    """`url` with its password, if any, replaced by ***: fit for a log line or an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(settings: ServiceSettings) -> RedisStreamsQueue:
+    """The queue on settings.redis_url as soon as Redis answers, waiting up to settings.redis_wait_s for it: a front
+    or worker rolled out beside its Redis, or started while it restarts, waits instead of dying with a traceback
+    into a restart loop. After that (or at once for refused credentials): NotReady naming --redis and the URL,
+    its password hidden."""
+    url = str(settings.redis_url)
+    end = time.monotonic() + settings.redis_wait_s
+    told = False
+    while True:
+        try:
+            return RedisStreamsQueue(url, settings)
+        except redis.AuthenticationError as e:
+            raise NotReady(f"--redis: {redacted(url)} refused the credentials: {e}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:  # BusyLoadingError (still loading) is one too
+            if time.monotonic() >= end:
+                raise NotReady(f"--redis: cannot reach {redacted(url)} (waited {settings.redis_wait_s:g} s, "
+                               f"DIFFLENS_REDIS_WAIT_S): {e}") from None
+            if not told:
+                log.warning("waiting up to %g s for Redis at %s: %s", settings.redis_wait_s, redacted(url), e)
+                told = True
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
 
 
 class RedisStreamsQueue:

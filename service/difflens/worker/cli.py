@@ -91,7 +91,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from difflens.metrics import serve_metrics
     from difflens.models import ModelRegistry
-    from difflens.queue.redis_streams import RedisStreamsQueue
+    from difflens.queue.redis_streams import connect
     from difflens.worker.worker import Worker
 
     threads = settings.engine.apply_threads()
@@ -100,7 +100,7 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"difflens: worker: model {entry.name!r} loaded from {entry.folder} "
               f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend}, {threads} threads)",
               file=sys.stderr)
-    queue = RedisStreamsQueue(str(settings.redis_url), settings)
+    queue = connect(settings)
     if settings.metrics_port is not None:
         serve_metrics(settings.metrics_port)
     stop = threading.Event()
