@@ -66,6 +66,7 @@ def test_a_redis_outage_is_unavailable_and_the_front_recovers_with_it(tiny_dir):
         s = settings(tiny_dir, redis_url=server.url, queue_name="outage")
         with BackgroundServer(s) as srv, DifflensClient(srv.target, retries=0) as client:
             assert client.submit(job(steps=1)).state == "queued"
+            assert health(srv.target, "SERVING")
             server.stop()
             before = errors("queue")
             with pytest.raises(grpc.RpcError) as err:
@@ -73,5 +74,24 @@ def test_a_redis_outage_is_unavailable_and_the_front_recovers_with_it(tiny_dir):
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "queue cannot be reached" in err.value.details()
             assert errors("queue") == before + 1
+            assert health(srv.target, "NOT_SERVING")  # a readiness probe takes this front out meanwhile
             server.start()
             assert client.submit(job(steps=1)).state == "queued"  # the same front, no restart
+            assert health(srv.target, "SERVING")
+
+
+def health(target: str, want: str, within_s: float = 10.0) -> bool:
+    """Whether the server's overall health status becomes `want` within `within_s` (polled with Check)."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        end = time.monotonic() + within_s
+        while True:
+            got = health_pb2.HealthCheckResponse.ServingStatus.Name(
+                stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+            if got == want or time.monotonic() > end:
+                return got == want
+            time.sleep(0.1)

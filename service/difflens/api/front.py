@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -116,14 +116,21 @@ class Front:
                 return False
         return True
 
-    async def sample_depth(self, stop: asyncio.Event) -> None:
-        """Keep difflens_queue_depth current until `stop` (the queue is shared: other fronts enqueue too)."""
-        outage = Outage(log, "sampling the queue depth", logging.WARNING)
+    async def sample_depth(self, stop: asyncio.Event,
+                           on_reachable: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        """Keep difflens_queue_depth current until `stop` (the queue is shared: other fronts enqueue too). The
+        sample doubles as the queue's liveness: `on_reachable(False)` when it starts failing, (True) when it works
+        again (the server's health status follows it)."""
+        outage = Outage(log, "reaching the queue", logging.WARNING)
         while not stop.is_set():
             try:
                 metrics.QUEUE_DEPTH.set(await self._run(self.queue.depth))
+                if outage.down and on_reachable is not None:
+                    await on_reachable(True)
                 outage.ok()
             except Exception:  # a queue outage must not end the sampler; the RPCs report it
+                if not outage.down and on_reachable is not None:
+                    await on_reachable(False)
                 outage.failed()
             try:
                 await asyncio.wait_for(stop.wait(), DEPTH_SAMPLE_S)

@@ -90,12 +90,18 @@ class DifflensServer:
             self.worker.start()
         await server.start()
         self._server = server
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._sampler = asyncio.create_task(self.front.sample_depth(self._sampler_stop))
+        await self._set_serving(True)
+        self._sampler = asyncio.create_task(self.front.sample_depth(self._sampler_stop, self._set_serving))
         log.info("serving %s on %s:%d (%s queue%s)", SERVICE_NAME, s.host, self.port,
                  "Redis" if s.redis_url else "in-process", ", embedded worker" if self.worker else "")
         return self.port
+
+    async def _set_serving(self, serving: bool) -> None:
+        """Health of the server and of the Explainer service: NOT_SERVING while the queue cannot be reached, so a
+        readiness probe sends callers to a front that can take their jobs (no-op once draining)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, refuse new work, let running calls finish within `grace_s`
