@@ -80,6 +80,7 @@ def test_service_settings_from_env_and_flags():
     ({"heartbeat_interval_s": 40.0}, "heartbeat_interval_s"),
     ({"max_deliveries": 0}, "max_deliveries"),
     ({"redis_wait_s": -1.0}, "redis_wait_s"),
+    ({"result_ttl_s": 0.0}, "result_ttl_s"),
 ])
 def test_service_settings_reject_bad_values(kwargs, field):
     from difflens.config import ServiceSettings
@@ -97,6 +98,7 @@ def test_parse_models_names_the_flag():
     with pytest.raises(InvalidArgument, match="DIFFLENS_MAX_QUEUE_DEPTH"):
         ServiceSettings.from_env({"DIFFLENS_MAX_QUEUE_DEPTH": "many"})
     assert ServiceSettings.from_env({"DIFFLENS_REDIS_WAIT_S": "2.5"}).redis_wait_s == 2.5
+    assert ServiceSettings.from_env({"DIFFLENS_RESULT_TTL_S": "3600"}).result_ttl_s == 3600.0
     with pytest.raises(InvalidArgument, match="DIFFLENS_REDIS_WAIT_S"):
         ServiceSettings.from_env({"DIFFLENS_REDIS_WAIT_S": "soon"})
 

@@ -149,8 +149,9 @@ class ServiceSettings:
 
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
-    visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_AUDIT_DIR, DIFFLENS_REDIS_WAIT_S (how long a front or
-    worker waits at start-up for Redis to answer), plus Settings' variables.
+    visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state and events stay
+    in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at
+    start-up for Redis to answer), plus Settings' variables.
     """
 
     engine: Settings = Settings()
@@ -187,6 +188,8 @@ class ServiceSettings:
             raise InvalidArgument("heartbeat_interval_s", "must be shorter than visibility_timeout_s")
         if self.max_deliveries < 1:
             raise InvalidArgument("max_deliveries", "must be >= 1")
+        if not self.result_ttl_s > 0:
+            raise InvalidArgument("result_ttl_s", f"got {self.result_ttl_s}; must be > 0")
         if not self.redis_wait_s >= 0:
             raise InvalidArgument("redis_wait_s", f"got {self.redis_wait_s}; must be >= 0")
 
@@ -217,6 +220,7 @@ class ServiceSettings:
                                ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
                                ("heartbeat_interval_s", "DIFFLENS_HEARTBEAT_INTERVAL_S", float),
                                ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int),
+                               ("result_ttl_s", "DIFFLENS_RESULT_TTL_S", float),
                                ("audit_dir", "DIFFLENS_AUDIT_DIR", str),
                                ("redis_wait_s", "DIFFLENS_REDIS_WAIT_S", float)):
             if var in env:
