@@ -46,6 +46,8 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
                                                           "a served model's name, '-' for the server's default")
     p.add_argument("--server", metavar="HOST:PORT", help="run on a difflens server (`difflens serve`) instead of "
                                                           "in-process; same options and outputs, plus audit.json")
+    p.add_argument("--timeout", type=float, metavar="S", help="with --server: the call's deadline in seconds, which "
+                                                              "the server makes the job's (default: none)")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--out", required=True, type=Path, help="output folder (created; written only on success)")
     g = p.add_argument_group("generation (default: the model's recommended values)")
@@ -138,6 +140,8 @@ def run_explain(args: argparse.Namespace) -> int:
         from difflens.api.cli import run_explain_remote
 
         return run_explain_remote(args)
+    if args.timeout is not None:
+        raise InvalidArgument("--timeout", "only with --server (the deadline of the call to the server)")
     from difflens.config import Settings
 
     settings = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)

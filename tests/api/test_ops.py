@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from difflens.cli import main
+from difflens.client import DifflensClient
 from difflens.jobs import Completed
 from tests.api.helpers import CAM_LAYERS, free_port, job
 from tests.support.promtool import MISSING, promtool_report
@@ -191,6 +194,7 @@ def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir
     ("{target}", "tiny", ["--masks", "100000"], "--masks: got 100000; allowed range [1, 8192]"),
     ("{target}", "tiny", ["--cam-layers", "up_blocks.7.resnets.0"], "--cam-layers: unknown layer path(s)"),
     ("{target}", "nope", [], "model: unknown model 'nope'; available: tiny"),
+    ("{target}", "tiny", ["--timeout", "0"], "--timeout: got 0; must be > 0 (seconds)"),
 ])
 def test_explain_server_bad_input_exits_2_naming_the_flag(embedded, tmp_path, capsys, server, model, flags, message):
     out = tmp_path / "o"
@@ -217,3 +221,25 @@ def test_the_remote_progress_bar_is_filled_only_for_a_completed_job(completed, s
     progress.close(completed=True)  # a second close (the error path closed it already) changes nothing
     assert bar.n == shown
     assert f"{shown}/10" in capsys.readouterr().err
+
+
+def test_explain_server_timeout_is_the_jobs_deadline(embedded, tmp_path, capsys):
+    """--timeout is the call's deadline; the server makes it the job's, so the job stops too, and nothing is
+    written."""
+    out = tmp_path / "o"
+    argv = ["explain", "--server", embedded.target, "tiny", "a red circle", "--out", str(out), "--steps", "40",
+            "--masks", "256", "--batch", "8", "--methods", "rise", "--timeout", "1.5"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "DEADLINE_EXCEEDED" in err and not out.exists()
+    job_id = re.search(r"job ([0-9a-f]{32})", err).group(1)  # named whether the call or the job ended first
+    with DifflensClient(embedded.target) as client:
+        end = time.monotonic() + 60
+        while (rec := client.get(job_id)).state not in ("failed", "completed") and time.monotonic() < end:
+            time.sleep(0.2)
+    assert rec.state == "failed" and "DEADLINE_EXCEEDED" in rec.error
+
+
+def test_timeout_needs_server(tiny_dir, tmp_path, capsys):
+    assert main(["explain", str(tiny_dir), "a red circle", "--out", str(tmp_path / "o"), "--timeout", "5"]) == 2
+    assert "--timeout: only with --server" in capsys.readouterr().err

@@ -148,6 +148,8 @@ def remote_spec(args: argparse.Namespace) -> Any:
         if getattr(args, flag, None) is not None:
             raise InvalidArgument(f"--{flag}", "not used with --server (the server's settings apply)")
     check_server(args.server)
+    if args.timeout is not None and not args.timeout > 0:
+        raise InvalidArgument("--timeout", f"got {args.timeout:g}; must be > 0 (seconds)")
     r = build_request(args)
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
     return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"])
@@ -216,14 +218,16 @@ def run_explain_remote(args: argparse.Namespace) -> int:
 
     progress = RemoteProgress()
     with DifflensClient(args.server) as client:
-        stream = client.explain(spec)
+        stream = client.explain(spec, timeout=args.timeout)
         try:
             for event in stream:
                 progress.on_event(event)
         except grpc.RpcError as e:
             progress.close(completed=False)
             line, status = rpc_error_line(e)
-            if stream.job_id:  # the stream broke, not necessarily the job
+            if stream.job_id and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                line += f" (job {stream.job_id} has the same deadline and stops at its next step)"
+            elif stream.job_id:  # the stream broke, not necessarily the job
                 line += f" (job {stream.job_id} was running and may still be: WatchJob or GetJob it later)"
             print(line, file=sys.stderr)
             return status
