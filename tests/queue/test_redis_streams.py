@@ -211,7 +211,7 @@ def test_connect_waits_for_a_redis_that_starts_late(queue_name, caplog):
         q.close()
     finally:
         late.join()
-        server.__exit__()
+        server.close()
     assert waited >= 0.9
     told = [r.getMessage() for r in caplog.records if "waiting up to 30 s for Redis" in r.getMessage()]
     assert len(told) == 1 and server.url in told[0]

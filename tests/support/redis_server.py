@@ -68,9 +68,12 @@ class PrivateRedis:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.stop()
         self._dir.cleanup()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextmanager
