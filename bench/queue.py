@@ -35,7 +35,8 @@ from difflens.queue.redis_streams import RedisStreamsQueue
 
 RESULTS = Path(__file__).parent / "results" / "queue.json"
 TARGET_REDIS_JOBS_PER_S = 500.0
-SPEC = JobSpec("default", GenerationParams("a large red striped circle in the center", steps=20))
+MODELS = ("default",)
+SPEC = JobSpec(MODELS[0], GenerationParams("a large red striped circle in the center", steps=20))
 
 
 @dataclass
@@ -68,7 +69,7 @@ def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: i
 
     def work(q: JobQueue, name: str) -> None:
         while not stop.is_set():
-            got = q.claim_ahead(name, block_s=0.2)
+            got = q.claim_ahead(name, MODELS, block_s=0.2)
             if got is None:
                 continue
             c, confirm = got

@@ -159,7 +159,7 @@ class ServiceSettings:
     default_model: str = "default"
     redis_url: str | None = None
     queue_name: str = "difflens"
-    max_queue_depth: int = 1000
+    max_queue_depth: int = 1000  # jobs waiting, per model
     visibility_timeout_s: float = 30.0
     heartbeat_interval_s: float = 5.0
     max_deliveries: int = 3

@@ -23,7 +23,8 @@ REQUEST_DURATION = Histogram(
 QUEUE_WAIT = Histogram(
     "difflens_queue_wait_seconds", "Time a job waited in the queue before a worker took it.",
     ["model"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
-QUEUE_DEPTH = Gauge("difflens_queue_depth", "Jobs waiting in the queue (sampled by the front).", registry=REGISTRY)
+QUEUE_DEPTH = Gauge("difflens_queue_depth", "Jobs waiting in the model's queue (sampled by the front).", ["model"],
+                    registry=REGISTRY)
 JOBS = Counter("difflens_jobs_total", "Jobs that reached a terminal state, by status.", ["status"],
                registry=REGISTRY)
 UNET_BATCH_SIZE = Histogram(

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from difflens.api.pb import pb
-from tests.api.helpers import CAM_LAYERS, settings
+from tests.api.helpers import CAM_LAYERS, MODEL, settings
 
 LONG = " ".join(["red"] * 80)  # 80 tokens > 75
 
@@ -154,7 +154,7 @@ def test_invalid_submit_names_the_field_and_queues_nothing(front, name, change, 
     details = err.value.details()
     assert details.startswith(f"{field}: "), details
     assert any(w in details for w in ("allowed", "must", "expected", "available", "needs")), details
-    assert srv.server.queue.depth() == 0
+    assert srv.server.queue.depth(MODEL) == srv.server.queue.depth(req.model) == 0  # nor under a bad name
 
 
 @pytest.mark.parametrize("name", ["unknown model", "masks x steps over budget", "explicit not decreasing"])
@@ -168,12 +168,12 @@ def test_invalid_explain_fails_before_streaming(front, name):
         list(stream)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}: ")
-    assert stream.events == [] and srv.server.queue.depth() == 0
+    assert stream.events == [] and srv.server.queue.depth(MODEL) == 0
 
 
 def test_a_valid_request_is_queued(front):
     """The control: the same base request, unchanged, is accepted (and waits: there is no worker)."""
     srv, client = front
     record = client.submit(base())
-    assert record.state == "queued" and srv.server.queue.depth() == 1
-    assert client.cancel(record.id).state == "cancelled" and srv.server.queue.depth() == 0
+    assert record.state == "queued" and srv.server.queue.depth(MODEL) == 1
+    assert client.cancel(record.id).state == "cancelled" and srv.server.queue.depth(MODEL) == 0

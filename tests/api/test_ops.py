@@ -67,7 +67,7 @@ def test_metrics_scrape_parses_and_counts_what_happened(embedded, client):
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     assert samples[("difflens_errors_total", (("type", "invalid_argument"),))] >= 1
-    assert ("difflens_queue_depth", ()) in samples
+    assert ("difflens_queue_depth", (("model", "tiny"),)) in samples
     assert samples[("difflens_jobs_total", (("status", "completed"),))] >= 1
     assert samples[("difflens_request_duration_seconds_count", (("model", "tiny"), ("status", "completed")))] >= 1
     assert any(name == "difflens_step_duration_seconds_count" and ("method", "rise") in labels

@@ -82,7 +82,7 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(tiny_dir, redis_url,
         assert err2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         client.cancel(first.id)
         assert client.submit(job(key="c")).state == "queued"  # room again
-        assert srv.server.queue.depth() == 2
+        assert srv.server.queue.depth(MODEL) == 2
 
 
 def _start_worker(tiny_dir, redis_url, queue_name, name, log):

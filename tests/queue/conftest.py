@@ -92,5 +92,9 @@ def backend(request, queue_name) -> Iterator[Backend]:
         q.close()
 
 
-def spec(prompt: str = "a red circle", **kw: object) -> JobSpec:
-    return JobSpec("default", GenerationParams(prompt), **kw)  # type: ignore[arg-type]
+MODEL = "default"
+MODELS = (MODEL,)  # what the workers of these tests serve
+
+
+def spec(prompt: str = "a red circle", model: str = MODEL, **kw: object) -> JobSpec:
+    return JobSpec(model, GenerationParams(prompt), **kw)  # type: ignore[arg-type]

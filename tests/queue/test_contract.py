@@ -12,7 +12,7 @@ from difflens.errors import ResourceExhausted
 from difflens.jobs import Completed, Failed, Queued, Started, Step
 from difflens.queue.base import JobNotFound, Published
 from difflens.queue.common import CANCELLED_MESSAGE as CANCELLED
-from tests.queue.conftest import FAST, spec
+from tests.queue.conftest import FAST, MODEL, MODELS, spec
 
 LAPSE_S = FAST["visibility_timeout_s"] + 0.15  # long enough for a holder to lose its job
 
@@ -34,11 +34,11 @@ def step(i: int = 0) -> Step:
 def test_lifecycle_orders_events_with_dense_sequences(backend):
     q = backend.queue()
     a, b = q.enqueue(spec("a")), q.enqueue(spec("b"))
-    assert (a.state, a.queue_position, b.queue_position, q.depth()) == ("queued", 0, 1, 2)
+    assert (a.state, a.queue_position, b.queue_position, q.depth(MODEL)) == ("queued", 0, 1, 2)
     assert q.events(b.id) == [(0, Queued(position=1))]
-    c = q.claim("w1", block_s=1)
+    c = q.claim("w1", MODELS, block_s=1)
     assert (c.job_id, c.delivery, c.spec.params.prompt, c.worker) == (a.id, 1, "a", "w1")
-    assert q.depth() == 1 and q.get(b.id).queue_position == 0
+    assert q.depth(MODEL) == 1 and q.get(b.id).queue_position == 0
     assert q.publish(c, Started("w1", attempt=c.delivery))
     assert q.get(a.id).state == "running"
     assert q.publish(c, step(0)) and q.publish(c, step(1))
@@ -56,23 +56,23 @@ def test_claim_with_start_writes_started_in_the_same_step(backend):
     q = backend.queue()
     watcher = backend.replica(q)
     job = q.enqueue(spec())
-    c = q.claim("w1", block_s=1, start=True)
+    c = q.claim("w1", MODELS, block_s=1, start=True)
     assert c is not None and c.started and c.job_id == job.id
     assert watcher.events(job.id) == [(0, Queued(position=0)), (1, Started("w1", attempt=1))]
     assert watcher.get(job.id).state == "running"
     assert q.publish(c, step(0)) == Published.OK and q.finish(c, Completed(b"png", "{}"))
     assert kinds(watcher, job.id) == [(0, "Queued"), (1, "Started"), (2, "Step"), (3, "Completed")]
     plain = q.enqueue(spec())
-    c2 = q.claim("w1", block_s=1)
+    c2 = q.claim("w1", MODELS, block_s=1)
     assert c2 is not None and not c2.started and kinds(q, plain.id) == [(0, "Queued")]
 
 
 def test_claim_with_start_names_the_attempt_of_a_redelivery(backend):
     q = backend.queue()
     job = q.enqueue(spec())
-    q.claim("w1", block_s=1, start=True)
+    q.claim("w1", MODELS, block_s=1, start=True)
     time.sleep(LAPSE_S)  # w1 stops heartbeating
-    second = q.claim("w2", block_s=2, start=True)
+    second = q.claim("w2", MODELS, block_s=2, start=True)
     assert second is not None and second.started and second.delivery == 2
     assert [e for _, e in q.events(job.id) if isinstance(e, Started)] == [Started("w1", 1), Started("w2", 2)]
 
@@ -80,26 +80,26 @@ def test_claim_with_start_names_the_attempt_of_a_redelivery(backend):
 def test_claim_with_start_writes_no_started_for_a_job_it_fails(backend):
     q = backend.queue()  # max_deliveries=2
     late = q.enqueue(spec("late", deadline=time.time() - 1))
-    assert q.claim("w", block_s=0.3, start=True) is None
+    assert q.claim("w", MODELS, block_s=0.3, start=True) is None
     assert [type(e).__name__ for _, e in q.events(late.id)] == ["Queued", "Failed"]
     cancelled = q.enqueue(spec("cancelled"))
-    q.claim("w1", block_s=1, start=True)
+    q.claim("w1", MODELS, block_s=1, start=True)
     q.cancel(cancelled.id)
     time.sleep(LAPSE_S)
-    assert q.claim("w2", block_s=2 * LAPSE_S, start=True) is None
+    assert q.claim("w2", MODELS, block_s=2 * LAPSE_S, start=True) is None
     assert [type(e).__name__ for _, e in q.events(cancelled.id)] == ["Queued", "Started", "Failed"]
     aborted = q.enqueue(spec("aborted"))
     for n in (1, 2):
-        assert q.claim(f"w{n}", block_s=2, start=True) is not None
+        assert q.claim(f"w{n}", MODELS, block_s=2, start=True) is not None
         time.sleep(LAPSE_S)
-    assert q.claim("w3", block_s=2 * LAPSE_S, start=True) is None
+    assert q.claim("w3", MODELS, block_s=2 * LAPSE_S, start=True) is None
     assert [type(e).__name__ for _, e in q.events(aborted.id)] == ["Queued", "Started", "Started", "Failed"]
 
 
 def test_finish_twice_gives_one_terminal_event_and_closes_publishing(backend):
     q = backend.queue()
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     assert q.finish(c, Completed(b"png", "{}"))
     assert not q.finish(c, Failed("INTERNAL", "late"))
     assert not q.publish(c, step())
@@ -110,7 +110,7 @@ def test_finish_twice_gives_one_terminal_event_and_closes_publishing(backend):
 def test_concurrent_finishes_of_one_claim_have_one_winner(backend):
     q = backend.queue()
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     results: list[bool] = []
     threads = [threading.Thread(target=lambda i=i: results.append(q.finish(c, Completed(b"%d" % i, "{}"))))
                for i in range(8)]
@@ -125,10 +125,10 @@ def test_concurrent_finishes_of_one_claim_have_one_winner(backend):
 def test_reclaimed_job_belongs_to_the_new_holder_only(backend):
     q = backend.queue()
     job = q.enqueue(spec())
-    first = q.claim("w1", block_s=1)
+    first = q.claim("w1", MODELS, block_s=1)
     assert q.publish(first, Started("w1"))
     time.sleep(LAPSE_S)  # w1 stops heartbeating
-    second = q.claim("w2", block_s=2)
+    second = q.claim("w2", MODELS, block_s=2)
     assert second is not None and (second.job_id, second.delivery) == (job.id, 2)
     assert second.token != first.token
     assert not q.publish(first, step()) and not q.heartbeat(first)
@@ -143,9 +143,9 @@ def test_reclaimed_job_belongs_to_the_new_holder_only(backend):
 def test_heartbeats_keep_a_slow_job_from_being_stolen(backend):
     q = backend.queue()
     q.enqueue(spec())
-    c = q.claim("w1", block_s=1)
+    c = q.claim("w1", MODELS, block_s=1)
     stolen = []
-    thief = threading.Thread(target=lambda: stolen.append(q.claim("w2", block_s=3 * LAPSE_S)))
+    thief = threading.Thread(target=lambda: stolen.append(q.claim("w2", MODELS, block_s=3 * LAPSE_S)))
     thief.start()
     while thief.is_alive():
         assert q.heartbeat(c)
@@ -158,10 +158,10 @@ def test_dead_letter_after_max_deliveries(backend):
     q = backend.queue()  # max_deliveries=2
     job = q.enqueue(spec())
     for n in (1, 2):
-        c = q.claim(f"w{n}", block_s=2)
+        c = q.claim(f"w{n}", MODELS, block_s=2)
         assert c is not None and c.delivery == n
         time.sleep(LAPSE_S)
-    assert q.claim("w3", block_s=2 * LAPSE_S) is None  # the third delivery is refused
+    assert q.claim("w3", MODELS, block_s=2 * LAPSE_S) is None  # the third delivery is refused
     rec = q.get(job.id)
     assert (rec.state, rec.deliveries) == ("failed", 3) and rec.error.startswith("ABORTED")
     (_, last), = q.events(job.id)[-1:]
@@ -176,7 +176,7 @@ def test_idempotency_is_scoped_by_caller(backend):
     other_caller = q.enqueue(spec(idempotency_key="k1", caller="other"))
     no_key = [q.enqueue(spec()).id for _ in range(2)]
     assert again.id == a.id and other_caller.id != a.id and no_key[0] != no_key[1]
-    assert q.depth() == 4
+    assert q.depth(MODEL) == 4
     assert kinds(q, a.id) == [(0, "Queued")]  # the repeat added nothing
 
 
@@ -188,19 +188,39 @@ def test_full_queue_refuses_with_retry_hint_then_accepts_again(backend):
         q.enqueue(spec())
     assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
     assert q.enqueue(spec(idempotency_key="k", caller="c")).id == first.id  # a retry of an accepted job is fine
-    assert q.depth() == 2
-    assert q.claim("w", block_s=1) is not None
+    assert q.depth(MODEL) == 2
+    assert q.claim("w", MODELS, block_s=1) is not None
     assert q.enqueue(spec()).queue_position == 1
+
+
+def test_each_model_has_its_own_queue(backend):
+    """A worker takes only jobs of the models it names, so workers that serve different models can share a queue;
+    depth, queue position and the depth limit are per model."""
+    q = backend.queue(max_queue_depth=2, visibility_timeout_s=30.0)  # no claim here lapses
+    a1, b1, a2 = q.enqueue(spec("a1")), q.enqueue(spec("b1", model="b")), q.enqueue(spec("a2"))
+    assert (a1.queue_position, b1.queue_position, a2.queue_position) == (0, 0, 1)
+    assert (q.depth(MODEL), q.depth("b"), q.depth("nobody")) == (2, 1, 0)
+    with pytest.raises(ResourceExhausted, match="'default'"):
+        q.enqueue(spec("a3"))
+    b2 = q.enqueue(spec("b2", model="b"))  # b's queue has room
+    assert q.claim("only-c", ("c",), block_s=0.3) is None
+    got = q.claim("only-b", ("b",), block_s=1)
+    assert got is not None and got.job_id == b1.id and got.spec.model == "b"
+    assert q.get(b2.id).queue_position == 0 and q.get(a2.id).queue_position == 1
+    both = [q.claim("both", (MODEL, "b"), block_s=1) for _ in range(3)]
+    assert sorted(c.job_id for c in both if c is not None) == sorted((a1.id, a2.id, b2.id))
+    assert q.claim("both", (MODEL, "b"), block_s=0.3) is None
+    assert (q.depth(MODEL), q.depth("b")) == (0, 0)
 
 
 def test_cancel_queued_job_is_terminal_at_once(backend):
     q = backend.queue()
     job = q.enqueue(spec())
     rec = q.cancel(job.id)
-    assert (rec.state, q.depth()) == ("cancelled", 0)
+    assert (rec.state, q.depth(MODEL)) == ("cancelled", 0)
     (_, last), = q.events(job.id)[-1:]
     assert isinstance(last, Failed) and last.code == "CANCELLED"
-    assert q.claim("w", block_s=0.3) is None
+    assert q.claim("w", MODELS, block_s=0.3) is None
     assert q.cancel(job.id).state == "cancelled"  # cancelling again changes nothing
     assert len(q.events(job.id)) == 2
 
@@ -208,7 +228,7 @@ def test_cancel_queued_job_is_terminal_at_once(backend):
 def test_cancel_running_job_raises_the_flag_the_worker_polls(backend):
     q = backend.queue()
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     assert q.publish(c, Started("w")) == Published.OK
     assert not q.cancel_requested(job.id)
     assert q.cancel(job.id).state == "running"
@@ -233,7 +253,7 @@ def test_the_claiming_worker_is_signalled_a_cancel_from_another_front(backend):
     q = backend.queue()
     other = backend.replica(q)  # a front that never claimed: it publishes the cancel
     job, bystander = q.enqueue(spec()), q.enqueue(spec())
-    c, d = q.claim("w", block_s=1), q.claim("w", block_s=1)
+    c, d = q.claim("w", MODELS, block_s=1), q.claim("w", MODELS, block_s=1)
     assert (c.job_id, d.job_id) == (job.id, bystander.id)
     assert q.cancel_signalled(job.id) is False  # vouched for, not cancelled: no read needed
     other.cancel(job.id)
@@ -248,7 +268,7 @@ def test_a_job_claimed_without_the_subscription_is_not_vouched_for(backend):
     redis_only(backend, "the in-process queue reads its flag directly: it always vouches")
     q = backend.queue()
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     watch = q._watch
     with watch._lock:
         watch._generation += 1  # as after a reconnect: what was published in between is unknown
@@ -263,9 +283,9 @@ def test_a_claim_that_lost_its_job_is_forgotten_by_the_cancel_watch(backend):
     redis_only(backend, "the in-process queue keeps no watch")
     q = backend.queue()
     job = q.enqueue(spec())
-    first = q.claim("slow", block_s=1)
+    first = q.claim("slow", MODELS, block_s=1)
     time.sleep(0.5)  # past the visibility timeout without a heartbeat
-    heir = backend.replica(q).claim("heir", block_s=2)
+    heir = backend.replica(q).claim("heir", MODELS, block_s=2)
     assert heir is not None and heir.job_id == job.id
     assert q.cancel_signalled(job.id) is False
     assert q.publish(first, step(0)) == Published.LOST
@@ -275,10 +295,10 @@ def test_a_claim_that_lost_its_job_is_forgotten_by_the_cancel_watch(backend):
 def test_cancelled_job_whose_worker_died_is_not_handed_out_again(backend):
     q = backend.queue()
     job = q.enqueue(spec())
-    q.claim("w1", block_s=1)
+    q.claim("w1", MODELS, block_s=1)
     q.cancel(job.id)
     time.sleep(LAPSE_S)
-    assert q.claim("w2", block_s=2 * LAPSE_S) is None
+    assert q.claim("w2", MODELS, block_s=2 * LAPSE_S) is None
     assert q.get(job.id).state == "cancelled"
     assert q.dead_letters() == []
 
@@ -287,7 +307,7 @@ def test_deadline_passed_at_claim_time_fails_the_job(backend):
     q = backend.queue()
     late = q.enqueue(spec("late", deadline=time.time() - 1))
     fine = q.enqueue(spec("fine", deadline=time.time() + 60))
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     assert c is not None and c.job_id == fine.id
     rec = q.get(late.id)
     assert rec.state == "failed" and rec.error.startswith("DEADLINE_EXCEEDED")
@@ -298,7 +318,7 @@ def test_blocking_events_wake_on_publish(backend):
     q = backend.queue()
     watcher_q = backend.replica(q)
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     got: list = []
     t0 = time.monotonic()
     watcher = threading.Thread(target=lambda: got.extend(watcher_q.events(job.id, after=0, block_s=10)))
@@ -319,7 +339,7 @@ def test_a_second_front_sees_the_same_jobs_and_events(backend):
     other = backend.replica(q)
     job = q.enqueue(spec(idempotency_key="k", caller="c"))
     assert other.enqueue(spec(idempotency_key="k", caller="c")).id == job.id
-    c = other.claim("w", block_s=1)
+    c = other.claim("w", MODELS, block_s=1)
     assert c.job_id == job.id and q.publish(c, Started("w"))
     assert other.get(job.id).state == "running"
     assert kinds(other, job.id) == kinds(q, job.id) == [(0, "Queued"), (1, "Started")]
@@ -333,7 +353,7 @@ def test_unknown_and_expired_jobs_are_not_found(backend):
         with pytest.raises(JobNotFound):
             call("no-such-job")
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     q.finish(c, Completed(b"png", "{}"))
     assert q.get(job.id).state == "completed"
     time.sleep(0.7)
@@ -346,7 +366,7 @@ def test_unknown_and_expired_jobs_are_not_found(backend):
 def test_publish_and_finish_refuse_the_wrong_kind_of_event(backend):
     q = backend.queue()
     q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     with pytest.raises(ValueError, match="finish"):
         q.publish(c, Completed(b"png", "{}"))
     with pytest.raises(ValueError, match="Completed or Failed"):
@@ -356,13 +376,13 @@ def test_publish_and_finish_refuse_the_wrong_kind_of_event(backend):
 def test_reclaim_finds_an_abandoned_job_behind_many_live_ones(backend):
     q = backend.queue(max_queue_depth=100)
     jobs = [q.enqueue(spec(str(i))) for i in range(25)]
-    claims = [q.claim("w1", block_s=1) for _ in jobs]
+    claims = [q.claim("w1", MODELS, block_s=1) for _ in jobs]
     live, abandoned = claims[:-1], claims[-1]
     end = time.monotonic() + 2 * LAPSE_S
     got = None
     while got is None and time.monotonic() < end:
         assert all(q.heartbeat(c) for c in live)
-        got = q.claim("w2", block_s=FAST["heartbeat_interval_s"])
+        got = q.claim("w2", MODELS, block_s=FAST["heartbeat_interval_s"])
     assert got is not None and (got.job_id, got.delivery) == (abandoned.job_id, 2)
     assert all(q.publish(c, Started("w1")) for c in live)  # none of the live ones was taken
 
@@ -371,7 +391,7 @@ def test_claim_ahead_is_claim_with_start_once_confirmed(backend):
     q = backend.queue()
     watcher = backend.replica(q)
     job = q.enqueue(spec("ahead", caller="alice"))
-    got = q.claim_ahead("w1", block_s=1)
+    got = q.claim_ahead("w1", MODELS, block_s=1)
     assert got is not None
     c, confirm = got
     assert (c.job_id, c.spec, c.delivery, c.started, c.worker) == (job.id, spec("ahead", caller="alice"), 1, True, "w1")
@@ -388,14 +408,14 @@ def test_claim_ahead_hands_a_new_job_out_before_the_claim_script_and_says_if_it_
     q = backend.queue()
     watcher = backend.replica(q)
     job = q.enqueue(spec())
-    c, confirm = q.claim_ahead("w1", block_s=1)
+    c, confirm = q.claim_ahead("w1", MODELS, block_s=1)
     assert watcher.get(job.id).state == "queued" and kinds(watcher, job.id) == [(0, "Queued")]  # not claimed yet
     assert not q.heartbeat(c)  # nothing is held before confirm()
     assert confirm() and watcher.get(job.id).state == "running" and q.heartbeat(c)
     assert q.finish(c, Completed(b"png", "{}"))
     # Cancelled between the hand-out and the claim script: the job stays cancelled, and the claim never held.
     gone = q.enqueue(spec("gone"))
-    c2, confirm2 = q.claim_ahead("w1", block_s=1)
+    c2, confirm2 = q.claim_ahead("w1", MODELS, block_s=1)
     assert c2.job_id == gone.id
     watcher.cancel(gone.id)
     assert not confirm2()
@@ -403,8 +423,8 @@ def test_claim_ahead_hands_a_new_job_out_before_the_claim_script_and_says_if_it_
     assert [e for _, e in watcher.events(gone.id)] == [Queued(position=0), Failed("CANCELLED", CANCELLED)]
     # Past its deadline by the time the claim script runs: failed by the queue, as claim() would.
     late = q.enqueue(spec("late", deadline=time.time() + 0.2))
-    c3, confirm3 = q.claim_ahead("w1", block_s=1)
+    c3, confirm3 = q.claim_ahead("w1", MODELS, block_s=1)
     time.sleep(0.3)
     assert c3.job_id == late.id and not confirm3()
     assert [type(e).__name__ for _, e in watcher.events(late.id)] == ["Queued", "Failed"]
-    assert watcher.get(late.id).state == "failed" and q.depth() == 0
+    assert watcher.get(late.id).state == "failed" and q.depth(MODEL) == 0

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from difflens.jobs import Completed, Failed, Started
-from tests.queue.conftest import FAST, Backend, spec
+from tests.queue.conftest import FAST, MODEL, MODELS, Backend, spec
 
 
 @pytest.fixture
@@ -40,11 +40,11 @@ def test_job_keys_carry_the_ttl_and_writes_refresh_it(rb, r, queue_name):
     time.sleep(1.1)
     aged = r.pttl(job_keys(queue_name, job.id)[0])
     assert aged < 29_000
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     q.publish(c, Started("w"))
     assert all(r.pttl(k) > aged + 500 for k in job_keys(queue_name, job.id))
     # the shared keys never expire: they are the queue itself
-    assert r.pttl(f"{queue_name}:work") == -1
+    assert r.pttl(f"{queue_name}:work:{MODEL}") == -1
 
 
 def test_a_fresh_queue_object_sees_jobs_of_a_closed_one(rb, queue_name):
@@ -54,7 +54,7 @@ def test_a_fresh_queue_object_sees_jobs_of_a_closed_one(rb, queue_name):
     second = rb.queue()  # creating the consumer group again is harmless
     rec = second.get(job.id)
     assert (rec.state, rec.queue_position) == ("queued", 0)
-    c = second.claim("w", block_s=1)
+    c = second.claim("w", MODELS, block_s=1)
     assert c.job_id == job.id and c.spec.params.prompt == "survivor"
     assert second.finish(c, Completed(b"png", "{}"))
     assert [type(e).__name__ for _, e in second.events(job.id)] == ["Queued", "Completed"]
@@ -73,19 +73,19 @@ def test_a_worker_makes_the_lost_consumer_group_again_and_takes_the_jobs_queued_
                                                                                          reclaim_first):
     front, worker = rb.queue(), rb.queue()
     front.enqueue(spec("before"))
-    c = worker.claim("w", block_s=1)
+    c = worker.claim("w", MODELS, block_s=1)
     assert c is not None
     forget_everything(r, queue_name)
     job = front.enqueue(spec("after"))  # the enqueue script makes a new work stream, with no group
     with pytest.raises(redis.ResponseError, match="NOGROUP"):
-        r.xreadgroup("workers", "probe", {f"{queue_name}:work": ">"}, count=1)
+        r.xreadgroup("workers", "probe", {f"{queue_name}:work:{MODEL}": ">"}, count=1)
     # which call meets the missing group first: the reclaim scan (due) or the read (the scan not due yet)
     worker._last_reclaim = 0.0 if reclaim_first else time.monotonic()
-    again = worker.claim("w", block_s=1)
+    again = worker.claim("w", MODELS, block_s=1)
     assert again is not None and (again.job_id, again.spec.params.prompt) == (job.id, "after")
     assert worker.finish(again, Completed(b"png", "{}"))
     assert not worker.publish(c, Started("w"))  # the job held before the loss is gone with it, and stays gone
-    assert r.xlen(f"{queue_name}:work") == 0
+    assert r.xlen(f"{queue_name}:work:{MODEL}") == 0
 
 
 def test_finished_jobs_leave_nothing_in_the_work_stream(rb, r, queue_name):
@@ -94,30 +94,30 @@ def test_finished_jobs_leave_nothing_in_the_work_stream(rb, r, queue_name):
     cancelled = q.enqueue(spec())
     q.cancel(cancelled.id)
     for _ in done:
-        c = q.claim("w", block_s=1)
+        c = q.claim("w", MODELS, block_s=1)
         q.finish(c, Completed(b"png", "{}"))
-    assert q.claim("w", block_s=0.2) is None  # the cancelled job's entry is gone, not delivered
-    assert r.xlen(f"{queue_name}:work") == 0
-    assert r.xpending(f"{queue_name}:work", "workers")["pending"] == 0
-    assert r.zcard(f"{queue_name}:waiting") == 0
+    assert q.claim("w", MODELS, block_s=0.2) is None  # the cancelled job's entry is gone, not delivered
+    assert r.xlen(f"{queue_name}:work:{MODEL}") == 0
+    assert r.xpending(f"{queue_name}:work:{MODEL}", "workers")["pending"] == 0
+    assert r.zcard(f"{queue_name}:waiting:{MODEL}") == 0
 
 
 def test_dead_letter_entry_names_the_job_and_its_deliveries(rb, r, queue_name):
     q = rb.queue(max_deliveries=1)
     job = q.enqueue(spec())
-    assert q.claim("w1", block_s=1) is not None
+    assert q.claim("w1", MODELS, block_s=1) is not None
     time.sleep(FAST["visibility_timeout_s"] + 0.15)
-    assert q.claim("w2", block_s=1) is None
+    assert q.claim("w2", MODELS, block_s=1) is None
     [(_, fields)] = r.xrange(f"{queue_name}:dead")
     assert (fields[b"job"].decode(), fields[b"deliveries"], fields[b"worker"]) == (job.id, b"2", b"w2")
-    assert r.xlen(f"{queue_name}:work") == 0
+    assert r.xlen(f"{queue_name}:work:{MODEL}") == 0
 
 
 def test_a_spec_this_worker_cannot_read_fails_the_job_instead_of_the_worker(rb, r, queue_name):
     q = rb.queue()
     job = q.enqueue(spec())
     r.hset(f"{queue_name}:job:{job.id}", "spec", '{"model": "default"}')  # e.g. written by a newer front
-    assert q.claim("w", block_s=0.5) is None
+    assert q.claim("w", MODELS, block_s=0.5) is None
     (_, last), = q.events(job.id)[-1:]
     assert isinstance(last, Failed) and last.code == "INTERNAL" and "spec" in last.message
 
@@ -128,8 +128,8 @@ def test_queues_with_different_names_are_isolated(rb, redis_url, queue_name):
     try:
         o = other.queue()
         o.enqueue(spec())
-        assert (q.depth(), o.depth()) == (0, 1)
-        assert q.claim("w", block_s=0.2) is None
+        assert (q.depth(MODEL), o.depth(MODEL)) == (0, 1)
+        assert q.claim("w", MODELS, block_s=0.2) is None
     finally:
         for made in other.made:
             made.close()
@@ -158,7 +158,7 @@ def test_a_job_ending_between_the_event_read_and_the_state_read_still_shows_its_
     front, worker = RedisStreamsQueue(client, settings), RedisStreamsQueue(redis_url, settings)
     try:
         job = front.enqueue(spec())
-        c = worker.claim("w", block_s=1)
+        c = worker.claim("w", MODELS, block_s=1)
         worker.publish(c, Started("w"))
         seen = front.events(job.id)
         client.before_hget = lambda: worker.finish(c, Completed(b"png", "{}"))
@@ -179,7 +179,7 @@ def test_a_live_follower_reads_with_one_blocking_call_and_still_sees_the_end(rb,
     q = rb.queue(result_ttl_s=1.0)
     assert isinstance(q, AsyncFrontQueue)
     job = q.enqueue(spec())
-    c = q.claim("w", block_s=1)
+    c = q.claim("w", MODELS, block_s=1)
     q.publish(c, Started("w"))
     t0 = time.monotonic()
     assert q.events(job.id, after=1, block_s=0.2, live=True) == []  # nothing new: waited, then read the state
@@ -242,3 +242,28 @@ def test_redacted_hides_only_the_password(url, shown):
     from difflens.queue.redis_streams import redacted
 
     assert redacted(url) == shown
+
+
+def test_a_worker_of_several_models_reads_their_streams_in_turns(rb, queue_name):
+    q = rb.queue(visibility_timeout_s=30.0)
+    for i in range(3):
+        q.enqueue(spec(f"a{i}"))
+        q.enqueue(spec(f"b{i}", model="b"))
+    models = [q.claim("w", (MODEL, "b"), block_s=1).spec.model for _ in range(4)]
+    assert models.count("b") == 2, models  # not every job of one model before the other's
+
+
+def test_an_entry_read_beside_another_is_handed_back_for_any_worker_to_reclaim(rb, r, queue_name):
+    """A blocking read of several work streams can return an entry of each: the worker takes one, and the other
+    must not wait for the visibility timeout (30 s here) in a pending list nobody serves."""
+    q = rb.queue(visibility_timeout_s=30.0)
+    jobs = {q.enqueue(spec("a")).id, q.enqueue(spec("b", model="b")).id}
+    streams = [f"{queue_name}:work:{MODEL}", f"{queue_name}:work:b"]
+    q._streams((MODEL, "b"))  # the groups, as a claim makes them
+    taken = q._read_group("w", streams, None)  # as if both had filled while the read blocked
+    assert taken is not None and taken[2] in jobs
+    other = rb.queue(visibility_timeout_s=30.0)
+    t0 = time.monotonic()
+    got = other.claim("w2", (MODEL, "b"), block_s=5)
+    assert got is not None and {got.job_id, taken[2]} == jobs and got.delivery == 1
+    assert time.monotonic() - t0 < 3.0

@@ -12,14 +12,16 @@ def worker_settings(tiny_dir):
 
 @pytest.fixture
 def make_worker(tiny_model):
-    """make_worker(settings, queue, name=None) -> a started Worker on the session's tiny model; stopped at the end."""
+    """make_worker(settings, queue, name=None, models=(MODEL,)) -> a started Worker serving the session's tiny model
+    under the names `models` (and those of `settings`); stopped at the end."""
     from difflens.models import ModelRegistry
     from difflens.worker import Worker
 
     started = []
 
-    def make(settings, queue, name=None):
-        w = Worker(settings, queue, ModelRegistry(settings, preloaded={MODEL: tiny_model}), name=name)
+    def make(settings, queue, name=None, models=(MODEL,)):
+        registry = ModelRegistry(settings, preloaded=dict.fromkeys(models, tiny_model))
+        w = Worker(settings, queue, registry, name=name)
         w.start()
         started.append(w)
         return w

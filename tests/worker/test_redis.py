@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from difflens.jobs import Completed, JobSpec, Started, Step
-from tests.worker.helpers import settings, solo, spec, wait_for, wait_terminal
+from tests.worker.helpers import MODEL, settings, solo, spec, wait_for, wait_terminal
 
 
 def test_two_workers_share_a_redis_queue(make_worker, tiny_dir, tiny_model, redis_url, queue_name):
@@ -34,7 +35,31 @@ def test_two_workers_share_a_redis_queue(make_worker, tiny_dir, tiny_model, redi
         np.testing.assert_array_equal(image, solo(tiny_model, job).image)
         assert front.get(job_id).state == "completed"
     assert workers == {"redis-a", "redis-b"}  # one job at a time each: both had to work
-    assert front.depth() == 0
+    assert front.depth(MODEL) == 0
+    front.close()
+
+
+def test_workers_of_different_models_on_one_redis_take_only_their_own_jobs(make_worker, tiny_dir, redis_url,
+                                                                           queue_name):
+    """A fleet whose workers serve different models shares one Redis. Before work streams were per model, a job
+    went to whichever worker read it first, and one without its model failed it INVALID_ARGUMENT."""
+    from difflens.queue.redis_streams import RedisStreamsQueue
+
+    other = "tiny-copy"
+    front = RedisStreamsQueue(redis_url, settings(tiny_dir, queue_name=queue_name))
+    jobs = [replace(spec(f"a {c} circle", seed=k, steps=2, masks=4), model=m)
+            for k, (c, m) in enumerate(zip(("red", "blue", "green", "pink"), (MODEL, other, other, MODEL),
+                                           strict=True))]
+    ids = [front.enqueue(j).id for j in jobs]
+    for name, model in (("serves-tiny", MODEL), ("serves-copy", other)):
+        s = settings(tiny_dir, queue_name=queue_name, models=((model, str(tiny_dir)),), worker_max_jobs=1)
+        make_worker(s, RedisStreamsQueue(redis_url, s), name=name, models=(model,))
+    for job, job_id in zip(jobs, ids, strict=True):
+        events = wait_terminal(front, job_id)
+        assert isinstance(events[-1], Completed), events[-1]
+        started = [e.worker for e in events if isinstance(e, Started)]
+        assert started == ["serves-tiny" if job.model == MODEL else "serves-copy"]
+    assert front.depth(MODEL) == front.depth(other) == 0
     front.close()
 
 

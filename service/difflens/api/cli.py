@@ -35,7 +35,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedded", action="store_true", help="run one worker in this process (in-process queue)")
     p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL); not with --embedded")
     p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
-    p.add_argument("--max-queue-depth", type=int, metavar="N", help="jobs waiting before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queue-depth", type=int, metavar="N", help="jobs waiting per model before RESOURCE_EXHAUSTED")
     p.add_argument("--drain-grace", type=float, metavar="S", help="seconds running streams get on SIGTERM "
                                                                    "(default 30)")
     w = p.add_argument_group("embedded worker (default: DIFFLENS_* environment)")

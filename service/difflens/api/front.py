@@ -118,13 +118,14 @@ class Front:
 
     async def sample_depth(self, stop: asyncio.Event,
                            on_reachable: Callable[[bool], Awaitable[None]] | None = None) -> None:
-        """Keep difflens_queue_depth current until `stop` (the queue is shared: other fronts enqueue too). The
-        sample doubles as the queue's liveness: `on_reachable(False)` when it starts failing, (True) when it works
-        again (the server's health status follows it)."""
+        """Keep difflens_queue_depth{model} current for this front's models until `stop` (the queue is shared:
+        other fronts enqueue too). The sample doubles as the queue's liveness: `on_reachable(False)` when it starts
+        failing, (True) when it works again (the server's health status follows it)."""
         outage = Outage(log, "reaching the queue", logging.WARNING)
         while not stop.is_set():
             try:
-                metrics.QUEUE_DEPTH.set(await self._run(self.queue.depth))
+                for model in self.catalog.names():
+                    metrics.QUEUE_DEPTH.labels(model).set(await self._run(self.queue.depth, model))
                 if outage.down and on_reachable is not None:
                     await on_reachable(True)
                 outage.ok()

@@ -5,15 +5,18 @@ group of workers, reclaim of abandoned jobs, dead-letter stream, per-job state a
 `memory.InProcessQueue` (the embedded default: one process, same semantics, no Redis).
 
 Semantics every implementation keeps:
+- Every model has its own queue: a worker claims only jobs for the models it names (`models`), so workers that
+  serve different models can share one Redis, and each model's workers can be scaled on its own queue's depth.
+  `max_queue_depth`, `depth(model)` and a job's queue position are per model.
 - `enqueue` validates nothing (the front already did) but enforces the depth limit (ResourceExhausted with a
   retry hint) and idempotency: the same (caller, idempotency_key) returns the existing job instead of a new one.
   It appends a `Queued` event as the job's event 0.
-- `claim` hands a worker one job: a new one, or one whose worker stopped heartbeating for longer than the
-  visibility timeout (reclaimed; `Claim.delivery` counts deliveries). A job delivered more than `max_deliveries`
-  times is moved to the dead-letter stream and failed instead of being handed out. Jobs already cancelled or past
-  their deadline are failed at claim time and not handed out. With `start=True` the claim also appends
-  `Started(worker, delivery)` and moves the job to running in the same atomic step (`Claim.started`): the worker's
-  first event costs no round trip of its own, and a job failed at claim time never shows a Started event.
+- `claim` hands a worker one job for one of its models: a new one, or one whose worker stopped heartbeating for
+  longer than the visibility timeout (reclaimed; `Claim.delivery` counts deliveries). A job delivered more than
+  `max_deliveries` times is moved to the dead-letter stream and failed instead of being handed out. Jobs already
+  cancelled or past their deadline are failed at claim time and not handed out. With `start=True` the claim also
+  appends `Started(worker, delivery)` and moves the job to running in the same atomic step (`Claim.started`): the
+  worker's first event costs no round trip of its own, and a job failed at claim time never shows a Started event.
 - `claim_ahead` is claim(start=True) that may hand the job out before the claim is settled, with a `confirm()`
   that settles it (Redis: the claim script, run while the worker already starts on the job; one round trip off
   every job's latency). Until confirm() returned True the worker publishes nothing of the job; False means the
@@ -36,7 +39,7 @@ Semantics every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -78,9 +81,11 @@ class JobQueue(Protocol):
 
     def get(self, job_id: str) -> JobRecord: ...
 
-    def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None: ...
+    def claim(self, worker: str, models: Collection[str], block_s: float = 1.0,
+              start: bool = False) -> Claim | None: ...
 
-    def claim_ahead(self, worker: str, block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None: ...
+    def claim_ahead(self, worker: str, models: Collection[str],
+                    block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None: ...
 
     def heartbeat(self, claim: Claim) -> bool: ...
 
@@ -100,7 +105,9 @@ class JobQueue(Protocol):
         JobNotFound for an unknown (or expired) job."""
         ...
 
-    def depth(self) -> int: ...
+    def depth(self, model: str) -> int:
+        """Jobs waiting (never claimed) for `model`."""
+        ...
 
     def async_front(self) -> AsyncFront | None:
         """enqueue / get / events as coroutines for the front's event loop, or None (the front then runs the

@@ -24,9 +24,10 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def queue_full(depth: int, limit: int) -> ResourceExhausted:
+def queue_full(model: str, depth: int, limit: int) -> ResourceExhausted:
     return ResourceExhausted(
-        f"queue full: {depth} jobs waiting (max_queue_depth={limit}); retry in {QUEUE_FULL_RETRY_S:g} s",
+        f"queue full: {depth} jobs waiting for model {model!r} (max_queue_depth={limit}, per model); "
+        f"retry in {QUEUE_FULL_RETRY_S:g} s",
         retry_after_s=QUEUE_FULL_RETRY_S)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from difflens.config import ServiceSettings
@@ -74,11 +74,12 @@ class InProcessQueue:
             key = (spec.caller, spec.idempotency_key)
             if spec.idempotency_key and key in self._idem and self._idem[key] in self._jobs:
                 return self._record(self._jobs[self._idem[key]])
-            if len(self._waiting) >= self.settings.max_queue_depth:
-                raise queue_full(len(self._waiting), self.settings.max_queue_depth)
+            depth = self._depth(spec.model)
+            if depth >= self.settings.max_queue_depth:
+                raise queue_full(spec.model, depth, self.settings.max_queue_depth)
             now = self._clock()
             job = _Job(new_job_id(), spec, now, now)
-            job.events.append(Queued(position=len(self._waiting)))
+            job.events.append(Queued(position=depth))
             self._jobs[job.id] = job
             self._waiting[job.id] = None
             if spec.idempotency_key:
@@ -125,9 +126,9 @@ class InProcessQueue:
         """None: events() waits on a threading.Condition, so the front calls it from threads."""
         return None
 
-    def depth(self) -> int:
+    def depth(self, model: str) -> int:
         with self._cond:
-            return len(self._waiting)
+            return self._depth(model)
 
     def dead_letters(self) -> list[str]:
         """Ids of the jobs moved to the dead-letter list, oldest first."""
@@ -140,12 +141,14 @@ class InProcessQueue:
 
     # ------------------------------------------------------------ worker side
 
-    def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None:
+    def claim(self, worker: str, models: Collection[str], block_s: float = 1.0,
+              start: bool = False) -> Claim | None:
+        served = frozenset(models)
         end = time.monotonic() + block_s
         with self._cond:
             self._sweep()
             while True:
-                job = self._next_job()
+                job = self._next_job(served)
                 if job is not None:
                     claim = self._hand_out(job, worker, start)
                     if claim is not None:
@@ -156,9 +159,10 @@ class InProcessQueue:
                     return None
                 self._cond.wait(min(left, self._until_reclaimable()))
 
-    def claim_ahead(self, worker: str, block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
+    def claim_ahead(self, worker: str, models: Collection[str],
+                    block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
         """claim(start=True): in one process the claim costs no round trip to get ahead of."""
-        claim = self.claim(worker, block_s, start=True)
+        claim = self.claim(worker, models, block_s, start=True)
         return None if claim is None else (claim, settled)
 
     def heartbeat(self, claim: Claim) -> bool:
@@ -208,8 +212,16 @@ class InProcessQueue:
             return None
         return job
 
+    def _depth(self, model: str) -> int:
+        return sum(self._jobs[j].spec.model == model for j in self._waiting)
+
     def _record(self, job: _Job) -> JobRecord:
-        position = list(self._waiting).index(job.id) if job.id in self._waiting else 0
+        position = 0  # waiting jobs of the same model ahead of it: those its workers take first
+        if job.id in self._waiting:
+            for ahead in self._waiting:
+                if ahead == job.id:
+                    break
+                position += self._jobs[ahead].spec.model == job.spec.model
         return JobRecord(id=job.id, state=job.state, model=job.spec.model, created_at=job.created_at,
                          updated_at=job.updated_at, queue_position=position, error=job.error, worker=job.worker,
                          deliveries=job.deliveries)
@@ -226,15 +238,17 @@ class InProcessQueue:
         self._touch(job)
         self._cond.notify_all()
 
-    def _next_job(self) -> _Job | None:
-        """A held job whose holder stopped heartbeating (reclaim first, as XAUTOCLAIM does), else the oldest
-        waiting one."""
+    def _next_job(self, models: frozenset[str]) -> _Job | None:
+        """Of the jobs for `models`: a held one whose holder stopped heartbeating (reclaim first, as XAUTOCLAIM
+        does), else the oldest waiting one."""
         now = time.monotonic()
         for job_id in self._held:
-            if now - self._jobs[job_id].beat > self.settings.visibility_timeout_s:
-                return self._jobs[job_id]
+            job = self._jobs[job_id]
+            if job.spec.model in models and now - job.beat > self.settings.visibility_timeout_s:
+                return job
         for job_id in self._waiting:
-            return self._jobs[job_id]
+            if self._jobs[job_id].spec.model in models:
+                return self._jobs[job_id]
         return None
 
     def _until_reclaimable(self) -> float:

@@ -1,9 +1,10 @@
 """The Redis Streams queue's keys and the Lua scripts that change them (redis_streams.py runs them).
 
-Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id):
-    P:work               stream of {job: id, spec: JSON, at: enqueue time}; consumer group "workers" reads it
+Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id), with
+one work stream and waiting set per model M, so a worker reads only the jobs of the models it serves:
+    P:work:M             stream of {job: id, spec: JSON, at: enqueue time}; consumer group "workers" reads it
                          with XREADGROUP (the spec lets a worker start before its claim script settles)
-    P:waiting            sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
+    P:waiting:M          sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
     P:enqueued           counter giving those scores
     P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
@@ -17,8 +18,8 @@ The per-job keys expire result_ttl_s after their last write. Every check-then-wr
 script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
 """
 
-# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] work stream, KEYS[4] waiting
-# zset; TTL in ms and `now` come from the caller so every script is deterministic.
+# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] its model's work stream, KEYS[4]
+# its model's waiting zset; TTL in ms and `now` come from the caller so every script is deterministic.
 PRELUDE = """
 local function is_terminal(state)
   return state == 'completed' or state == 'failed' or state == 'cancelled'

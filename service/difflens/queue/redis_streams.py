@@ -16,7 +16,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -78,6 +78,11 @@ def _record(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
                      deliveries=int(h[b"deliveries"]))
 
 
+def _waits(h: dict[bytes, bytes]) -> bool:
+    """Whether the job hash `h` is of a job still waiting to be claimed (its queue position is then read)."""
+    return h.get(b"state") == b"queued"
+
+
 def _decode_events(found: Any) -> list[tuple[int, Event]]:
     """(sequence, event) pairs of an XREAD reply on one job's event stream (entry 0-n is sequence n - 1)."""
     if not found:
@@ -114,11 +119,15 @@ def connect(settings: ServiceSettings) -> RedisStreamsQueue:
     end = time.monotonic() + settings.redis_wait_s
     told = False
     while True:
+        queue = RedisStreamsQueue(url, settings)  # connects on its first command
         try:
-            return RedisStreamsQueue(url, settings)
+            queue.ping()
+            return queue
         except redis.AuthenticationError as e:
+            queue.close()
             raise NotReady(f"--redis: {redacted(url)} refused the credentials: {e}") from None
         except (redis.ConnectionError, redis.TimeoutError) as e:  # BusyLoadingError (still loading) is one too
+            queue.close()
             if time.monotonic() >= end:
                 raise NotReady(f"--redis: cannot reach {redacted(url)} (waited {settings.redis_wait_s:g} s, "
                                f"DIFFLENS_REDIS_WAIT_S): {e}") from None
@@ -139,7 +148,8 @@ class RedisStreamsQueue:
         self._url = url_or_client if isinstance(url_or_client, str) else None
         self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
         p = settings.queue_name
-        self._work, self._waiting, self._counter, self._dead = f"{p}:work", f"{p}:waiting", f"{p}:enqueued", f"{p}:dead"
+        self._work_prefix, self._waiting_prefix = f"{p}:work:", f"{p}:waiting:"
+        self._counter, self._dead = f"{p}:enqueued", f"{p}:dead"
         self._job_prefix = f"{p}:job:"
         self._ttl_ms = max(1, int(settings.result_ttl_s * 1000))
         self._enqueue, self._claim, self._publish, self._finish, self._cancel, self._heartbeat = (
@@ -150,38 +160,49 @@ class RedisStreamsQueue:
         # something only needed on the scale of the visibility timeout.
         self._reclaim_every_s = min(1.0, settings.visibility_timeout_s / 3)
         self._last_reclaim = 0.0
-        self._reclaim_cursor: bytes | str = "0-0"
+        self._reclaim_cursors: dict[str, bytes | str] = {}  # work stream -> where its scan goes on
         self._reclaim_lock = threading.Lock()
+        self._grouped: set[str] = set()  # work streams whose consumer group this object made or found
+        self._turn = 0  # which of a worker's work streams is read first: turns, so no model starves the others
         self._cancel_channel = f"{p}:cancel"
         self._watch: CancelWatch | None = None  # started by the first claim: fronts never subscribe
         self._watch_lock = threading.Lock()
-        self._create_group()
 
-    def _create_group(self) -> None:
-        """The workers' consumer group on the work stream, made with the stream unless it exists. From id 0: a
-        group made again after it was lost must hand out the entries already queued."""
+    def ping(self) -> None:
+        """Raises redis' ConnectionError (and the like) unless Redis answers."""
+        self._r.ping()
+
+    def _create_group(self, stream: str) -> None:
+        """The workers' consumer group on a work stream, made with the stream unless it exists. From id 0: jobs
+        queued before any worker of the model started, or before a lost group was made again, are handed out."""
         try:
-            self._r.xgroup_create(self._work, GROUP, id="0", mkstream=True)
+            self._r.xgroup_create(stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        self._grouped.add(stream)
 
-    def _group_lost(self, e: redis.ResponseError) -> bool:
-        """Whether `e` says the consumer group is gone - then it is made again. A Redis that restarted without its
-        data (or was flushed) has lost the group while fronts go on adding work entries to a new stream; without
-        this every worker would fail every read until restarted, and those jobs would wait forever."""
+    def _group_lost(self, e: redis.ResponseError, streams: list[str]) -> bool:
+        """Whether `e` says a consumer group is gone - then the groups of `streams` are made again. A Redis that
+        restarted without its data (or was flushed) has lost them while fronts go on adding work entries to new
+        streams; without this every worker would fail every read until restarted, and those jobs would wait
+        forever."""
         if "NOGROUP" not in str(e):
             return False
         log.warning("queue %s: the consumer group %r was gone (Redis restarted without its data, or was flushed); "
                     "made it again", self.settings.queue_name, GROUP)
-        self._create_group()
+        for stream in streams:
+            self._create_group(stream)
         return True
 
     # ------------------------------------------------------------ keys
 
-    def _keys(self, job_id: str) -> list[str]:
+    def _keys(self, job_id: str, model: str) -> list[str]:
         job = self._job_prefix + job_id
-        return [job, job + ":events", self._work, self._waiting]
+        return [job, job + ":events", self._work_prefix + model, self._waiting_prefix + model]
+
+    def _model_of(self, stream: str) -> str:
+        return stream[len(self._work_prefix):]
 
     def _idem_key(self, spec: JobSpec) -> str:
         digest = hashlib.sha256(f"{spec.caller}\0{spec.idempotency_key}".encode()).hexdigest()
@@ -199,21 +220,23 @@ class RedisStreamsQueue:
 
     def _enqueue_call(self, spec: JobSpec, job_id: str, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the enqueue script."""
-        return ([*self._keys(job_id), self._idem_key(spec), self._counter],
+        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter],
                 [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
                  self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix])
 
     def _enqueued(self, spec: JobSpec, job_id: str, now: float, kind: bytes, value: Any) -> JobRecord:
         if kind == b"full":
-            raise queue_full(int(value), self.settings.max_queue_depth)
+            raise queue_full(spec.model, int(value), self.settings.max_queue_depth)
         return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
                          queue_position=int(value), created=True)
 
     def get(self, job_id: str) -> JobRecord:
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hgetall(self._job_prefix + job_id)
-        pipe.zrank(self._waiting, job_id)
-        return _record(job_id, *pipe.execute())
+        h = self._r.hgetall(self._job_prefix + job_id)
+        # the position is read only while the job waits (a second round trip); claimed meanwhile, it is 0
+        return _record(job_id, h, self._r.zrank(self._waiting_of(h), job_id) if _waits(h) else None)
+
+    def _waiting_of(self, h: dict[bytes, bytes]) -> str:
+        return self._waiting_prefix + text(h[b"model"])
 
     def async_front(self) -> AsyncRedisFront | None:
         """The front's calls on asyncio (redis.asyncio: no thread per call), for a queue made from a URL; its
@@ -221,9 +244,11 @@ class RedisStreamsQueue:
         return AsyncRedisFront(self, self._url) if self._url is not None else None
 
     def cancel(self, job_id: str) -> JobRecord:
-        if self._cancel(keys=self._keys(job_id), args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}",
-                                                       time.time(), self._ttl_ms, GROUP, job_id,
-                                                       self._cancel_channel]) == -1:
+        model = self._r.hget(self._job_prefix + job_id, "model")  # names the job's work stream; never changes
+        if model is None or self._cancel(
+                keys=self._keys(job_id, text(model)),
+                args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}", time.time(), self._ttl_ms, GROUP,
+                      job_id, self._cancel_channel]) == -1:
             raise JobNotFound(job_id)
         return self.get(job_id)
 
@@ -256,8 +281,8 @@ class RedisStreamsQueue:
         """The job's event stream and the XREAD id that returns the events with sequence > after."""
         return self._job_prefix + job_id + ":events", f"0-{max(after, -1) + 1}"
 
-    def depth(self) -> int:
-        return int(self._r.zcard(self._waiting))
+    def depth(self, model: str) -> int:
+        return int(self._r.zcard(self._waiting_prefix + model))
 
     def dead_letters(self) -> list[str]:
         """Ids of the jobs in the dead-letter stream, oldest first."""
@@ -271,20 +296,22 @@ class RedisStreamsQueue:
 
     # ------------------------------------------------------------ worker side
 
-    def claim(self, worker: str, block_s: float = 1.0, start: bool = False) -> Claim | None:
-        got = self._claim_next(worker, block_s, start, ahead=False)
+    def claim(self, worker: str, models: Collection[str], block_s: float = 1.0,
+              start: bool = False) -> Claim | None:
+        got = self._claim_next(worker, models, block_s, start, ahead=False)
         return None if got is None else got[0]
 
-    def claim_ahead(self, worker: str, block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
+    def claim_ahead(self, worker: str, models: Collection[str],
+                    block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
         """claim(start=True), one round trip sooner for a new job: its work entry carries the spec, so the job is
         handed out as soon as the stream delivers it, and `confirm()` runs the claim script (from any thread) while
         the worker starts on it. confirm() says whether the claim holds; False (or an error) means the claim script
         failed or dropped the job as claim() would have, and nothing of it may be published. A reclaimed job, or
         an entry without a spec, is claimed as claim() does (confirm() then just says True)."""
-        return self._claim_next(worker, block_s, start=True, ahead=True)
+        return self._claim_next(worker, models, block_s, start=True, ahead=True)
 
     def heartbeat(self, claim: Claim) -> bool:
-        reply = self._heartbeat(keys=self._keys(claim.job_id),
+        reply = self._heartbeat(keys=self._keys(claim.job_id, claim.spec.model),
                                 args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker])
         if self._watch is not None:
             if reply == 2:
@@ -296,7 +323,7 @@ class RedisStreamsQueue:
     def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
-        result = Published(self._publish(keys=self._keys(claim.job_id),
+        result = Published(self._publish(keys=self._keys(claim.job_id, claim.spec.model),
                                          args=[claim.token, encode_event(event),
                                                1 if isinstance(event, Started) else 0, time.time(), self._ttl_ms]))
         if not result and self._watch is not None:
@@ -306,37 +333,52 @@ class RedisStreamsQueue:
     def finish(self, claim: Claim, event: Event) -> bool:
         if not is_terminal(event):
             raise ValueError(f"finish takes Completed or Failed, got {type(event).__name__}")
-        return self._terminate(claim.job_id, claim.token, event)
+        return self._terminate(claim.job_id, claim.spec.model, claim.token, event)
 
     # ------------------------------------------------------------ claim internals
 
-    def _claim_next(self, worker: str, block_s: float, start: bool, ahead: bool) \
+    def _claim_next(self, worker: str, models: Collection[str], block_s: float, start: bool, ahead: bool) \
             -> tuple[Claim, Callable[[], bool]] | None:
-        """claim() and, with `ahead`, claim_ahead(): the next reclaimable or new entry, owned (or failed and skipped,
-        as claim_verdict says) by the claim script - or, for a new entry that carries its spec, handed out ahead
-        with the script as its confirm()."""
+        """claim() and, with `ahead`, claim_ahead(): the next reclaimable or new entry of the work streams of
+        `models`, owned (or failed and skipped, as claim_verdict says) by the claim script - or, for a new entry
+        that carries its spec, handed out ahead with the script as its confirm()."""
+        if not models:
+            raise ValueError("claim needs the names of the models the worker serves")
         end = time.monotonic() + block_s
         watch = self._cancel_watch()
         while True:
-            entry = self._reclaimable(worker) or self._read_new(worker, end - time.monotonic())
+            streams = self._streams(models)
+            entry = self._reclaimable(worker, streams) or self._read_new(worker, streams, end - time.monotonic())
             if entry is None:
                 if time.monotonic() >= end:
                     return None
                 continue
-            entry_id, job_id, fields = entry
+            stream, entry_id, job_id, fields = entry
             # the subscription as it is before the claim script reads the flag: every later cancel of this job
             # is published while it listens, unless it breaks (then the generation moves on)
             generation = watch.generation()
             first = _ahead_claim(job_id, fields, worker) if ahead and fields is not None else None
             if first is not None:
-                return first, functools.partial(self._confirm_ahead, entry_id, first, generation)
-            claim = self._take(worker, entry_id, job_id, start=start, generation=generation)
+                return first, functools.partial(self._confirm_ahead, stream, entry_id, first, generation)
+            claim = self._take(worker, stream, entry_id, job_id, start=start, generation=generation)
             if claim is not None:
                 return claim, settled
 
-    def _confirm_ahead(self, entry_id: bytes, ahead: Claim, generation: int | None) -> bool:
+    def _streams(self, models: Collection[str]) -> list[str]:
+        """The work streams of `models`, their consumer groups made if this object has not yet, in turns: the
+        first one read changes from claim to claim."""
+        streams = [self._work_prefix + m for m in sorted(models)]
+        for stream in streams:
+            if stream not in self._grouped:
+                self._create_group(stream)
+        with self._reclaim_lock:
+            self._turn = (self._turn + 1) % len(streams)
+            turn = self._turn
+        return streams[turn:] + streams[:turn]
+
+    def _confirm_ahead(self, stream: str, entry_id: bytes, ahead: Claim, generation: int | None) -> bool:
         """confirm() of a claim handed out ahead: the claim script, with the claim's own token."""
-        taken = self._take(ahead.worker, entry_id, ahead.job_id, start=True, token=ahead.token,
+        taken = self._take(ahead.worker, stream, entry_id, ahead.job_id, start=True, token=ahead.token,
                            generation=generation)
         if taken is not None and (taken.delivery, taken.started) != (ahead.delivery, True):
             # cannot happen for a first delivery; if it did, the job is left to be reclaimed
@@ -345,8 +387,9 @@ class RedisStreamsQueue:
             return False
         return taken is not None
 
-    def _reclaimable(self, worker: str) -> tuple[bytes, str, None] | None:
-        """An entry whose holder stopped heartbeating for longer than the visibility timeout, now ours.
+    def _reclaimable(self, worker: str, streams: list[str]) -> tuple[str, bytes, str, None] | None:
+        """An entry of `streams` whose holder stopped heartbeating for longer than the visibility timeout, now
+        ours: (stream, entry id, job id, None).
 
         XAUTOCLAIM looks at no more than 10 x COUNT pending entries per call, so with many live jobs held the scan
         must walk on from the cursor it returns: restarting at 0-0 would never get past the oldest live ones."""
@@ -354,46 +397,76 @@ class RedisStreamsQueue:
             now = time.monotonic()
             if now - self._last_reclaim < self._reclaim_every_s:
                 return None
-            self._last_reclaim, cursor = now, self._reclaim_cursor
+            self._last_reclaim = now
         idle_ms = max(1, int(self.settings.visibility_timeout_s * 1000))
-        try:
-            next_cursor, claimed, *_ = self._r.xautoclaim(self._work, GROUP, worker, idle_ms, start_id=cursor,
-                                                          count=1)
-        except redis.ResponseError as e:
-            if not self._group_lost(e):
-                raise
-            next_cursor, claimed = "0-0", []
-        with self._reclaim_lock:
-            self._reclaim_cursor = next_cursor
-            if claimed or next_cursor != b"0-0":
-                self._last_reclaim = 0.0  # the scan is not finished: go on at the next claim
-        if not claimed:
-            return None
-        entry_id, fields = claimed[0]
-        return (entry_id, text(fields[b"job"]), None) if fields else None  # not a first delivery: no fields
+        for stream in streams:
+            with self._reclaim_lock:
+                cursor = self._reclaim_cursors.get(stream, "0-0")
+            try:
+                next_cursor, claimed, *_ = self._r.xautoclaim(stream, GROUP, worker, idle_ms, start_id=cursor,
+                                                              count=1)
+            except redis.ResponseError as e:
+                if not self._group_lost(e, streams):
+                    raise
+                next_cursor, claimed = "0-0", []
+            with self._reclaim_lock:
+                self._reclaim_cursors[stream] = next_cursor
+                if claimed or next_cursor != b"0-0":
+                    self._last_reclaim = 0.0  # the scan is not finished: go on at the next claim
+            if claimed and claimed[0][1]:  # not a first delivery: no fields
+                entry_id, fields = claimed[0]
+                return stream, entry_id, text(fields[b"job"]), None
+        return None
 
-    def _read_new(self, worker: str, block_s: float) -> tuple[bytes, str, dict[bytes, bytes]] | None:
-        """A new work entry for `worker`: (entry id, job id, the entry's fields), or None after block_s."""
+    def _read_new(self, worker: str, streams: list[str], block_s: float) \
+            -> tuple[str, bytes, str, dict[bytes, bytes]] | None:
+        """A new work entry of `streams` for `worker`: (stream, entry id, job id, the entry's fields), or None
+        after block_s."""
         # never block past the next reclaim scan, so abandoned jobs are found while the stream is idle
         block_ms = int(min(block_s, self._reclaim_every_s) * 1000)
         try:
-            reply = self._r.xreadgroup(GROUP, worker, {self._work: ">"}, count=1,
-                                       block=block_ms if block_ms > 0 else None)
+            if len(streams) > 1:
+                # One stream at a time first: a read of several hands this worker an entry of each that has one.
+                for stream in streams:
+                    entry = self._read_group(worker, [stream], None)
+                    if entry is not None:
+                        return entry
+            return self._read_group(worker, streams, block_ms if block_ms > 0 else None)
         except redis.ResponseError as e:
-            if not self._group_lost(e):
+            if not self._group_lost(e, streams):
                 raise
             return None
-        if not reply or not reply[0][1]:
-            return None
-        entry_id, fields = reply[0][1][0]
-        return entry_id, text(fields[b"job"]), fields
 
-    def _take(self, worker: str, entry_id: bytes, job_id: str, start: bool, generation: int | None,
+    def _read_group(self, worker: str, streams: list[str], block_ms: int | None) \
+            -> tuple[str, bytes, str, dict[bytes, bytes]] | None:
+        """One XREADGROUP of `streams`, COUNT 1. A blocking read of several streams can still return an entry of
+        more than one (they filled while it waited); the first is taken and the others are given up (`_release`)."""
+        reply = self._r.xreadgroup(GROUP, worker, {s: ">" for s in streams}, count=1, block=block_ms)
+        entries = [(text(stream), entry_id, fields) for stream, items in reply or () for entry_id, fields in items]
+        if not entries:
+            return None
+        for stream, entry_id, _ in entries[1:]:
+            self._release(worker, stream, entry_id)
+        stream, entry_id, fields = entries[0]
+        return stream, entry_id, text(fields[b"job"]), fields
+
+    def _release(self, worker: str, stream: str, entry_id: bytes) -> None:
+        """Give up a work entry delivered to `worker` that it will not claim: its idle time is set to the
+        visibility timeout, so the next reclaim scan of any worker of the model takes it. Its job's delivery count
+        is unchanged (only the claim script counts)."""
+        idle_ms = max(1, int(self.settings.visibility_timeout_s * 1000))
+        self._r.xclaim(stream, GROUP, worker, 0, [entry_id], idle=idle_ms, justid=True)
+        with self._reclaim_lock:
+            self._last_reclaim = 0.0
+        log.debug("work entry %s of %s: delivered beside another, handed back for reclaim", entry_id, stream)
+
+    def _take(self, worker: str, stream: str, entry_id: bytes, job_id: str, start: bool, generation: int | None,
               token: str | None = None) -> Claim | None:
         """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so. The cancel
         watch then tracks the job from `generation`, its subscription's before the claim script ran."""
         token, now = token or new_token(), time.time()
-        reply = self._claim(keys=self._keys(job_id),
+        model = self._model_of(stream)
+        reply = self._claim(keys=self._keys(job_id, model),
                             args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id, 1 if start else 0,
                                   self.settings.max_deliveries])
         if not reply:
@@ -404,12 +477,12 @@ class RedisStreamsQueue:
             spec = JobSpec.from_json(spec_json)
         except (ValueError, KeyError, TypeError) as e:
             # a front newer than this worker: fail the job rather than crash every worker it reaches
-            self._terminate(job_id, token, Failed("INTERNAL", f"this worker cannot read the job's spec: {e}"))
+            self._terminate(job_id, model, token, Failed("INTERNAL", f"this worker cannot read the job's spec: {e}"))
             return None
         failed = claim_verdict(cancel=cancel, deadline=spec.deadline, deliveries=deliveries,
                                max_deliveries=self.settings.max_deliveries, now=now)
         if failed is not None:
-            self._terminate(job_id, token, failed, dead_letter=failed.code == "ABORTED")
+            self._terminate(job_id, model, token, failed, dead_letter=failed.code == "ABORTED")
             return None
         if self._watch is not None:
             self._watch.track(job_id, generation)
@@ -427,12 +500,12 @@ class RedisStreamsQueue:
                                 "step until it is", self._cancel_channel, WATCH_READY_S)
             return self._watch
 
-    def _terminate(self, job_id: str, token: str, event: Event, dead_letter: bool = False) -> bool:
+    def _terminate(self, job_id: str, model: str, token: str, event: Event, dead_letter: bool = False) -> bool:
         """The at-most-once finish of the claim `token`; `dead_letter` also records the job in P:dead."""
         if self._watch is not None:
             self._watch.forget(job_id)
         return bool(self._finish(
-            keys=[*self._keys(job_id), self._dead],
+            keys=[*self._keys(job_id, model), self._dead],
             args=[token, encode_event(event), terminal_state(event), error_of(event), time.time(), self._ttl_ms,
                   GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))
 
@@ -457,10 +530,8 @@ class AsyncRedisFront:
         return self._q._enqueued(spec, job_id, now, kind, value)
 
     async def get(self, job_id: str) -> JobRecord:
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hgetall(self._q._job_prefix + job_id)
-        pipe.zrank(self._q._waiting, job_id)
-        return _record(job_id, *await pipe.execute())
+        h = await self._r.hgetall(self._q._job_prefix + job_id)
+        return _record(job_id, h, await self._r.zrank(self._q._waiting_of(h), job_id) if _waits(h) else None)
 
     async def events(self, job_id: str, after: int = -1, block_s: float = 0.0,
                      live: bool = False) -> list[tuple[int, Event]]:

@@ -117,7 +117,7 @@ class Worker:
 
     def _claim(self, stop: threading.Event) -> tuple[Claim, Callable[[], bool]] | None:
         try:
-            got = self.queue.claim_ahead(self.name, block_s=CLAIM_BLOCK_S)
+            got = self.queue.claim_ahead(self.name, self.registry.names(), block_s=CLAIM_BLOCK_S)
         except Exception:  # the queue's backend is down: keep the worker alive and retry
             self._claims_outage.failed()
             metrics.ERRORS.labels("queue").inc()
@@ -152,10 +152,9 @@ class Worker:
         try:
             entry = self.registry.get(claim.spec.model)
         except InvalidArgument as e:
-            # the front checked the name against its own --model list: theirs and this worker's differ
-            log.warning("worker %s: job %s asks for model %r, which this worker does not serve (%s); the job fails. "
-                        "Fronts and workers on one queue need the same --model names", self.name, claim.job_id,
-                        claim.spec.model, ", ".join(self.registry.names()) or "none")
+            # cannot happen through claim(), which hands out only jobs for this worker's models
+            log.warning("worker %s: job %s asks for model %r, which this worker does not serve (%s); the job fails",
+                        self.name, claim.job_id, claim.spec.model, ", ".join(self.registry.names()) or "none")
             self._fail_early(claim, confirmed, Failed("INVALID_ARGUMENT", str(e)), "invalid_argument")
             return
         except ModelLoadError:
