@@ -19,13 +19,16 @@ ready pb ExplainRequest.
 Retry-friendly: a request without an idempotency key gets a random one, so a retried Submit/Explain never runs a
 job twice; UNAVAILABLE is retried (with backoff) up to `retries` times; an Explain stream that breaks after the job
 id is known resumes with WatchJob from the next sequence, so no event is lost or repeated, and keeps trying for
-`resume_for_s` (30 s by default: long enough for a front to be restarted; the job goes on meanwhile).
+`resume_for_s` (30 s by default: long enough for a front to be restarted; the job goes on meanwhile). Such a
+break is not silent: `stream.on_break(err)` is called once per break if set (the CLI prints a line), else it is
+logged as a warning.
 RESOURCE_EXHAUSTED is not retried: `retry_after_s(err)` reads the server's hint. `caller` (metadata
 x-difflens-caller) scopes idempotency keys: the same key from another caller is another job.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +44,8 @@ from difflens.jobs import TERMINAL_EVENTS, Completed, Event, Failed, JobRecord, 
 
 if TYPE_CHECKING:
     from difflens.engine.explain import Explanation
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -58,7 +63,9 @@ def retry_after_s(err: grpc.RpcError) -> float | None:
 
 class ExplainStream:
     """An iterator over one job's events (Explain, or WatchJob). `job_id` is known after the first event;
-    `events` keeps every event received; `cancel()` asks the server to stop the job and ends the stream."""
+    `events` keeps every event received; `cancel()` asks the server to stop the job and ends the stream.
+    `on_break(err)`, if set, is called when the stream of a known job breaks and is about to be resumed (once per
+    break, however many attempts the resume takes); unset, the break is logged as a warning."""
 
     def __init__(self, client: DifflensClient, open_call: Callable[[], Any], *, raw: bool,
                  deadline: float | None) -> None:
@@ -71,6 +78,7 @@ class ExplainStream:
         self._call: Any = open_call()
         self._open_first = open_call
         self._done = False
+        self.on_break: Callable[[grpc.RpcError], None] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         attempts, broke_at = 0, 0.0
@@ -100,10 +108,19 @@ class ExplainStream:
                     wait = min(wait, MAX_RESUME_BACKOFF_S)
                     if time.monotonic() + wait - broke_at > self.client.resume_for_s:
                         raise
+                    if attempts == 1:
+                        self._tell_break(e)
                 elif attempts > self.client.retries:
                     raise
                 time.sleep(wait)
                 self._call = self._reopen()
+
+    def _tell_break(self, err: grpc.RpcError) -> None:
+        if self.on_break is not None:
+            self.on_break(err)
+        else:
+            log.warning("the stream of job %s broke (%s: %s); resuming it with WatchJob for up to %g s", self.job_id,
+                        err.code().name, err.details(), self.client.resume_for_s)
 
     def _reopen(self) -> Any:
         if not self.job_id:  # nothing arrived: Explain again (same idempotency key, so the same job)

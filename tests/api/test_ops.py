@@ -223,6 +223,29 @@ def test_the_remote_progress_bar_is_filled_only_for_a_completed_job(completed, s
     assert f"{shown}/10" in capsys.readouterr().err
 
 
+def test_the_remote_progress_says_when_the_stream_broke_and_when_it_resumed(capsys):
+    """A front restart used to show only as a stalled bar: now the CLI says the stream broke and when events flow
+    again."""
+    import grpc
+
+    from difflens.api.cli import RemoteProgress
+    from difflens.jobs import Step
+
+    class Unavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+    progress = RemoteProgress()
+    progress.on_event(Step(index=0, timestep=900, num_steps=10))
+    progress.on_break("j1", Unavailable())
+    progress.on_event(Step(index=1, timestep=800, num_steps=10))
+    progress.on_event(Step(index=2, timestep=700, num_steps=10))
+    progress.close(completed=True)
+    err = capsys.readouterr().err
+    assert "the stream broke (UNAVAILABLE); resuming job j1" in err
+    assert err.count("resumed job j1") == 1
+
+
 def test_explain_server_timeout_is_the_jobs_deadline(embedded, tmp_path, capsys):
     """--timeout is the call's deadline; the server makes it the job's, so the job stops too, and nothing is
     written."""

@@ -164,6 +164,8 @@ def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny
             client.list_models(timeout=60)  # up (the unary retries wait for the first start)
             client.retries = 3
             stream = client.explain(job(steps=16, masks=32, batch=8), timeout=180)
+            breaks: list[grpc.RpcError] = []
+            stream.on_break = breaks.append
             down_at, resumed_after = 0.0, 0.0
             for event in stream:
                 if down_at and not resumed_after:
@@ -184,3 +186,4 @@ def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny
     assert sorted(e.index for e in events if isinstance(e, Step)) == list(range(16))
     assert sum(isinstance(e, Completed) for e in events) == 1 and isinstance(events[-1], Completed)
     assert sum(isinstance(e, Started) for e in events) == 1  # the worker was never disturbed
+    assert [e.code() for e in breaks] == [grpc.StatusCode.UNAVAILABLE]  # told once, however many attempts

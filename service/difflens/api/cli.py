@@ -161,10 +161,25 @@ class RemoteProgress:
     def __init__(self) -> None:
         self.bar: Any = None
         self.explained = 0
+        self.broken = ""  # the job whose stream broke and is being resumed
+
+    def on_break(self, job_id: str, err: Any) -> None:
+        """The stream broke and the client resumes it: say so, rather than let the bar just stall."""
+        self.broken = job_id
+        self._say(f"difflens: the stream broke ({err.code().name}); resuming job {job_id}")
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def on_event(self, event: Any) -> None:
         from difflens.jobs import Queued, Started, Step
 
+        if self.broken:
+            self._say(f"difflens: resumed job {self.broken}")
+            self.broken = ""
         if isinstance(event, Queued):
             print(f"difflens: queued (position {event.position})", file=sys.stderr, flush=True)
         elif isinstance(event, Started):
@@ -219,6 +234,7 @@ def run_explain_remote(args: argparse.Namespace) -> int:
     progress = RemoteProgress()
     with DifflensClient(args.server) as client:
         stream = client.explain(spec, timeout=args.timeout)
+        stream.on_break = lambda err: progress.on_break(stream.job_id, err)
         try:
             for event in stream:
                 progress.on_event(event)
