@@ -16,7 +16,7 @@ import pytest
 from difflens.cli import main
 from difflens.client import DifflensClient
 from difflens.jobs import Completed
-from tests.api.helpers import CAM_LAYERS, free_port, job
+from tests.api.helpers import CAM_LAYERS, free_port, job, settings
 from tests.support.promtool import MISSING, promtool_report
 
 
@@ -244,6 +244,19 @@ def test_the_remote_progress_says_when_the_stream_broke_and_when_it_resumed(caps
     err = capsys.readouterr().err
     assert "the stream broke (UNAVAILABLE); resuming job j1" in err
     assert err.count("resumed job j1") == 1
+
+
+def test_explain_server_timeout_on_a_job_no_worker_took_says_it_never_started(tiny_dir, tmp_path, capsys):
+    """No worker serves the model yet (a front alone): the error must not claim the job stops at its next step."""
+    from difflens.api.server import BackgroundServer
+
+    out = tmp_path / "o"
+    with BackgroundServer(settings(tiny_dir)) as srv:
+        assert main(["explain", "--server", srv.target, "tiny", "a red circle", "--out", str(out),
+                     "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "DEADLINE_EXCEEDED" in err and "it never started, and fails when a worker takes it" in err, err
+    assert not out.exists()
 
 
 def test_explain_server_timeout_is_the_jobs_deadline(embedded, tmp_path, capsys):

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from difflens.jobs import Completed, JobSpec, Started, Step
+from difflens.jobs import Completed, Failed, JobSpec, Started, Step
 from tests.worker.helpers import MODEL, settings, solo, spec, wait_for, wait_terminal
 
 
@@ -60,6 +60,32 @@ def test_workers_of_different_models_on_one_redis_take_only_their_own_jobs(make_
         started = [e.worker for e in events if isinstance(e, Started)]
         assert started == ["serves-tiny" if job.model == MODEL else "serves-copy"]
     assert front.depth(MODEL) == front.depth(other) == 0
+    front.close()
+
+
+def test_a_job_whose_deadline_passed_in_the_queue_is_not_logged_as_lost_to_another_worker(make_worker, tiny_dir,
+                                                                                          redis_url, queue_name,
+                                                                                          caplog):
+    """A worker starts on a new job before its claim settles; when the claim script fails the job instead (its
+    deadline passed while it waited), the worker stops, and its log said the job was lost to another worker."""
+    import logging
+    import time
+
+    from difflens.queue.redis_streams import RedisStreamsQueue
+
+    s = settings(tiny_dir, queue_name=queue_name)
+    front = RedisStreamsQueue(redis_url, s)
+    job_id = front.enqueue(replace(spec(steps=2, masks=4), deadline=time.time() + 0.05)).id
+    time.sleep(0.1)
+    with caplog.at_level(logging.INFO, logger="difflens.worker.job"):
+        make_worker(s, RedisStreamsQueue(redis_url, s), name="late")
+        events = wait_terminal(front, job_id)
+        end = time.monotonic() + 10  # the job thread logs once it notices, after the queue failed the job
+        while not any(job_id in r.getMessage() for r in caplog.records) and time.monotonic() < end:
+            time.sleep(0.05)
+    assert isinstance(events[-1], Failed) and events[-1].code == "DEADLINE_EXCEEDED"
+    said = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+    assert any("not taken after all" in m for m in said) and not any("another worker" in m for m in said), said
     front.close()
 
 

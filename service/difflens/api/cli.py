@@ -228,7 +228,7 @@ def run_explain_remote(args: argparse.Namespace) -> int:
     import grpc
 
     from difflens.client import DifflensClient, explanation_from_events
-    from difflens.jobs import Completed, Failed
+    from difflens.jobs import Completed, Failed, Started
     from difflens.render import write_outputs
 
     progress = RemoteProgress()
@@ -242,7 +242,10 @@ def run_explain_remote(args: argparse.Namespace) -> int:
             progress.close(completed=False)
             line, status = rpc_error_line(e)
             if stream.job_id and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                line += f" (job {stream.job_id} has the same deadline and stops at its next step)"
+                started = any(isinstance(ev, Started) for ev in stream.events)
+                line += (f" (job {stream.job_id} has the same deadline and stops at its next step)" if started else
+                         f" (job {stream.job_id} has the same deadline: it never started, and fails when a worker "
+                         "takes it)")
             elif stream.job_id:  # the stream broke, not necessarily the job
                 line += f" (job {stream.job_id} was running and may still be: WatchJob or GetJob it later)"
             print(line, file=sys.stderr)

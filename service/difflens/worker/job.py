@@ -118,7 +118,11 @@ class JobRun:
                     return self._finish(Failed("INTERNAL", AUDIT_STORE_MESSAGE), "failed", error="audit_store")
             return self._finish(Completed(png, text), "completed")
         except LostClaim:
-            log.info("job %s: lost to another worker (delivery %d); stopped", claim.job_id, claim.delivery)
+            if self.confirmed is not None and self.confirmed.done() and not self.confirmed.result():
+                log.info("job %s: not taken after all: the queue failed or dropped it as it claimed it (cancelled, "
+                         "past its deadline, or already ended); stopped", claim.job_id)
+            else:
+                log.info("job %s: lost to another worker (delivery %d); stopped", claim.job_id, claim.delivery)
             return None
         except Cancelled:
             return self._finish(Failed("CANCELLED", CANCELLED_MESSAGE), "cancelled")
