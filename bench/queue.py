@@ -4,8 +4,10 @@ One producer thread enqueues jobs, keeping at most --inflight of them unfinished
 job as a worker does (claim_ahead, then confirm(): the claim script, which writes Started) and finish it with
 Completed (no engine work). Each Redis
 worker thread has its own RedisStreamsQueue (its own connection pool), like separate worker processes.
-Latency is enqueue call -> finish returned. Target: >= 500 jobs/s through Redis.
-    PYTHONPATH=service .venv/bin/python -m bench.queue [--jobs 2000] [--workers 4] [--backends redis,memory]
+Latency is enqueue call -> finish returned. Target: >= 500 jobs/s through Redis. --models 2 spreads the jobs over two
+models whose work streams every worker reads (a worker of several models).
+    PYTHONPATH=service .venv/bin/python -m bench.queue [--jobs 2000] [--workers 4] [--models 1,2]
+                                                       [--backends redis,memory]
 Redis: REDIS_URL when set, else a private redis-server (tests/support/redis_server.py).
 """
 
@@ -21,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,18 @@ from difflens.queue.redis_streams import RedisStreamsQueue
 
 RESULTS = Path(__file__).parent / "results" / "queue.json"
 TARGET_REDIS_JOBS_PER_S = 500.0
-MODELS = ("default",)
-SPEC = JobSpec(MODELS[0], GenerationParams("a large red striped circle in the center", steps=20))
+SPEC = JobSpec("default", GenerationParams("a large red striped circle in the center", steps=20))
+
+
+def model_names(n: int) -> tuple[str, ...]:
+    """The models of a run: every worker serves all of them, and jobs go to them in turn (n = 1: "default")."""
+    return ("default",) if n == 1 else tuple(f"model{i}" for i in range(n))
 
 
 @dataclass
 class Row:
     backend: str
+    models: int
     workers: int
     inflight: int
     jobs: int
@@ -56,9 +63,11 @@ def _quantile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q * 100) - 1] if len(xs) > 1 else xs[0]
 
 
-def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: int) -> tuple[float, list[float],
-                                                                                             list[float]]:
-    """Pushes `jobs` no-op jobs through; returns (wall seconds, end-to-end latencies, enqueue call latencies)."""
+def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: int,
+             models: tuple[str, ...] = ("default",)) -> tuple[float, list[float], list[float]]:
+    """Pushes `jobs` no-op jobs through, spread over `models` in turn, to workers that serve all of them; returns
+    (wall seconds, end-to-end latencies, enqueue call latencies)."""
+    specs = [replace(SPEC, model=m) for m in models]
     slots = threading.Semaphore(inflight)
     started: dict[str, float] = {}
     finished: list[tuple[str, float]] = []
@@ -69,7 +78,7 @@ def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: i
 
     def work(q: JobQueue, name: str) -> None:
         while not stop.is_set():
-            got = q.claim_ahead(name, MODELS, block_s=0.2)
+            got = q.claim_ahead(name, models, block_s=0.2)
             if got is None:
                 continue
             c, confirm = got
@@ -86,10 +95,10 @@ def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: i
     for th in threads:
         th.start()
     t0 = time.perf_counter()
-    for _ in range(jobs):
+    for i in range(jobs):
         slots.acquire()
         t = time.perf_counter()
-        started[producer.enqueue(SPEC).id] = t
+        started[producer.enqueue(specs[i % len(specs)]).id] = t
         enqueue_s.append(time.perf_counter() - t)
     all_done.wait()
     seconds = time.perf_counter() - t0
@@ -101,18 +110,19 @@ def run_jobs(producer: JobQueue, workers: list[JobQueue], jobs: int, inflight: i
 
 
 def measure(backend: str, make: Callable[[], JobQueue], shared: bool, jobs: int, workers: int, inflight: int,
-            warmup: int) -> Row:
+            warmup: int, models: int = 1) -> Row:
     producer = make()
     pool = [producer if shared else make() for _ in range(workers)]
+    names = model_names(models)
     try:
-        run_jobs(producer, pool, warmup, inflight)
-        seconds, lat, enq = run_jobs(producer, pool, jobs, inflight)
+        run_jobs(producer, pool, warmup, inflight, names)
+        seconds, lat, enq = run_jobs(producer, pool, jobs, inflight, names)
     finally:
         if not shared:
             for q in [producer, *pool]:
                 q.close()
-    return Row(backend, workers, inflight, jobs, jobs / seconds, _quantile(lat, 0.5) * 1e3, _quantile(lat, 0.9) * 1e3,
-               _quantile(enq, 0.5) * 1e3, seconds)
+    return Row(backend, models, workers, inflight, jobs, jobs / seconds, _quantile(lat, 0.5) * 1e3,
+               _quantile(lat, 0.9) * 1e3, _quantile(enq, 0.5) * 1e3, seconds)
 
 
 @contextmanager
@@ -144,13 +154,13 @@ def redis_version(url: str) -> str:
         r.close()
 
 
-HEADER = (f"{'backend':<8} {'workers':>7} {'inflight':>8} {'jobs':>6} {'jobs/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
-          f"{'enq p50':>7}")
+HEADER = (f"{'backend':<8} {'models':>6} {'workers':>7} {'inflight':>8} {'jobs':>6} {'jobs/s':>8} {'p50 ms':>7} "
+          f"{'p90 ms':>7} {'enq p50':>7}")
 
 
 def format_row(r: Row) -> str:
-    return (f"{r.backend:<8} {r.workers:>7} {r.inflight:>8} {r.jobs:>6} {r.jobs_per_s:>8.0f} {r.p50_ms:>7.2f} "
-            f"{r.p90_ms:>7.2f} {r.enqueue_p50_ms:>7.2f}")
+    return (f"{r.backend:<8} {r.models:>6} {r.workers:>7} {r.inflight:>8} {r.jobs:>6} {r.jobs_per_s:>8.0f} "
+            f"{r.p50_ms:>7.2f} {r.p90_ms:>7.2f} {r.enqueue_p50_ms:>7.2f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=4, help="worker threads")
     ap.add_argument("--inflight", default="1,32",
                     help="comma-separated: most unfinished jobs the producer keeps (1 = unloaded latency)")
+    ap.add_argument("--models", default="1,2",
+                    help="comma-separated: models the jobs are spread over, every worker serving all of them (a "
+                         "worker of several models reads several work streams)")
     ap.add_argument("--backends", default="redis,memory", help="comma-separated: redis, memory")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
@@ -167,8 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # depth never limits here; TTLs only matter for a shared REDIS_URL, where leftovers should not linger
     inflights = [int(n) for n in args.inflight.split(",")]
+    model_counts = [int(n) for n in args.models.split(",")]
     # depth never limits here; TTLs only matter for a shared REDIS_URL, where leftovers should not linger
     settings = ServiceSettings(queue_name=f"bench-{uuid.uuid4().hex[:8]}", max_queue_depth=max(inflights) + 1,
                                result_ttl_s=600)
@@ -186,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             make: Callable[[], JobQueue] = (partial(RedisStreamsQueue, url, settings) if url is not None
                                             else partial(lambda q: q, InProcessQueue(settings)))
             try:
-                for n in inflights:
-                    rows.append(measure(backend, make, url is None, args.jobs, args.workers, n, args.warmup))
-                    print(format_row(rows[-1]), flush=True)
+                for m in model_counts:
+                    for n in inflights:
+                        rows.append(measure(backend, make, url is None, args.jobs, args.workers, n, args.warmup, m))
+                        print(format_row(rows[-1]), flush=True)
             finally:
                 if url is not None:
                     drop_keys(url, settings.queue_name)
