@@ -25,6 +25,8 @@ QUEUE_WAIT = Histogram(
     ["model"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("difflens_queue_depth", "Jobs waiting in the model's queue (sampled by the front).", ["model"],
                     registry=REGISTRY)
+LIVE_WORKERS = Gauge("difflens_live_workers", "Workers serving the model, heard from within the visibility timeout "
+                     "(sampled by the front).", ["model"], registry=REGISTRY)
 JOBS = Counter("difflens_jobs_total", "Jobs that reached a terminal state, by status.", ["status"],
                registry=REGISTRY)
 UNET_BATCH_SIZE = Histogram(

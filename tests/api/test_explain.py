@@ -138,6 +138,14 @@ def test_list_models_describes_the_tiny_model_without_loading(client, tiny_model
     assert response.limits.max_steps == 200
 
 
+def test_list_models_reports_the_live_workers_and_the_queue_depth(client):
+    """The embedded server's worker announces itself; the front samples it once a second."""
+    end = time.monotonic() + 10
+    while (info := client.list_models().models[0]).live_workers == 0 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert (info.live_workers, info.queue_depth) == (1, 0)
+
+
 def test_a_request_without_a_model_gets_the_default(client):
     record = client.submit(job(steps=1, model=""))
     assert record.model == "tiny"

@@ -68,6 +68,7 @@ def test_metrics_scrape_parses_and_counts_what_happened(embedded, client):
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     assert samples[("difflens_errors_total", (("type", "invalid_argument"),))] >= 1
     assert ("difflens_queue_depth", (("model", "tiny"),)) in samples
+    assert samples[("difflens_live_workers", (("model", "tiny"),))] == 1
     assert samples[("difflens_jobs_total", (("status", "completed"),))] >= 1
     assert samples[("difflens_request_duration_seconds_count", (("model", "tiny"), ("status", "completed")))] >= 1
     assert any(name == "difflens_step_duration_seconds_count" and ("method", "rise") in labels
@@ -175,7 +176,8 @@ def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir
     remote, local = tmp_path / "remote", tmp_path / "local"
     assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote)]) == 0
     assert main(["explain", str(tiny_dir), *_explain_args(local)]) == 0
-    assert "denoising" in capsys.readouterr().err  # the progress bar
+    err = capsys.readouterr().err
+    assert "denoising" in err and "no worker serves" not in err  # the progress bar; a worker was there
     names = {p.name for p in local.iterdir()}
     assert {p.name for p in remote.iterdir()} == names | {"audit.json"}
     for name in sorted(names - {"report.html", "explanation.npz"}):  # the report carries wall times
@@ -247,7 +249,8 @@ def test_the_remote_progress_says_when_the_stream_broke_and_when_it_resumed(caps
 
 
 def test_explain_server_timeout_on_a_job_no_worker_took_says_it_never_started(tiny_dir, tmp_path, capsys):
-    """No worker serves the model yet (a front alone): the error must not claim the job stops at its next step."""
+    """No worker serves the model yet (a front alone): the CLI says so when the job is queued, and the deadline
+    error must not claim the job stops at its next step."""
     from difflens.api.server import BackgroundServer
 
     out = tmp_path / "o"
@@ -255,6 +258,7 @@ def test_explain_server_timeout_on_a_job_no_worker_took_says_it_never_started(ti
         assert main(["explain", "--server", srv.target, "tiny", "a red circle", "--out", str(out),
                      "--timeout", "1"]) == 1
     err = capsys.readouterr().err
+    assert "no worker serves model 'tiny' right now; the job waits until one starts" in err, err
     assert "DEADLINE_EXCEEDED" in err and "it never started, and fails when a worker takes it" in err, err
     assert not out.exists()
 

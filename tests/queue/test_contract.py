@@ -213,6 +213,20 @@ def test_each_model_has_its_own_queue(backend):
     assert (q.depth(MODEL), q.depth("b")) == (0, 0)
 
 
+def test_live_workers_are_counted_per_model_and_drop_out(backend):
+    """What a front reports so a caller can tell a job no worker serves from one that waits its turn."""
+    q = backend.queue()
+    other = backend.replica(q)  # workers announce through their own connections
+    q.announce("w1", (MODEL, "b"))
+    other.announce("w2", (MODEL,))
+    assert (q.live_workers(MODEL), q.live_workers("b"), q.live_workers("c")) == (2, 1, 0)
+    q.announce("w1", (MODEL, "b"))  # every heartbeat interval: counted once
+    q.retire("w1", (MODEL, "b"))  # a worker that stops leaves at once
+    assert (q.live_workers(MODEL), q.live_workers("b")) == (1, 0)
+    time.sleep(LAPSE_S)  # w2 went silent for longer than the visibility timeout
+    assert other.live_workers(MODEL) == 0
+
+
 def test_cancel_queued_job_is_terminal_at_once(backend):
     q = backend.queue()
     job = q.enqueue(spec())

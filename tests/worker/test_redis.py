@@ -60,6 +60,7 @@ def test_workers_of_different_models_on_one_redis_take_only_their_own_jobs(make_
         started = [e.worker for e in events if isinstance(e, Started)]
         assert started == ["serves-tiny" if job.model == MODEL else "serves-copy"]
     assert front.depth(MODEL) == front.depth(other) == 0
+    assert front.live_workers(MODEL) == front.live_workers(other) == 1  # each announced its own model only
     front.close()
 
 

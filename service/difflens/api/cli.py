@@ -219,6 +219,21 @@ def rpc_error_line(err: Any) -> tuple[str, int]:
     return f"difflens: error: server: {code.name}: {details}", 1
 
 
+def warn_if_unserved(client: Any, model: str) -> None:
+    """Say so when no worker serves the job's model (as the front last sampled it): the job then waits until one
+    starts, and the bar would just not appear. Best effort: a front that cannot tell says nothing."""
+    import grpc
+
+    try:
+        models = client.list_models(timeout=5).models
+    except grpc.RpcError:
+        return
+    info = next((m for m in models if m.name == model or (not model and m.is_default)), None)
+    if info is not None and info.live_workers == 0:
+        print(f"difflens: no worker serves model {info.name!r} right now; the job waits until one starts",
+              file=sys.stderr, flush=True)
+
+
 def run_explain_remote(args: argparse.Namespace) -> int:
     """`difflens explain --server HOST:PORT MODEL PROMPT --out DIR ...`; MODEL is a served model's name
     ('-' = the server's default). Writes what the local command writes, plus audit.json."""
@@ -228,7 +243,7 @@ def run_explain_remote(args: argparse.Namespace) -> int:
     import grpc
 
     from difflens.client import DifflensClient, explanation_from_events
-    from difflens.jobs import Completed, Failed, Started
+    from difflens.jobs import Completed, Failed, Queued, Started
     from difflens.render import write_outputs
 
     progress = RemoteProgress()
@@ -238,6 +253,8 @@ def run_explain_remote(args: argparse.Namespace) -> int:
         try:
             for event in stream:
                 progress.on_event(event)
+                if isinstance(event, Queued):
+                    warn_if_unserved(client, spec.model)
         except grpc.RpcError as e:
             progress.close(completed=False)
             line, status = rpc_error_line(e)

@@ -299,13 +299,15 @@ def job_from_pb(j: Any) -> JobRecord:
                      error=j.error, worker=j.worker, deliveries=j.deliveries)
 
 
-def model_to_pb(m: CatalogModel, *, is_default: bool, limits: Limits) -> Any:
+def model_to_pb(m: CatalogModel, *, is_default: bool, limits: Limits, queue: tuple[int, int] = (0, 0)) -> Any:
+    """`queue`: (jobs waiting, live workers) of the model's queue, as the front last sampled them."""
     width, height = m.default_size
     return pb.ModelInfo(name=m.name, default_steps=m.defaults.steps, default_guidance_scale=m.defaults.guidance_scale,
                         default_scheduler=_number(SCHEDULERS, m.defaults.scheduler), default_width=width,
                         default_height=height, size_multiple=m.size_multiple, cam_layers=list(m.cam_layers),
                         is_default=is_default, num_train_timesteps=m.num_train_timesteps,
-                        max_prompt_tokens=min(m.max_prompt_tokens, limits.max_prompt_tokens))
+                        max_prompt_tokens=min(m.max_prompt_tokens, limits.max_prompt_tokens),
+                        queue_depth=queue[0], live_workers=queue[1])
 
 
 def limits_to_pb(limits: Limits) -> Any:

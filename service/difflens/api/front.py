@@ -45,6 +45,8 @@ class Front:
         self._idle = asyncio.Condition()
         self._pool = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="front-queue")
         self._async: AsyncFront | None = queue.async_front()
+        # model -> (jobs waiting, live workers) as last sampled (sample_depth); ListModels reports it
+        self.queue_stats: dict[str, tuple[int, int]] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -118,14 +120,18 @@ class Front:
 
     async def sample_depth(self, stop: asyncio.Event,
                            on_reachable: Callable[[bool], Awaitable[None]] | None = None) -> None:
-        """Keep difflens_queue_depth{model} current for this front's models until `stop` (the queue is shared:
-        other fronts enqueue too). The sample doubles as the queue's liveness: `on_reachable(False)` when it starts
-        failing, (True) when it works again (the server's health status follows it)."""
+        """Keep difflens_queue_depth{model}, difflens_live_workers{model} and `queue_stats` current for this
+        front's models until `stop` (the queue is shared: other fronts enqueue too). The sample doubles as the
+        queue's liveness: `on_reachable(False)` when it starts failing, (True) when it works again (the server's
+        health status follows it)."""
         outage = Outage(log, "reaching the queue", logging.WARNING)
         while not stop.is_set():
             try:
                 for model in self.catalog.names():
-                    metrics.QUEUE_DEPTH.labels(model).set(await self._run(self.queue.depth, model))
+                    depth, workers = await self._run(self._stats, model)
+                    metrics.QUEUE_DEPTH.labels(model).set(depth)
+                    metrics.LIVE_WORKERS.labels(model).set(workers)
+                    self.queue_stats[model] = (depth, workers)
                 if outage.down and on_reachable is not None:
                     await on_reachable(True)
                 outage.ok()
@@ -137,6 +143,9 @@ class Front:
                 await asyncio.wait_for(stop.wait(), DEPTH_SAMPLE_S)
             except TimeoutError:
                 pass
+
+    def _stats(self, model: str) -> tuple[int, int]:
+        return self.queue.depth(model), self.queue.live_workers(model)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

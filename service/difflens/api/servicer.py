@@ -58,6 +58,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         catalog, limits = self.front.catalog, self.front.settings.limits
-        models = [convert.model_to_pb(catalog.get(n), is_default=n == catalog.default, limits=limits)
+        models = [convert.model_to_pb(catalog.get(n), is_default=n == catalog.default, limits=limits,
+                                      queue=self.front.queue_stats.get(n, (0, 0)))
                   for n in catalog.names()]
         return pb.ListModelsResponse(models=models, limits=convert.limits_to_pb(limits))

@@ -33,6 +33,10 @@ Semantics every implementation keeps:
   `cancel_requested` reads the flag; `cancel_signalled` answers without a read where the queue pushes cancels to
   the worker that claimed the job (Redis: a pub/sub channel), possibly a moment late, and None where it cannot
   vouch for the job (the worker then reads the flag).
+- `announce(worker, models)` says a worker is up and serves `models` (workers call it every heartbeat interval);
+  `live_workers(model)` counts the workers heard from within the visibility timeout (the window after which their
+  jobs would be reclaimed too); `retire` takes a stopping worker out at once. What a front reports, so a caller
+  can tell a job that waits for a busy worker from one that no worker serves.
 - `events(job_id, after, block_s)` returns (sequence, event) pairs with sequence > after, waiting up to block_s
   for the first one; sequences are 0, 1, 2, ... per job. This is how Explain and WatchJob stream from any front.
 """
@@ -108,6 +112,12 @@ class JobQueue(Protocol):
     def depth(self, model: str) -> int:
         """Jobs waiting (never claimed) for `model`."""
         ...
+
+    def announce(self, worker: str, models: Collection[str]) -> None: ...
+
+    def retire(self, worker: str, models: Collection[str]) -> None: ...
+
+    def live_workers(self, model: str) -> int: ...
 
     def async_front(self) -> AsyncFront | None:
         """enqueue / get / events as coroutines for the front's event loop, or None (the front then runs the

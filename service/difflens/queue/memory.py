@@ -65,6 +65,7 @@ class InProcessQueue:
         self._idem: dict[tuple[str, str], str] = {}
         self._dead: list[str] = []
         self._swept = time.monotonic()
+        self._workers: dict[str, dict[str, float]] = {}  # model -> worker -> monotonic time of its last announce
 
     # ------------------------------------------------------------ front side
 
@@ -129,6 +130,22 @@ class InProcessQueue:
     def depth(self, model: str) -> int:
         with self._cond:
             return self._depth(model)
+
+    def announce(self, worker: str, models: Collection[str]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for model in models:
+                self._workers.setdefault(model, {})[worker] = now
+
+    def retire(self, worker: str, models: Collection[str]) -> None:
+        with self._cond:
+            for model in models:
+                self._workers.get(model, {}).pop(worker, None)
+
+    def live_workers(self, model: str) -> int:
+        since = time.monotonic() - self.settings.visibility_timeout_s
+        with self._cond:
+            return sum(t >= since for t in self._workers.get(model, {}).values())
 
     def dead_letters(self) -> list[str]:
         """Ids of the jobs moved to the dead-letter list, oldest first."""

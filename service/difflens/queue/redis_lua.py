@@ -13,6 +13,8 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
                          field e = encode_event bytes, or q = position for the Queued event the enqueue script
                          writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
     P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
+    P:workers:M          sorted set of the workers serving M by the time of their last announce (every heartbeat
+                         interval); expires the visibility timeout after the last one
     P:cancel             pub/sub channel: the cancel script publishes the id of a running job whose flag it raised
 The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
 script, so ownership, the at-most-once finish and cancelling a queued job cannot race.

@@ -148,7 +148,7 @@ class RedisStreamsQueue:
         self._url = url_or_client if isinstance(url_or_client, str) else None
         self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
         p = settings.queue_name
-        self._work_prefix, self._waiting_prefix = f"{p}:work:", f"{p}:waiting:"
+        self._work_prefix, self._waiting_prefix, self._workers_prefix = f"{p}:work:", f"{p}:waiting:", f"{p}:workers:"
         self._counter, self._dead = f"{p}:enqueued", f"{p}:dead"
         self._job_prefix = f"{p}:job:"
         self._ttl_ms = max(1, int(settings.result_ttl_s * 1000))
@@ -283,6 +283,28 @@ class RedisStreamsQueue:
 
     def depth(self, model: str) -> int:
         return int(self._r.zcard(self._waiting_prefix + model))
+
+    def announce(self, worker: str, models: Collection[str]) -> None:
+        """P:workers:M holds worker -> time of its last announce; entries older than the visibility timeout are
+        dropped, and the key expires with them, so a fleet that is gone leaves nothing behind."""
+        now, window_ms = time.time(), max(1, int(self.settings.visibility_timeout_s * 1000))
+        pipe = self._r.pipeline(transaction=False)
+        for model in models:
+            key = self._workers_prefix + model
+            pipe.zadd(key, {worker: now})
+            pipe.zremrangebyscore(key, "-inf", now - window_ms / 1000)
+            pipe.pexpire(key, window_ms)
+        pipe.execute()
+
+    def retire(self, worker: str, models: Collection[str]) -> None:
+        pipe = self._r.pipeline(transaction=False)
+        for model in models:
+            pipe.zrem(self._workers_prefix + model, worker)
+        pipe.execute()
+
+    def live_workers(self, model: str) -> int:
+        since = time.time() - self.settings.visibility_timeout_s
+        return int(self._r.zcount(self._workers_prefix + model, since, "+inf"))
 
     def dead_letters(self) -> list[str]:
         """Ids of the jobs in the dead-letter stream, oldest first."""

@@ -70,6 +70,7 @@ class Worker:
 
     def start(self) -> threading.Thread:
         self._stop.clear()
+        self._announce()  # before it returns: a front started next (serve --embedded) counts it from its first sample
         self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"worker-{self.name}", daemon=True)
         self._thread.start()
         return self._thread
@@ -94,6 +95,7 @@ class Worker:
         publisher = ThreadPoolExecutor(1, thread_name_prefix=f"publish-{self.name}")
         log.info("worker %s: taking jobs (max_jobs=%d, max_batch=%d)", self.name, self.settings.worker_max_jobs,
                  self.settings.worker_max_batch)
+        self._announce()
         try:
             while not stop.is_set():
                 if not slots.acquire(timeout=CLAIM_BLOCK_S):
@@ -111,6 +113,10 @@ class Worker:
             publisher.shutdown(wait=True)
             beat_stop.set()
             beat.join()
+            try:
+                self.queue.retire(self.name, self.registry.names())
+            except Exception:  # it drops out of the count within the visibility timeout anyway
+                log.debug("worker %s: retire failed", self.name, exc_info=True)
             log.info("worker %s: stopped", self.name)
 
     # ------------------------------------------------------------ internals
@@ -187,10 +193,18 @@ class Worker:
                     pad_to_bucket=entry.runner.backend == "compile")
             return self._batchers[entry.name]
 
+    def _announce(self) -> None:
+        """Tell the queue this worker is up and which models it serves (fronts report live workers per model)."""
+        try:
+            self.queue.announce(self.name, self.registry.names())
+        except Exception:  # the queue is down: the claim loop reports that outage
+            log.debug("worker %s: announce failed", self.name, exc_info=True)
+
     def _heartbeats(self, stop: threading.Event) -> None:
         """Heartbeat every held job each interval (a DF-RISE step can outlast the visibility timeout, so this is
-        a thread, not a check between steps); a refused heartbeat marks the job lost."""
+        a thread, not a check between steps); a refused heartbeat marks the job lost. Also announces the worker."""
         while not stop.wait(self.settings.heartbeat_interval_s):
+            self._announce()
             with self._lock:
                 held = list(self._held.values())
             for claim, lost, confirmed in held:
