@@ -259,11 +259,11 @@ def test_an_entry_read_beside_another_is_handed_back_for_any_worker_to_reclaim(r
     q = rb.queue(visibility_timeout_s=30.0)
     jobs = {q.enqueue(spec("a")).id, q.enqueue(spec("b", model="b")).id}
     streams = [f"{queue_name}:work:{MODEL}", f"{queue_name}:work:b"]
-    q._streams((MODEL, "b"))  # the groups, as a claim makes them
-    taken = q._read_group("w", streams, None)  # as if both had filled while the read blocked
-    assert taken is not None and taken[2] in jobs
+    q._work.streams((MODEL, "b"))  # the groups, as a claim makes them
+    taken = q._work.read_group("w", streams, None)  # as if both had filled while the read blocked
+    assert taken is not None and taken.job_id in jobs
     other = rb.queue(visibility_timeout_s=30.0)
     t0 = time.monotonic()
     got = other.claim("w2", (MODEL, "b"), block_s=5)
-    assert got is not None and {got.job_id, taken[2]} == jobs and got.delivery == 1
+    assert got is not None and {got.job_id, taken.job_id} == jobs and got.delivery == 1
     assert time.monotonic() - t0 < 3.0

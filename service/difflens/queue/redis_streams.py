@@ -40,10 +40,10 @@ from difflens.queue.common import (
     text,
 )
 from difflens.queue.redis_cancel import CancelWatch
+from difflens.queue.redis_work import GROUP, WorkStreams
 
 log = logging.getLogger(__name__)
 
-GROUP = "workers"
 DEAD_LETTER_MAXLEN = 10_000
 # How long the first claim waits for the cancel channel's subscription before claiming without it (its jobs then
 # read the flag per step), and how often that connection pings Redis, so a dead one is noticed.
@@ -140,7 +140,7 @@ def connect(settings: ServiceSettings) -> RedisStreamsQueue:
 class RedisStreamsQueue:
     """JobQueue on Redis Streams. `url_or_client`: a redis:// URL (this object owns its connection pool) or a
     redis.Redis created with decode_responses=False. Thread-safe: commands go through redis-py's connection pool,
-    every check-then-write is one script, and the reclaim scan's cursor has a lock."""
+    every check-then-write is one script, and the work streams' reader (redis_work.WorkStreams) has a lock."""
 
     def __init__(self, url_or_client: str | redis.Redis, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -148,7 +148,7 @@ class RedisStreamsQueue:
         self._url = url_or_client if isinstance(url_or_client, str) else None
         self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
         p = settings.queue_name
-        self._work_prefix, self._waiting_prefix, self._workers_prefix = f"{p}:work:", f"{p}:waiting:", f"{p}:workers:"
+        self._waiting_prefix, self._workers_prefix = f"{p}:waiting:", f"{p}:workers:"
         self._counter, self._dead = f"{p}:enqueued", f"{p}:dead"
         self._job_prefix = f"{p}:job:"
         self._ttl_ms = max(1, int(settings.result_ttl_s * 1000))
@@ -156,14 +156,7 @@ class RedisStreamsQueue:
             self._r.register_script(s)
             for s in (lua.ENQUEUE, lua.CLAIM, lua.PUBLISH, lua.FINISH, lua.CANCEL, lua.HEARTBEAT))
         self._cancel_bytes = encode_event(Failed("CANCELLED", CANCELLED_MESSAGE))
-        # XAUTOCLAIM scans the pending list; doing it on every claim would cost a round trip per job for
-        # something only needed on the scale of the visibility timeout.
-        self._reclaim_every_s = min(1.0, settings.visibility_timeout_s / 3)
-        self._last_reclaim = 0.0
-        self._reclaim_cursors: dict[str, bytes | str] = {}  # work stream -> where its scan goes on
-        self._reclaim_lock = threading.Lock()
-        self._grouped: set[str] = set()  # work streams whose consumer group this object made or found
-        self._turn = 0  # which of a worker's work streams is read first: turns, so no model starves the others
+        self._work = WorkStreams(self._r, settings)
         self._cancel_channel = f"{p}:cancel"
         self._watch: CancelWatch | None = None  # started by the first claim: fronts never subscribe
         self._watch_lock = threading.Lock()
@@ -172,37 +165,11 @@ class RedisStreamsQueue:
         """Raises redis' ConnectionError (and the like) unless Redis answers."""
         self._r.ping()
 
-    def _create_group(self, stream: str) -> None:
-        """The workers' consumer group on a work stream, made with the stream unless it exists. From id 0: jobs
-        queued before any worker of the model started, or before a lost group was made again, are handed out."""
-        try:
-            self._r.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        self._grouped.add(stream)
-
-    def _group_lost(self, e: redis.ResponseError, streams: list[str]) -> bool:
-        """Whether `e` says a consumer group is gone - then the groups of `streams` are made again. A Redis that
-        restarted without its data (or was flushed) has lost them while fronts go on adding work entries to new
-        streams; without this every worker would fail every read until restarted, and those jobs would wait
-        forever."""
-        if "NOGROUP" not in str(e):
-            return False
-        log.warning("queue %s: the consumer group %r was gone (Redis restarted without its data, or was flushed); "
-                    "made it again", self.settings.queue_name, GROUP)
-        for stream in streams:
-            self._create_group(stream)
-        return True
-
     # ------------------------------------------------------------ keys
 
     def _keys(self, job_id: str, model: str) -> list[str]:
         job = self._job_prefix + job_id
-        return [job, job + ":events", self._work_prefix + model, self._waiting_prefix + model]
-
-    def _model_of(self, stream: str) -> str:
-        return stream[len(self._work_prefix):]
+        return [job, job + ":events", self._work.prefix + model, self._waiting_prefix + model]
 
     def _idem_key(self, spec: JobSpec) -> str:
         digest = hashlib.sha256(f"{spec.caller}\0{spec.idempotency_key}".encode()).hexdigest()
@@ -369,8 +336,7 @@ class RedisStreamsQueue:
         end = time.monotonic() + block_s
         watch = self._cancel_watch()
         while True:
-            streams = self._streams(models)
-            entry = self._reclaimable(worker, streams) or self._read_new(worker, streams, end - time.monotonic())
+            entry = self._work.next_entry(worker, models, end - time.monotonic())
             if entry is None:
                 if time.monotonic() >= end:
                     return None
@@ -386,18 +352,6 @@ class RedisStreamsQueue:
             if claim is not None:
                 return claim, settled
 
-    def _streams(self, models: Collection[str]) -> list[str]:
-        """The work streams of `models`, their consumer groups made if this object has not yet, in turns: the
-        first one read changes from claim to claim."""
-        streams = [self._work_prefix + m for m in sorted(models)]
-        for stream in streams:
-            if stream not in self._grouped:
-                self._create_group(stream)
-        with self._reclaim_lock:
-            self._turn = (self._turn + 1) % len(streams)
-            turn = self._turn
-        return streams[turn:] + streams[:turn]
-
     def _confirm_ahead(self, stream: str, entry_id: bytes, ahead: Claim, generation: int | None) -> bool:
         """confirm() of a claim handed out ahead: the claim script, with the claim's own token."""
         taken = self._take(ahead.worker, stream, entry_id, ahead.job_id, start=True, token=ahead.token,
@@ -409,85 +363,12 @@ class RedisStreamsQueue:
             return False
         return taken is not None
 
-    def _reclaimable(self, worker: str, streams: list[str]) -> tuple[str, bytes, str, None] | None:
-        """An entry of `streams` whose holder stopped heartbeating for longer than the visibility timeout, now
-        ours: (stream, entry id, job id, None).
-
-        XAUTOCLAIM looks at no more than 10 x COUNT pending entries per call, so with many live jobs held the scan
-        must walk on from the cursor it returns: restarting at 0-0 would never get past the oldest live ones."""
-        with self._reclaim_lock:
-            now = time.monotonic()
-            if now - self._last_reclaim < self._reclaim_every_s:
-                return None
-            self._last_reclaim = now
-        idle_ms = max(1, int(self.settings.visibility_timeout_s * 1000))
-        for stream in streams:
-            with self._reclaim_lock:
-                cursor = self._reclaim_cursors.get(stream, "0-0")
-            try:
-                next_cursor, claimed, *_ = self._r.xautoclaim(stream, GROUP, worker, idle_ms, start_id=cursor,
-                                                              count=1)
-            except redis.ResponseError as e:
-                if not self._group_lost(e, streams):
-                    raise
-                next_cursor, claimed = "0-0", []
-            with self._reclaim_lock:
-                self._reclaim_cursors[stream] = next_cursor
-                if claimed or next_cursor != b"0-0":
-                    self._last_reclaim = 0.0  # the scan is not finished: go on at the next claim
-            if claimed and claimed[0][1]:  # not a first delivery: no fields
-                entry_id, fields = claimed[0]
-                return stream, entry_id, text(fields[b"job"]), None
-        return None
-
-    def _read_new(self, worker: str, streams: list[str], block_s: float) \
-            -> tuple[str, bytes, str, dict[bytes, bytes]] | None:
-        """A new work entry of `streams` for `worker`: (stream, entry id, job id, the entry's fields), or None
-        after block_s."""
-        # never block past the next reclaim scan, so abandoned jobs are found while the stream is idle
-        block_ms = int(min(block_s, self._reclaim_every_s) * 1000)
-        try:
-            if len(streams) > 1:
-                # One stream at a time first: a read of several hands this worker an entry of each that has one.
-                for stream in streams:
-                    entry = self._read_group(worker, [stream], None)
-                    if entry is not None:
-                        return entry
-            return self._read_group(worker, streams, block_ms if block_ms > 0 else None)
-        except redis.ResponseError as e:
-            if not self._group_lost(e, streams):
-                raise
-            return None
-
-    def _read_group(self, worker: str, streams: list[str], block_ms: int | None) \
-            -> tuple[str, bytes, str, dict[bytes, bytes]] | None:
-        """One XREADGROUP of `streams`, COUNT 1. A blocking read of several streams can still return an entry of
-        more than one (they filled while it waited); the first is taken and the others are given up (`_release`)."""
-        reply = self._r.xreadgroup(GROUP, worker, {s: ">" for s in streams}, count=1, block=block_ms)
-        entries = [(text(stream), entry_id, fields) for stream, items in reply or () for entry_id, fields in items]
-        if not entries:
-            return None
-        for stream, entry_id, _ in entries[1:]:
-            self._release(worker, stream, entry_id)
-        stream, entry_id, fields = entries[0]
-        return stream, entry_id, text(fields[b"job"]), fields
-
-    def _release(self, worker: str, stream: str, entry_id: bytes) -> None:
-        """Give up a work entry delivered to `worker` that it will not claim: its idle time is set to the
-        visibility timeout, so the next reclaim scan of any worker of the model takes it. Its job's delivery count
-        is unchanged (only the claim script counts)."""
-        idle_ms = max(1, int(self.settings.visibility_timeout_s * 1000))
-        self._r.xclaim(stream, GROUP, worker, 0, [entry_id], idle=idle_ms, justid=True)
-        with self._reclaim_lock:
-            self._last_reclaim = 0.0
-        log.debug("work entry %s of %s: delivered beside another, handed back for reclaim", entry_id, stream)
-
     def _take(self, worker: str, stream: str, entry_id: bytes, job_id: str, start: bool, generation: int | None,
               token: str | None = None) -> Claim | None:
         """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so. The cancel
         watch then tracks the job from `generation`, its subscription's before the claim script ran."""
         token, now = token or new_token(), time.time()
-        model = self._model_of(stream)
+        model = self._work.model_of(stream)
         reply = self._claim(keys=self._keys(job_id, model),
                             args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id, 1 if start else 0,
                                   self.settings.max_deliveries])
