@@ -1,6 +1,7 @@
 """The production queue: Redis Streams with a consumer group of workers (base.py states the semantics).
 
-The keys, and the Lua scripts through which every check-then-write on a job goes: redis_lua.py.
+The keys, and the Lua scripts through which every check-then-write on a job goes: redis_lua.py. Which work entry a
+worker gets next (the per-model work streams, read in turns, and their reclaim scan): redis_work.py.
 
 A worker learns of a cancel without a read per denoising step: its queue object subscribes to P:cancel before its
 first claim (redis_cancel.CancelWatch), and `cancel_signalled` answers from what arrived, for jobs claimed while
