@@ -283,3 +283,24 @@ def test_explain_server_timeout_is_the_jobs_deadline(embedded, tmp_path, capsys)
 def test_timeout_needs_server(tiny_dir, tmp_path, capsys):
     assert main(["explain", str(tiny_dir), "a red circle", "--out", str(tmp_path / "o"), "--timeout", "5"]) == 2
     assert "--timeout: only with --server" in capsys.readouterr().err
+
+
+def test_models_lists_what_the_server_serves_with_its_live_workers(embedded, capsys):
+    assert main(["models", "--server", embedded.target]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["model", "workers", "waiting", "steps", "guidance", "scheduler", "size"]
+    assert main(["models", "--server", embedded.target, "--json"]) == 0
+    (info,) = json.loads(capsys.readouterr().out)["models"]
+    assert (info["name"], info["live_workers"], info["is_default"]) == ("tiny", 1, True)
+    scheduler = info["default_scheduler"].removeprefix("SCHEDULER_").lower()
+    assert row.split() == ["tiny", "(default)", "1", "0", str(info["default_steps"]),
+                           f"{info['default_guidance_scale']:g}", scheduler, "32x32"]
+
+
+@pytest.mark.parametrize(("server", "status", "message"), [
+    ("nowhere", 2, "--server: got 'nowhere'; expected HOST:PORT"),
+    ("127.0.0.1:{port}", 1, "difflens: error: server: UNAVAILABLE"),
+])
+def test_models_reports_a_bad_or_absent_server_in_one_line(server, status, message, capsys):
+    assert main(["models", "--server", server.format(port=free_port())]) == status
+    assert message in capsys.readouterr().err
