@@ -27,7 +27,7 @@ Semantics every implementation keeps:
   publishes a step and then checks for a cancel before the next, needs no separate read for it.
 - `finish` appends the terminal event (Completed or Failed) and marks the job terminal atomically, at most once
   per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
-  one terminal event. It also acknowledges the job in the work stream.
+  one terminal event. It also acknowledges the job in its model's work stream.
 - `cancel` on a queued job makes it terminal at once (a Failed(CANCELLED) event); on a running job it raises the
   cancel flag that the worker checks between denoising steps and then finishes with Failed(CANCELLED).
   `cancel_requested` reads the flag; `cancel_signalled` answers without a read where the queue pushes cancels to
