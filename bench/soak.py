@@ -1,13 +1,15 @@
 """Soak the queue's promises: worker processes SIGKILLed at random while clients stream jobs through a front.
 
-    PYTHONPATH=service .venv/bin/python -m bench.soak [--clients 4] [--jobs 20] [--workers 3]
+    PYTHONPATH=service .venv/bin/python -m bench.soak [--clients 4] [--jobs 20] [--workers 3] [--models 1]
         [--kill-every 2,5] [--seed 1] [--redis URL] [--out bench/results/soak.json]
 
 A private Redis (or --redis), one `difflens serve` and --workers `difflens worker` processes on the tiny
 random-weights model, with a 3 s visibility timeout and 4 deliveries at most. Every --kill-every seconds (uniform
 in MIN,MAX) one worker, chosen at random, is SIGKILLed and a new one started in its place. Each client streams
 --jobs Explain calls (3-14 steps, a random subset of the explainers, one in ten cancelled after a step), then
-watches the job again from its first event and reads its record.
+watches the job again from its first event and reads its record. With --models N > 1 the front serves N model
+names (the same tiny model under each), each job names one at random, worker slot 0 serves all of them (it reads
+several work streams) and every other slot one, in turn: the per-model queues under the same kills.
 
 Checked per job (`job_problems`), as the client saw it: exactly one terminal event, last; WatchJob replays the
 stream's events; no step twice; a completed job has every explained step, in order, and its record says
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import random
@@ -73,16 +76,18 @@ def job_problems(spec: JobSpec, events: list[Event], watched: list[Event], recor
 class Fleet:
     """The front and the workers, as processes; `kill_one` SIGKILLs a worker and starts its replacement."""
 
-    def __init__(self, url: str, model_dir: Path, logs: Path, workers: int) -> None:
+    def __init__(self, url: str, model_dir: Path, logs: Path, workers: int, models: list[str]) -> None:
         self.env = {**os.environ, **ENV}
         self.env.pop("DIFFLENS_REDIS_URL", None)
-        self.common = ["--redis", url, "--queue", f"soak-{os.getpid()}", "--model", f"tiny={model_dir}"]
+        self.common = ["--redis", url, "--queue", f"soak-{os.getpid()}"]
+        self.model_dir, self.models = model_dir, models
         self.logs = logs
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.generation = collections.Counter[str]()
         self.kills = 0
         port_file = logs / "port"
-        self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file)])
+        self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file),
+                                           *self._model_flags(models)])
         for i in range(workers):
             self._start_worker(f"w{i}")
         end = time.monotonic() + 120
@@ -92,6 +97,14 @@ class Fleet:
             time.sleep(0.2)
         self.target = f"127.0.0.1:{port_file.read_text().strip()}"
 
+    def _model_flags(self, names: list[str]) -> list[str]:
+        return [arg for n in names for arg in ("--model", f"{n}={self.model_dir}")]
+
+    def _slot_models(self, slot: str) -> list[str]:
+        """Slot w0 serves every model; the others one each, in turn (all of them when there is one model)."""
+        i = int(slot.removeprefix("w"))
+        return self.models if i == 0 or len(self.models) == 1 else [self.models[(i - 1) % len(self.models)]]
+
     def _spawn(self, log: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{log}.log").open("w") as out:
             return subprocess.Popen([sys.executable, "-m", "difflens", *argv, *self.common], stdout=out,
@@ -100,7 +113,8 @@ class Fleet:
     def _start_worker(self, slot: str) -> None:
         name = f"{slot}-{self.generation[slot]}"
         self.generation[slot] += 1
-        self.workers[slot] = self._spawn(name, ["worker", "--name", name, "--max-jobs", "2", "--threads", "1"])
+        self.workers[slot] = self._spawn(name, ["worker", "--name", name, "--max-jobs", "2", "--threads", "1",
+                                                *self._model_flags(self._slot_models(slot))])
 
     def kill_one(self, rnd: random.Random) -> None:
         slot = rnd.choice(sorted(self.workers))
@@ -120,7 +134,7 @@ class Fleet:
                 p.kill()
 
 
-def run_client(target: str, index: int, jobs: int, seed: int, out: list[dict[str, Any]]) -> None:
+def run_client(target: str, index: int, jobs: int, seed: int, models: list[str], out: list[dict[str, Any]]) -> None:
     from difflens.client import DifflensClient
     from tests.worker.helpers import spec
 
@@ -128,8 +142,8 @@ def run_client(target: str, index: int, jobs: int, seed: int, out: list[dict[str
     with DifflensClient(target, caller=f"soak-{index}") as client:
         for j in range(jobs):
             methods = tuple(m for m in ("rise", "cam", "attn") if rnd.random() < 0.5)
-            s = spec(f"a red circle {index} {j}", seed=index * 1000 + j, steps=rnd.randint(3, 14),
-                     methods=methods, masks=16, batch=8)
+            s = dataclasses.replace(spec(f"a red circle {index} {j}", seed=index * 1000 + j, steps=rnd.randint(3, 14),
+                                         methods=methods, masks=16, batch=8), model=rnd.choice(models))
             cancel_after = rnd.randint(1, 3) if rnd.random() < 0.1 else None
             stream = client.explain(s, timeout=300)
             try:
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=20, help="jobs per client")
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--models", type=int, default=1, help="model names served (see above; default 1)")
     ap.add_argument("--kill-every", default="2,5", metavar="MIN,MAX", help="seconds between kills (uniform)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--redis", help="Redis URL (default: DIFFLENS_REDIS_URL, else a private server)")
@@ -164,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             redis_url(args.redis or os.environ.get("DIFFLENS_REDIS_URL")) as url:
         from difflens.engine.tiny import make_tiny_model
 
-        fleet = Fleet(url, make_tiny_model(Path(tmp) / "tiny"), Path(tmp), args.workers)
+        models = ["tiny"] if args.models == 1 else [f"tiny{i}" for i in range(args.models)]
+        fleet = Fleet(url, make_tiny_model(Path(tmp) / "tiny"), Path(tmp), args.workers, models)
         try:
             stop = threading.Event()
             t0 = time.monotonic()
@@ -175,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
             kt = threading.Thread(target=killer, daemon=True)
             kt.start()
-            clients = [threading.Thread(target=run_client, args=(fleet.target, i, args.jobs, args.seed, results))
+            clients = [threading.Thread(target=run_client,
+                                        args=(fleet.target, i, args.jobs, args.seed, models, results))
                        for i in range(args.clients)]
             for t in clients:
                 t.start()
