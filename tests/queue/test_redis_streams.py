@@ -80,12 +80,35 @@ def test_a_worker_makes_the_lost_consumer_group_again_and_takes_the_jobs_queued_
     with pytest.raises(redis.ResponseError, match="NOGROUP"):
         r.xreadgroup("workers", "probe", {f"{queue_name}:work:{MODEL}": ">"}, count=1)
     # which call meets the missing group first: the reclaim scan (due) or the read (the scan not due yet)
-    worker._last_reclaim = 0.0 if reclaim_first else time.monotonic()
+    worker._work._last_reclaim = 0.0 if reclaim_first else time.monotonic()
     again = worker.claim("w", MODELS, block_s=1)
     assert again is not None and (again.job_id, again.spec.params.prompt) == (job.id, "after")
     assert worker.finish(again, Completed(b"png", "{}"))
     assert not worker.publish(c, Started("w"))  # the job held before the loss is gone with it, and stays gone
     assert r.xlen(f"{queue_name}:work:{MODEL}") == 0
+
+
+def test_a_worker_blocked_on_its_streams_when_they_are_flushed_takes_the_next_job_quietly(rb, r, queue_name,
+                                                                                             caplog):
+    """Redis unblocks a read whose stream was deleted with UNBLOCKED, not NOGROUP: the same loss of data, and it
+    used to surface as a failed claim (an ERROR with a traceback) before the next read made the group again."""
+    import threading
+
+    front = rb.queue()
+    worker = rb.queue(visibility_timeout_s=30.0)  # reads block for a full second between reclaim scans
+    assert worker.claim("w", (MODEL, "b"), block_s=0.2) is None  # the groups exist; now block on both streams
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(worker.claim("w", (MODEL, "b"), block_s=3)))
+    t.start()
+    time.sleep(0.3)
+    r.flushdb()
+    time.sleep(0.2)
+    job = front.enqueue(spec("after", model="b"))
+    t.join()
+    first = got[0]
+    second = first if first is not None else worker.claim("w", (MODEL, "b"), block_s=2)
+    assert second is not None and second.job_id == job.id
+    assert any("consumer group" in m and "made it again" in m for m in caplog.messages)
 
 
 def test_finished_jobs_leave_nothing_in_the_work_stream(rb, r, queue_name):

@@ -98,8 +98,8 @@ class WorkStreams:
         """Whether `e` says a consumer group is gone - then the groups of `streams` are made again. A Redis that
         restarted without its data (or was flushed) has lost them while fronts go on adding work entries to new
         streams; without this every worker would fail every read until restarted, and those jobs would wait
-        forever."""
-        if "NOGROUP" not in str(e):
+        forever. A read blocked while its stream was deleted ends with UNBLOCKED instead of NOGROUP."""
+        if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
             return False
         log.warning("queue %s: the consumer group %r was gone (Redis restarted without its data, or was flushed); "
                     "made it again", self.settings.queue_name, GROUP)
