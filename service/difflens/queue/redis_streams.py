@@ -7,7 +7,7 @@ A worker learns of a cancel without a read per denoising step: its queue object 
 first claim (redis_cancel.CancelWatch), and `cancel_signalled` answers from what arrived, for jobs claimed while
 that subscription was up and unbroken; otherwise it returns None and the worker reads the flag
 (`cancel_requested`). The heartbeat script also returns the flag, so a message lost with a silently dead
-connection delays a cancel by at most one heartbeat interval.
+connection delays a cancel by at most one heartbeat interval. The front's calls on asyncio: redis_async.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-import redis.asyncio
 
 from difflens.config import ServiceSettings
 from difflens.errors import NotReady
@@ -42,6 +41,9 @@ from difflens.queue.common import (
 )
 from difflens.queue.redis_cancel import CancelWatch
 from difflens.queue.redis_work import GROUP, WorkStreams
+
+if TYPE_CHECKING:
+    from difflens.queue.redis_async import AsyncRedisFront
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim 
                  enqueued_at=float(fields[b"at"]), started=True)
 
 
-def _record(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
+def record_from_hash(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
     """A JobRecord from the job hash and its rank in the waiting set (JobNotFound when the hash is gone)."""
     if not h:
         raise JobNotFound(job_id)
@@ -79,12 +81,12 @@ def _record(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
                      deliveries=int(h[b"deliveries"]))
 
 
-def _waits(h: dict[bytes, bytes]) -> bool:
+def is_waiting(h: dict[bytes, bytes]) -> bool:
     """Whether the job hash `h` is of a job still waiting to be claimed (its queue position is then read)."""
     return h.get(b"state") == b"queued"
 
 
-def _decode_events(found: Any) -> list[tuple[int, Event]]:
+def decode_events(found: Any) -> list[tuple[int, Event]]:
     """(sequence, event) pairs of an XREAD reply on one job's event stream (entry 0-n is sequence n - 1)."""
     if not found:
         return []
@@ -201,7 +203,7 @@ class RedisStreamsQueue:
     def get(self, job_id: str) -> JobRecord:
         h = self._r.hgetall(self._job_prefix + job_id)
         # the position is read only while the job waits (a second round trip); claimed meanwhile, it is 0
-        return _record(job_id, h, self._r.zrank(self._waiting_of(h), job_id) if _waits(h) else None)
+        return record_from_hash(job_id, h, self._r.zrank(self._waiting_of(h), job_id) if is_waiting(h) else None)
 
     def _waiting_of(self, h: dict[bytes, bytes]) -> str:
         return self._waiting_prefix + text(h[b"model"])
@@ -209,6 +211,8 @@ class RedisStreamsQueue:
     def async_front(self) -> AsyncRedisFront | None:
         """The front's calls on asyncio (redis.asyncio: no thread per call), for a queue made from a URL; its
         connections belong to the event loop that first uses it. None for a queue made from a client."""
+        from difflens.queue.redis_async import AsyncRedisFront
+
         return AsyncRedisFront(self, self._url) if self._url is not None else None
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -243,7 +247,7 @@ class RedisStreamsQueue:
             elif block_s > 0:
                 # XREAD from an explicit id returns at once if anything newer arrived since the first read.
                 found = self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
-        return _decode_events(found)
+        return decode_events(found)
 
     def _events_from(self, job_id: str, after: int) -> tuple[str, str]:
         """The job's event stream and the XREAD id that returns the events with sequence > after."""
@@ -412,53 +416,3 @@ class RedisStreamsQueue:
             keys=[*self._keys(job_id, model), self._dead],
             args=[token, encode_event(event), terminal_state(event), error_of(event), time.time(), self._ttl_ms,
                   GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))
-
-
-
-class AsyncRedisFront:
-    """What the gRPC front does on the queue, as coroutines on one redis.asyncio client: enqueue, get, events.
-    Same scripts, keys and semantics as RedisStreamsQueue's blocking calls (it borrows them from `queue`); what
-    it saves is the thread hop per call (and with it, most of the front's CPU time per event)."""
-
-    def __init__(self, queue: RedisStreamsQueue, url: str) -> None:
-        self._q = queue
-        self._r: Any = redis.asyncio.Redis.from_url(url)
-        self._enqueue = self._r.register_script(lua.ENQUEUE)
-
-    async def enqueue(self, spec: JobSpec) -> JobRecord:
-        job_id, now = new_job_id(), time.time()
-        keys, args = self._q._enqueue_call(spec, job_id, now)
-        kind, value = await self._enqueue(keys=keys, args=args)
-        if kind == b"existing":
-            return await self.get(text(value))
-        return self._q._enqueued(spec, job_id, now, kind, value)
-
-    async def get(self, job_id: str) -> JobRecord:
-        h = await self._r.hgetall(self._q._job_prefix + job_id)
-        return _record(job_id, h, await self._r.zrank(self._q._waiting_of(h), job_id) if _waits(h) else None)
-
-    async def events(self, job_id: str, after: int = -1, block_s: float = 0.0,
-                     live: bool = False) -> list[tuple[int, Event]]:
-        key, start = self._q._events_from(job_id, after)
-        if live and block_s > 0:
-            # The caller saw event `after` and it was not terminal, so everything still to come (the terminal
-            # event included) is newer than it: the blocking read alone is exact, one round trip per batch.
-            found = await self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
-            if found:
-                return _decode_events(found)
-            block_s = 0.0  # nothing in time: read the state (the job may have expired) as below
-        # The events and the state in one MULTI: a consistent snapshot, so no re-read race as in the blocking
-        # version; then, only for a live job with nothing new, the blocking read.
-        pipe = self._r.pipeline(transaction=True)
-        pipe.xread({key: start})
-        pipe.hget(self._q._job_prefix + job_id, "state")
-        found, state = await pipe.execute()
-        if not found:
-            if state is None:
-                raise JobNotFound(job_id)
-            if state not in TERMINAL_STATES and block_s > 0:
-                found = await self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
-        return _decode_events(found)
-
-    async def close(self) -> None:
-        await self._r.aclose()
