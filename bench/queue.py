@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     inflights = [int(n) for n in args.inflight.split(",")]
     model_counts = [int(n) for n in args.models.split(",")]
+    if min(model_counts) < 1:
+        raise SystemExit(f"--models: got {args.models!r}; each count must be >= 1")
     # depth never limits here; TTLs only matter for a shared REDIS_URL, where leftovers should not linger
     settings = ServiceSettings(queue_name=f"bench-{uuid.uuid4().hex[:8]}", max_queue_depth=max(inflights) + 1,
                                result_ttl_s=600)

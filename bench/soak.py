@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", help="Redis URL (default: DIFFLENS_REDIS_URL, else a private server)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.models < 1:
+        raise SystemExit(f"--models: got {args.models}; must be >= 1")
     lo, hi = (float(x) for x in args.kill_every.split(","))
     rnd = random.Random(args.seed)
     results: list[dict[str, Any]] = []

@@ -211,6 +211,8 @@ def test_each_model_has_its_own_queue(backend):
     assert sorted(c.job_id for c in both if c is not None) == sorted((a1.id, a2.id, b2.id))
     assert q.claim("both", (MODEL, "b"), block_s=0.3) is None
     assert (q.depth(MODEL), q.depth("b")) == (0, 0)
+    with pytest.raises(ValueError, match="names of the models"):  # a worker of no model would wait forever
+        q.claim("nobody", (), block_s=0.1)
 
 
 def test_live_workers_are_counted_per_model_and_drop_out(backend):

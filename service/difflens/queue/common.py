@@ -6,6 +6,7 @@ Kept here so the Redis and in-process queues cannot drift apart on them (base.py
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 from difflens.errors import ResourceExhausted
 from difflens.jobs import Completed, Event, Failed, JobStateName
@@ -29,6 +30,12 @@ def queue_full(model: str, depth: int, limit: int) -> ResourceExhausted:
         f"queue full: {depth} jobs waiting for model {model!r} (max_queue_depth={limit}, per model); "
         f"retry in {QUEUE_FULL_RETRY_S:g} s",
         retry_after_s=QUEUE_FULL_RETRY_S)
+
+
+def check_models(models: Collection[str]) -> None:
+    """A claim names the models its worker serves; none is a caller's bug (it would wait forever)."""
+    if not models:
+        raise ValueError("claim needs the names of the models the worker serves")
 
 
 def terminal_state(event: Event) -> JobStateName:

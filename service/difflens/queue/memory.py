@@ -18,6 +18,7 @@ from difflens.jobs import Event, Failed, JobRecord, JobSpec, JobStateName, Queue
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
+    check_models,
     claim_verdict,
     error_of,
     new_job_id,
@@ -160,6 +161,7 @@ class InProcessQueue:
 
     def claim(self, worker: str, models: Collection[str], block_s: float = 1.0,
               start: bool = False) -> Claim | None:
+        check_models(models)
         served = frozenset(models)
         end = time.monotonic() + block_s
         with self._cond:

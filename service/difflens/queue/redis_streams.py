@@ -30,6 +30,7 @@ from difflens.queue import redis_lua as lua
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
+    check_models,
     claim_verdict,
     error_of,
     new_job_id,
@@ -336,8 +337,7 @@ class RedisStreamsQueue:
         """claim() and, with `ahead`, claim_ahead(): the next reclaimable or new entry of the work streams of
         `models`, owned (or failed and skipped, as claim_verdict says) by the claim script - or, for a new entry
         that carries its spec, handed out ahead with the script as its confirm()."""
-        if not models:
-            raise ValueError("claim needs the names of the models the worker serves")
+        check_models(models)
         end = time.monotonic() + block_s
         watch = self._cancel_watch()
         while True:
