@@ -21,6 +21,21 @@ def test_batched_images_equal_the_engine_generation(pixel_model, sampling):
     assert not np.allclose(batch[0], batch[1])
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_generation_overrides_reach_the_sampler(pixel_model, scheduler):
+    """Steps, guidance and scheduler given by the caller (the training evaluation's grid) replace the model's
+    defaults, and the image is still the engine's for the same request."""
+    captions, seeds = ["a small green striped triangle at the top", "a large yellow square on the right"], [5, 6]
+    given = {"steps": 4, "guidance_scale": 3.0, "scheduler": scheduler}
+    batch = sample_batch(pixel_model, captions, seeds, **given)
+    for i, (c, s) in enumerate(zip(captions, seeds, strict=True)):
+        ref = generate(pixel_model, GenerationParams(c, seed=s, **given))
+        assert len(ref.timesteps) == 4
+        assert np.abs(sample_batch(pixel_model, [c], [s], **given)[0] - ref.image).max() < 1e-5
+        assert np.abs(batch[i] - ref.image).max() < 5e-3  # batched convolutions round differently
+    assert np.abs(batch[0] - sample_batch(pixel_model, captions[:1], seeds[:1])[0]).max() > 1e-3
+
+
 def test_held_out_set_cycles_held_out_single_object_captions_with_new_seeds():
     captions, seeds = held_out_set(200)
     assert len(captions) == 200 and seeds == list(range(200))

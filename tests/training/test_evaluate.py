@@ -1,28 +1,22 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
-import torch
 
 from difflens.engine.loading import load_model
-from difflens.engine.options import GenerationParams
-from difflens.engine.sampler import generate
+from difflens.scenes.checker import accuracy
 from difflens.scenes.render import render_scene
-from difflens.training.evaluate import accuracy, eval_scenes, sample_images
+from difflens.training.evaluate import eval_scenes, evaluate
 
 
-def test_batched_sampler_equals_the_engine_loop(smoke):
-    from diffusers.utils.torch_utils import randn_tensor
-
-    m = load_model(smoke[2])
-    prompts = ["a large red circle in the center", "a small blue dotted square on the left"]
-    noise = torch.cat([randn_tensor((1, 3, 32, 32), generator=torch.Generator().manual_seed(s)) for s in (4, 5)])
-    batch = sample_images(m.unet, m.text_encoder, m.tokenizer, m.scheduler.config, prompts, 2.0, 5, noise=noise)
-    for i, (p, seed) in enumerate(zip(prompts, (4, 5), strict=True)):
-        ref = generate(m, GenerationParams(p, seed=seed, steps=5, guidance_scale=2.0, scheduler="ddim")).image
-        one = sample_images(m.unet, m.text_encoder, m.tokenizer, m.scheduler.config, [p], 2.0, 5, noise=noise[i:i + 1])
-        assert np.abs(one[0] - ref).max() < 1e-5
-        # Batched convolutions round differently; the untrained model amplifies that a little over 5 steps.
-        assert np.abs(batch[i] - ref).max() < 5e-3
+def test_the_evaluation_made_in_training_is_that_of_the_saved_model(smoke):
+    """finish() judges the EMA components in memory; the same evaluation of the folder it wrote, loaded through the
+    standard loader, must give the same figures (same weights, scheduler, tokenizer and sampling)."""
+    _, _, out = smoke
+    record = json.loads((out / "training.json").read_text())["evaluation"]
+    again = evaluate(load_model(out), [1.0, 2.0], 3, 3, 2, seed=0, schedulers=("ddim", "ddpm"))
+    assert again == record
 
 
 def test_accuracy_of_renders_is_perfect_and_of_noise_is_not():

@@ -3,9 +3,9 @@
 Many captions run through one UNet call per step. Everything the per-image sampler (engine/sampler.generate)
 decides is reused from it: the scheduler class, the timestep plan (exponential packing included), the DDIM update
 between arbitrary timesteps, the prompt encoding and the noise draw (each image's initial noise comes from its own
-seed exactly as in `generate`, so a deterministic scheduler gives, up to batched-convolution rounding, the image
-`difflens explain` gives for that caption and seed; a test checks this). Stochastic schedulers draw their step
-noise from the first seed of each batch.
+seed exactly as in `generate`, and a stochastic scheduler's step noise continues that image's own generator as
+it does there), so each image is, up to batched-convolution rounding, the one `difflens explain` gives for that
+caption and seed (tests check this for deterministic and stochastic schedulers).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from difflens.engine.options import GenerationParams, Sampling
 from difflens.engine.sampler import ddim_step, encode_prompt, make_scheduler, plan_timesteps
 from difflens.engine.validate import resolve_generation
 from difflens.scenes.captions import held_out_captions, parse_caption
+from difflens.scenes.checker import accuracy
 from difflens.scenes.render import ObjectSpec
-from difflens.training.evaluate import accuracy
 
 UNIFORM = Sampling()
 
@@ -43,13 +43,16 @@ def decode_batch(model: Model, latents: torch.Tensor) -> torch.Tensor:
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
-def initial_noise(model: Model, seeds: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
-    """(B, C, h, w): each row drawn from its seed exactly as sampler.generate draws it."""
+def initial_noise(model: Model, seeds: Sequence[int], size: tuple[int, int]) -> tuple[torch.Tensor,
+                                                                                      list[torch.Generator]]:
+    """(B, C, h, w): each row drawn from its seed exactly as sampler.generate draws it; and the B generators after
+    that draw, where generate's stochastic scheduler steps take their noise from."""
     from diffusers.utils.torch_utils import randn_tensor
 
     shape = (1, model.unet.config.in_channels, *size)
-    return torch.cat([randn_tensor(shape, generator=torch.Generator(device=model.device).manual_seed(int(s)),
-                                   device=model.device, dtype=model.dtype) for s in seeds])
+    generators = [torch.Generator(device=model.device).manual_seed(int(s)) for s in seeds]
+    noise = torch.cat([randn_tensor(shape, generator=g, device=model.device, dtype=model.dtype) for g in generators])
+    return noise, generators
 
 
 @torch.no_grad()
@@ -67,8 +70,8 @@ def sample_batch(model: Model, captions: Sequence[str], seeds: Sequence[int], sa
         chunk, chunk_seeds = list(captions[lo:lo + batch_size]), list(seeds[lo:lo + batch_size])
         scheduler = make_scheduler(model, str(params.scheduler))
         timesteps = plan_timesteps(model, scheduler, params)
-        generator = torch.Generator(device=model.device).manual_seed(int(chunk_seeds[0]))
-        latents = initial_noise(model, chunk_seeds, size) * scheduler.init_noise_sigma
+        noise, generators = initial_noise(model, chunk_seeds, size)
+        latents = noise * scheduler.init_noise_sigma
         e = torch.stack([embeds[c] for c in chunk])  # (B, 2, L, D) = [uncond; cond] per caption
         cond = torch.cat([e[:, 0], e[:, 1]]) if scale > 1.0 else e[:, 1]  # runner.guided's layout
         for i, t in enumerate(scheduler.timesteps):
@@ -83,7 +86,8 @@ def sample_batch(model: Model, captions: Sequence[str], seeds: Sequence[int], sa
                 t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
                 latents = ddim_step(scheduler, eps, int(t), t_next, latents)
             else:
-                latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+                # One generator per image: diffusers' randn_tensor draws row i from generators[i].
+                latents = scheduler.step(eps, t, latents, generator=generators, return_dict=False)[0]
         out.append(decode_batch(model, latents).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 

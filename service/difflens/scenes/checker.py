@@ -17,6 +17,7 @@ Thresholds sit halfway between the renderer's classes at 32 px and scale with th
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +215,9 @@ def check_image(image: np.ndarray) -> CheckResult:
     return CheckResult(tuple(objects), fg)
 
 
+ATTRS = ("count", "shape", "color", "texture", "size", "position")
+
+
 def score(image: np.ndarray, expected: Scene | ObjectSpec) -> dict[str, bool]:
     """Per-attribute agreement of `image` (H, W, 3) with what it should show: count, shape, color, texture, size,
     position. One expected object is compared with the largest found; of two, each with the largest found at its
@@ -221,7 +225,7 @@ def score(image: np.ndarray, expected: Scene | ObjectSpec) -> dict[str, bool]:
     scene = expected if isinstance(expected, Scene) else Scene((expected,))
     found = check_image(image)
     out = {"count": found.count == len(scene.objects)}
-    names = ("shape", "color", "texture", "size", "position")
+    names = ATTRS[1:]
     if not found.objects:
         return out | {n: False for n in names}
     if len(scene.objects) == 1:
@@ -229,6 +233,12 @@ def score(image: np.ndarray, expected: Scene | ObjectSpec) -> dict[str, bool]:
     else:
         pairs = [(o, _at(found.objects, o.position)) for o in scene.objects]
     return out | {n: all(getattr(e, n) == getattr(d.attributes, n) for e, d in pairs) for n in names}
+
+
+def accuracy(images: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:
+    """images: (N, H, W, 3) in [0, 1]. Share of images right on each attribute (ATTRS)."""
+    rows = [score(img, s) for img, s in zip(images, scenes, strict=True)]
+    return {a: float(np.mean([r[a] for r in rows])) for a in ATTRS}
 
 
 def _at(objects: tuple[DetectedObject, ...], position: str) -> DetectedObject:

@@ -4,8 +4,9 @@
 accuracy on training captions and on held-out captions (never trained on) for each scheduler and guidance scale;
 with `--write-defaults` it records the best pair in the folder's difflens.json.
 
-Sampling here is batched (many captions at once) with the engine's scheduler classes; for one caption and DDIM it
-is the engine's `generate` with the same noise (a test checks this).
+Images come from `difflens.evaluation.sampling.sample_batch`: batched, and for one caption the image the engine's
+`generate` gives for it (a test there checks this), so the figures judge the model as the service runs it. A model
+still in training is judged the same way, as a `Model` over its in-memory components (`in_memory_model`).
 """
 
 from __future__ import annotations
@@ -20,57 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from difflens.engine.loading import Model, ModelDefaults
+from difflens.evaluation.sampling import sample_batch
 from difflens.scenes.captions import caption, held_out_objects
-from difflens.scenes.checker import score
+from difflens.scenes.checker import ATTRS, accuracy
 from difflens.scenes.render import Scene
-from difflens.training.data import Tokenize, sample_training_scene
+from difflens.training.data import sample_training_scene
 
-ATTRS = ("count", "shape", "color", "texture", "size", "position")
 # Among equally good set-ups, the guidance nearest this: classifier-free guidance then does something (the
 # explainers combine its two branches) without over-guiding. At 1.0 the unconditional branch drops out.
 TIE_GUIDANCE = 2.0
-
-
-@torch.no_grad()
-def sample_images(unet, text_encoder, tokenizer, scheduler_config, captions: Sequence[str], guidance: float,
-                  steps: int, seed: int = 0, noise: torch.Tensor | None = None, batch_size: int = 64,
-                  scheduler: str = "ddim") -> np.ndarray:
-    """Classifier-free-guided sampling of every caption. -> (N, S, S, 3) float32 in [0, 1].
-
-    noise: (N, 3, S, S) initial noise; default: drawn from `seed`. scheduler: a name of the engine's
-    SCHEDULER_CLASSES (DDIM is deterministic, eta 0; stochastic ones draw their noise from `seed`).
-    """
-    import diffusers
-
-    from difflens.engine.sampler import SCHEDULER_CLASSES
-
-    cls_name, extra = SCHEDULER_CLASSES[scheduler]
-    size = int(unet.config.sample_size)
-    g = torch.Generator().manual_seed(seed)
-    if noise is None:
-        noise = torch.randn(len(captions), unet.config.in_channels, size, size, generator=g)
-    tokenize = Tokenize(tokenizer)
-    uncond = text_encoder(tokenize([""]))[0]
-    out = []
-    for lo in range(0, len(captions), batch_size):
-        chunk = list(captions[lo:lo + batch_size])
-        cond = text_encoder(tokenize(chunk))[0]
-        embeds = torch.cat([uncond.expand_as(cond), cond])
-        sched = getattr(diffusers, cls_name).from_config(scheduler_config, **extra)
-        sched.set_timesteps(steps)
-        x = noise[lo:lo + batch_size] * sched.init_noise_sigma
-        for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t)
-            u, c = unet(torch.cat([x_in, x_in]), t, embeds).sample.chunk(2)
-            x = sched.step(u + guidance * (c - u), t, x, generator=g).prev_sample
-        out.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy())
-    return np.concatenate(out)
-
-
-def accuracy(images: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:
-    """images: (N, H, W, 3) in [0, 1]. Share of images right on each attribute (ATTRS), by the checker."""
-    rows = [score(img, s) for img, s in zip(images, scenes, strict=True)]
-    return {a: float(np.mean([r[a] for r in rows])) for a in ATTRS}
 
 
 def eval_scenes(n_train: int, n_held: int, seed: int = 0) -> dict[str, list[Scene]]:
@@ -82,9 +42,17 @@ def eval_scenes(n_train: int, n_held: int, seed: int = 0) -> dict[str, list[Scen
     return {"train": train, "held_out": [Scene((held[i],)) for i in sorted(picks)]}
 
 
-def evaluate(unet, text_encoder, tokenizer, scheduler_config, guidances: Sequence[float], steps: int,
-             n_train: int, n_held: int, seed: int = 0, schedulers: Sequence[str] = ("ddim",)) -> dict[str, Any]:
-    """Checker accuracy per (scheduler, guidance) on both caption sets, and the best pair by mean accuracy.
+def in_memory_model(unet, text_encoder, tokenizer, scheduler, path: Path = Path("<in memory>")) -> Model:
+    """Components not yet saved (a model in training) as the engine's Model, without a folder or defaults."""
+    return Model(path=path, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=None,
+                 defaults=ModelDefaults())
+
+
+def evaluate(model: Model, guidances: Sequence[float], steps: int, n_train: int, n_held: int, seed: int = 0,
+             schedulers: Sequence[str] = ("ddim",)) -> dict[str, Any]:
+    """Checker accuracy per (scheduler, guidance) on both caption sets, and the best pair by mean accuracy. Image i
+    of a set is generated with seed `seed + 1 + i` (the same noise for every set-up, so they are compared on equal
+    terms).
 
     result["runs"]: list of {"scheduler", "guidance", "train": {attr: acc}, "held_out": {attr: acc}, "mean"}.
     """
@@ -94,8 +62,9 @@ def evaluate(unet, text_encoder, tokenizer, scheduler_config, guidances: Sequenc
         for g in guidances:
             run: dict[str, Any] = {"scheduler": sched, "guidance": g}
             for name, scenes in sets.items():
-                imgs = sample_images(unet, text_encoder, tokenizer, scheduler_config, [caption(s) for s in scenes],
-                                     g, steps, seed=seed + 1, scheduler=sched)
+                seeds = [seed + 1 + i for i in range(len(scenes))]
+                imgs = sample_batch(model, [caption(s) for s in scenes], seeds, steps=steps, guidance_scale=g,
+                                    scheduler=sched)
                 run[name] = accuracy(imgs, scenes)
             run["mean"] = float(np.mean([v for name in sets for v in run[name].values()]))
             runs.append(run)
@@ -145,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     m = load_model(a.model)
     guidances = [float(g) for g in a.guidance.split(",")]
-    result = evaluate(m.unet, m.text_encoder, m.tokenizer, m.scheduler.config, guidances, a.steps, a.images,
-                      a.held_out, a.seed, schedulers=a.schedulers.split(","))
+    result = evaluate(m, guidances, a.steps, a.images, a.held_out, a.seed, schedulers=a.schedulers.split(","))
     print(format_table(result))
     print(json.dumps({"best": result["best"]}))
     if a.write_defaults:

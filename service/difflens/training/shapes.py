@@ -41,7 +41,7 @@ from difflens.training.build import (
     save_model,
 )
 from difflens.training.data import BatchStream, DataConfig
-from difflens.training.evaluate import defaults_from, evaluate, format_table
+from difflens.training.evaluate import defaults_from, evaluate, format_table, in_memory_model
 
 log = logging.getLogger("difflens.training.shapes")
 CHECKPOINT = "checkpoint.pt"
@@ -257,8 +257,9 @@ def finish(trainer: Trainer, out: Path, stats: dict[str, Any], eval_images: int,
     unet, te = trainer.ema_modules()
     result = None
     if eval_images > 0 or eval_held > 0:
-        result = evaluate(unet, te, trainer.tokenizer, sampling_scheduler(trainer.noise_scheduler).config,
-                          guidances, eval_steps, eval_images, eval_held, seed=trainer.cfg.seed, schedulers=schedulers)
+        model = in_memory_model(unet, te, trainer.tokenizer, sampling_scheduler(trainer.noise_scheduler))
+        result = evaluate(model, guidances, eval_steps, eval_images, eval_held, seed=trainer.cfg.seed,
+                          schedulers=schedulers)
         log.info("checker accuracy of the EMA model:\n%s", format_table(result))
     defaults = defaults_from(result, trainer.arch.sample_size, eval_steps)
     record = {"arch": dataclasses.asdict(trainer.arch), "train": dataclasses.asdict(trainer.cfg), **stats,
