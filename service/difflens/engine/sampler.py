@@ -154,15 +154,24 @@ def predict_x0(scheduler, latent_in: torch.Tensor, eps: torch.Tensor, timestep: 
     return (latent_in - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def _replay(scheduler, is_ddim: bool, t: torch.Tensor, t_next: int | None, seed: int):
-    """(step, scale) closures over a snapshot of the scheduler taken before step t."""
+def _replay(scheduler, is_ddim: bool, t: torch.Tensor, t_next: int | None, rng_state: torch.Tensor | None):
+    """(step, scale) closures over a snapshot of the scheduler taken before step t. `rng_state`: the generation's
+    generator state just before this step (stochastic schedulers): every replayed row draws the noise the real
+    step drew, so the unperturbed row reproduces x_{t_next} and perturbed rows differ from it by their input
+    only."""
     if is_ddim:
         return (lambda eps, sample: ddim_step(scheduler, eps, int(t), t_next, sample)), (lambda x: x)
 
     def step(eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         s = copy.deepcopy(scheduler)
-        g = torch.Generator(device=sample.device).manual_seed(seed)  # stochastic schedulers: fixed noise
-        return s.step(eps, t, sample, generator=g, return_dict=False)[0]
+        generators = None
+        if rng_state is not None:
+            # One generator per row (diffusers' randn_tensor draws row i from generators[i]), each at the state
+            # the real step drew its (1, C, h, w) noise from.
+            generators = [torch.Generator(device=sample.device) for _ in range(sample.shape[0])]
+            for g in generators:
+                g.set_state(rng_state)
+        return s.step(eps, t, sample, generator=generators, return_dict=False)[0]
 
     def scale(sample: torch.Tensor) -> torch.Tensor:
         return copy.deepcopy(scheduler).scale_model_input(sample, t)
@@ -212,6 +221,7 @@ def generate(
         t_next = timesteps[i + 1] if i + 1 < n else None
         # A copy of the scheduler before it steps, so a hook can replay this step on perturbed inputs.
         before = None if is_ddim or on_step is None else copy.deepcopy(scheduler)
+        rng_state = None if before is None else generator.get_state()
         with torch.no_grad():
             latent_in = scheduler.scale_model_input(latents, t)
             eps = runner.guided(latent_in, t, cond)
@@ -221,7 +231,7 @@ def generate(
                 nxt = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
         if on_step is not None:
             x0 = predict_x0(scheduler, latent_in, eps, timesteps[i])
-            step_fn, scale_fn = _replay(scheduler if is_ddim else before, is_ddim, t, t_next, params.seed)
+            step_fn, scale_fn = _replay(scheduler if is_ddim else before, is_ddim, t, t_next, rng_state)
             to_x0 = functools.partial(predict_x0, scheduler, timestep=timesteps[i])
             on_step(StepState(i, n, timesteps[i], t, latent_in, eps, x0, nxt, cond, runner,
                               latents, step_fn, scale_fn, to_x0))
