@@ -8,7 +8,7 @@ num_train_timesteps. Built once at start-up; a broken folder fails there with Mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be mult
 @dataclass(frozen=True)
 class CatalogModel:
     """One served model, described from its config files. Exposes the same geometry attributes as
-    engine.loading.Model (defaults, vae_scale_factor, size_multiple, default_size, num_train_timesteps), so the
-    engine's own request resolution runs on it unchanged."""
+    engine.loading.Model (defaults, vae_scale_factor, size_multiple, default_size, num_train_timesteps,
+    scheduler_config), so the engine's own request resolution runs on it unchanged."""
 
     name: str
     folder: Path
@@ -33,6 +33,7 @@ class CatalogModel:
     cam_layers: tuple[str, ...]
     tokenizer: Any
     num_train_timesteps: int
+    scheduler_config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def size_multiple(self) -> int:
@@ -87,7 +88,8 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
         raise ModelLoadError(str(root / "tokenizer"), f"cannot load the tokenizer: {e}") from e
     return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root), vae_scale_factor=factor,
                         sample_size=int(unet_config.get("sample_size", 64)), cam_layers=layers, tokenizer=tokenizer,
-                        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)))
+                        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+                        scheduler_config=scheduler_config)
 
 
 class ModelCatalog:

@@ -135,3 +135,44 @@ def test_replayed_step_reproduces_the_real_one(tiny_model, name):
         assert all(torch.allclose(r, s.latent_next[0], atol=1e-6) for r in rows)
         assert s.step(s.eps, s.sample).equal(replay)  # replay is repeatable
     assert np.array_equal(g.image, generate(tiny_model, params).image)
+
+
+def trailing(model):
+    """`model` with the shipped model's spacing: "trailing" (diffusers' np.arange(T, 0, -T/n) then - 1)."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler
+
+    return dataclasses.replace(model, scheduler=DDIMScheduler.from_config(model.scheduler.config,
+                                                                           timestep_spacing="trailing"))
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_trailing_spacing_runs_the_steps_asked_for(tiny_model, name):
+    """For 61 steps diffusers' trailing spacing lists 62 timesteps, the last -1 (float rounding in np.arange): the
+    sampler drops it, so the run makes 61 UNet calls at timesteps in [0, T), the same as that list given
+    explicitly."""
+    model = trailing(tiny_model)
+    raw = make_scheduler(model, name)
+    raw.set_timesteps(61)
+    assert len(raw.timesteps) == 62 and int(raw.timesteps[-1]) == -1  # the artefact this guards against
+    calls = []
+    params = GenerationParams("x", seed=2, steps=61, guidance_scale=2.0, scheduler=name)
+    g = generate(model, params, on_step=lambda s: calls.append(s.timestep))
+    assert len(calls) == len(g.timesteps) == 61 and calls == g.timesteps
+    assert calls == [int(t) for t in raw.timesteps[:61]] and min(calls) >= 0
+    explicit = generate(model, GenerationParams("x", seed=2, guidance_scale=2.0, scheduler=name,
+                                                sampling=Sampling("explicit", timesteps=tuple(calls))))
+    assert np.array_equal(g.image, explicit.image)
+
+
+@pytest.mark.parametrize("name,top", [("ddim", 999), ("ddpm", 999), ("euler", 999), ("dpmsolver++", 998)])
+def test_step_counts_the_spacing_cannot_make_are_refused_naming_the_largest(tiny_model, name, top):
+    """"leading" spacing with steps_offset 1 (SD's) reaches t = T at n = T (DDIM then failed with an IndexError),
+    and DPM-Solver++ clips its list to fewer distinct timesteps: refused before anything runs."""
+    with pytest.raises(InvalidArgument) as e:
+        generate(tiny_model, GenerationParams("x", steps=1000, scheduler=name))
+    assert e.value.field == "steps" and f"allowed [1, {top}]" in e.value.message
+    scheduler = make_scheduler(tiny_model, name)
+    scheduler.set_timesteps(top)
+    assert len({int(t) for t in scheduler.timesteps}) == top and int(scheduler.timesteps.max()) < 1000

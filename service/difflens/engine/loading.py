@@ -87,6 +87,10 @@ class Model:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(self.scheduler.config)
+
 
 def _first_parameter(module: Any) -> torch.Tensor:
     p = next(module.parameters(), None)

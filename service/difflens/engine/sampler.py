@@ -1,7 +1,10 @@
 """The denoising loop: CFG, seeded, any of four schedulers, any strictly decreasing timestep list.
 
-It matches diffusers' StableDiffusionPipeline step for step (same noise draw, same batch layout, same scheduler
-calls) so that, for the uniform schedule, its image equals the pipeline's. A per-step hook sees everything an
+It follows diffusers' StableDiffusionPipeline step for step (same noise draw, same batch layout, same scheduler
+calls) so that, for the uniform schedule, its image equals the pipeline's - with two deliberate differences, both
+where diffusers' list or update is wrong: DDIM steps to the actual next timestep of the list (diffusers assumes
+a stride of T // n, which "trailing" spacing breaks when n does not divide T), and "trailing" spacing's spurious
+last timestep -1 (some n, see schedule.uniform_timesteps) is dropped. A per-step hook sees everything an
 explainer or progress reporter needs; explainers must not (and cannot, through StepState) alter the trajectory.
 """
 
@@ -19,16 +22,9 @@ import torch
 from difflens.engine.loading import Model
 from difflens.engine.options import GenerationParams
 from difflens.engine.runner import CFGConditioning, UNetRunner
-from difflens.engine.schedule import check_timesteps, exponential_timesteps
+from difflens.engine.schedule import check_timesteps, exponential_timesteps, new_scheduler, uniform_timesteps
 from difflens.engine.validate import resolve_generation
 from difflens.errors import InvalidArgument
-
-SCHEDULER_CLASSES = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-}
 
 
 @dataclass(frozen=True)
@@ -75,10 +71,7 @@ class Generation:
 
 
 def make_scheduler(model: Model, name: str):
-    import diffusers
-
-    cls_name, extra = SCHEDULER_CLASSES[name]
-    return getattr(diffusers, cls_name).from_config(model.scheduler.config, **extra)
+    return new_scheduler(model.scheduler.config, name)
 
 
 def encode_prompt(model: Model, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, list[int]]:
@@ -101,10 +94,13 @@ def plan_timesteps(model: Model, scheduler, params: GenerationParams) -> list[in
     n = int(params.steps or 0)
     T = model.num_train_timesteps
     if s.kind == "uniform":
-        scheduler.set_timesteps(n, device=model.device)
-        return [int(t) for t in scheduler.timesteps]
-    ts = exponential_timesteps(s.kind, n, s.shift, T) if s.kind in ("early", "late") \
-        else check_timesteps(s.timesteps or (), T)
+        ts, corrected = uniform_timesteps(scheduler, n, T, device=model.device)
+        if not corrected:
+            return ts
+    elif s.kind in ("early", "late"):
+        ts = exponential_timesteps(s.kind, n, s.shift, T)
+    else:
+        ts = check_timesteps(s.timesteps or (), T)
     if params.scheduler == "ddim":
         scheduler.set_timesteps(len(ts), device=model.device)  # initialises its state; timesteps replaced below
         scheduler.timesteps = torch.tensor(ts, dtype=torch.int64, device=model.device)

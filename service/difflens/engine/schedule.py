@@ -1,11 +1,85 @@
-"""Timestep lists: exponential early/late packing (METHOD.md, R3) and validation of explicit lists."""
+"""Timestep lists: the schedulers' uniform spacing, exponential early/late packing (METHOD.md, R3) and validation
+of explicit lists."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from difflens.errors import InvalidArgument
+
+# Request name -> (diffusers class, config overrides).
+SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def new_scheduler(config: Mapping[str, Any], name: str):
+    """A fresh diffusers scheduler of request name `name` (SCHEDULER_CLASSES) on a model's scheduler config."""
+    import diffusers
+
+    cls_name, extra = SCHEDULER_CLASSES[name]
+    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
+
+
+def uniform_timesteps(scheduler, num_steps: int, num_train_timesteps: int, device: Any = None) -> tuple[list[int],
+                                                                                                          bool]:
+    """The `num_steps` timesteps `scheduler` spaces uniformly by its config (set on it), as integers, and whether
+    they had to be corrected (the caller then sets the list explicitly).
+
+    The one correction: "trailing" spacing takes np.arange(T, 0, -T/n), which for some n (61, 103, 121, ... of
+    1000) has one more element than n because of float rounding; that extra last timestep is -1, which would run
+    one more UNet call and index alphas_cumprod from the end. It is dropped. Any other list that is not n distinct
+    timesteps in [0, T), strictly decreasing (e.g. n = T with "leading" spacing and steps_offset 1 reaches T),
+    raises InvalidArgument on "steps" with the largest n that works.
+    """
+    scheduler.set_timesteps(num_steps, device=device)
+    ts = [int(t) for t in scheduler.timesteps]
+    corrected = len(ts) == num_steps + 1 and ts[-1] < 0
+    if corrected:
+        ts = ts[:num_steps]
+    problem = _uniform_problem(ts, num_steps, num_train_timesteps)
+    if problem:
+        top = next((n for n in range(num_steps - 1, 0, -1) if _uniform_ok(scheduler, n, num_train_timesteps)), 1)
+        raise InvalidArgument("steps", f"got {num_steps}; this model's {type(scheduler).__name__} config spaces "
+                                       f"them with {problem}; allowed [1, {top}]")
+    return ts, corrected
+
+
+def _uniform_problem(ts: list[int], n: int, T: int) -> str | None:
+    if len(ts) != n:
+        return f"{len(ts)} timesteps instead of {n}"
+    out = [t for t in ts if not 0 <= t < T]
+    if out:
+        return f"timesteps {out[:3]} outside [0, {T - 1}]"
+    if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
+        return "repeated timesteps"
+    return None
+
+
+def _uniform_ok(scheduler, n: int, T: int) -> bool:
+    scheduler.set_timesteps(n)
+    ts = [int(t) for t in scheduler.timesteps]
+    if len(ts) == n + 1 and ts[-1] < 0:
+        ts = ts[:n]
+    return _uniform_problem(ts, n, T) is None
+
+
+def check_uniform_steps(config: Mapping[str, Any], name: str, num_steps: int, num_train_timesteps: int) -> None:
+    """Raise InvalidArgument on "steps" when scheduler `name` on this scheduler config has no uniform list of
+    `num_steps` timesteps (request validation, before anything runs). Cached per config, scheduler and n."""
+    key = json.dumps(dict(config), sort_keys=True, default=str)
+    _check_uniform_cached(key, name, num_steps, num_train_timesteps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_uniform_cached(config_json: str, name: str, num_steps: int, num_train_timesteps: int) -> None:
+    uniform_timesteps(new_scheduler(json.loads(config_json), name), num_steps, num_train_timesteps)
 
 
 def exponential_timesteps(

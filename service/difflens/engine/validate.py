@@ -6,6 +6,7 @@ import dataclasses
 
 from difflens.engine.loading import Model
 from difflens.engine.options import SCHEDULERS, GenerationParams, check_choice, check_range
+from difflens.engine.schedule import check_uniform_steps
 from difflens.errors import InvalidArgument
 
 MAX_SIDE = 4096
@@ -32,4 +33,6 @@ def resolve_generation(model: Model, params: GenerationParams) -> GenerationPara
             raise InvalidArgument(name, f"got {v}; must be a multiple of {m} (VAE factor {model.vae_scale_factor} x 8)")
     if p.sampling.kind in ("uniform", "early", "late"):
         check_range("steps", int(p.steps or 0), 1, model.num_train_timesteps)
+    if p.sampling.kind == "uniform":  # what the scheduler's own spacing makes of that many steps
+        check_uniform_steps(model.scheduler_config, str(p.scheduler), int(p.steps or 0), model.num_train_timesteps)
     return p
