@@ -33,7 +33,7 @@ def _run_together(batcher: UNetBatcher, requests: list[tuple[torch.Tensor, torch
             inside.wait()
             results[k] = batcher.submit(*requests[k])
 
-    threads = [threading.Thread(target=go, args=(k,)) for k in range(len(requests))]
+    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
@@ -54,6 +54,23 @@ def test_concurrent_requests_share_one_call_and_match_unbatched(tiny_model):
     for (lat, t, emb), (out, shared) in zip(reqs, results, strict=True):
         assert shared
         torch.testing.assert_close(out, _direct(unet, lat, t, emb), rtol=0, atol=1e-5)
+
+
+def test_requests_of_different_shapes_run_in_separate_calls(tiny_model):
+    """Jobs of different image sizes in DF-RISE at once (a worker with --max-jobs > 1): each shape gets its own
+    call and every job its own result. Concatenating them failed in the leader only, and left the other job
+    waiting for ever with the model's DF-RISE participation held."""
+    unet = tiny_model.unet
+    calls: list[BatchStats] = []
+    batcher = UNetBatcher(UNetRunner(unet).raw, max_batch=64, on_batch=calls.append)
+    g = torch.Generator().manual_seed(5)
+    reqs = [(torch.randn(n, 4, h, w, generator=g), torch.full((n,), t), torch.randn(n, 77, 32, generator=g))
+            for n, h, w, t in ((4, 16, 16, 801), (3, 8, 24, 301), (2, 16, 16, 1))]
+    results = _run_together(batcher, reqs)
+    assert sorted((c.samples, c.jobs) for c in calls) == [(3, 1), (6, 2)]
+    for (lat, t, emb), result in zip(reqs, results, strict=True):
+        assert result is not None
+        torch.testing.assert_close(result[0], _direct(unet, lat, t, emb), rtol=0, atol=1e-5)
 
 
 def test_a_request_larger_than_max_batch_is_split(tiny_model):

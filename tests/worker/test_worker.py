@@ -102,6 +102,20 @@ def test_two_rise_jobs_share_unet_batches_and_match_solo_runs(make_worker, memor
     assert shared_steps > 0  # the record says which steps' maps came from shared calls
 
 
+def test_rise_jobs_of_different_sizes_complete_side_by_side(make_worker, memory_queue, worker_settings, tiny_model):
+    """Their masked latents cannot share a UNet call: each size runs its own, and both jobs finish with the maps
+    they have alone (before, the worker failed one INTERNAL and hung the other for good)."""
+    jobs = [spec("a red circle", seed=3, steps=3, masks=16, batch=8),
+            spec("a blue square", seed=4, steps=3, masks=16, batch=8, width=64, height=32)]
+    ids = [memory_queue.enqueue(j).id for j in jobs]
+    make_worker(worker_settings, memory_queue, name="w-sizes")
+    for job, events in zip(jobs, (wait_terminal(memory_queue, i, timeout=60) for i in ids), strict=True):
+        assert isinstance(events[-1], Completed), events[-1]
+        ref = solo(tiny_model, job)
+        for s, r in zip(_steps(events), ref.steps, strict=True):
+            np.testing.assert_allclose(s.maps["rise"], r.maps["rise"].numpy(), rtol=0, atol=1e-5)
+
+
 def test_hooked_explainers_run_alone_beside_a_rise_job(make_worker, memory_queue, worker_settings, tiny_model):
     """DF-CAM hooks and attention processors sit on the shared UNet: a concurrent DF-RISE job must neither see
     them nor disturb what they capture."""

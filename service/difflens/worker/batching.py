@@ -6,7 +6,8 @@ stay bit-identical to `difflens explain`. Inside DF-RISE (the worker's explainer
 batching mode) every raw() call goes to the model's `UNetBatcher`, which concatenates the pending requests of all
 jobs that are in DF-RISE at that moment, up to `max_batch` samples per UNet call, runs them once and hands each
 job its slice. A call is made as soon as every job in DF-RISE has a request waiting (nobody else can add to it)
-or the samples fill a call, so no timer is involved.
+or the samples fill a call, so no timer is involved. Only requests of one shape share a call (jobs of different
+image sizes, or of different prompt lengths, run in turn).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class _Request:
     @property
     def done(self) -> bool:
         return self.error is not None or self.received == self.n
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key can be concatenated into one call."""
+        return (tuple(self.latents.shape[1:]), self.latents.dtype, tuple(self.embeds.shape[1:]), self.embeds.dtype)
 
 
 @dataclass
@@ -115,17 +121,26 @@ class UNetBatcher:
             raise req.error
         return torch.cat(req.parts), req.shared
 
+    def _waiting(self) -> dict[tuple, int]:
+        """Samples not yet handed to a call, per request shape (in order of each shape's oldest request)."""
+        waiting: dict[tuple, int] = {}
+        for r in self._pending:
+            waiting[r.key] = waiting.get(r.key, 0) + r.n - r.sent
+        return waiting
+
     def _due(self) -> bool:
         if not self._pending:
             return False
-        waiting = sum(r.n - r.sent for r in self._pending)
         owners = {r.owner for r in self._pending}
-        return waiting >= self.max_batch or len(owners) >= self._participants
+        return len(owners) >= self._participants or max(self._waiting().values()) >= self.max_batch
 
     def _take(self) -> list[tuple[_Request, int, int]]:
-        """(request, start, stop) slices, first come first served, up to max_batch samples."""
+        """(request, start, stop) slices of one shape, first come first served, up to max_batch samples: the
+        first shape that fills a call, else the shape of the oldest request."""
+        waiting = self._waiting()
+        key = next((k for k, n in waiting.items() if n >= self.max_batch), next(iter(waiting)))
         room, batch = self.max_batch, []
-        for req in list(self._pending):
+        for req in [r for r in self._pending if r.key == key]:
             if room == 0:
                 break
             k = min(room, req.n - req.sent)
@@ -140,17 +155,17 @@ class UNetBatcher:
         return batch
 
     def _run(self, batch: list[tuple[_Request, int, int]]) -> None:
-        lat = torch.cat([r.latents[a:b] for r, a, b in batch])
-        ts = [r.timesteps[a:b] for r, a, b in batch]
-        if len({t.dtype for t in ts}) > 1:
-            ts = [t.float() for t in ts]  # the UNet's time projection casts to float32 anyway: same values
-        tim = torch.cat(ts)
-        emb = torch.cat([r.embeds[a:b] for r, a, b in batch])
-        n = lat.shape[0]
-        size = min(self.max_batch, 1 << (n - 1).bit_length()) if self.pad_to_bucket else n
-        if size > n:
-            lat, tim, emb = (torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in (lat, tim, emb))
-        try:
+        n = sum(b - a for _, a, b in batch)
+        try:  # everything that can fail, so that an error reaches every request of the call
+            lat = torch.cat([r.latents[a:b] for r, a, b in batch])
+            ts = [r.timesteps[a:b] for r, a, b in batch]
+            if len({t.dtype for t in ts}) > 1:
+                ts = [t.float() for t in ts]  # the UNet's time projection casts to float32 anyway: same values
+            tim = torch.cat(ts)
+            emb = torch.cat([r.embeds[a:b] for r, a, b in batch])
+            size = min(self.max_batch, 1 << (n - 1).bit_length()) if self.pad_to_bucket else n
+            if size > n:
+                lat, tim, emb = (torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in (lat, tim, emb))
             with torch.no_grad():
                 out = self.fn(lat, tim, emb)[:n]
         except BaseException as e:
