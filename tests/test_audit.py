@@ -97,6 +97,36 @@ def test_replay_refuses_other_weights(record, tiny_dir, tmp_path, capsys):
     assert "--model-dir" in err and "weights differ" in err and "unet/diffusion_pytorch_model.safetensors" in err
 
 
+def _copy_with(tiny_dir, tmp_path, name: str, **changes) -> str:
+    """A copy of the tiny model folder (same weights) with keys of one of its JSON config files changed."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_dir, folder)
+    f = folder / name
+    f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), **changes}))
+    return str(folder)
+
+
+def test_replay_runs_the_record_s_resolved_defaults_not_today_s(record, tiny_dir, tmp_path, capsys):
+    """The request left scheduler and size to the model's defaults; the folder's difflens.json (not hashed with
+    the weights) now says other ones. The replay still runs what the job ran."""
+    assert record["request"]["params"]["scheduler"] is None and record["request"]["params"]["width"] is None
+    folder = _copy_with(tiny_dir, tmp_path, "difflens.json", scheduler="euler", width=64, height=64)
+    assert main(["replay", _write(tmp_path, record), "--model-dir", folder]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows and set(rows.values()) == {"yes"}
+
+
+def test_replay_with_a_changed_scheduler_config_says_the_timesteps_differ(record, tiny_dir, tmp_path, capsys):
+    folder = _copy_with(tiny_dir, tmp_path, "scheduler/scheduler_config.json", timestep_spacing="trailing")
+    assert main(["replay", _write(tmp_path, record), "--model-dir", folder]) == 1
+    text = capsys.readouterr().out
+    [row] = [line for line in text.splitlines() if line.startswith("timesteps ")]
+    assert row.split()[-1] == "NO"
+    assert f"recorded {record['resolved']['timesteps']}" in text and "scheduler config changed" in text
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (None, "no such file"),
     ("{not json", "not a readable JSON file"),

@@ -16,6 +16,7 @@ the record; maps are checked where the record has them with the same options, an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from difflens import audit
 from difflens.config import ServiceSettings, Settings
-from difflens.engine.options import ExplainOptions
+from difflens.engine.options import ExplainOptions, GenerationParams
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
 from difflens.models import weights_sha256
@@ -176,7 +177,7 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     re_explained = options != spec.explain
     if re_explained and out is None:
         raise InvalidArgument("--out", "re-explaining makes maps the record does not have; give --out DIR")
-    run_spec = dataclasses.replace(spec, explain=options)
+    run_spec = dataclasses.replace(spec, params=pinned_generation(record, spec.params), explain=options)
     rows: list[tuple[str, str, str, bool]] = []
     companions: dict[str, bytes] = {}
     inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
@@ -194,6 +195,8 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     if re_explained:
         recorded["maps"], replayed["maps"], new = audit.comparable_maps(
             recorded.get("maps", {}), replayed["maps"], unchanged_methods(spec.explain, options))
+    replayed_params = exp.params if server is None else new_record.get("resolved") or {}
+    rows += timestep_rows((record.get("resolved") or {}).get("timesteps"), replayed_params.get("timesteps"), echo)
     rows += audit.compare_hashes(recorded, replayed)
     echo(format_table(rows, inexact))
     mismatches = sum(not ok for *_, ok in rows)
@@ -212,6 +215,31 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
         written = write_outputs(exp, out, companions=companions)
         echo(f"difflens: wrote {len(written)} files to {out}")
     return 0 if mismatches == 0 else 1
+
+
+# Request fields the model's defaults fill in when a request leaves them unset.
+DEFAULTED = ("steps", "guidance_scale", "width", "height", "scheduler")
+
+
+def pinned_generation(record: Mapping[str, Any], params: GenerationParams) -> GenerationParams:
+    """The record's request with every field it left to the model's defaults set to what the record resolved it
+    to: the model folder's difflens.json may have changed since (it is not among the hashed weights)."""
+    resolved = (record.get("resolved") or {}).get("generation")
+    if not isinstance(resolved, Mapping):
+        return params  # an older record: the defaults of today's folder
+    return dataclasses.replace(params, **{f: resolved[f] for f in DEFAULTED
+                                          if getattr(params, f) is None and resolved.get(f) is not None})
+
+
+def timestep_rows(recorded: Any, replayed: Any, echo: Callable[[str], None]) -> list[tuple[str, str, str, bool]]:
+    """One row comparing the timestep lists (hashed like the other items), and both lists spelled out when they
+    differ: the model's scheduler config (not hashed with the weights) may space the same steps differently now."""
+    if not isinstance(recorded, list) or not isinstance(replayed, list):
+        return []
+    a, b = (hashlib.sha256(json.dumps([int(t) for t in ts]).encode()).hexdigest() for ts in (recorded, replayed))
+    if a != b:
+        echo(f"difflens: the timesteps differ (scheduler config changed?): recorded {recorded}, now {replayed}")
+    return [("timesteps", a, b, a == b)]
 
 
 def runtime_line(record: Mapping[str, Any]) -> str:
