@@ -7,6 +7,7 @@ the checks that need the model (without its weights) and the deployment's limits
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from difflens.catalog import CatalogModel, ModelCatalog
@@ -30,6 +31,17 @@ def num_steps(params: GenerationParams, entry: CatalogModel) -> int:
     if s.kind in ("early", "late"):
         exponential_timesteps(s.kind, n, s.shift, entry.num_train_timesteps)  # type: ignore[arg-type]
     return n
+
+
+def check_given_limits(values: Mapping[str, float | None], limits: Limits) -> None:
+    """The deployment's ranges of the counts a request gives ("steps", "rise.num_masks", "rise.batch_size"; None:
+    not given). The front checks them on the raw request before the option dataclasses apply their wider,
+    engine-wide ranges, so that an error names the range this deployment allows."""
+    for field, top in (("steps", limits.max_steps), ("rise.num_masks", limits.max_masks),
+                       ("rise.batch_size", limits.max_rise_batch)):
+        value = values.get(field)
+        if value is not None:
+            check_range(field, value, 1, top)
 
 
 def check_prompt(field: str, text: str, entry: CatalogModel, limits: Limits) -> None:
@@ -61,16 +73,15 @@ def validate(spec: JobSpec, catalog: ModelCatalog, limits: Limits) -> JobSpec:
     check_prompt("negative_prompt", params.negative_prompt, entry, limits)
     # The engine's own resolution: defaults filled, size multiples, scheduler, steps within T. It reads only the
     # geometry attributes CatalogModel shares with a loaded Model.
-    resolved = resolve_generation(cast("Model", entry), params)
-    for name in ("width", "height"):
-        check_range(name, int(getattr(resolved, name)), entry.size_multiple, limits.max_side)
+    resolved = resolve_generation(cast("Model", entry), params, max_side=limits.max_side,
+                                  max_steps=limits.max_steps)
     n = num_steps(resolved, entry)
-    check_range("sampling.timesteps" if resolved.sampling.kind == "explicit" else "steps", n, 1, limits.max_steps)
+    if resolved.sampling.kind == "explicit":
+        check_range("sampling.timesteps", n, 1, limits.max_steps)
     explained = spec.explain.steps.select(n)
     rise = spec.explain.rise
     if rise is not None:
-        check_range("rise.num_masks", rise.num_masks, 1, limits.max_masks)
-        check_range("rise.batch_size", rise.batch_size, 1, limits.max_rise_batch)
+        check_given_limits({"rise.num_masks": rise.num_masks, "rise.batch_size": rise.batch_size}, limits)
         check_range("rise.seed", rise.seed, 0, 2**63 - 1)  # torch generators take no negative seeds
         work = rise.num_masks * len(explained)
         if work > limits.max_mask_steps:

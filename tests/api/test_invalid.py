@@ -157,6 +157,39 @@ def test_invalid_submit_names_the_field_and_queues_nothing(front, name, change, 
     assert srv.server.queue.depth(MODEL) == srv.server.queue.depth(req.model) == 0  # nor under a bad name
 
 
+# Values past both the engine's own ranges and this deployment's tighter Limits: the error names the deployment's.
+PAST_BOTH = [
+    (edit(steps=5000), "steps", "range [1, 200]"),
+    (edit(width=5000), "width", ", 1024]"),
+    (_set("explain.rise.masks", 2_000_000), "explain.rise.masks", "range [1, 8192]"),
+    (_set("explain.rise.batch", 5000), "explain.rise.batch", "range [1, 1024]"),
+    (lambda r: (_set("explain.rise.mask_kind", 2)(r), _set("explain.rise.grid_size", 2000)(r)),
+     "explain.rise.grid_size", "range [1, 16]"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "allowed"), PAST_BOTH, ids=[c[1] for c in PAST_BOTH])
+def test_a_value_past_every_limit_is_told_the_deployment_s_range(front, change, field, allowed):
+    _, client = front
+    req = base()
+    change(req)
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit(req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{field}: ") and allowed in err.value.details(), err.value.details()
+
+
+def test_steps_are_ignored_with_explicit_timesteps(front):
+    """The contract ignores `steps` when the timesteps are explicit, so it is not range-checked there either."""
+    srv, client = front
+    req = base()
+    _explicit([999, 500, 1])(req)
+    req.steps = 5000
+    record = client.submit(req)
+    assert record.state == "queued"
+    assert client.cancel(record.id).state == "cancelled" and srv.server.queue.depth(MODEL) == 0
+
+
 @pytest.mark.parametrize("name", ["unknown model", "masks x steps over budget", "explicit not decreasing"])
 def test_invalid_explain_fails_before_streaming(front, name):
     srv, client = front

@@ -368,3 +368,11 @@ def test_rise_mean_is_the_score_averaged_over_all_masks_whatever_each_pixel_kept
     inside[REGION] = True
     # inside: E[s | kept] - E[s] = 0 - (2 * 5/16 - 1) = 0.375; outside 0 up to sampling noise (~0.03 sd)
     assert own[inside].min() > 0.25 and own[~inside].abs().max() < 0.12
+
+
+def test_a_grid_finer_than_the_latent_is_refused_as_the_service_refuses_it():
+    """The engine (local CLI) and the front agree: grid cells no smaller than one latent pixel."""
+    assert rise.make_masks(RiseOptions(num_masks=2, mask="grid", grid_size=9), (9, 12), "cpu").shape == (2, 9, 12)
+    with pytest.raises(InvalidArgument) as e:
+        rise.make_masks(RiseOptions(num_masks=2, mask="grid", grid_size=10), (9, 12), "cpu")
+    assert e.value.field == "rise.grid_size" and "[1, 9]" in e.value.message

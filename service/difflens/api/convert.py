@@ -39,6 +39,7 @@ from difflens.jobs import (
     Step,
     TokenMap,
 )
+from difflens.validation import check_given_limits
 
 T = TypeVar("T")
 
@@ -155,14 +156,22 @@ def job_deadline(req: Any, call_remaining_s: float | None, now: float | None = N
     return min(candidates) if candidates else None
 
 
-def request_to_spec(req: Any, *, caller: str = "", deadline: float | None = None) -> JobSpec:
-    """ExplainRequest -> JobSpec (model name as given: '' means the default, resolved by validation)."""
+def request_to_spec(req: Any, *, caller: str = "", deadline: float | None = None,
+                    limits: Limits | None = None) -> JobSpec:
+    """ExplainRequest -> JobSpec (model name as given: '' means the default, resolved by validation). With
+    `limits` (the front's), the counts the request gives are first checked against them (the option dataclasses'
+    own ranges are engine-wide, wider). `steps` is dropped with explicit timesteps: the contract ignores it there."""
     scheduler = None
     if req.scheduler:
         scheduler = _enum("scheduler", req.scheduler, SCHEDULERS, pb.Scheduler)
+    steps = None if req.sampling.WhichOneof("kind") == "explicit" else _opt(req, "steps")
+    if limits is not None:
+        rise = req.explain.rise if req.explain.HasField("rise") else None
+        check_given_limits({"steps": steps, "rise.num_masks": _opt(rise, "masks") if rise else None,
+                            "rise.batch_size": _opt(rise, "batch") if rise else None}, limits)
     params = GenerationParams(
         req.prompt, negative_prompt=req.negative_prompt, seed=req.seed if req.HasField("seed") else 0,
-        **_given(steps=_opt(req, "steps"), guidance_scale=_opt(req, "guidance_scale"), width=_opt(req, "width"),
+        **_given(steps=steps, guidance_scale=_opt(req, "guidance_scale"), width=_opt(req, "width"),
                  height=_opt(req, "height"), scheduler=scheduler),
         sampling=sampling_from_pb(req.sampling))
     output = OutputOptions(

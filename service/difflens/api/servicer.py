@@ -32,7 +32,8 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     async def _submit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         deadline = convert.job_deadline(request, context.time_remaining())
-        spec = convert.request_to_spec(request, caller=caller_of(context), deadline=deadline)
+        spec = convert.request_to_spec(request, caller=caller_of(context), deadline=deadline,
+                                       limits=self.front.settings.limits)
         return await self.front.submit(spec)
 
     async def Explain(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -43,7 +44,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def Submit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         # Submit returns at once: its own deadline says nothing about the job's (timeout_seconds does).
         spec = convert.request_to_spec(request, caller=caller_of(context),
-                                       deadline=convert.job_deadline(request, None))
+                                       deadline=convert.job_deadline(request, None), limits=self.front.settings.limits)
         return convert.job_to_pb(await self.front.submit(spec))
 
     async def GetJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

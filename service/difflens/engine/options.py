@@ -150,7 +150,8 @@ class RiseOptions:
         check_range("rise.num_masks", self.num_masks, 1, 1_000_000)
         check_range("rise.p", self.p, 1e-6, 1.0)
         check_choice("rise.mask", self.mask, get_args(MaskKind))
-        check_range("rise.grid_size", self.grid_size, 1, 1024)
+        if self.grid_size < 1:  # the upper bound is the latent's smaller side: rise.make_masks checks it
+            raise InvalidArgument("rise.grid_size", f"got {self.grid_size}; must be >= 1")
         check_choice("rise.substrate", self.substrate, get_args(Substrate))
         check_choice("rise.score", self.score, get_args(ScoreKind))
         check_choice("rise.ssim_padding", self.ssim_padding, get_args(SsimPadding))

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from difflens.engine.options import RiseOptions, SsimPadding
+from difflens.engine.options import RiseOptions, SsimPadding, check_range
 from difflens.engine.sampler import StepState
 from difflens.errors import InvalidArgument
 
@@ -39,6 +39,7 @@ def make_masks(opts: RiseOptions, size: tuple[int, int], device: torch.device | 
         return _checked_masks(opts.masks, size).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device="cpu").manual_seed(opts.seed)
     if opts.mask == "grid":
+        check_range("rise.grid_size", opts.grid_size, 1, min(size))  # no cell smaller than a latent pixel
         masks = grid_masks(opts.num_masks, size, opts.grid_size, opts.p, gen)
     else:
         masks = pixel_masks(opts.num_masks, size, opts.p, gen)

@@ -12,8 +12,10 @@ from difflens.errors import InvalidArgument
 MAX_SIDE = 4096
 
 
-def resolve_generation(model: Model, params: GenerationParams) -> GenerationParams:
-    """Fill unset fields from the model's recommended defaults and validate against the model."""
+def resolve_generation(model: Model, params: GenerationParams, *, max_side: int = MAX_SIDE,
+                       max_steps: int | None = None) -> GenerationParams:
+    """Fill unset fields from the model's recommended defaults and validate against the model. A deployment
+    passes its own (tighter) max_side and max_steps, so an error names the range it allows."""
     d = model.defaults
     w_default, h_default = model.default_size
     p = dataclasses.replace(
@@ -28,11 +30,12 @@ def resolve_generation(model: Model, params: GenerationParams) -> GenerationPara
     m = model.size_multiple
     for name in ("width", "height"):
         v = getattr(p, name)
-        check_range(name, v, m, MAX_SIDE)
+        check_range(name, v, m, max_side)
         if v % m:
             raise InvalidArgument(name, f"got {v}; must be a multiple of {m} (VAE factor {model.vae_scale_factor} x 8)")
     if p.sampling.kind in ("uniform", "early", "late"):
-        check_range("steps", int(p.steps or 0), 1, model.num_train_timesteps)
+        top = model.num_train_timesteps if max_steps is None else min(max_steps, model.num_train_timesteps)
+        check_range("steps", int(p.steps or 0), 1, top)
     if p.sampling.kind == "uniform":  # what the scheduler's own spacing makes of that many steps
         check_uniform_steps(model.scheduler_config, str(p.scheduler), int(p.steps or 0), model.num_train_timesteps)
     return p
