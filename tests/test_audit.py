@@ -214,6 +214,11 @@ def test_flags_that_repeat_the_record_replay_it_as_recorded(record, tiny_dir, tm
     assert "re-explained" not in text
 
 
+def test_replay_with_no_methods_needs_no_out_and_checks_the_image(record, tiny_dir, tmp_path, capsys):
+    assert main(["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir), "--methods", "none"]) == 0
+    assert set(_rows(capsys.readouterr().out)) == {"image.rgb_uint8", "image.png"}
+
+
 def test_store_writes_one_file_per_attempt_under_the_utc_date(tmp_path):
     record = {"job_id": "j1", "attempt": 2, "x": 1}
     path = audit.store(audit.dumps(record), record, tmp_path / "records")

@@ -60,6 +60,8 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--timesteps", "500,900"], "--timesteps"),
     (["--sampling", "late", "--shift", "0", "--steps", "30"], "--shift"),
     (["--masks", "0"], "--masks"),
+    (["--mask-seed", "-1"], "--mask-seed"),  # the service refuses it too
+    (["--mask", "grid", "--grid-size", "17"], "--grid-size"),  # finer than the tiny model's 16 x 16 latent
     (["--mask", "stars"], "--mask"),
     (["--cam-target", "x"], "--cam-target"),
     (["--methods", "cam", "--cam-layers", "up_blocks.9"], "--cam-layers"),

@@ -82,7 +82,6 @@ def validate(spec: JobSpec, catalog: ModelCatalog, limits: Limits) -> JobSpec:
     rise = spec.explain.rise
     if rise is not None:
         check_given_limits({"rise.num_masks": rise.num_masks, "rise.batch_size": rise.batch_size}, limits)
-        check_range("rise.seed", rise.seed, 0, 2**63 - 1)  # torch generators take no negative seeds
         work = rise.num_masks * len(explained)
         if work > limits.max_mask_steps:
             raise InvalidArgument("rise.num_masks", f"{rise.num_masks} masks x {len(explained)} explained steps = "

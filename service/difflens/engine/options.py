@@ -157,6 +157,7 @@ class RiseOptions:
         check_choice("rise.ssim_padding", self.ssim_padding, get_args(SsimPadding))
         check_choice("rise.target", self.target, get_args(RiseTarget))
         check_range("rise.batch_size", self.batch_size, 1, 4096)
+        check_range("rise.seed", self.seed, 0, 2**63 - 1)  # as the generation seed: one range everywhere
         if self.masks is not None and self.masks.dim() != 3:
             raise InvalidArgument("rise.masks", f"must be (N, h, w), got shape {tuple(self.masks.shape)}")
 

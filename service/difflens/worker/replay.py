@@ -175,7 +175,8 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
         raise InvalidArgument("AUDIT", f"the record's request is malformed: {e}") from None
     options = spec.explain if explain is None else explain(spec.explain)
     re_explained = options != spec.explain
-    if re_explained and out is None:
+    makes_maps = any(m is not None for m in (options.rise, options.cam, options.attention))
+    if re_explained and makes_maps and out is None:
         raise InvalidArgument("--out", "re-explaining makes maps the record does not have; give --out DIR")
     run_spec = dataclasses.replace(spec, params=pinned_generation(record, spec.params), explain=options)
     rows: list[tuple[str, str, str, bool]] = []
