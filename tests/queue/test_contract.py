@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from difflens.errors import ResourceExhausted
+from difflens.errors import InvalidArgument, ResourceExhausted
 from difflens.jobs import Completed, Failed, Queued, Started, Step
 from difflens.queue.base import JobNotFound, Published
 from difflens.queue.common import CANCELLED_MESSAGE as CANCELLED
@@ -171,13 +171,41 @@ def test_dead_letter_after_max_deliveries(backend):
 
 def test_idempotency_is_scoped_by_caller(backend):
     q = backend.queue()
-    a = q.enqueue(spec(idempotency_key="k1", caller="app"))
-    again = q.enqueue(spec("different body", idempotency_key="k1", caller="app"))
+    a = q.enqueue(spec(idempotency_key="k1", caller="app", deadline=time.time() + 60))
+    again = q.enqueue(spec(idempotency_key="k1", caller="app", deadline=time.time() + 90))  # a retry's deadline
     other_caller = q.enqueue(spec(idempotency_key="k1", caller="other"))
     no_key = [q.enqueue(spec()).id for _ in range(2)]
-    assert again.id == a.id and other_caller.id != a.id and no_key[0] != no_key[1]
+    assert again.id == a.id and not again.created and other_caller.id != a.id and no_key[0] != no_key[1]
     assert q.depth(MODEL) == 4
     assert kinds(q, a.id) == [(0, "Queued")]  # the repeat added nothing
+
+
+@pytest.mark.parametrize("change", [{"prompt": "a different body"}, {"model": "other"}])
+def test_a_key_reused_for_another_request_is_refused_and_queues_nothing(backend, change):
+    """Not the old job: a caller that reuses a key by mistake (another prompt, another model) would otherwise
+    get a job it did not ask for, silently."""
+    q = backend.queue()
+    a = q.enqueue(spec(idempotency_key="k1", caller="app"))
+    with pytest.raises(InvalidArgument) as e:
+        q.enqueue(spec(**change, idempotency_key="k1", caller="app"))
+    assert e.value.field == "idempotency_key" and a.id in e.value.message
+    assert q.depth(MODEL) == 1 and q.depth("other") == 0
+
+
+def test_an_idempotency_key_lives_as_long_as_its_job(backend):
+    """Writes to a running job keep its key alive past the result TTL counted from the enqueue: a retry while it
+    runs is still the same job."""
+    ttl = 1.0
+    q = backend.queue(result_ttl_s=ttl)
+    a = q.enqueue(spec(idempotency_key="k1", caller="app"))
+    c = q.claim("w1", MODELS, block_s=1, start=True)
+    assert c is not None and c.job_id == a.id
+    end = time.monotonic() + 2.5 * ttl
+    while time.monotonic() < end:
+        assert q.heartbeat(c)
+        time.sleep(0.1)
+    again = q.enqueue(spec(idempotency_key="k1", caller="app"))
+    assert again.id == a.id and not again.created
 
 
 def test_full_queue_refuses_with_retry_hint_then_accepts_again(backend):

@@ -9,7 +9,9 @@ Semantics every implementation keeps:
   serve different models can share one Redis, and each model's workers can be scaled on its own queue's depth.
   `max_queue_depth`, `depth(model)` and a job's queue position are per model.
 - `enqueue` validates nothing (the front already did) but enforces the depth limit (ResourceExhausted with a
-  retry hint) and idempotency: the same (caller, idempotency_key) returns the existing job instead of a new one.
+  retry hint) and idempotency: the same (caller, idempotency_key) returns the existing job instead of a new one,
+  for as long as that job's record lives; the same key with a different request (common.request_fingerprint:
+  everything but the deadline) raises InvalidArgument on idempotency_key.
   It appends a `Queued` event as the job's event 0.
 - `claim` hands a worker one job for one of its models: a new one, or one whose worker stopped heartbeating for
   longer than the visibility timeout (reclaimed; `Claim.delivery` counts deliveries). A job delivered more than

@@ -5,11 +5,13 @@ Kept here so the Redis and in-process queues cannot drift apart on them (base.py
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import uuid
 from collections.abc import Collection
 
-from difflens.errors import ResourceExhausted
-from difflens.jobs import Completed, Event, Failed, JobStateName
+from difflens.errors import InvalidArgument, ResourceExhausted
+from difflens.jobs import Completed, Event, Failed, JobSpec, JobStateName
 
 # The front cannot know how fast workers drain the queue (jobs take milliseconds on a GPU, seconds on a CPU), so
 # the hint is a fixed, short wait: long enough that retrying clients do not hammer a full queue.
@@ -30,6 +32,16 @@ def queue_full(model: str, depth: int, limit: int) -> ResourceExhausted:
         f"queue full: {depth} jobs waiting for model {model!r} (max_queue_depth={limit}, per model); "
         f"retry in {QUEUE_FULL_RETRY_S:g} s",
         retry_after_s=QUEUE_FULL_RETRY_S)
+
+
+def request_fingerprint(spec: JobSpec) -> str:
+    """What an idempotency key stands for: the request without its deadline (each retry's call deadline differs)."""
+    return hashlib.sha256(dataclasses.replace(spec, deadline=None).to_json().encode()).hexdigest()
+
+
+def idempotency_conflict(job_id: str) -> InvalidArgument:
+    return InvalidArgument("idempotency_key", f"already used by this caller for a different request (job {job_id}); "
+                                              "a retry must repeat the request exactly, a new request needs a new key")
 
 
 def check_models(models: Collection[str]) -> None:

@@ -21,9 +21,11 @@ from difflens.queue.common import (
     check_models,
     claim_verdict,
     error_of,
+    idempotency_conflict,
     new_job_id,
     new_token,
     queue_full,
+    request_fingerprint,
     settled,
     terminal_state,
 )
@@ -75,7 +77,10 @@ class InProcessQueue:
             self._sweep()
             key = (spec.caller, spec.idempotency_key)
             if spec.idempotency_key and key in self._idem and self._idem[key] in self._jobs:
-                return self._record(self._jobs[self._idem[key]])
+                existing = self._jobs[self._idem[key]]
+                if request_fingerprint(existing.spec) != request_fingerprint(spec):
+                    raise idempotency_conflict(existing.id)
+                return self._record(existing)
             depth = self._depth(spec.model)
             if depth >= self.settings.max_queue_depth:
                 raise queue_full(spec.model, depth, self.settings.max_queue_depth)

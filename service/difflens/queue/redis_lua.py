@@ -12,12 +12,13 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
     P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
                          field e = encode_event bytes, or q = position for the Queued event the enqueue script
                          writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
-    P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics, with the TTL
+    P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics; expires with the job (its
+                         hash names it in `idem`, beside `fp`, the request's fingerprint)
     P:workers:M          sorted set of the workers serving M by the time of their last announce (every heartbeat
                          interval); expires the visibility timeout after the last one
     P:cancel             pub/sub channel: the cancel script publishes the id of a running job whose flag it raised
-The per-job keys expire result_ttl_s after their last write. Every check-then-write on a job runs in one Lua
-script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
+The per-job keys (and a job's idempotency key) expire result_ttl_s after their last write. Every check-then-write
+on a job runs in one Lua script, so ownership, the at-most-once finish and cancelling a queued job cannot race.
 """
 
 # Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] its model's work stream, KEYS[4]
@@ -29,6 +30,8 @@ end
 local function touch(ttl)
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
+  local idem = redis.call('HGET', KEYS[1], 'idem')
+  if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
 end
 local function append(field, value)
   local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -49,11 +52,15 @@ end
 """
 
 # KEYS[5] idempotency key, KEYS[6] score counter. ARGV: id, spec, model, deadline, now, ttl, max depth,
-# use idempotency (1/0), job key prefix.
+# use idempotency (1/0), job key prefix, request fingerprint. A key already used for another request (another
+# fingerprint) is a conflict.
 ENQUEUE = PRELUDE + """
 if ARGV[8] == '1' then
   local existing = redis.call('GET', KEYS[5])
-  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return {'existing', existing} end
+  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then
+    if redis.call('HGET', ARGV[9] .. existing, 'fp') ~= ARGV[10] then return {'conflict', existing} end
+    return {'existing', existing}
+  end
 end
 local depth = redis.call('ZCARD', KEYS[4])
 if depth >= tonumber(ARGV[7]) then return {'full', depth} end
@@ -62,9 +69,12 @@ local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
            'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
            'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
+if ARGV[8] == '1' then
+  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6])
+  redis.call('HSET', KEYS[1], 'idem', KEYS[5], 'fp', ARGV[10])
+end
 append('q', depth)
 touch(ARGV[6])
-if ARGV[8] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6]) end
 return {'new', tostring(depth)}
 """
 

@@ -33,9 +33,11 @@ from difflens.queue.common import (
     check_models,
     claim_verdict,
     error_of,
+    idempotency_conflict,
     new_job_id,
     new_token,
     queue_full,
+    request_fingerprint,
     settled,
     terminal_state,
     text,
@@ -193,9 +195,12 @@ class RedisStreamsQueue:
         """KEYS and ARGV of the enqueue script."""
         return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter],
                 [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
-                 self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix])
+                 self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix,
+                 request_fingerprint(spec) if spec.idempotency_key else ""])
 
     def _enqueued(self, spec: JobSpec, job_id: str, now: float, kind: bytes, value: Any) -> JobRecord:
+        if kind == b"conflict":
+            raise idempotency_conflict(text(value))
         if kind == b"full":
             raise queue_full(spec.model, int(value), self.settings.max_queue_depth)
         return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
