@@ -9,6 +9,7 @@ FOLLOW_BLOCK_S at a time, so a cancelled call or a drain is noticed within that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ class Front:
         self.queue = queue
         self.catalog = catalog
         self.draining = False
-        self._active = 0  # streams following a job right now
+        self._active = 0  # calls submitting or following a job right now (see active())
         self._idle = asyncio.Condition()
         self._pool = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="front-queue")
         self._async: AsyncFront | None = queue.async_front()
@@ -56,16 +57,29 @@ class Front:
             return await self._async.events(job_id, after, block_s, live)
         return await self._run(self.queue.events, job_id, after, block_s)
 
+    @contextlib.asynccontextmanager
+    async def active(self) -> AsyncIterator[None]:
+        """A call in progress that drain must wait for (wait_idle): a submission whose enqueue is in flight, a
+        stream following a job, or an Explain from its submit to its last event (the two must not leave a gap)."""
+        self._active += 1
+        try:
+            yield
+        finally:
+            async with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
     async def submit(self, spec: JobSpec) -> JobRecord:
         """Validate (InvalidArgument), then enqueue (ResourceExhausted when full; the existing job for a repeated
         idempotency key). Nothing is queued for an invalid spec."""
         if self.draining:
             raise NotReady("this front is draining (shutting down); retry on another replica")
         spec = validate(spec, self.catalog, self.settings.limits)
-        # difflens_queue_depth: sample_depth, off the hot path
-        if self._async is not None:
-            return await self._async.enqueue(spec)
-        return await self._run(self.queue.enqueue, spec)
+        async with self.active():  # drain waits for the enqueue: its job may exist once it returns
+            # difflens_queue_depth: sample_depth, off the hot path
+            if self._async is not None:
+                return await self._async.enqueue(spec)
+            return await self._run(self.queue.enqueue, spec)
 
     async def get(self, job_id: str) -> JobRecord:
         if self._async is not None:
@@ -83,8 +97,7 @@ class Front:
         without a read, and the first read already waits for the worker."""
         if self.draining and not admit:
             raise NotReady("this front is draining (shutting down); watch the job on another replica")
-        self._active += 1
-        try:
+        async with self.active():
             block, live = 0.0, False  # the first read does not wait: an unknown job is reported at once
             if created is not None and created.created and after < 0:
                 yield 0, Queued(position=created.queue_position)
@@ -104,13 +117,10 @@ class Front:
                     yield seq, event
                     if is_terminal(event):
                         return
-        finally:
-            async with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stream is following a job (True), or `timeout_s` passed (False)."""
+        """Wait until no call is active (active(): submitting or following a job) (True), or `timeout_s` passed
+        (False)."""
         async with self._idle:
             try:
                 await asyncio.wait_for(self._idle.wait_for(lambda: self._active == 0), timeout_s)

@@ -37,9 +37,10 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return await self.front.submit(spec)
 
     async def Explain(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        record = await self._submit(request, context)
-        async for seq, event in self.front.follow(record.id, admit=True, created=record):
-            yield convert.event_to_pb(record.id, seq, event)
+        async with self.front.active():  # one call for drain, from the enqueue to the last event
+            record = await self._submit(request, context)
+            async for seq, event in self.front.follow(record.id, admit=True, created=record):
+                yield convert.event_to_pb(record.id, seq, event)
 
     async def Submit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         # Submit returns at once: its own deadline says nothing about the job's (timeout_seconds does).
