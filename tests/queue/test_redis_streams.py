@@ -290,3 +290,42 @@ def test_an_entry_read_beside_another_is_handed_back_for_any_worker_to_reclaim(r
     got = other.claim("w2", (MODEL, "b"), block_s=5)
     assert got is not None and {got.job_id, taken.job_id} == jobs and got.delivery == 1
     assert time.monotonic() - t0 < 3.0
+
+
+def take(q, worker: str):
+    job = q.enqueue(spec())
+    claim = q.claim(worker, MODELS, block_s=1)
+    assert claim is not None and claim.job_id == job.id
+    return claim
+
+
+def consumers(r, stream: str) -> dict[str, int]:
+    return {c["name"].decode(): int(c["pending"]) for c in r.xinfo_consumers(stream, "workers")}
+
+
+def test_a_retiring_worker_leaves_no_consumer_behind_but_one_holding_a_job_stays(rb, r, queue_name):
+    """Worker names are unique per start: without this each start left a consumer in every stream it read."""
+    q = rb.queue()
+    stream = f"{queue_name}:work:{MODEL}"
+    done = take(q, "w1")  # a delivery makes the consumer
+    assert q.finish(done, Completed(b"png", "{}"))
+    take(q, "w2")
+    assert consumers(r, stream) == {"w1": 0, "w2": 1}
+    q.retire("w1", MODELS)
+    q.retire("w2", MODELS)  # holds a pending entry: kept, so the entry can still be reclaimed
+    assert consumers(r, stream) == {"w2": 1}
+
+
+def test_the_reclaim_scan_forgets_consumers_long_gone(rb, r, queue_name):
+    """A SIGKILLed worker never retires: after 10 visibility timeouts without a read, with nothing pending, a
+    scan deletes its consumer."""
+    q = rb.queue()  # visibility timeout 0.3 s
+    stream = f"{queue_name}:work:{MODEL}"
+    assert q.finish(take(q, "gone"), Completed(b"png", "{}"))
+    assert take(q, "alive") is not None
+    assert consumers(r, stream) == {"gone": 0, "alive": 1}
+    time.sleep(10 * FAST["visibility_timeout_s"] + 0.5)  # "alive" holds its job past the visibility timeout too
+    q._work._last_prune = q._work._last_reclaim = 0.0
+    reclaimed = q.claim("third", MODELS, block_s=0.5)  # the scan: reclaims alive's job, prunes "gone"
+    assert reclaimed is not None
+    assert consumers(r, stream) == {"alive": 0, "third": 1}  # alive still held its entry when the scan looked

@@ -279,6 +279,7 @@ class RedisStreamsQueue:
         for model in models:
             pipe.zrem(self._workers_prefix + model, worker)
         pipe.execute()
+        self._work.forget(self._work.streams(models), [worker])
 
     def live_workers(self, model: str) -> int:
         since = time.time() - self.settings.visibility_timeout_s

@@ -34,6 +34,20 @@ class WorkEntry(NamedTuple):
     fields: dict[bytes, bytes] | None
 
 
+# KEYS[1] a work stream. ARGV[1] the group, ARGV[2..] consumer names. Deletes those that hold no pending entry (in
+# one step: a consumer deleted with entries would take them out of the pending list, beyond any reclaim).
+FORGET_CONSUMERS = """
+local n = 0
+for i = 2, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[i]) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
 class WorkStreams:
     """The work streams P:work:<model> as one worker process reads them. Thread-safe (a lock guards the scan
     cursors and the turn)."""
@@ -47,10 +61,12 @@ class WorkStreams:
         self._reclaim_every_s = min(1.0, settings.visibility_timeout_s / 3)
         self._idle_ms = max(1, int(settings.visibility_timeout_s * 1000))
         self._last_reclaim = 0.0
+        self._last_prune = time.monotonic()
         self._cursors: dict[str, bytes | str] = {}  # work stream -> where its reclaim scan goes on
         self._lock = threading.Lock()
         self._grouped: set[str] = set()  # work streams whose consumer group this object made or found
         self._turn = 0  # which stream is read first: turns, so no model starves the others
+        self._forget = r.register_script(FORGET_CONSUMERS)
 
     def model_of(self, stream: str) -> str:
         return stream[len(self.prefix):]
@@ -118,6 +134,12 @@ class WorkStreams:
             if now - self._last_reclaim < self._reclaim_every_s:
                 return None
             self._last_reclaim = now
+            prune = now - self._last_prune >= 10 * self.settings.visibility_timeout_s
+            if prune:
+                self._last_prune = now
+        if prune:
+            for stream in streams:
+                self.prune(stream)
         for stream in streams:
             with self._lock:
                 cursor = self._cursors.get(stream, "0-0")
@@ -136,6 +158,30 @@ class WorkStreams:
                 entry_id, fields = claimed[0]
                 return WorkEntry(stream, entry_id, text(fields[b"job"]), None)
         return None
+
+    def forget(self, streams: Collection[str], workers: Collection[str]) -> None:
+        """Delete the consumers `workers` of `streams`' group where they hold no pending entry. Worker names are
+        unique per process start, so without this every start would leave one behind in every stream it read."""
+        for stream in streams:
+            try:
+                self._forget(keys=[stream], args=[GROUP, *workers])
+            except redis.ResponseError as e:
+                if not self._group_lost(e, [stream]):
+                    raise
+
+    def prune(self, stream: str) -> None:
+        """Forget the consumers of `stream` idle for 10 visibility timeouts (workers SIGKILLed or gone without
+        retiring; their entries were reclaimed by others meanwhile). A live one deleted this way is made again by
+        its next read."""
+        try:
+            idle = [text(c["name"]) for c in self._r.xinfo_consumers(stream, GROUP)
+                    if int(c["pending"]) == 0 and int(c["idle"]) > 10 * self._idle_ms]
+        except redis.ResponseError as e:
+            if self._group_lost(e, [stream]):
+                return
+            raise
+        if idle:
+            self.forget([stream], idle)
 
     def _read_new(self, worker: str, streams: list[str], block_s: float) -> WorkEntry | None:
         """A new work entry of `streams` for `worker`, or None after block_s."""
