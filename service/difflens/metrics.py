@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from difflens.jobs import Failed
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # Per-step work is milliseconds on a GPU and seconds on a CPU: buckets span both.
@@ -44,3 +46,10 @@ def t_bucket(timestep: int) -> str:
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
     """/metrics on its own port (a daemon thread)."""
     start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+def count_ended(event: Failed) -> None:
+    """difflens_jobs_total for a job the queue ended itself (JobQueue.on_ended), with the status labels a worker
+    uses for the same outcomes."""
+    status = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline_exceeded"}.get(event.code, "failed")
+    JOBS.labels(status).inc()

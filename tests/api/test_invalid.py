@@ -205,8 +205,16 @@ def test_invalid_explain_fails_before_streaming(front, name):
 
 
 def test_a_valid_request_is_queued(front):
-    """The control: the same base request, unchanged, is accepted (and waits: there is no worker)."""
+    """The control: the same base request, unchanged, is accepted (and waits: there is no worker). Cancelled
+    while queued, it ends at the front and is counted there."""
+    from difflens import metrics
+
+    def cancelled() -> float:
+        return metrics.REGISTRY.get_sample_value("difflens_jobs_total", {"status": "cancelled"}) or 0.0
+
     srv, client = front
     record = client.submit(base())
     assert record.state == "queued" and srv.server.queue.depth(MODEL) == 1
+    before = cancelled()
     assert client.cancel(record.id).state == "cancelled" and srv.server.queue.depth(MODEL) == 0
+    assert cancelled() == before + 1

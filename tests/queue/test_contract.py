@@ -472,3 +472,36 @@ def test_claim_ahead_hands_a_new_job_out_before_the_claim_script_and_says_if_it_
     assert c3.job_id == late.id and not confirm3()
     assert [type(e).__name__ for _, e in watcher.events(late.id)] == ["Queued", "Failed"]
     assert watcher.get(late.id).state == "failed" and q.depth(MODEL) == 0
+
+
+def _listen(q) -> list[str]:
+    ended: list[str] = []
+    getattr(q, "_queue", q).on_ended = lambda event: ended.append(event.code)  # the asyncio front's queue
+    return ended
+
+
+def test_jobs_the_queue_ends_itself_are_reported_once_each(backend):
+    """on_ended (difflens_jobs_total's source for them): a queued job the caller cancels, and a job a claim fails
+    past its deadline. Not a running job's cancel: its worker ends that one and counts it."""
+    q = backend.queue()
+    ended = _listen(q)
+    queued = q.enqueue(spec("cancel me"))
+    q.cancel(queued.id)
+    q.cancel(queued.id)  # already ended: not again
+    q.enqueue(spec("late", deadline=time.time() - 1))
+    running = q.enqueue(spec("running"))
+    c = q.claim("w1", MODELS, block_s=2)  # the late one fails at this claim; the running one is handed out
+    assert c is not None and c.job_id == running.id
+    q.cancel(running.id)
+    assert ended == ["CANCELLED", "DEADLINE_EXCEEDED"]
+
+
+def test_a_dead_lettered_job_is_reported_as_ended(backend):
+    q = backend.queue()  # max_deliveries=2
+    ended = _listen(q)
+    q.enqueue(spec())
+    for n in (1, 2):
+        assert q.claim(f"w{n}", MODELS, block_s=2) is not None
+        time.sleep(LAPSE_S)
+    assert q.claim("w3", MODELS, block_s=2 * LAPSE_S) is None
+    assert ended == ["ABORTED"]

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from difflens import metrics
 from difflens.api.front import Front
 from difflens.api.interceptors import ErrorInterceptor
 from difflens.api.pb import SERVICE_NAME, pb_grpc
@@ -57,6 +58,7 @@ class DifflensServer:
         self.settings = settings
         self._own_queue = queue is None
         self.queue = queue if queue is not None else make_queue(settings)
+        self.queue.on_ended = metrics.count_ended  # queued jobs its callers cancel
         self.catalog = catalog or ModelCatalog.from_settings(settings)
         self.front = Front(settings, self.queue, self.catalog)
         self.worker: Any = None

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
-from difflens.jobs import TERMINAL_EVENTS, Event, JobRecord, JobSpec
+from difflens.jobs import TERMINAL_EVENTS, Event, Failed, JobRecord, JobSpec
 
 
 class JobNotFound(LookupError):
@@ -83,6 +83,11 @@ class Claim:
 
 
 class JobQueue(Protocol):
+    # Called with the terminal event when the queue itself ends a job - the caller cancelled it while queued, or a
+    # claim found it cancelled, past its deadline, delivered too often or unreadable - once its at-most-once
+    # finish succeeded (metrics: jobs a worker finishes it counts itself). None: nobody listens.
+    on_ended: Callable[[Failed], None] | None
+
     def enqueue(self, spec: JobSpec) -> JobRecord: ...
 
     def get(self, job_id: str) -> JobRecord: ...

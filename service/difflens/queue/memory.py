@@ -60,6 +60,7 @@ class InProcessQueue:
 
     def __init__(self, settings: ServiceSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.on_ended: Callable[[Failed], None] | None = None
         self._clock = clock
         self._cond = threading.Condition()
         self._jobs: dict[str, _Job] = {}
@@ -106,7 +107,7 @@ class InProcessQueue:
                     job.cancel = True
                     self._touch(job)
                 else:
-                    self._terminate(job, Failed("CANCELLED", CANCELLED_MESSAGE))
+                    self._ended(job, Failed("CANCELLED", CANCELLED_MESSAGE))
             return self._record(job)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -253,6 +254,12 @@ class InProcessQueue:
     def _touch(self, job: _Job) -> None:
         job.updated_at = self._clock()
 
+    def _ended(self, job: _Job, event: Failed) -> None:
+        """The queue ends the job itself (see JobQueue.on_ended)."""
+        self._terminate(job, event)
+        if self.on_ended is not None:
+            self.on_ended(event)
+
     def _terminate(self, job: _Job, event: Event) -> None:
         job.events.append(event)
         job.state = terminal_state(event)
@@ -292,7 +299,7 @@ class InProcessQueue:
         if failed is not None:
             if failed.code == "ABORTED":
                 self._dead.append(job.id)
-            self._terminate(job, failed)
+            self._ended(job, failed)
             return None
         if start:
             job.state = "running"

@@ -150,6 +150,7 @@ class RedisStreamsQueue:
 
     def __init__(self, url_or_client: str | redis.Redis, settings: ServiceSettings) -> None:
         self.settings = settings
+        self.on_ended: Callable[[Failed], None] | None = None
         self._owns_client = isinstance(url_or_client, str)
         self._url = url_or_client if isinstance(url_or_client, str) else None
         self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
@@ -223,11 +224,14 @@ class RedisStreamsQueue:
 
     def cancel(self, job_id: str) -> JobRecord:
         model = self._r.hget(self._job_prefix + job_id, "model")  # names the job's work stream; never changes
-        if model is None or self._cancel(
-                keys=self._keys(job_id, text(model)),
-                args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}", time.time(), self._ttl_ms, GROUP,
-                      job_id, self._cancel_channel]) == -1:
+        done = None if model is None else self._cancel(
+            keys=self._keys(job_id, text(model)),
+            args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}", time.time(), self._ttl_ms, GROUP, job_id,
+                  self._cancel_channel])
+        if done is None or done == -1:
             raise JobNotFound(job_id)
+        if done == 1 and self.on_ended is not None:  # it was queued: this call ended it
+            self.on_ended(Failed("CANCELLED", CANCELLED_MESSAGE))
         return self.get(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -391,12 +395,16 @@ class RedisStreamsQueue:
             spec = JobSpec.from_json(spec_json)
         except (ValueError, KeyError, TypeError) as e:
             # a front newer than this worker: fail the job rather than crash every worker it reaches
-            self._terminate(job_id, model, token, Failed("INTERNAL", f"this worker cannot read the job's spec: {e}"))
+            unreadable = Failed("INTERNAL", f"this worker cannot read the job's spec: {e}")
+            if self._terminate(job_id, model, token, unreadable) and self.on_ended is not None:
+                self.on_ended(unreadable)
             return None
         failed = claim_verdict(cancel=cancel, deadline=spec.deadline, deliveries=deliveries,
                                max_deliveries=self.settings.max_deliveries, now=now)
         if failed is not None:
-            self._terminate(job_id, model, token, failed, dead_letter=failed.code == "ABORTED")
+            if self._terminate(job_id, model, token, failed, dead_letter=failed.code == "ABORTED") \
+                    and self.on_ended is not None:
+                self.on_ended(failed)
             return None
         if self._watch is not None:
             self._watch.track(job_id, generation)

@@ -56,6 +56,7 @@ class Worker:
             raise InvalidArgument("worker_max_batch", f"got {settings.worker_max_batch}; must be >= 1")
         self.settings = settings
         self.queue = queue
+        queue.on_ended = metrics.count_ended  # the jobs the queue ends in this process's claims
         self.registry = registry
         self.name = name or default_name()
         self.stats = UNetCallStats()
