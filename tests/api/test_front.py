@@ -72,3 +72,17 @@ def test_drain_waits_for_an_explain_whose_enqueue_is_in_flight(tiny_dir, tiny_mo
             srv.stop()
     assert got and isinstance(got[-1], Completed), got[-1:]
     assert time.monotonic() - t0 < 30
+
+
+def test_a_queued_job_whose_deadline_passes_fails_while_no_worker_serves_its_model(tiny_dir):
+    """The front's sampler ends it (once a second): the caller watching it sees DEADLINE_EXCEEDED, not a job
+    queued for ever."""
+    from difflens.api.server import BackgroundServer
+    from difflens.jobs import Failed
+
+    s = settings(tiny_dir)
+    with BackgroundServer(s) as srv, DifflensClient(srv.target) as client:
+        record = client.submit(job(steps=2), timeout_s=0.5)
+        events = list(client.watch(record.id, timeout=30))
+        assert isinstance(events[-1], Failed) and events[-1].code == "DEADLINE_EXCEEDED"
+        assert srv.server.queue.depth(MODEL) == 0

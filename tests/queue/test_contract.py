@@ -505,3 +505,22 @@ def test_a_dead_lettered_job_is_reported_as_ended(backend):
         time.sleep(LAPSE_S)
     assert q.claim("w3", MODELS, block_s=2 * LAPSE_S) is None
     assert ended == ["ABORTED"]
+
+
+def test_a_queued_job_past_its_deadline_fails_without_a_worker(backend):
+    """No worker of its model comes: the job must not stay queued, nor count toward the depth (and its limit)."""
+    q = backend.queue(max_queue_depth=2)
+    ended = _listen(q)
+    late = q.enqueue(spec("late", deadline=time.time() + 0.3))
+    later = q.enqueue(spec("later", deadline=time.time() + 60))
+    assert q.expire_overdue(MODEL) == 0 and q.depth(MODEL) == 2
+    time.sleep(0.4)
+    assert q.expire_overdue(MODEL) == 1 and q.expire_overdue(MODEL) == 0
+    rec = q.get(late.id)
+    assert rec.state == "failed" and rec.error.startswith("DEADLINE_EXCEEDED")
+    (_, last), = q.events(late.id)[-1:]
+    assert isinstance(last, Failed) and last.code == "DEADLINE_EXCEEDED"
+    assert ended == ["DEADLINE_EXCEEDED"] and q.depth(MODEL) == 1
+    q.enqueue(spec("fits again"))  # the limit counts the live job only
+    c = q.claim("w1", MODELS, block_s=1)
+    assert c is not None and c.job_id == later.id

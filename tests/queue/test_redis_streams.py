@@ -329,3 +329,16 @@ def test_the_reclaim_scan_forgets_consumers_long_gone(rb, r, queue_name):
     reclaimed = q.claim("third", MODELS, block_s=0.5)  # the scan: reclaims alive's job, prunes "gone"
     assert reclaimed is not None
     assert consumers(r, stream) == {"alive": 0, "third": 1}  # alive still held its entry when the scan looked
+
+
+def test_waiting_ids_whose_records_expired_stop_counting(rb, r, queue_name):
+    """A job queued longer than the result TTL loses its record; its id must not hold a place in the depth (and
+    its limit) until a worker of the model comes."""
+    q = rb.queue(result_ttl_s=0.3, max_queue_depth=2)
+    for _ in range(2):
+        q.enqueue(spec())
+    time.sleep(0.5)
+    assert q.depth(MODEL) == 2  # the ids are still there
+    q.expire_overdue(MODEL)
+    assert q.depth(MODEL) == 0
+    q.enqueue(spec())  # not refused as full

@@ -155,6 +155,7 @@ class Front:
                 pass
 
     def _stats(self, model: str) -> tuple[int, int]:
+        self.queue.expire_overdue(model)  # queued jobs past their deadline end now, not when a worker comes
         return self.queue.depth(model), self.queue.live_workers(model)
 
     async def close(self) -> None:

@@ -30,6 +30,8 @@ Semantics every implementation keeps:
 - `finish` appends the terminal event (Completed or Failed) and marks the job terminal atomically, at most once
   per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
   one terminal event. It also acknowledges the job in its model's work stream.
+- A queued job whose deadline passes fails with DEADLINE_EXCEEDED within a second (`expire_overdue`, from the
+  front's sampler), so it stops counting toward the depth without waiting for a worker of its model.
 - `cancel` on a queued job makes it terminal at once (a Failed(CANCELLED) event); on a running job it raises the
   cancel flag that the worker checks between denoising steps and then finishes with Failed(CANCELLED).
   `cancel_requested` reads the flag; `cancel_signalled` answers without a read where the queue pushes cancels to
@@ -118,6 +120,11 @@ class JobQueue(Protocol):
 
     def depth(self, model: str) -> int:
         """Jobs waiting (never claimed) for `model`."""
+        ...
+
+    def expire_overdue(self, model: str, limit: int = 100) -> int:
+        """Fail (DEADLINE_EXCEEDED) up to `limit` queued jobs of `model` whose deadline passed -> how many. The
+        front calls it as it samples the depth."""
         ...
 
     def announce(self, worker: str, models: Collection[str]) -> None: ...

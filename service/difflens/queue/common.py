@@ -17,6 +17,7 @@ from difflens.jobs import Completed, Event, Failed, JobSpec, JobStateName
 # the hint is a fixed, short wait: long enough that retrying clients do not hammer a full queue.
 QUEUE_FULL_RETRY_S = 1.0
 CANCELLED_MESSAGE = "cancelled by the caller"
+QUEUED_DEADLINE_MESSAGE = "the job's deadline passed while it waited in the queue"
 
 
 def new_job_id() -> str:
@@ -73,7 +74,7 @@ def claim_verdict(*, cancel: bool, deadline: float | None, deliveries: int, max_
     if cancel:
         return Failed("CANCELLED", CANCELLED_MESSAGE)
     if deadline is not None and now >= deadline:
-        return Failed("DEADLINE_EXCEEDED", "the job's deadline passed while it waited in the queue")
+        return Failed("DEADLINE_EXCEEDED", QUEUED_DEADLINE_MESSAGE)
     if deliveries > max_deliveries:
         return Failed("ABORTED", f"the job's worker stopped {deliveries - 1} times (max_deliveries="
                                  f"{max_deliveries}); moved to the dead-letter stream")

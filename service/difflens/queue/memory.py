@@ -18,6 +18,7 @@ from difflens.jobs import Event, Failed, JobRecord, JobSpec, JobStateName, Queue
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
+    QUEUED_DEADLINE_MESSAGE,
     check_models,
     claim_verdict,
     error_of,
@@ -137,6 +138,16 @@ class InProcessQueue:
     def depth(self, model: str) -> int:
         with self._cond:
             return self._depth(model)
+
+    def expire_overdue(self, model: str, limit: int = 100) -> int:
+        with self._cond:
+            self._sweep()
+            now = self._clock()
+            overdue = [job for job in (self._jobs[j] for j in self._waiting)
+                       if job.spec.model == model and job.spec.deadline is not None and now >= job.spec.deadline]
+            for job in overdue[:limit]:
+                self._ended(job, Failed("DEADLINE_EXCEEDED", QUEUED_DEADLINE_MESSAGE))
+            return min(len(overdue), limit)
 
     def announce(self, worker: str, models: Collection[str]) -> None:
         now = time.monotonic()

@@ -5,6 +5,8 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
     P:work:M             stream of {job: id, spec: JSON, at: enqueue time}; consumer group "workers" reads it
                          with XREADGROUP (the spec lets a worker start before its claim script settles)
     P:waiting:M          sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
+    P:deadlines:M        sorted set of the ids of jobs with a deadline, by deadline, for EXPIRE_QUEUED; an id
+                         leaves it when that script sees it due (jobs claimed or ended meanwhile are just dropped)
     P:enqueued           counter giving those scores
     P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
@@ -51,7 +53,8 @@ local function terminate(event, state, err, now, ttl, group, job_id)
 end
 """
 
-# KEYS[5] idempotency key, KEYS[6] score counter. ARGV: id, spec, model, deadline, now, ttl, max depth,
+# KEYS[5] idempotency key, KEYS[6] score counter, KEYS[7] deadlines zset. ARGV: id, spec, model, deadline, now,
+# ttl, max depth,
 # use idempotency (1/0), job key prefix, request fingerprint. A key already used for another request (another
 # fingerprint) is a conflict.
 ENQUEUE = PRELUDE + """
@@ -65,6 +68,7 @@ end
 local depth = redis.call('ZCARD', KEYS[4])
 if depth >= tonumber(ARGV[7]) then return {'full', depth} end
 redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), ARGV[1])
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1]) end
 local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 'at', ARGV[5])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
            'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
@@ -163,3 +167,35 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 return 1
 """
 
+
+# Fail the queued jobs of one model whose deadline passed (they would otherwise stay queued, and count toward the
+# depth and its limit, until a worker of the model came to claim them), and drop waiting ids whose job records
+# expired. KEYS[1] waiting zset, KEYS[2] deadlines zset, KEYS[3] work stream. ARGV: now, ttl, job key prefix,
+# Failed(DEADLINE_EXCEEDED) bytes, error, most jobs per call. Returns how many jobs it failed. A job delivered to
+# a worker whose claim script has not run yet is still unowned: that script then finds it terminal and drops it.
+EXPIRE_QUEUED = """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[6]))) do
+  local job = ARGV[3] .. id
+  redis.call('ZREM', KEYS[2], id)
+  local state = redis.call('HGET', job, 'state')
+  if not state then
+    redis.call('ZREM', KEYS[1], id)
+  elseif state == 'queued' and redis.call('HGET', job, 'owner') == '' then
+    local seq = redis.call('HINCRBY', job, 'seq', 1)
+    redis.call('XADD', job .. ':events', '0-' .. seq, 'e', ARGV[4])
+    redis.call('HSET', job, 'state', 'failed', 'error', ARGV[5], 'updated_at', ARGV[1])
+    redis.call('XDEL', KEYS[3], redis.call('HGET', job, 'entry'))
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('PEXPIRE', job, ARGV[2])
+    redis.call('PEXPIRE', job .. ':events', ARGV[2])
+    local idem = redis.call('HGET', job, 'idem')
+    if idem and idem ~= '' then redis.call('PEXPIRE', idem, ARGV[2]) end
+    n = n + 1
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, 9)) do  -- the oldest waiting ids: records expired?
+  if redis.call('EXISTS', ARGV[3] .. id) == 0 then redis.call('ZREM', KEYS[1], id) end
+end
+return n
+"""

@@ -30,6 +30,7 @@ from difflens.queue import redis_lua as lua
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
+    QUEUED_DEADLINE_MESSAGE,
     check_models,
     claim_verdict,
     error_of,
@@ -156,12 +157,14 @@ class RedisStreamsQueue:
         self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
         p = settings.queue_name
         self._waiting_prefix, self._workers_prefix = f"{p}:waiting:", f"{p}:workers:"
+        self._deadlines_prefix = f"{p}:deadlines:"
         self._counter, self._dead = f"{p}:enqueued", f"{p}:dead"
         self._job_prefix = f"{p}:job:"
         self._ttl_ms = max(1, int(settings.result_ttl_s * 1000))
-        self._enqueue, self._claim, self._publish, self._finish, self._cancel, self._heartbeat = (
+        self._enqueue, self._claim, self._publish, self._finish, self._cancel, self._heartbeat, self._expire = (
             self._r.register_script(s)
-            for s in (lua.ENQUEUE, lua.CLAIM, lua.PUBLISH, lua.FINISH, lua.CANCEL, lua.HEARTBEAT))
+            for s in (lua.ENQUEUE, lua.CLAIM, lua.PUBLISH, lua.FINISH, lua.CANCEL, lua.HEARTBEAT, lua.EXPIRE_QUEUED))
+        self._overdue = Failed("DEADLINE_EXCEEDED", QUEUED_DEADLINE_MESSAGE)
         self._cancel_bytes = encode_event(Failed("CANCELLED", CANCELLED_MESSAGE))
         self._work = WorkStreams(self._r, settings)
         self._cancel_channel = f"{p}:cancel"
@@ -194,7 +197,8 @@ class RedisStreamsQueue:
 
     def _enqueue_call(self, spec: JobSpec, job_id: str, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the enqueue script."""
-        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter],
+        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter,
+                 self._deadlines_prefix + spec.model],
                 [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
                  self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix,
                  request_fingerprint(spec) if spec.idempotency_key else ""])
@@ -265,6 +269,16 @@ class RedisStreamsQueue:
 
     def depth(self, model: str) -> int:
         return int(self._r.zcard(self._waiting_prefix + model))
+
+    def expire_overdue(self, model: str, limit: int = 100) -> int:
+        n = int(self._expire(
+            keys=[self._waiting_prefix + model, self._deadlines_prefix + model, self._work.prefix + model],
+            args=[time.time(), self._ttl_ms, self._job_prefix, encode_event(self._overdue),
+                  error_of(self._overdue), limit]))
+        if self.on_ended is not None:
+            for _ in range(n):
+                self.on_ended(self._overdue)
+        return n
 
     def announce(self, worker: str, models: Collection[str]) -> None:
         """P:workers:M holds worker -> time of its last announce; entries older than the visibility timeout are
