@@ -55,6 +55,7 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--methods", "rise,none"], "--methods"),
     (["--explain-steps", "99"], "--explain-steps"),
     (["--explain-steps", "every:x"], "--explain-steps"),
+    (["--explain-steps", "every:2,3"], "--explain-steps"),
     (["--sampling", "explicit"], "--timesteps"),
     (["--timesteps", "900,x"], "--timesteps"),
     (["--timesteps", "500,900"], "--timesteps"),

@@ -18,11 +18,33 @@ def test_env_then_flags():
 
 @pytest.mark.parametrize("key,value,field", [("DIFFLENS_UNET_BACKEND", "tensorrt", "unet_backend"),
                                              ("DIFFLENS_DTYPE", "int8", "dtype"),
-                                             ("DIFFLENS_DEVICE", "tpu", "device")])
-def test_bad_values_name_the_field(key, value, field):
+                                             ("DIFFLENS_DEVICE", "tpu", "device"),
+                                             ("DIFFLENS_DEVICE", "cudafoo", "device")])
+def test_bad_values_name_the_variable_or_the_field(key, value, field):
+    """From the environment, the error names the variable (the user typed no flag); given as a flag, the field
+    (the CLI names its flag)."""
     with pytest.raises(InvalidArgument) as e:
         Settings.from_env({key: value})
-    assert e.value.field == field and value in e.value.message
+    assert e.value.field == key and value in e.value.message
+    with pytest.raises(InvalidArgument) as e:
+        Settings.from_env({}, **{field: value})
+    assert e.value.field == field
+
+
+def test_omp_num_threads_may_list_nesting_levels():
+    assert Settings.from_env({"OMP_NUM_THREADS": "4,2"}).threads == 4
+
+
+def test_a_cuda_device_this_process_lacks_is_refused_before_loading(tiny_dir):
+    import torch
+
+    from difflens.engine.loading import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidArgument) as e:
+        load_model(tiny_dir, device="cuda")
+    assert e.value.field == "device" and "no CUDA device" in e.value.message
 
 
 @pytest.mark.parametrize("value,allowed", [("two", "an integer"), ("-1", "an integer >= 0")])
@@ -81,6 +103,12 @@ def test_service_settings_from_env_and_flags():
     ({"max_deliveries": 0}, "max_deliveries"),
     ({"redis_wait_s": -1.0}, "redis_wait_s"),
     ({"result_ttl_s": 0.0}, "result_ttl_s"),
+    ({"heartbeat_interval_s": 0.0}, "heartbeat_interval_s"),  # would spin a CPU on an idle worker
+    ({"visibility_timeout_s": -1.0}, "visibility_timeout_s"),
+    ({"max_queue_depth": 0}, "max_queue_depth"),  # every request would be RESOURCE_EXHAUSTED
+    ({"worker_max_jobs": 0}, "worker_max_jobs"),
+    ({"worker_max_batch": 0}, "worker_max_batch"),
+    ({"drain_grace_s": -1.0}, "drain_grace_s"),
 ])
 def test_service_settings_reject_bad_values(kwargs, field):
     from difflens.config import ServiceSettings
@@ -101,6 +129,11 @@ def test_parse_models_names_the_flag():
     assert ServiceSettings.from_env({"DIFFLENS_RESULT_TTL_S": "3600"}).result_ttl_s == 3600.0
     with pytest.raises(InvalidArgument, match="DIFFLENS_REDIS_WAIT_S"):
         ServiceSettings.from_env({"DIFFLENS_REDIS_WAIT_S": "soon"})
+    for var, value in (("DIFFLENS_MAX_QUEUE_DEPTH", "0"), ("DIFFLENS_HEARTBEAT_INTERVAL_S", "0")):
+        with pytest.raises(InvalidArgument) as e:
+            ServiceSettings.from_env({var: value})
+        assert e.value.field == var
+    assert ServiceSettings.from_env({"DIFFLENS_METRICS_HOST": "0.0.0.0"}).metrics_host == "0.0.0.0"
 
 
 def test_a_short_visibility_timeout_can_be_set_with_its_heartbeat_from_the_environment():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 from difflens.errors import InvalidArgument
 
@@ -70,6 +71,22 @@ def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, cpus)
 
 
+T = TypeVar("T")
+
+
+def _build(cls: type[T], values: dict[str, object], origin: dict[str, str], overrides: Mapping[str, object]) -> T:
+    """cls(**values) with the flag overrides (those not None) applied last; an InvalidArgument about a value that
+    came from the environment names its variable (the user never typed the flag)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**values, **given}
+    try:
+        return cls(**values)
+    except InvalidArgument as e:
+        if e.field in origin and e.field not in given:
+            raise InvalidArgument(origin[e.field], e.message) from None
+        raise
+
+
 @dataclass(frozen=True)
 class Settings:
     device: str = "cpu"
@@ -85,7 +102,7 @@ class Settings:
         if self.unet_backend not in get_args(UNetBackend):
             raise InvalidArgument("unet_backend",
                                   f"got {self.unet_backend!r}; allowed: {', '.join(get_args(UNetBackend))}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise InvalidArgument("device", f"got {self.device!r}; allowed: cpu, cuda, cuda:N")
 
     def apply_threads(self) -> int:
@@ -106,23 +123,25 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Environment first, then explicit (flag) overrides that are not None."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {
-            "device": env.get("DIFFLENS_DEVICE", cls.device),
-            "dtype": env.get("DIFFLENS_DTYPE", cls.dtype),
-            "unet_backend": env.get("DIFFLENS_UNET_BACKEND", cls.unet_backend),
-        }
+        values: dict[str, object] = {}
+        origin: dict[str, str] = {}  # field -> the variable it came from, for errors
+        for key, var in (("device", "DIFFLENS_DEVICE"), ("dtype", "DIFFLENS_DTYPE"),
+                         ("unet_backend", "DIFFLENS_UNET_BACKEND")):
+            if var in env:
+                values[key], origin[key] = env[var], var
         for var in ("DIFFLENS_THREADS", "OMP_NUM_THREADS"):  # the OpenMP convention too, as torch honours it
             if var in env:
+                # OMP_NUM_THREADS may list a count per nesting level ("4,2"): the first is this level's
+                raw = env[var].split(",")[0] if var == "OMP_NUM_THREADS" else env[var]
                 try:
-                    threads = int(env[var])
+                    threads = int(raw)
                 except ValueError:
                     threads = -1
                 if threads < 0:
                     raise InvalidArgument(var, f"got {env[var]!r}; {THREADS_ALLOWED}")
                 values["threads"] = threads
                 break
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        return _build(cls, values, origin, overrides)
 
 
 # `difflens serve` / `difflens worker` with no --model serve this folder as "default" (the repository's models/).
@@ -150,8 +169,9 @@ class ServiceSettings:
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
     visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state and events stay
-    in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at
-    start-up for Redis to answer), plus Settings' variables.
+    in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_METRICS_HOST (where /metrics listens),
+    DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at start-up for Redis to answer), plus Settings'
+    variables. A bad value from the environment is an error naming its variable.
     """
 
     engine: Settings = Settings()
@@ -168,6 +188,7 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    metrics_host: str | None = None  # where /metrics listens; None: `host` (a worker's: 127.0.0.1)
     max_message_bytes: int = 64 * 2**20
     drain_grace_s: float = 30.0
     worker_max_jobs: int = 4  # jobs a worker runs at once (their DF-RISE masks share UNet batches)
@@ -184,8 +205,16 @@ class ServiceSettings:
         for n in names:
             if not n or "=" in n:
                 raise InvalidArgument("model", f"bad model name {n!r}; use NAME=DIR")
+        for name in ("visibility_timeout_s", "heartbeat_interval_s"):
+            if not getattr(self, name) > 0:  # a zero heartbeat interval spins a CPU on an idle worker
+                raise InvalidArgument(name, f"got {getattr(self, name)}; must be > 0")
         if self.heartbeat_interval_s >= self.visibility_timeout_s:
             raise InvalidArgument("heartbeat_interval_s", "must be shorter than visibility_timeout_s")
+        for name in ("max_queue_depth", "worker_max_jobs", "worker_max_batch"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"got {getattr(self, name)}; must be >= 1")
+        if not self.drain_grace_s >= 0:
+            raise InvalidArgument("drain_grace_s", f"got {self.drain_grace_s}; must be >= 0")
         if self.max_deliveries < 1:
             raise InvalidArgument("max_deliveries", "must be >= 1")
         if not self.result_ttl_s > 0:
@@ -215,7 +244,9 @@ class ServiceSettings:
         """Environment first, then explicit (flag) overrides that are not None."""
         env = os.environ if env is None else env
         values: dict[str, object] = {"engine": Settings.from_env(env)}
+        origin: dict[str, str] = {}
         for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str), ("queue_name", "DIFFLENS_QUEUE", str),
+                               ("metrics_host", "DIFFLENS_METRICS_HOST", str),
                                ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
                                ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
                                ("heartbeat_interval_s", "DIFFLENS_HEARTBEAT_INTERVAL_S", float),
@@ -228,5 +259,5 @@ class ServiceSettings:
                     values[key] = conv(env[var])
                 except ValueError as e:
                     raise InvalidArgument(var, f"got {env[var]!r}: {e}") from e
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+                origin[key] = var
+        return _build(cls, values, origin, overrides)

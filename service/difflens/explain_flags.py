@@ -97,7 +97,10 @@ def parse_step_selector(text: str) -> StepSelector:
     if text == "all":
         return StepSelector("all")
     if text.startswith("every:"):
-        return StepSelector("every", every=parse_ints("explain.steps", text[len("every:"):])[0])
+        every = parse_ints("explain.steps", text[len("every:"):])
+        if len(every) != 1:
+            raise InvalidArgument("explain.steps", f"got {text!r}; every:K takes one integer K")
+        return StepSelector("every", every=every[0])
     try:
         return StepSelector("list", indices=parse_ints("explain.steps", text))
     except InvalidArgument:

@@ -44,8 +44,14 @@ def t_bucket(timestep: int) -> str:
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
-    """/metrics on its own port (a daemon thread)."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
+    """/metrics on its own port (a daemon thread). A port that cannot be bound is InvalidArgument on
+    --metrics-port (exit 2), not a traceback."""
+    from difflens.errors import InvalidArgument
+
+    try:
+        start_http_server(port, addr=addr, registry=REGISTRY)
+    except OSError as e:
+        raise InvalidArgument("--metrics-port", f"cannot listen on {addr}:{port}: {e.strerror or e}") from None
 
 
 def count_ended(event: Failed) -> None:

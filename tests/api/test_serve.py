@@ -92,3 +92,20 @@ def test_bad_serve_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypat
     monkeypatch.delenv("DIFFLENS_REDIS_URL", raising=False)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_exits_2_naming_its_flag(flag, tiny_dir, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("DIFFLENS_REDIS_URL", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--embedded", "--model", f"tiny={tiny_dir}", flag, str(port)]
+        if flag == "--metrics-port":
+            argv += ["--port", "0"]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err

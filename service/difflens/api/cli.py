@@ -30,6 +30,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free port)")
     p.add_argument("--port-file", type=Path, metavar="PATH", help="write the bound port here once serving")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", metavar="ADDR",
+                   help="address /metrics listens on (default: DIFFLENS_METRICS_HOST, else --host)")
     p.add_argument("--model", action="append", metavar="NAME=DIR",
                    help="a model to serve (repeatable; default: the shipped model as 'default')")
     p.add_argument("--embedded", action="store_true", help="run one worker in this process (in-process queue)")
@@ -68,7 +70,8 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
     engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
-        host=args.host, port=args.port, metrics_port=args.metrics_port, max_queue_depth=args.max_queue_depth,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        max_queue_depth=args.max_queue_depth,
         drain_grace_s=args.drain_grace, worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch,
         audit_dir=args.audit_dir)
     if args.embedded:
@@ -98,9 +101,9 @@ async def _serve(settings: ServiceSettings, embedded: bool, port_file: Path | No
     from difflens.metrics import serve_metrics
 
     server = DifflensServer(settings, run_worker=embedded)
+    if settings.metrics_port is not None:  # first: a busy port fails before any model loads or port opens
+        serve_metrics(settings.metrics_port, settings.metrics_host or settings.host)
     port = await server.start()
-    if settings.metrics_port is not None:
-        serve_metrics(settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

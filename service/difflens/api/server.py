@@ -28,6 +28,7 @@ from difflens.api.pb import SERVICE_NAME, pb_grpc
 from difflens.api.servicer import ExplainerServicer
 from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
+from difflens.errors import InvalidArgument
 from difflens.queue.base import JobQueue
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,12 @@ class DifflensServer:
         pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.front), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+            raise InvalidArgument("--port", f"cannot listen on {s.host}:{s.port}: {e}") from None
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+            raise InvalidArgument("--port", f"cannot listen on {s.host}:{s.port}")
         if self.worker is not None:
             self.worker.start()
         await server.start()

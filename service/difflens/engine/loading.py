@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from difflens.errors import ModelLoadError
+from difflens.errors import InvalidArgument, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,19 @@ def _load(what: str, path: Path, fn: Any) -> Any:
         raise ModelLoadError(str(path), f"cannot load {what}: {e}") from e
 
 
+def check_device(device: str | torch.device) -> None:
+    """InvalidArgument on "device" for a CUDA device this process cannot use (a CPU build of torch, or no such
+    index), before anything is loaded onto it."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise InvalidArgument("device", f"got {str(device)!r}; this process has no CUDA device (torch "
+                                        f"{torch.__version__}, CUDA available: no); use cpu")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise InvalidArgument("device", f"got {str(device)!r}; allowed cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Model:
     """Load unet, scheduler, text_encoder, tokenizer and (optional) vae from a local folder.
@@ -171,6 +184,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
+    check_device(device)
     folder = Path(path).resolve()
     index = _read_index(folder)
     for name in REQUIRED:

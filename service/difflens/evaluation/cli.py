@@ -59,6 +59,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("out", f"{args.out} exists and is not a folder")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgument("--threads", f"got {args.threads}; must be >= 1 (default: torch's)")
     settings = Settings.from_env(device=args.device)
     t0 = time.perf_counter()
 

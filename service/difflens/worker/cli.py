@@ -33,6 +33,9 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
     p.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default: "
+                                                           "DIFFLENS_METRICS_HOST, else 127.0.0.1; 0.0.0.0 for a "
+                                                           "Prometheus on another host or pod)")
     p.add_argument("--name", help="worker name in job records (default: host-pid-random)")
     p.add_argument("--audit-dir", metavar="DIR", help=AUDIT_DIR_HELP)
     p.set_defaults(run=run_worker)
@@ -73,7 +76,7 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port,
-        audit_dir=args.audit_dir)
+        metrics_host=args.metrics_host, audit_dir=args.audit_dir)
     if settings.audit_dir is not None:
         from difflens import audit
 
@@ -94,6 +97,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from difflens.queue.redis_streams import connect
     from difflens.worker.worker import Worker
 
+    if settings.metrics_port is not None:  # first: a busy port fails before the models load
+        serve_metrics(settings.metrics_port, settings.metrics_host or "127.0.0.1")
     threads = settings.engine.apply_threads()
     registry = ModelRegistry(settings)
     for entry in registry.load_all():  # a bad folder fails here, before any job is taken
@@ -101,8 +106,6 @@ def run_worker(args: argparse.Namespace) -> int:
               f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend}, {threads} threads)",
               file=sys.stderr)
     queue = connect(settings)
-    if settings.metrics_port is not None:
-        serve_metrics(settings.metrics_port)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
