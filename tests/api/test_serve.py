@@ -109,3 +109,36 @@ def test_a_port_in_use_exits_2_naming_its_flag(flag, tiny_dir, capsys, monkeypat
         assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{flag}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_the_stream_resumes_exits_130_without_a_traceback(tiny_dir, tmp_path):
+    """The front died mid-call and the CLI is resuming; an interrupt then cannot cancel the job (no front
+    answers): it says so, with the job id, instead of a traceback."""
+    from difflens.api.server import BackgroundServer
+    from tests.api.helpers import settings
+
+    srv = BackgroundServer(settings(tiny_dir)).start()  # no worker: the job waits, queued
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "difflens", "explain", MODEL, "a red circle", "--server",
+                             srv.target, "--steps", "2", "--out", str(tmp_path / "out")],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        end = time.monotonic() + 60
+        while not any("queued" in line for line in lines) and time.monotonic() < end:
+            time.sleep(0.1)
+        srv.stop(grace_s=0)
+        while not any("broke" in line for line in lines) and time.monotonic() < end:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    text = "".join(lines)
+    assert "could not cancel job" in text and "Traceback" not in text, text
+    assert not (tmp_path / "out").exists()

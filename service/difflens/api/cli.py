@@ -312,7 +312,12 @@ def run_explain_remote(args: argparse.Namespace) -> int:
             return status
         except KeyboardInterrupt:
             progress.close(completed=False)
-            stream.cancel()
+            try:
+                stream.cancel()
+            except grpc.RpcError as e:  # e.g. interrupted while the stream was resuming from a front that died
+                print(f"difflens: interrupted; could not cancel job {stream.job_id} ({e.code().name}): it may "
+                      f"still be running - CancelJob it later; nothing written", file=sys.stderr)
+                return 130
             print(f"difflens: interrupted; job {stream.job_id} cancelled, nothing written", file=sys.stderr)
             return 130
     result = stream.result
