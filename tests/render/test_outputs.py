@@ -119,3 +119,24 @@ def test_an_unknown_companion_is_refused_before_anything_is_written(explanation,
     with pytest.raises(ValueError, match=r"\['notes.txt'\]; allowed: audit.json, replay.json"):
         write_outputs(explanation, tmp_path / "run", companions={"notes.txt": b"x"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_on_another_filesystem_is_written(explanation, tmp_path, monkeypatch):
+    """`out` may be a mount point (a container volume): a file moved into it from outside would cross
+    filesystems, which rename refuses (EXDEV). Simulated: any move into `out` from outside it fails so."""
+    import errno
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent == out and out not in Path(src).parents:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    written = write_outputs(explanation, out)
+    assert set(written) == ALL_FILES and {p.name for p in out.iterdir()} == ALL_FILES

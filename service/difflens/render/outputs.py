@@ -98,7 +98,10 @@ def write_outputs(explanation: Explanation, out_dir: str | os.PathLike[str],
     files = {**render_files(explanation), **(companions or {})}
     created = _first_missing_ancestor(out.absolute().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    # Beside a new folder (renamed into place in one step), inside an existing one: `out` may be a mount point
+    # (a container volume), and files moved into it from outside would cross filesystems (EXDEV).
+    base = out if out.is_dir() else out.parent
+    tmp = base / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would become the output folder's
     try:
         for name, data in files.items():

@@ -149,3 +149,6 @@ def run_replay(args: argparse.Namespace) -> int:
         line, status = rpc_error_line(e)
         print(line, file=sys.stderr)
         return status
+    except OSError as e:  # writing --out (as explain reports it)
+        print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
