@@ -1,7 +1,8 @@
 """Every Prometheus collector of difflens, front and worker. Labels are low-cardinality only (never a job id).
 
 method: denoise | rise | cam | attention; t_bucket: timestep // 100 as a string ("0".."9");
-status: completed | failed | cancelled | deadline_exceeded | rejected.
+status: completed | failed | cancelled | deadline_exceeded (requests refused before queueing are not jobs:
+difflens_errors_total{type} counts them).
 """
 
 from __future__ import annotations

@@ -86,3 +86,36 @@ def test_a_queued_job_whose_deadline_passes_fails_while_no_worker_serves_its_mod
         events = list(client.watch(record.id, timeout=30))
         assert isinstance(events[-1], Failed) and events[-1].code == "DEADLINE_EXCEEDED"
         assert srv.server.queue.depth(MODEL) == 0
+
+
+def test_an_embedded_drain_past_its_grace_cancels_the_worker_s_jobs(tiny_dir, tiny_model):
+    """serve --embedded: the in-process queue goes with the process, so once the grace is over (or no stream
+    follows a job) a job nobody can receive any more stops at its next step instead of running to its end first
+    (before, a 2 s grace still waited minutes for the job)."""
+    import threading
+
+    from difflens.api.server import BackgroundServer
+    from difflens.models import ModelRegistry
+
+    s = settings(tiny_dir)
+    registry = ModelRegistry(s, preloaded={MODEL: tiny_model})
+    srv = BackgroundServer(s, run_worker=True, registry=registry).start()
+    queue = srv.server.queue
+    with DifflensClient(srv.target) as client:
+        record = client.submit(job(steps=200, masks=64))
+
+        def watch() -> None:
+            try:
+                list(client.watch(record.id, timeout=120))
+            except Exception:  # noqa: BLE001 - the server goes away under it: expected
+                pass
+
+        threading.Thread(target=watch, daemon=True).start()
+        end = time.monotonic() + 60
+        while queue.get(record.id).state != "running" and time.monotonic() < end:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        srv.stop(grace_s=0.5)
+        stopped_in = time.monotonic() - t0
+    assert queue.get(record.id).state == "cancelled"
+    assert stopped_in < 15, stopped_in

@@ -117,6 +117,13 @@ class DifflensServer:
         await self.health.enter_graceful_shutdown()
         if not await self.front.wait_idle(grace):
             log.warning("drain: job streams still running after %g s; cancelling them", grace)
+        if self.worker is not None:
+            # The embedded worker's jobs live in this process's queue, which goes with it: once no stream
+            # follows them (or the grace is over) nobody can receive their results, so they stop at their next
+            # step instead of running to the end first.
+            for job_id in self.worker.held():
+                log.info("drain: cancelling job %s of the embedded worker", job_id)
+                await self.front.cancel(job_id)
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
         self._sampler_stop.set()

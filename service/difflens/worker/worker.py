@@ -82,6 +82,11 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def held(self) -> list[str]:
+        """Ids of the jobs this worker holds right now."""
+        with self._lock:
+            return list(self._held)
+
     def run(self, stop: threading.Event) -> None:
         """Claim and run jobs until `stop` is set; then finish the jobs held and return."""
         slots = threading.BoundedSemaphore(self.settings.worker_max_jobs)
