@@ -102,3 +102,22 @@ def test_custom_order_is_used(tiny_model, step_state):
     flipped = fa.perturbation_curve(step_state, sal, "deletion", _decode(tiny_model), chunks=4, order=order.flip(0))
     assert torch.allclose(by_map["cosine"], same["cosine"])
     assert not torch.allclose(by_map["cosine"][1:-1], flipped["cosine"][1:-1])
+
+
+def test_tied_pixels_go_in_the_tie_break_order_not_raster_order(tiny_model, step_state):
+    """A two-valued map (the object mask as a reference) has long runs of ties; a stable sort would take them top
+    row first, a spatial sweep that scores on its own. With tie_break they follow that permutation."""
+    mask = torch.zeros(16, 16)
+    mask[4:8, 4:8] = 1
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
+    decode_ = _decode(tiny_model)
+    fair = fa.perturbation_curve(step_state, mask, "deletion", decode_, chunks=4, tie_break=perm)
+    flat = mask.flatten()
+    expected = torch.cat([perm[flat[perm] == 1], perm[flat[perm] == 0]])  # the object first, each part by perm
+    by_order = fa.perturbation_curve(step_state, mask, "deletion", decode_, chunks=4, order=expected)
+    assert torch.equal(fair["cosine"], by_order["cosine"])
+    raster = fa.perturbation_curve(step_state, mask, "deletion", decode_, chunks=4)
+    assert not torch.allclose(fair["cosine"][1:-1], raster["cosine"][1:-1])
+    sal = torch.rand(16, 16, generator=torch.Generator().manual_seed(1))  # no ties: tie_break changes nothing
+    assert torch.equal(fa.perturbation_curve(step_state, sal, "deletion", decode_, chunks=4)["cosine"],
+                       fa.perturbation_curve(step_state, sal, "deletion", decode_, chunks=4, tie_break=perm)["cosine"])

@@ -304,8 +304,7 @@ def run_explain_remote(args: argparse.Namespace) -> int:
             if stream.job_id and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 started = any(isinstance(ev, Started) for ev in stream.events)
                 line += (f" (job {stream.job_id} has the same deadline and stops at its next step)" if started else
-                         f" (job {stream.job_id} has the same deadline: it never started, and fails when a worker "
-                         "takes it)")
+                         f" (job {stream.job_id} has the same deadline: it never started, and the queue fails it)")
             elif stream.job_id:  # the stream broke, not necessarily the job
                 line += f" (job {stream.job_id} was running and may still be: WatchJob or GetJob it later)"
             print(line, file=sys.stderr)

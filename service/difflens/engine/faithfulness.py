@@ -98,14 +98,18 @@ def perturbation_curve(
     *,
     chunks: int = 16,
     order: torch.Tensor | None = None,
+    tie_break: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deletion or insertion on the latent at one step (METHOD.md).
 
     Latent pixels are taken in order of decreasing saliency (or `order`, a permutation of h*w pixel indices,
-    e.g. random for the baseline). Deletion sets them to zero in `chunks` equal parts; insertion starts from a
-    blurred latent (11x11, sigma 5) and restores them. At each of the chunks+1 points the guided UNet runs at
-    t_i, the scheduler steps, and the result is scored against the unperturbed one: "ssim" on the decoded
-    x0 prediction (decode: (B, C, h, w) latents -> (B, 3, H, W) images in [0, 1]) and "cosine" on x_{t_next}.
+    e.g. random for the baseline); pixels of equal saliency go in the order of `tie_break` (a permutation of the
+    h*w indices, e.g. the random baseline's), else in raster order - which for a map with large flat regions (a
+    binary mask) is a top-to-bottom sweep that scores by itself. Deletion sets them to zero in `chunks` equal
+    parts; insertion starts from a blurred latent (11x11, sigma 5) and restores them. At each of the chunks+1
+    points the guided UNet runs at t_i, the scheduler steps, and the result is scored against the unperturbed
+    one: "ssim" on the decoded x0 prediction (decode: (B, C, h, w) latents -> (B, 3, H, W) images in [0, 1]) and
+    "cosine" on x_{t_next}.
     saliency: (h, w). Returns {"fraction": (K+1,), "ssim": (K+1,), "cosine": (K+1,)}.
     """
     if state.step is None or state.scale is None or state.sample is None or state.to_x0 is None:
@@ -117,7 +121,12 @@ def perturbation_curve(
     if saliency.shape != (h, w):
         raise InvalidArgument("saliency", f"shape {tuple(saliency.shape)}; expected {(h, w)}")
     if order is None:
-        order = torch.argsort(saliency.flatten().float(), descending=True, stable=True)
+        flat = saliency.flatten().float()
+        if tie_break is None:
+            order = torch.argsort(flat, descending=True, stable=True)
+        else:
+            tie_break = tie_break.to(flat.device)
+            order = tie_break[torch.argsort(flat[tie_break], descending=True, stable=True)]
     counts = torch.linspace(0, h * w, chunks + 1).round().long()
     taken = torch.zeros(chunks + 1, h * w, dtype=sample.dtype, device=sample.device)
     for k, n in enumerate(counts.tolist()):

@@ -67,13 +67,14 @@ def region_scores(saliency: torch.Tensor, regions: Regions) -> dict[str, Any]:
 
 
 def curves(state: StepState, saliency: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], chunks: int,
-           order: torch.Tensor | None = None) -> dict[str, Curve]:
-    """Deletion and insertion curves of one map (or of `order`, a permutation of the h*w pixels) at one step.
-    saliency: (h, w)."""
+           order: torch.Tensor | None = None, tie_break: torch.Tensor | None = None) -> dict[str, Curve]:
+    """Deletion and insertion curves of one map (or of `order`, a permutation of the h*w pixels) at one step;
+    pixels of equal saliency in the order of `tie_break` (faithfulness.perturbation_curve). saliency: (h, w)."""
     sal = saliency.to(state.latent_in.device)
     out = {}
     for kind in KINDS:
-        c = fa.perturbation_curve(state, sal, kind, decode, chunks=chunks, order=order)  # type: ignore[arg-type]
+        c = fa.perturbation_curve(state, sal, kind, decode, chunks=chunks, order=order,  # type: ignore[arg-type]
+                                  tie_break=tie_break)
         out[kind] = {k: v.cpu().tolist() for k, v in c.items()}
     return out
 

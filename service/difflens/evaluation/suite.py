@@ -213,7 +213,8 @@ class _Explainer:
             if name in random_maps:
                 r["sanity_spearman"] = spearman(sal, random_maps[name])
             if name in metrics.CURVED:
-                r |= metrics.curves(state, sal, self.decode, self.cfg.chunks)
+                # ties (the reference mask is two-valued) in the random baseline's order, not raster order
+                r |= metrics.curves(state, sal, self.decode, self.cfg.chunks, tie_break=order)
             record["methods"][name] = r
         record["methods"]["rise"]["baseline_spearman"] = spearman(maps["rise"], rise_mean)
         return record
