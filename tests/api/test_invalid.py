@@ -143,15 +143,20 @@ def test_the_table_is_large_enough():
     assert len(CASES) >= 30 and len({name for name, _, _ in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize(("name", "change", "field"), CASES, ids=[c[0] for c in CASES])
-def test_invalid_submit_names_the_field_and_queues_nothing(front, name, change, field):
-    srv, client = front
+def refused(client: Any, change: Callable[[Any], None]) -> tuple[Any, str]:
+    """Submit the base request with `change` applied; it must be INVALID_ARGUMENT. -> (request, details)."""
     req = base()
     change(req)
     with pytest.raises(grpc.RpcError) as err:
         client.submit(req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    details = err.value.details()
+    return req, err.value.details()
+
+
+@pytest.mark.parametrize(("name", "change", "field"), CASES, ids=[c[0] for c in CASES])
+def test_invalid_submit_names_the_field_and_queues_nothing(front, name, change, field):
+    srv, client = front
+    req, details = refused(client, change)
     assert details.startswith(f"{field}: "), details
     assert any(w in details for w in ("allowed", "must", "expected", "available", "needs")), details
     assert srv.server.queue.depth(MODEL) == srv.server.queue.depth(req.model) == 0  # nor under a bad name
@@ -170,13 +175,8 @@ PAST_BOTH = [
 
 @pytest.mark.parametrize(("change", "field", "allowed"), PAST_BOTH, ids=[c[1] for c in PAST_BOTH])
 def test_a_value_past_every_limit_is_told_the_deployment_s_range(front, change, field, allowed):
-    _, client = front
-    req = base()
-    change(req)
-    with pytest.raises(grpc.RpcError) as err:
-        client.submit(req)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{field}: ") and allowed in err.value.details(), err.value.details()
+    _, details = refused(front[1], change)
+    assert details.startswith(f"{field}: ") and allowed in details, details
 
 
 def test_steps_are_ignored_with_explicit_timesteps(front):
