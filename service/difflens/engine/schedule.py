@@ -38,17 +38,24 @@ def uniform_timesteps(scheduler, num_steps: int, num_train_timesteps: int, devic
     timesteps in [0, T), strictly decreasing (e.g. n = T with "leading" spacing and steps_offset 1 reaches T),
     raises InvalidArgument on "steps" with the largest n that works.
     """
-    scheduler.set_timesteps(num_steps, device=device)
-    ts = [int(t) for t in scheduler.timesteps]
-    corrected = len(ts) == num_steps + 1 and ts[-1] < 0
-    if corrected:
-        ts = ts[:num_steps]
+    ts, corrected = _spaced(scheduler, num_steps, device)
     problem = _uniform_problem(ts, num_steps, num_train_timesteps)
     if problem:
-        top = next((n for n in range(num_steps - 1, 0, -1) if _uniform_ok(scheduler, n, num_train_timesteps)), 1)
+        top = next((n for n in range(num_steps - 1, 0, -1)
+                    if _uniform_problem(_spaced(scheduler, n)[0], n, num_train_timesteps) is None), 1)
         raise InvalidArgument("steps", f"got {num_steps}; this model's {type(scheduler).__name__} config spaces "
                                        f"them with {problem}; allowed [1, {top}]")
     return ts, corrected
+
+
+def _spaced(scheduler, n: int, device: Any = None) -> tuple[list[int], bool]:
+    """The scheduler's uniform list for n steps as integers, without trailing spacing's spurious -1 (and whether
+    it was there)."""
+    scheduler.set_timesteps(n, device=device)
+    ts = [int(t) for t in scheduler.timesteps]
+    if len(ts) == n + 1 and ts[-1] < 0:
+        return ts[:n], True
+    return ts, False
 
 
 def _uniform_problem(ts: list[int], n: int, T: int) -> str | None:
@@ -60,14 +67,6 @@ def _uniform_problem(ts: list[int], n: int, T: int) -> str | None:
     if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
         return "repeated timesteps"
     return None
-
-
-def _uniform_ok(scheduler, n: int, T: int) -> bool:
-    scheduler.set_timesteps(n)
-    ts = [int(t) for t in scheduler.timesteps]
-    if len(ts) == n + 1 and ts[-1] < 0:
-        ts = ts[:n]
-    return _uniform_problem(ts, n, T) is None
 
 
 def check_uniform_steps(config: Mapping[str, Any], name: str, num_steps: int, num_train_timesteps: int) -> None:
