@@ -54,9 +54,8 @@ end
 """
 
 # KEYS[5] idempotency key, KEYS[6] score counter, KEYS[7] deadlines zset. ARGV: id, spec, model, deadline, now,
-# ttl, max depth,
-# use idempotency (1/0), job key prefix, request fingerprint. A key already used for another request (another
-# fingerprint) is a conflict.
+# ttl, max depth, use idempotency (1/0), job key prefix, request fingerprint. A key already used for another
+# request (another fingerprint) is a conflict.
 ENQUEUE = PRELUDE + """
 if ARGV[8] == '1' then
   local existing = redis.call('GET', KEYS[5])
