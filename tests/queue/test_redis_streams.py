@@ -256,6 +256,37 @@ def test_connect_gives_up_naming_the_flag_and_the_url_without_its_password():
     assert "sekret" not in message and "waited 0.6 s, DIFFLENS_REDIS_WAIT_S" in message
 
 
+def test_connect_refuses_a_redis_older_than_6_2_naming_its_version(redis_url, queue_name, monkeypatch):
+    """XAUTOCLAIM (reclaiming a dead worker's job) came in Redis 6.2: an older server must be refused at start-up,
+    not fail the first reclaim. The real server's INFO is read; only the version it reports is replaced."""
+    from difflens.config import ServiceSettings
+    from difflens.errors import NotReady
+    from difflens.queue import redis_streams
+
+    settings = ServiceSettings(redis_url=redis_url, queue_name=queue_name, redis_wait_s=0.5)
+    real = redis_streams.RedisStreamsQueue(redis_url, settings)
+    try:
+        assert (real.server_version() or (99,)) >= redis_streams.MIN_REDIS_VERSION
+    finally:
+        real.close()
+    redis_streams.connect(settings).close()
+    monkeypatch.setattr(redis_streams.RedisStreamsQueue, "server_version", lambda self: (5, 0, 7))
+    with pytest.raises(NotReady) as err:
+        redis_streams.connect(settings)
+    assert str(err.value).startswith("--redis: ")
+    assert "is Redis 5.0.7; difflens needs Redis >= 6.2" in str(err.value)
+
+
+@pytest.mark.parametrize(("reported", "parsed"), [
+    ("7.0.15", (7, 0, 15)), ("6.2.14", (6, 2, 14)), ("6.2", (6, 2)), ("255.255.255", (255, 255, 255)),
+    ("7.2.4-rc1", (7, 2, 4)), ("", ()), ("unknown", ()), (None, ()),
+])
+def test_version_tuple(reported, parsed):
+    from difflens.queue.redis_streams import version_tuple
+
+    assert version_tuple(reported) == parsed
+
+
 @pytest.mark.parametrize(("url", "shown"), [
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
     ("redis://:pw@redis:6379/1", "redis://:***@redis:6379/1"),

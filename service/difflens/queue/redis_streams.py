@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 10_000
+# The oldest Redis the queue runs on: XAUTOCLAIM (reclaiming a dead worker's jobs) came in 6.2. An older server
+# would fail the first reclaim with "unknown command", long after start-up; connect() refuses it at once instead.
+MIN_REDIS_VERSION = (6, 2)
 # How long the first claim waits for the cancel channel's subscription before claiming without it (its jobs then
 # read the flag per step), and how often that connection pings Redis, so a dead one is noticed.
 WATCH_READY_S = 2.0
@@ -106,6 +109,23 @@ def _event_of(fields: dict[bytes, bytes]) -> Event:
     return Queued(position=int(fields[b"q"]))
 
 
+def version_tuple(text: object) -> tuple[int, ...]:
+    """'7.0.15' -> (7, 0, 15); () when `text` does not start with a dotted number."""
+    parts = []
+    for piece in str(text).split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    return tuple(parts)
+
+
 def redacted(url: str) -> str:
     """`url` with its password, if any, replaced by ***: fit for a log line or an error message."""
     parts = urlsplit(url)
@@ -129,6 +149,12 @@ def connect(settings: ServiceSettings) -> RedisStreamsQueue:
         queue = RedisStreamsQueue(url, settings)  # connects on its first command
         try:
             queue.ping()
+            version = queue.server_version()
+            if version is not None and version < MIN_REDIS_VERSION:
+                queue.close()
+                need = ".".join(map(str, MIN_REDIS_VERSION))
+                raise NotReady(f"--redis: {redacted(url)} is Redis {'.'.join(map(str, version))}; difflens needs "
+                               f"Redis >= {need} (XAUTOCLAIM reclaims the jobs of dead workers)")
             return queue
         except redis.AuthenticationError as e:
             queue.close()
@@ -174,6 +200,11 @@ class RedisStreamsQueue:
     def ping(self) -> None:
         """Raises redis' ConnectionError (and the like) unless Redis answers."""
         self._r.ping()
+
+    def server_version(self) -> tuple[int, ...] | None:
+        """The server's redis_version (INFO server) as integers, e.g. (7, 0, 15); None where it reports none that
+        parses (a Redis-compatible server that does not say is let through)."""
+        return version_tuple(self._r.info("server").get("redis_version", "")) or None
 
     # ------------------------------------------------------------ keys
 
