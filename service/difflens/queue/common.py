@@ -18,6 +18,9 @@ from difflens.jobs import Completed, Event, Failed, JobSpec, JobStateName
 QUEUE_FULL_RETRY_S = 1.0
 CANCELLED_MESSAGE = "cancelled by the caller"
 QUEUED_DEADLINE_MESSAGE = "the job's deadline passed while it waited in the queue"
+# The dead-letter record keeps the most recent this many jobs (Redis: approximately, XADD MAXLEN ~), so a fleet
+# that keeps killing jobs cannot grow it without bound.
+DEAD_LETTER_MAXLEN = 10_000
 
 
 def new_job_id() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
@@ -18,6 +19,7 @@ from difflens.jobs import Event, Failed, JobRecord, JobSpec, JobStateName, Queue
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
+    DEAD_LETTER_MAXLEN,
     QUEUED_DEADLINE_MESSAGE,
     check_models,
     claim_verdict,
@@ -68,7 +70,7 @@ class InProcessQueue:
         self._waiting: dict[str, None] = {}  # insertion-ordered: the queue
         self._held: dict[str, None] = {}  # claimed, not terminal: candidates for reclaim
         self._idem: dict[tuple[str, str], str] = {}
-        self._dead: list[str] = []
+        self._dead: deque[str] = deque(maxlen=DEAD_LETTER_MAXLEN)  # oldest dropped first, as on Redis
         self._swept = time.monotonic()
         self._workers: dict[str, dict[str, float]] = {}  # model -> worker -> monotonic time of its last announce
 

@@ -30,6 +30,7 @@ from difflens.queue import redis_lua as lua
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
+    DEAD_LETTER_MAXLEN,
     QUEUED_DEADLINE_MESSAGE,
     check_models,
     claim_verdict,
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_MAXLEN = 10_000
 # The oldest Redis the queue runs on: XAUTOCLAIM (reclaiming a dead worker's jobs) came in 6.2. An older server
 # would fail the first reclaim with "unknown command", long after start-up; connect() refuses it at once instead.
 MIN_REDIS_VERSION = (6, 2)
