@@ -125,6 +125,24 @@ def test_finished_jobs_leave_nothing_in_the_work_stream(rb, r, queue_name):
     assert r.zcard(f"{queue_name}:waiting:{MODEL}") == 0
 
 
+def test_jobs_with_a_deadline_leave_the_deadlines_set_when_claimed_or_cancelled(rb, r, queue_name):
+    """The deadlines zset is for failing queued jobs: an id must not stay in it, for as long as its deadline is far
+    off (a day, for a patient client), after the job was claimed or cancelled."""
+    q = rb.queue()
+    far = time.time() + 86_400
+    done = [q.enqueue(spec(deadline=far)) for _ in range(2)]
+    cancelled = q.enqueue(spec(deadline=far))
+    key = f"{queue_name}:deadlines:{MODEL}"
+    assert r.zcard(key) == 3
+    q.cancel(cancelled.id)
+    assert set(r.zrange(key, 0, -1)) == {j.id.encode() for j in done}  # one deadline: ties in id order
+    for _ in done:
+        c = q.claim("w", MODELS, block_s=1)
+        assert c is not None
+        q.finish(c, Completed(b"png", "{}"))
+    assert r.zcard(key) == 0
+
+
 def test_dead_letter_entry_names_the_job_and_its_deliveries(rb, r, queue_name):
     q = rb.queue(max_deliveries=1)
     job = q.enqueue(spec())

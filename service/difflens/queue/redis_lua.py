@@ -5,8 +5,9 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
     P:work:M             stream of {job: id, spec: JSON, at: enqueue time}; consumer group "workers" reads it
                          with XREADGROUP (the spec lets a worker start before its claim script settles)
     P:waiting:M          sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
-    P:deadlines:M        sorted set of the ids of jobs with a deadline, by deadline, for EXPIRE_QUEUED; an id
-                         leaves it when that script sees it due (jobs claimed or ended meanwhile are just dropped)
+    P:deadlines:M        sorted set of the ids of queued jobs with a deadline, by deadline, for EXPIRE_QUEUED; an
+                         id leaves it with its waiting-set entry (claimed, cancelled, ended) or when that script
+                         sees it due
     P:enqueued           counter giving those scores
     P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
@@ -24,7 +25,8 @@ on a job runs in one Lua script, so ownership, the at-most-once finish and cance
 """
 
 # Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] its model's work stream, KEYS[4]
-# its model's waiting zset; TTL in ms and `now` come from the caller so every script is deterministic.
+# its model's waiting zset, KEYS[5] its model's deadlines zset; TTL in ms and `now` come from the caller so every
+# script is deterministic.
 PRELUDE = """
 local function is_terminal(state)
   return state == 'completed' or state == 'failed' or state == 'cancelled'
@@ -43,6 +45,7 @@ local function drop_entry(group, entry, job_id)
   redis.call('XACK', KEYS[3], group, entry)
   redis.call('XDEL', KEYS[3], entry)
   redis.call('ZREM', KEYS[4], job_id)
+  redis.call('ZREM', KEYS[5], job_id)
 end
 -- the terminal event, the state and the acknowledgement in one step: the at-most-once finish
 local function terminate(event, state, err, now, ttl, group, job_id)
@@ -53,12 +56,12 @@ local function terminate(event, state, err, now, ttl, group, job_id)
 end
 """
 
-# KEYS[5] idempotency key, KEYS[6] score counter, KEYS[7] deadlines zset. ARGV: id, spec, model, deadline, now,
+# KEYS[6] idempotency key, KEYS[7] score counter. ARGV: id, spec, model, deadline, now,
 # ttl, max depth, use idempotency (1/0), job key prefix, request fingerprint. A key already used for another
 # request (another fingerprint) is a conflict.
 ENQUEUE = PRELUDE + """
 if ARGV[8] == '1' then
-  local existing = redis.call('GET', KEYS[5])
+  local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then
     if redis.call('HGET', ARGV[9] .. existing, 'fp') ~= ARGV[10] then return {'conflict', existing} end
     return {'existing', existing}
@@ -66,15 +69,15 @@ if ARGV[8] == '1' then
 end
 local depth = redis.call('ZCARD', KEYS[4])
 if depth >= tonumber(ARGV[7]) then return {'full', depth} end
-redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), ARGV[1])
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1]) end
+redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[7]), ARGV[1])
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1]) end
 local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 'at', ARGV[5])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
            'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
            'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
 if ARGV[8] == '1' then
-  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6])
-  redis.call('HSET', KEYS[1], 'idem', KEYS[5], 'fp', ARGV[10])
+  redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[6])
+  redis.call('HSET', KEYS[1], 'idem', KEYS[6], 'fp', ARGV[10])
 end
 append('q', depth)
 touch(ARGV[6])
@@ -93,6 +96,7 @@ if (not state) or is_terminal(state) then
 end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('ZREM', KEYS[4], ARGV[7])
+redis.call('ZREM', KEYS[5], ARGV[7])
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'worker', ARGV[4], 'heartbeat', ARGV[5], 'updated_at', ARGV[5])
 local cancel = redis.call('HGET', KEYS[1], 'cancel')
 local deadline = redis.call('HGET', KEYS[1], 'deadline')
@@ -126,12 +130,12 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 return 1
 """
 
-# KEYS[5] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
+# KEYS[6] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
 # dead-letter stream max length.
 FINISH = PRELUDE + OWNED + """
 if not owned(ARGV[1]) then return 0 end
 if ARGV[9] == '1' then
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],
              'entry', redis.call('HGET', KEYS[1], 'entry'), 'deliveries', redis.call('HGET', KEYS[1], 'deliveries'),
              'worker', redis.call('HGET', KEYS[1], 'worker'))
 end

@@ -210,7 +210,8 @@ class RedisStreamsQueue:
 
     def _keys(self, job_id: str, model: str) -> list[str]:
         job = self._job_prefix + job_id
-        return [job, job + ":events", self._work.prefix + model, self._waiting_prefix + model]
+        return [job, job + ":events", self._work.prefix + model, self._waiting_prefix + model,
+                self._deadlines_prefix + model]
 
     def _idem_key(self, spec: JobSpec) -> str:
         digest = hashlib.sha256(f"{spec.caller}\0{spec.idempotency_key}".encode()).hexdigest()
@@ -228,8 +229,7 @@ class RedisStreamsQueue:
 
     def _enqueue_call(self, spec: JobSpec, job_id: str, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the enqueue script."""
-        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter,
-                 self._deadlines_prefix + spec.model],
+        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter],
                 [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
                  self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix,
                  request_fingerprint(spec) if spec.idempotency_key else ""])
