@@ -1,6 +1,6 @@
 """The Python client of the difflens gRPC service.
 
-    from difflens.client import DifflensClient
+    from difflens.client import DifflensClient, explanation_from_events
     from difflens.engine.options import ExplainOptions, GenerationParams, RiseOptions
     from difflens.jobs import JobSpec
 
@@ -246,7 +246,8 @@ def explanation_from_events(events: list[Event]) -> Explanation:
     resolved = record["resolved"]
     seconds = {row["index"]: {k[:-2]: v for k, v in row.items() if k.endswith("_s") and k != "denoise_s"}
                for row in record.get("timings", {}).get("steps", [])}
-    steps, tokens = [], []
+    # The prompt's words; a record from before they were recorded has them only with attention maps.
+    steps, tokens = [], [str(w) for w in resolved.get("tokens", [])]
     for ev in events:
         if not isinstance(ev, Step):
             continue

@@ -172,10 +172,12 @@ def _explain_args(out: Path) -> list[str]:
             "--cam-layers", ",".join(CAM_LAYERS), "--explain-steps", "0,2"]
 
 
-def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--methods", "rise,cam"]], ids=["all", "no-attention"])
+def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir, tmp_path, capsys, flags):
+    """Byte for byte, but for timings; without attention maps too (the npz's tokens then come from the record)."""
     remote, local = tmp_path / "remote", tmp_path / "local"
-    assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote)]) == 0
-    assert main(["explain", str(tiny_dir), *_explain_args(local)]) == 0
+    assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote), *flags]) == 0
+    assert main(["explain", str(tiny_dir), *_explain_args(local), *flags]) == 0
     err = capsys.readouterr().err
     assert "denoising" in err and "no worker serves" not in err  # the progress bar; a worker was there
     names = {p.name for p in local.iterdir()}

@@ -120,6 +120,7 @@ def run_explanation(
         "generation": _plain(gen.params), "explain": _plain(options), "model": str(model.path),
         "unet_backend": runner.backend, "timesteps": gen.timesteps, "methods": list(options.methods),
         "explained_steps": [s.index for s in explained],
+        "tokens": [t.text for t in tokens],  # the prompt's words as the model's tokenizer split them (attn's rows)
     }
     return Explanation(to_uint8(gen.image), gen.timesteps, explained, [t.text for t in tokens], record, gen)
 
