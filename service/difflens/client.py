@@ -51,6 +51,7 @@ T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 MAX_RESUME_BACKOFF_S = 2.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+FIND_JOB_TIMEOUT_S = 10.0  # ExplainStream.cancel before the first event: the Submit that finds the job
 
 
 def retry_after_s(err: grpc.RpcError) -> float | None:
@@ -68,8 +69,9 @@ class ExplainStream:
     break, however many attempts the resume takes); unset, the break is logged as a warning."""
 
     def __init__(self, client: DifflensClient, open_call: Callable[[], Any], *, raw: bool,
-                 deadline: float | None) -> None:
+                 deadline: float | None, find_job: Callable[[], str] | None = None) -> None:
         self.client = client
+        self._find_job = find_job
         self.job_id = ""
         self.sequence = -1
         self.events: list[Event] = []
@@ -130,9 +132,15 @@ class ExplainStream:
                                          timeout=timeout, metadata=self.client.metadata)
 
     def cancel(self) -> None:
+        """Stop the job and end the stream. Before the first event its id is not known yet (ending the call alone
+        would leave the job running): the request's idempotency key finds it - a Submit of the same request returns
+        that job, or makes it if the call never reached a front, and the cancel then ends it before it runs or at
+        its first step. Sets `job_id`. Raises grpc.RpcError when the server cannot be asked."""
+        self._call.cancel()
+        if not self.job_id and self._find_job is not None:
+            self.job_id = self._find_job()
         if self.job_id:
             self.client.cancel(self.job_id)
-        self._call.cancel()
 
     @property
     def result(self) -> Completed | Failed | None:
@@ -184,7 +192,8 @@ class DifflensClient:
             left = None if deadline is None else max(0.0, deadline - time.time())
             return self.stub.Explain(req, timeout=left, metadata=self.metadata)
 
-        return ExplainStream(self, open_call, raw=raw, deadline=deadline)
+        return ExplainStream(self, open_call, raw=raw, deadline=deadline,
+                             find_job=lambda: self.submit(req, timeout=FIND_JOB_TIMEOUT_S).id)
 
     def watch(self, job_id: str, *, from_sequence: int = 0, timeout: float | None = None,
               raw: bool = False) -> ExplainStream:

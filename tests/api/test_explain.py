@@ -95,6 +95,21 @@ def test_cancel_stops_within_one_step(client, embedded):
     assert client.get(record.id).state == "cancelled"
 
 
+def test_cancel_before_the_first_event_still_cancels_the_job(client):
+    """Ctrl-C in `difflens explain --server` right after the call: no event has named the job yet, yet it must not
+    run on unseen. The request's idempotency key finds it."""
+    spec = job(steps=40, masks=64, key="early-cancel")
+    stream = client.explain(spec, timeout=120)
+    stream.cancel()  # before iterating: no event received
+    assert stream.job_id and not stream.events
+    deadline = time.monotonic() + 60
+    while (rec := client.get(stream.job_id)).state not in ("cancelled", "completed", "failed"):
+        assert time.monotonic() < deadline, rec
+        time.sleep(0.1)
+    assert rec.state == "cancelled"
+    assert client.submit(spec).id == stream.job_id  # one job for the key: the cancel made no second one
+
+
 def test_the_calls_deadline_becomes_the_jobs(client):
     stream = client.explain(job(steps=200, masks=64), timeout=1.5)
     with pytest.raises(grpc.RpcError) as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -142,3 +143,28 @@ def test_ctrl_c_while_the_stream_resumes_exits_130_without_a_traceback(tiny_dir,
     text = "".join(lines)
     assert "could not cancel job" in text and "Traceback" not in text, text
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_before_the_server_named_the_job_says_so_and_how_to_find_it(tmp_path):
+    """A server that accepts the connection but never answers: no event names the job, and the cancel's lookup
+    cannot reach a front either. The CLI must not claim it cancelled a job of no name."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "difflens", "explain", MODEL, "a red circle", "--server",
+                                 f"127.0.0.1:{mute.getsockname()[1]}", "--steps", "2", "--out",
+                                 str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            mute.settimeout(60)
+            conn, _ = mute.accept()  # the call is on its way: it waits for a server that never speaks
+            with conn:
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130
+    assert "could not cancel the job (the server had not named it yet" in err and "idempotency key client-" in err
+    assert "Traceback" not in err and "job  cancelled" not in err, err

@@ -291,7 +291,9 @@ def run_explain_remote(args: argparse.Namespace) -> int:
 
     progress = RemoteProgress()
     with DifflensClient(args.server) as client:
-        stream = client.explain(spec, timeout=args.timeout)
+        request = client.request(spec)  # with its idempotency key, which finds the job if interrupted early
+        req_key = request.idempotency_key
+        stream = client.explain(request, timeout=args.timeout)
         stream.on_break = lambda err: progress.on_break(stream.job_id, err)
         try:
             for event in stream:
@@ -314,8 +316,11 @@ def run_explain_remote(args: argparse.Namespace) -> int:
             try:
                 stream.cancel()
             except grpc.RpcError as e:  # e.g. interrupted while the stream was resuming from a front that died
-                print(f"difflens: interrupted; could not cancel job {stream.job_id} ({e.code().name}): it may "
-                      f"still be running - CancelJob it later; nothing written", file=sys.stderr)
+                which = (f"job {stream.job_id}" if stream.job_id else
+                         "the job (the server had not named it yet; if it was queued, its idempotency key "
+                         f"{req_key} finds it: Submit the same request again)")
+                print(f"difflens: interrupted; could not cancel {which} ({e.code().name}): it may still be "
+                      f"running - CancelJob it later; nothing written", file=sys.stderr)
                 return 130
             print(f"difflens: interrupted; job {stream.job_id} cancelled, nothing written", file=sys.stderr)
             return 130
