@@ -60,6 +60,8 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--timesteps", "900,x"], "--timesteps"),
     (["--timesteps", "500,900"], "--timesteps"),
     (["--sampling", "late", "--shift", "0", "--steps", "30"], "--shift"),
+    (["--shift", "30"], "--shift"),  # uniform: the shift means nothing, and the served request cannot carry it
+    (["--timesteps", "900,500", "--shift", "30"], "--shift"),
     (["--masks", "0"], "--masks"),
     (["--mask-seed", "-1"], "--mask-seed"),  # the service refuses it too
     (["--mask", "grid", "--grid-size", "17"], "--grid-size"),  # finer than the tiny model's 16 x 16 latent

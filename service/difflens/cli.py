@@ -104,6 +104,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     timesteps = parse_ints("sampling.timesteps", args.timesteps) if args.timesteps is not None else None
     kind = args.sampling or ("explicit" if timesteps is not None else None)
     sampling = Sampling(**_given(kind=kind, shift=args.shift, timesteps=timesteps))
+    if args.shift is not None and sampling.kind not in ("early", "late"):  # the contract has no place for it
+        raise InvalidArgument("sampling.shift", f"only with --sampling early or late (got {sampling.kind!r})")
     generation = _given(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                         guidance_scale=args.guidance, width=args.width, height=args.height,
                         scheduler=args.scheduler)
