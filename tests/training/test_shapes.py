@@ -60,20 +60,19 @@ def test_saved_weights_are_the_ema_weights(smoke):
     assert not all(torch.equal(a, b) for a, b in zip(saved, trainer.params, strict=True))
 
 
-def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    from difflens.training.shapes import train
+def test_a_checkpoint_is_not_resumed_under_another_step_budget(tmp_path):
+    """The cosine schedule spans --steps: 3 steps then 3 more under a budget of 6 would be neither run (past the
+    warm-up their learning rates differ), so the resume is refused, naming what changed."""
+    from difflens.training.shapes import lr_at, train
 
-    cfg = TrainConfig(**{**TINY.__dict__, "steps": 6})
-    straight = make_trainer(tmp_path / "a", cfg)
-    train(straight, minutes=5, checkpoint_minutes=5)
-    half = TrainConfig(**{**TINY.__dict__, "steps": 3})
-    first = make_trainer(tmp_path / "b", half)
-    train(first, minutes=5, checkpoint_minutes=5)
-    second = make_trainer(tmp_path / "b", cfg)
-    assert second.resume() and second.step == 3
-    train(second, minutes=5, checkpoint_minutes=5)
-    for a, b in zip(straight.params, second.params, strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+    short = TrainConfig(**{**TINY.__dict__, "steps": 8, "warmup": 2})
+    longer = TrainConfig(**{**TINY.__dict__, "steps": 12, "warmup": 2})
+    assert lr_at(4, short) != lr_at(4, longer)
+    train(make_trainer(tmp_path, short), minutes=5, checkpoint_minutes=5, stop_at=4)
+    with pytest.raises(ValueError, match=r"different configuration \(train\.steps: 8 -> 12\)"):
+        make_trainer(tmp_path, longer).resume()
+    again = make_trainer(tmp_path, short)
+    assert again.resume() and again.step == 4
 
 
 def test_a_run_stopped_at_a_step_resumes_to_the_uninterrupted_weights(tmp_path):
@@ -131,13 +130,17 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 def test_command_line_writes_a_loadable_model(tmp_path):
     out = tmp_path / "m"
-    rc = main(["--out", str(out), "--work", str(tmp_path / "w"), "--arch", "tiny", "--steps", "2",
-               "--batch-size", "2", "--threads", "1", "--eval-images", "0", "--eval-held-out", "0",
-               "--eval-steps", "2"])
-    assert rc == 0
+    argv = ["--out", str(out), "--work", str(tmp_path / "w"), "--arch", "tiny", "--steps", "2", "--batch-size", "2",
+            "--threads", "1", "--eval-images", "0", "--eval-held-out", "0", "--eval-steps", "2"]
+    assert main(argv) == 0
     m = load_model(out)
     assert (m.defaults.steps, m.defaults.guidance_scale, m.defaults.scheduler) == (2, 1.5, "ddpm")
     assert generate(m, GenerationParams("a small blue square at the top", seed=0)).image.shape == (32, 32, 3)
+    # Run again (`make train-shapes` twice): the finished checkpoint is not "resumed" into a record of a run
+    # that trained nothing; the model and its training.json stay as they were.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(argv) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("flag,value", [("--high-noise-share", "1.5"), ("--stop-at-step", "0")])

@@ -129,10 +129,16 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def fingerprint(arch: ArchConfig, cfg: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed (the step budget may change between invocations)."""
-    d = dataclasses.asdict(cfg)
-    d.pop("steps")
-    return {"arch": dataclasses.asdict(arch), "train": d}
+    """What a checkpoint must match to be resumed: the whole configuration, the step budget included (the cosine
+    learning-rate schedule spans it, so a run resumed under another budget is not the run of either)."""
+    return {"arch": dataclasses.asdict(arch), "train": dataclasses.asdict(cfg)}
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two fingerprints differ: ['train.steps: 205 -> 210', ...]."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{path}{k}.")]
+    return [] if a == b else [f"{path.rstrip('.')}: {a!r} -> {b!r}"]
 
 
 class Trainer:
@@ -157,8 +163,11 @@ class Trainer:
         if not f.exists():
             return False
         state = torch.load(f, weights_only=True)
-        if state["fingerprint"] != json.loads(json.dumps(fingerprint(self.arch, self.cfg))):
-            raise ValueError(f"{f} was written by a different configuration; use another --work or --fresh")
+        wanted = json.loads(json.dumps(fingerprint(self.arch, self.cfg)))
+        if state["fingerprint"] != wanted:
+            changed = "; ".join(_differences(state["fingerprint"], wanted))
+            raise ValueError(f"{f} was written by a different configuration ({changed}); use another --work or "
+                             "--fresh")
         self.unet.load_state_dict(state["unet"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.opt.load_state_dict(state["opt"])
@@ -327,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if trainer.resume():
                 log.info("resumed from %s at step %d", work / CHECKPOINT, trainer.step)
+                if cfg.steps is not None and trainer.step >= cfg.steps:  # a finished run: keep what it wrote
+                    log.info("%s holds a finished run (step %d of %d): nothing to train, %s left as it is; "
+                             "--fresh (or another --work) trains again from scratch", work, trainer.step,
+                             cfg.steps, a.out)
+                    return 0
         except ValueError as e:
             log.error("%s", e)
             return 2
