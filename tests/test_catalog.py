@@ -37,6 +37,28 @@ def test_a_pixel_space_model_has_multiple_8_and_reads_difflens_json(tiny_dir, tm
     assert entry.default_size == (24, 16) and entry.defaults.steps == 25
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ({"steps": "25"}, "steps: got '25'; must be an integer in [1, 1000]"),
+    ({"steps": 25.7}, "steps: got 25.7; must be an integer"),
+    ({"steps": 0}, "steps: got 0; must be an integer in [1, 1000]"),
+    ({"guidance_scale": "high"}, "guidance_scale: got 'high'; must be a number in [0, 50]"),
+    ({"guidance_scale": True}, "guidance_scale: got True"),
+    ({"scheduler": "foo"}, "scheduler: got 'foo'; allowed: ddim, "),
+    ({"width": 33}, "width: got 33; must be a positive multiple of "),
+    ({"height": -8}, "height: got -8; must be a positive multiple of "),
+    ([], "expected a JSON object, got list"),
+])
+def test_a_bad_defaults_file_stops_the_model_at_load_naming_the_file_and_field(tiny_dir, tmp_path, content, message):
+    """Not every later request that leaves the field unset (a TypeError, or an error naming the caller's field)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))  # configs only
+    (folder / "difflens.json").write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError) as err:
+        describe("m", folder)
+    assert str(err.value).startswith(f"{folder.resolve() / 'difflens.json'}: malformed defaults file: ")
+    assert message in str(err.value)
+
+
 def test_a_broken_folder_fails_naming_the_file(tiny_dir, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))

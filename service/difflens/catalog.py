@@ -86,7 +86,7 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(str(root / "tokenizer"), f"cannot load the tokenizer: {e}") from e
-    return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root), vae_scale_factor=factor,
+    return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root, 8 * factor), vae_scale_factor=factor,
                         sample_size=int(unet_config.get("sample_size", 64)), cam_layers=layers, tokenizer=tokenizer,
                         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
                         scheduler_config=scheduler_config)

@@ -32,16 +32,45 @@ class ModelDefaults:
     height: int | None = None
 
     @classmethod
-    def read(cls, folder: Path) -> ModelDefaults:
+    def read(cls, folder: Path, size_multiple: int = 8) -> ModelDefaults:
+        """The folder's defaults file, checked as a request's fields are (so that a bad file stops the model at
+        load, not every request that leaves a field unset); `size_multiple`: what width and height must divide
+        by. ModelLoadError naming the file and the field."""
         f = folder / DEFAULTS_FILE
         if not f.exists():
             return cls()
         try:
             raw = json.loads(f.read_text())
-            known = {k: raw[k] for k in ("steps", "guidance_scale", "scheduler", "width", "height") if k in raw}
-            return cls(**known)
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             raise ModelLoadError(str(f), f"malformed defaults file: {e}") from e
+        if not isinstance(raw, dict):
+            raise ModelLoadError(str(f), f"malformed defaults file: expected a JSON object, got {type(raw).__name__}")
+        known = {k: raw[k] for k in ("steps", "guidance_scale", "scheduler", "width", "height") if k in raw}
+        problem = _defaults_problem(known, size_multiple)
+        if problem:
+            raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
+        return cls(**known)
+
+
+def _defaults_problem(d: dict[str, Any], size_multiple: int) -> str | None:
+    """What is wrong with a defaults file's fields, or None. Ranges are a request's (engine/options.py)."""
+    from difflens.engine.options import SCHEDULERS
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "steps" in d and not (whole(d["steps"]) and 1 <= d["steps"] <= 1000):
+        return f"steps: got {d['steps']!r}; must be an integer in [1, 1000]"
+    g = d.get("guidance_scale", 0.0)
+    if isinstance(g, bool) or not isinstance(g, int | float) or not 0.0 <= g <= 50.0:
+        return f"guidance_scale: got {g!r}; must be a number in [0, 50]"
+    if "scheduler" in d and d["scheduler"] not in SCHEDULERS:
+        return f"scheduler: got {d['scheduler']!r}; allowed: {', '.join(SCHEDULERS)}"
+    for side in ("width", "height"):
+        v = d.get(side)
+        if v is not None and not (whole(v) and v > 0 and v % size_multiple == 0):
+            return f"{side}: got {v!r}; must be a positive multiple of {size_multiple} (or null: the UNet's size)"
+    return None
 
 
 @dataclass
@@ -213,7 +242,8 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
-    return Model(folder, unet, scheduler, text_encoder, tokenizer, vae, ModelDefaults.read(folder))
+    multiple = 8 * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    return Model(folder, unet, scheduler, text_encoder, tokenizer, vae, ModelDefaults.read(folder, multiple))
 
 
 def _load_scheduler(sub: Path, index: dict[str, Any]) -> Any:
