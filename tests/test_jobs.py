@@ -18,6 +18,7 @@ from difflens.jobs import (
     Failed,
     JobSpec,
     OutputOptions,
+    Progress,
     Queued,
     Started,
     Step,
@@ -36,12 +37,22 @@ SPECS = [
             OutputOptions("float16", True), deadline=1e9, idempotency_key="k", caller="app"),
     JobSpec("m", GenerationParams("p", sampling=Sampling("explicit", timesteps=(900, 500, 10))),
             ExplainOptions(StepSelector("every", every=3))),
+    JobSpec("m", GenerationParams("p"), output=OutputOptions(progress_events=True)),
 ]
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_spec_round_trips_through_json(spec):
     assert JobSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_spec_without_progress_events_reads_as_before_the_field_existed():
+    """A worker of the previous release (OutputOptions without the field) still reads what a new front queues,
+    unless the request asked for progress events."""
+    import json
+
+    assert "progress_events" not in json.loads(SPECS[0].to_json())["output"]
+    assert json.loads(SPECS[-1].to_json())["output"]["progress_events"] is True
 
 
 def test_spec_with_explicit_masks_is_refused():
@@ -70,7 +81,8 @@ def test_events_round_trip_with_arrays_bit_exact():
         assert back.maps[k].dtype == v.dtype and np.array_equal(back.maps[k], v)
     assert back.tokens[0].token == "red" and np.array_equal(back.tokens[0].map, step.tokens[0].map)
     assert back.x0_preview is not None and np.array_equal(back.x0_preview, step.x0_preview)
-    for ev in (Queued(3), Started("w1", 2), Completed(b"\x89PNG..", '{"a": 1}'), Failed("CANCELLED", "stop")):
+    for ev in (Queued(3), Started("w1", 2), Progress(3, 500, 10, 0.25), Completed(b"\x89PNG..", '{"a": 1}'),
+               Failed("CANCELLED", "stop")):
         assert decode_event(encode_event(ev)) == ev
 
 

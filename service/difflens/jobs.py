@@ -37,10 +37,12 @@ FailureCode = Literal["CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "RES
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """How maps come back: map dtype on the wire, and whether each explained step carries its x0 preview."""
+    """How maps come back: map dtype on the wire, whether each explained step carries its x0 preview, and whether
+    the steps that are not explained send a Progress event."""
 
     map_dtype: MapDType = "float32"
     include_x0_previews: bool = False
+    progress_events: bool = False  # a Progress event for every denoising step that is not explained
 
     def __post_init__(self) -> None:
         check_choice("output.map_dtype", self.map_dtype, get_args(MapDType))
@@ -61,7 +63,10 @@ class JobSpec:
     def to_json(self) -> str:
         if self.explain.rise is not None and self.explain.rise.masks is not None:
             raise ValueError("explicit RISE masks cannot travel through the queue")
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        d = dataclasses.asdict(self)
+        if not self.output.progress_events:  # as before the field existed: a worker of the previous release reads it
+            del d["output"]["progress_events"]
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JobSpec:
@@ -143,6 +148,16 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """A denoising step that was not explained finished (sent only when the request asked for progress events)."""
+
+    index: int
+    timestep: int
+    num_steps: int
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Completed:
     image_png: bytes
     audit_json: str
@@ -154,10 +169,10 @@ class Failed:
     message: str
 
 
-Event = Queued | Started | Step | Completed | Failed
+Event = Queued | Started | Step | Progress | Completed | Failed
 TERMINAL_EVENTS = (Completed, Failed)
-_KINDS: dict[str, type] = {"queued": Queued, "started": Started, "step": Step, "completed": Completed,
-                           "failed": Failed}
+_KINDS: dict[str, type] = {"queued": Queued, "started": Started, "step": Step, "progress": Progress,
+                           "completed": Completed, "failed": Failed}
 _KIND_OF = {v: k for k, v in _KINDS.items()}
 _DTYPES = ("float16", "float32", "uint8")
 

@@ -17,7 +17,18 @@ from difflens.engine.options import (
     StepSelector,
 )
 from difflens.errors import InvalidArgument
-from difflens.jobs import Completed, Failed, JobRecord, JobSpec, OutputOptions, Queued, Started, Step, TokenMap
+from difflens.jobs import (
+    Completed,
+    Failed,
+    JobRecord,
+    JobSpec,
+    OutputOptions,
+    Progress,
+    Queued,
+    Started,
+    Step,
+    TokenMap,
+)
 
 SPECS = [
     JobSpec(model="", params=GenerationParams("a cat")),
@@ -36,6 +47,7 @@ SPECS = [
             explain=ExplainOptions(steps=StepSelector("every", every=3), cam=CamOptions())),
     JobSpec(model="m", params=GenerationParams("x", sampling=Sampling("early")),
             explain=ExplainOptions(rise=RiseOptions())),
+    JobSpec(model="m", params=GenerationParams("x"), output=OutputOptions(progress_events=True)),
 ]
 
 
@@ -79,6 +91,7 @@ EVENTS = [
          tokens=(TokenMap("cat", np.zeros((2, 2), np.float16), 0.5),), latency_s=0.25,
          x0_preview=np.full((3, 4, 4), 0.5, np.float32)),
     Step(index=0, timestep=999, num_steps=1),
+    Progress(index=5, timestep=761, num_steps=10, latency_s=0.125),
     Completed(b"\x89PNG...", '{"schema": "x"}'),
     Failed("DEADLINE_EXCEEDED", "too late"), Failed("CANCELLED", "by you"),
 ]

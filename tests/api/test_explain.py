@@ -3,6 +3,7 @@ idempotency."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -77,6 +78,31 @@ def test_unknown_job_is_not_found(client, call):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no-such-job" in err.value.details()
 
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_progress_events_cover_the_steps_that_are_not_explained_only_when_asked(client, progress):
+    from dataclasses import replace
+
+    from difflens.engine.options import StepSelector
+    from difflens.jobs import Progress
+
+    spec = job(steps=4)
+    spec = replace(spec, explain=replace(spec.explain, steps=StepSelector("list", (0, 2))),
+                   output=OutputOptions(progress_events=progress))
+    stream = client.explain(spec, timeout=120)
+    events = list(stream)
+    kinds = [(type(e).__name__, getattr(e, "index", None)) for e in events[2:-1]]
+    if progress:
+        assert kinds == [("Step", 0), ("Progress", 1), ("Step", 2), ("Progress", 3)]
+        p = events[3]
+        assert isinstance(p, Progress) and p.num_steps == 4 and p.latency_s > 0
+        assert p.timestep == json.loads(stream.result.audit_json)["resolved"]["timesteps"][1]
+    else:
+        assert kinds == [("Step", 0), ("Step", 2)]
+    assert isinstance(events[-1], Completed)
+    replayed = list(client.watch(stream.job_id, timeout=30))  # WatchJob replays them too
+    assert [type(e) for e in replayed] == [type(e) for e in events]
 
 def test_cancel_stops_within_one_step(client, embedded):
     record = client.submit(job(steps=40, masks=16))

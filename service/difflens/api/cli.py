@@ -185,7 +185,7 @@ def remote_spec(args: argparse.Namespace) -> Any:
     """The local CLI's options -> a JobSpec (the same checks as `difflens explain`, before anything is sent)."""
     from difflens.cli import build_request
     from difflens.engine.options import GenerationParams
-    from difflens.jobs import JobSpec
+    from difflens.jobs import JobSpec, OutputOptions
 
     for flag in ("backend", "device", "dtype"):
         if getattr(args, flag, None) is not None:
@@ -195,11 +195,14 @@ def remote_spec(args: argparse.Namespace) -> Any:
         raise InvalidArgument("--timeout", f"got {args.timeout:g}; must be > 0 (seconds)")
     r = build_request(args)
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
-    return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"])
+    # Progress events: the bar moves on every denoising step, not only on the explained ones.
+    return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"],
+                   output=OutputOptions(progress_events=True))
 
 
 class RemoteProgress:
-    """A tqdm bar over the denoising steps, advanced as explained steps arrive (the stream's only step events)."""
+    """A tqdm bar over the denoising steps, advanced by the Step event of each explained step and the Progress
+    event of each other one."""
 
     def __init__(self) -> None:
         self.bar: Any = None
@@ -218,7 +221,7 @@ class RemoteProgress:
             print(line, file=sys.stderr, flush=True)
 
     def on_event(self, event: Any) -> None:
-        from difflens.jobs import Queued, Started, Step
+        from difflens.jobs import Progress, Queued, Started, Step
 
         if self.broken:
             self._say(f"difflens: resumed job {self.broken}")
@@ -227,19 +230,19 @@ class RemoteProgress:
             print(f"difflens: queued (position {event.position})", file=sys.stderr, flush=True)
         elif isinstance(event, Started):
             print(f"difflens: started on {event.worker} (attempt {event.attempt})", file=sys.stderr, flush=True)
-        elif isinstance(event, Step):
+        elif isinstance(event, Step | Progress):
             if self.bar is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=event.num_steps, desc="denoising", unit="step", file=sys.stderr,
                                 dynamic_ncols=True)
-            self.explained += 1
+            self.explained += isinstance(event, Step)
             self.bar.set_postfix_str(f"t={event.timestep} explained={self.explained}", refresh=False)
-            self.bar.update(event.index + 1 - self.bar.n)
+            self.bar.update(max(0, event.index + 1 - self.bar.n))
 
     def close(self, completed: bool) -> None:
-        """End the bar before anything else is printed. Steps after the last explained one send no event: the bar
-        is filled for a completed job only, so a failed one shows where it stopped."""
+        """End the bar before anything else is printed: filled for a completed job (a server without Progress
+        events sends nothing after the last explained step), where it stopped for a failed one."""
         if self.bar is not None:
             if completed:
                 self.bar.update(self.bar.total - self.bar.n)

@@ -34,6 +34,7 @@ from difflens.jobs import (
     JobRecord,
     JobSpec,
     OutputOptions,
+    Progress,
     Queued,
     Started,
     Step,
@@ -176,7 +177,7 @@ def request_to_spec(req: Any, *, caller: str = "", deadline: float | None = None
         sampling=sampling_from_pb(req.sampling))
     output = OutputOptions(
         map_dtype=_enum("output.map_dtype", req.output.map_dtype, MAP_DTYPES, pb.OutputOptions.MapDType),  # type: ignore[arg-type]
-        include_x0_previews=req.output.include_x0_previews)
+        include_x0_previews=req.output.include_x0_previews, progress_events=req.output.progress_events)
     return JobSpec(model=req.model, params=params, explain=explain_from_pb(req.explain), output=output,
                    deadline=deadline, idempotency_key=req.idempotency_key, caller=caller)
 
@@ -218,6 +219,7 @@ def spec_to_request(spec: JobSpec, timeout_s: float | None = None) -> Any:
     req.explain.attention.enabled = e.attention is not None
     req.output.map_dtype = _number(MAP_DTYPES, spec.output.map_dtype)
     req.output.include_x0_previews = spec.output.include_x0_previews
+    req.output.progress_events = spec.output.progress_events
     return req
 
 
@@ -265,6 +267,9 @@ def event_to_pb(job_id: str, sequence: int, event: Event) -> Any:
                            for t in event.tokens)
         if event.x0_preview is not None:
             step.x0_preview.CopyFrom(tensor_to_pb(event.x0_preview))
+    elif isinstance(event, Progress):
+        out.progress.CopyFrom(pb.Progress(index=event.index, timestep=event.timestep, num_steps=event.num_steps,
+                                          latency_seconds=event.latency_s))
     elif isinstance(event, Completed):
         out.completed.CopyFrom(pb.Completed(image_png=event.image_png, audit_json=event.audit_json))
     elif isinstance(event, Failed):
@@ -286,6 +291,9 @@ def event_from_pb(e: Any) -> Event:
                     maps={k: tensor_from_pb(v) for k, v in s.maps.items()},
                     tokens=tuple(TokenMap(t.token, tensor_from_pb(t.map), t.relevance) for t in s.tokens),
                     x0_preview=tensor_from_pb(s.x0_preview) if s.HasField("x0_preview") else None)
+    if kind == "progress":
+        p = e.progress
+        return Progress(index=p.index, timestep=p.timestep, num_steps=p.num_steps, latency_s=p.latency_seconds)
     if kind == "completed":
         return Completed(image_png=e.completed.image_png, audit_json=e.completed.audit_json)
     if kind == "failed":

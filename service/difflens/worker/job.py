@@ -1,4 +1,5 @@
-"""One claimed job, run to its terminal event: Started, a Step per explained step as it happens, then Completed
+"""One claimed job, run to its terminal event: Started, a Step per explained step as it happens (and, when the
+request asks for them, a Progress per step that is not explained), then Completed
 (image and audit record) or Failed. Cancellation, deadlines and lost ownership are checked between denoising steps.
 
 Step events are handed to the worker's publisher thread (`publisher`), so the denoising loop does not wait on the
@@ -27,7 +28,7 @@ from difflens.engine.loading import Model
 from difflens.engine.sampler import decode
 from difflens.engine.tokens import prompt_tokens
 from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from difflens.jobs import Completed, Event, Failed, OutputOptions, Started, Step, TokenMap
+from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobQueue, Published
 from difflens.queue.common import CANCELLED_MESSAGE
@@ -81,6 +82,7 @@ class JobRun:
     denoise_s: dict[int, float] = field(default_factory=dict)
     rise_exact: dict[int, bool] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
+    progressed: int = -1  # the last step index a Step or Progress event went out for (none again on re-delivery)
     words: list[str] = field(default_factory=list)
     pending: StepExplanation | None = None
     # The cancel flag as the last publish saw it, for the check right after it (None: ask the queue: pushed, or
@@ -99,7 +101,9 @@ class JobRun:
         if claim.delivery == 1:
             metrics.QUEUE_WAIT.labels(self.model_label).observe(max(0.0, started - claim.enqueued_at))
         else:  # a re-delivery: the client already saw these steps from an earlier attempt
-            self.published = {e.index for _, e in self.queue.events(claim.job_id) if isinstance(e, Step)}
+            seen = [e for _, e in self.queue.events(claim.job_id) if isinstance(e, Step | Progress)]
+            self.published = {e.index for e in seen if isinstance(e, Step)}
+            self.progressed = max((e.index for e in seen), default=-1)
         try:
             if claim.started:  # the claim writes Started only if it saw no cancel flag (ahead: if confirmed)
                 self.cancel_seen = False
@@ -175,17 +179,26 @@ class JobRun:
         self.denoise_s[index] = denoise_s
         metrics.STEP_DURATION.labels(self.model_label, "denoise", metrics.t_bucket(timestep)).observe(denoise_s)
         se, self.pending = self.pending, None
-        if se is None or se.index in self.published:
+        if se is None:
+            if self.claim.spec.output.progress_events and index > self.progressed:
+                self.progressed = index
+                self._send(Progress(index=index, timestep=timestep, num_steps=total, latency_s=denoise_s))
+            return
+        if se.index in self.published:
             return
         latency = denoise_s + sum(se.seconds.values())
         event = step_event(se, self.words, self.claim.spec.output, self.entry.model, latency, total)
         self.published.add(se.index)
+        self.progressed = max(self.progressed, se.index)
+        self._send(event)
+
+    def _send(self, event: Step | Progress) -> None:
         if self.publisher is None:
             self._publish_or_stop(event)
         else:
             self.in_flight.append(self.publisher.submit(self._publish_step, event))
 
-    def _publish_step(self, event: Step) -> Published | None:
+    def _publish_step(self, event: Step | Progress) -> Published | None:
         """On the publisher thread. Once a publish failed or found the job lost, the job's later steps are dropped
         (None): its event stream must not show a gap before the Failed event."""
         if self.lost.is_set() or self.publish_error is not None:
