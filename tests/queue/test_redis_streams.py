@@ -391,3 +391,60 @@ def test_waiting_ids_whose_records_expired_stop_counting(rb, r, queue_name):
     q.expire_overdue(MODEL)
     assert q.depth(MODEL) == 0
     q.enqueue(spec())  # not refused as full
+
+
+def test_a_workers_writes_ride_out_a_redis_restart_that_keeps_its_data(queue_name):
+    """A failover or a restart with persistence: Redis refuses connections for a second. A running job's publish
+    and finish wait for it (up to the visibility timeout) instead of failing the job or abandoning it to be re-run."""
+    import threading
+
+    from difflens.config import ServiceSettings
+    from difflens.jobs import Progress
+    from difflens.queue.redis_streams import RedisStreamsQueue
+    from tests.support.redis_server import PrivateRedis
+
+    with PrivateRedis() as server:
+        q = RedisStreamsQueue(server.url, ServiceSettings(queue_name=queue_name, visibility_timeout_s=20,
+                                                          heartbeat_interval_s=1))
+        job = q.enqueue(spec())
+        c = q.claim("w", MODELS, block_s=2)
+        assert c is not None
+        redis.Redis.from_url(server.url).shutdown(save=True)  # its data is saved, and loaded again at start
+        assert server._proc is not None
+        server._proc.wait(10)
+        server._proc = None
+        back = threading.Timer(1.0, server.start)
+        back.start()
+        try:
+            assert q.publish(c, Progress(0, 999, 2))
+            assert q.finish(c, Completed(b"png", "{}"))
+        finally:
+            back.join()
+        assert [type(e).__name__ for _, e in q.events(job.id)] == ["Queued", "Progress", "Completed"]
+        q.close()
+
+
+def test_a_write_retried_after_its_reply_was_lost_is_applied_once(rb, queue_name):
+    """The connection drops after Redis ran the script but before the reply came back: the retry must not append
+    the event a second time, nor find the finished job 'not ours' and report the finish as lost."""
+    from difflens.jobs import Progress
+
+    q = rb.queue()
+    job = q.enqueue(spec())
+    c = q.claim("w", MODELS, block_s=2)
+    assert c is not None
+    for name in ("_publish", "_finish"):
+        script = getattr(q, name)
+        calls = []
+
+        def reply_lost_once(*args, _script=script, _calls=calls, **kw):
+            result = _script(*args, **kw)
+            _calls.append(result)
+            if len(_calls) == 1:
+                raise redis.ConnectionError("connection reset while reading the reply")
+            return result
+
+        setattr(q, name, reply_lost_once)
+    assert q.publish(c, Progress(0, 999, 2))
+    assert q.finish(c, Completed(b"png", "{}"))
+    assert [type(e).__name__ for _, e in q.events(job.id)] == ["Queued", "Progress", "Completed"]

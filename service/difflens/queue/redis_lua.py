@@ -11,7 +11,8 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
     P:enqueued           counter giving those scores
     P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
-                         owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq
+                         owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq,
+                         wrote (id of the last publish or finish, so a retry of it is not applied twice)
     P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
                          field e = encode_event bytes, or q = position for the Queued event the enqueue script
                          writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
@@ -119,21 +120,29 @@ local function owned(token)
 end
 """
 
-# ARGV: token, event bytes, '1' if Started, now, ttl. Returns a Published value: 0 lost, 1 ok, 2 ok + cancel flag.
+# ARGV: token, event bytes, '1' if Started, now, ttl, write id. Returns a Published value: 0 lost, 1 ok, 2 ok +
+# cancel flag. The write id (fresh per publish, the same on its retries) makes a retry after a lost reply a no-op:
+# a job's writes are sequential, so the hash keeps only the last one's.
 PUBLISH = PRELUDE + OWNED + """
+local function verdict()
+  if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
+  return 1
+end
+if redis.call('HGET', KEYS[1], 'wrote') == ARGV[6] then return verdict() end
 if not owned(ARGV[1]) then return 0 end
 append('e', ARGV[2])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'running') end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[4], 'wrote', ARGV[6])
 touch(ARGV[5])
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
-return 1
+return verdict()
 """
 
 # KEYS[6] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
-# dead-letter stream max length.
+# dead-letter stream max length, write id (as PUBLISH's: a retried finish whose first attempt landed returns 1).
 FINISH = PRELUDE + OWNED + """
+if redis.call('HGET', KEYS[1], 'wrote') == ARGV[11] then return 1 end
 if not owned(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'wrote', ARGV[11])
 if ARGV[9] == '1' then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],
              'entry', redis.call('HGET', KEYS[1], 'entry'), 'deliveries', redis.call('HGET', KEYS[1], 'deliveries'),

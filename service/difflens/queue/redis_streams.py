@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from difflens.queue.redis_async import AsyncRedisFront
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The oldest Redis the queue runs on: XAUTOCLAIM (reclaiming a dead worker's jobs) came in 6.2. An older server
 # would fail the first reclaim with "unknown command", long after start-up; connect() refuses it at once instead.
@@ -373,9 +374,10 @@ class RedisStreamsQueue:
     def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
-        result = Published(self._publish(keys=self._keys(claim.job_id, claim.spec.model),
-                                         args=[claim.token, encode_event(event),
-                                               1 if isinstance(event, Started) else 0, time.time(), self._ttl_ms]))
+        keys, data, wrote = self._keys(claim.job_id, claim.spec.model), encode_event(event), new_token()
+        result = Published(self._through_blips(f"publishing an event of job {claim.job_id}", lambda: self._publish(
+            keys=keys, args=[claim.token, data, 1 if isinstance(event, Started) else 0, time.time(), self._ttl_ms,
+                             wrote])))
         if not result and self._watch is not None:
             self._watch.forget(claim.job_id)
         return result
@@ -471,7 +473,32 @@ class RedisStreamsQueue:
         """The at-most-once finish of the claim `token`; `dead_letter` also records the job in P:dead."""
         if self._watch is not None:
             self._watch.forget(job_id)
-        return bool(self._finish(
-            keys=[*self._keys(job_id, model), self._dead],
-            args=[token, encode_event(event), terminal_state(event), error_of(event), time.time(), self._ttl_ms,
-                  GROUP, job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN]))
+        keys, data, wrote = [*self._keys(job_id, model), self._dead], encode_event(event), new_token()
+        return bool(self._through_blips(f"ending job {job_id}", lambda: self._finish(
+            keys=keys, args=[token, data, terminal_state(event), error_of(event), time.time(), self._ttl_ms, GROUP,
+                             job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN, wrote])))
+
+    def _through_blips(self, what: str, call: Callable[[], T]) -> T:
+        """A worker's write to a job it holds, retried through a Redis blip (a restart, a failover, a stall: a
+        ConnectionError or TimeoutError) for up to the visibility timeout, after which the job may be another
+        worker's - the scripts' ownership check then says so. Without this a blip of a second failed a running
+        job, or abandoned it to be re-run from its first step. Each retry repeats the script with the same write
+        id, so one whose reply was lost is not applied twice."""
+        end = time.monotonic() + self.settings.visibility_timeout_s
+        delay, told = 0.05, False
+        while True:
+            try:
+                result = call()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() + delay > end:
+                    raise
+                if not told:
+                    log.warning("Redis did not answer while %s (%s); retrying for up to %g s", what, e,
+                                self.settings.visibility_timeout_s)
+                    told = True
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            if told:
+                log.info("Redis answered again: %s done", what)
+            return result

@@ -154,7 +154,12 @@ class JobRun:
         if seen is None:
             seen = self.queue.cancel_signalled(self.claim.job_id)
         if seen is None:
-            seen = self.queue.cancel_requested(self.claim.job_id)
+            try:
+                seen = self.queue.cancel_requested(self.claim.job_id)
+            except Exception:  # the queue is unreachable for now: a cancel is noticed at a later step
+                log.debug("job %s: cancel flag unreadable before step %d", self.claim.job_id, index, exc_info=True)
+                metrics.ERRORS.labels("queue").inc()
+                seen = False
         if seen:
             raise Cancelled(f"cancelled before step {index}")
         deadline = self.claim.spec.deadline

@@ -66,6 +66,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._claims_outage = Outage(log, f"worker {self.name}: taking a job from the queue")
+        self._beats_outage = Outage(log, f"worker {self.name}: heartbeating the jobs it holds")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -219,5 +220,7 @@ class Worker:
                 try:
                     if not self.queue.heartbeat(claim):
                         lost.set()
-                except Exception:
-                    log.exception("worker %s: heartbeat of job %s failed", self.name, claim.job_id)
+                    self._beats_outage.ok()
+                except Exception:  # one line per outage, not a traceback per job per interval
+                    self._beats_outage.failed()
+                    metrics.ERRORS.labels("queue").inc()
