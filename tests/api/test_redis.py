@@ -187,3 +187,59 @@ def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny
     assert sum(isinstance(e, Completed) for e in events) == 1 and isinstance(events[-1], Completed)
     assert sum(isinstance(e, Started) for e in events) == 1  # the worker was never disturbed
     assert [e.code() for e in breaks] == [grpc.StatusCode.UNAVAILABLE]  # told once, however many attempts
+
+
+def test_a_front_answers_at_once_after_redis_restarts(tiny_dir):
+    """Every connection the front's pool held before a Redis restart is dead after it: each used to fail one later
+    call with UNAVAILABLE, long after Redis was back."""
+    import threading
+
+    import redis
+
+    from difflens.api.server import BackgroundServer
+    from tests.support.redis_server import PrivateRedis
+
+    with PrivateRedis() as server:
+        with BackgroundServer(settings(tiny_dir, redis_url=server.url, queue_name="restart")) as front, \
+                DifflensClient(front.target, retries=0) as client:
+            job_id = client.submit(job(steps=2)).id
+
+            def burst() -> list[str]:  # concurrent calls: the pool holds as many connections
+                out: list[str] = []
+
+                def one() -> None:
+                    try:
+                        client.get(job_id)
+                        out.append("ok")
+                    except grpc.RpcError as e:
+                        out.append(e.code().name)
+
+                threads = [threading.Thread(target=one) for _ in range(8)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                return out
+
+            assert burst() == ["ok"] * 8
+            redis.Redis.from_url(server.url).shutdown(save=True)  # data kept: a restart, not a loss
+            assert server._proc is not None
+            server._proc.wait(10)
+            server._proc = None
+            server.start()
+            assert burst() == ["ok"] * 8
+
+
+def test_the_enqueue_script_run_twice_with_one_job_id_makes_one_job(redis_url, queue_name):
+    """What the front's one retry on a dead connection relies on: a retried enqueue (same job id) is a no-op."""
+    from difflens.queue.redis_streams import RedisStreamsQueue
+
+    q = RedisStreamsQueue(redis_url, settings("unused", redis_url=redis_url, queue_name=queue_name))
+    try:
+        spec = job(steps=2)
+        keys, args = q._enqueue_call(spec, "fixed-id", time.time())
+        assert q._enqueue(keys=keys, args=args)[0] == b"new"
+        assert q._enqueue(keys=keys, args=args) == [b"existing", b"fixed-id"]
+        assert q.depth(MODEL) == 1 and len(q.events("fixed-id")) == 1
+    finally:
+        q.close()

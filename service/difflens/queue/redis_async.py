@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from difflens.jobs import Event, JobRecord, JobSpec
 from difflens.queue import redis_lua as lua
@@ -31,7 +33,12 @@ class AsyncRedisFront:
 
     def __init__(self, queue: RedisStreamsQueue, url: str) -> None:
         self._q = queue
-        self._r: Any = redis.asyncio.Redis.from_url(url)
+        # One retry on a fresh connection when a pooled one turns out dead: after a Redis restart every connection
+        # the pool held would otherwise fail one later call each with UNAVAILABLE (up to the front's peak
+        # concurrency). Safe for every call made here: reads, and the enqueue script, which a retry with the same
+        # job id finds already done.
+        self._r: Any = redis.asyncio.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
         self._enqueue = self._r.register_script(lua.ENQUEUE)
 
     async def enqueue(self, spec: JobSpec) -> JobRecord:

@@ -61,6 +61,7 @@ end
 # ttl, max depth, use idempotency (1/0), job key prefix, request fingerprint. A key already used for another
 # request (another fingerprint) is a conflict.
 ENQUEUE = PRELUDE + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end  -- a retry of this very call
 if ARGV[8] == '1' then
   local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then
