@@ -243,3 +243,25 @@ def test_the_enqueue_script_run_twice_with_one_job_id_makes_one_job(redis_url, q
         assert q.depth(MODEL) == 1 and len(q.events("fixed-id")) == 1
     finally:
         q.close()
+
+
+def test_a_redis_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_internal(tiny_dir):
+    import redis
+
+    from difflens.api.server import BackgroundServer
+    from tests.support.redis_server import PrivateRedis
+
+    with PrivateRedis() as server, BackgroundServer(settings(tiny_dir, redis_url=server.url,
+                                                             queue_name="oom")) as front, \
+            DifflensClient(front.target, retries=0) as client:
+        r = redis.Redis.from_url(server.url)
+        r.config_set("maxmemory", 1)  # every write refused (noeviction)
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                client.submit(job(steps=2))
+        finally:
+            r.config_set("maxmemory", 0)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the job queue's storage (Redis) is full; retry later" in err.value.details()
+        assert retry_after_s(err.value) is not None
+        assert client.submit(job(steps=2)).state == "queued"  # and it works again once there is room

@@ -5,7 +5,7 @@
     NotReady          -> UNAVAILABLE
     JobNotFound       -> NOT_FOUND
     Cancelled / DeadlineExceeded -> CANCELLED / DEADLINE_EXCEEDED
-    a queue backend (Redis) that cannot be reached -> UNAVAILABLE
+    a queue backend (Redis) that cannot be reached -> UNAVAILABLE; one out of memory -> RESOURCE_EXHAUSTED
     anything else     -> INTERNAL with a fixed message; the details go to the log only
 """
 
@@ -21,6 +21,7 @@ from difflens import metrics
 from difflens.api.convert import pb_field
 from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument, ModelLoadError, NotReady, ResourceExhausted
 from difflens.queue.base import JobNotFound
+from difflens.queue.common import QUEUE_FULL_RETRY_S, STORAGE_FULL_MESSAGE, storage_full
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tupl
         return grpc.StatusCode.UNAVAILABLE, f"model cannot be loaded: {err}", "model_load", ()
     if _backend_down(err):
         return grpc.StatusCode.UNAVAILABLE, "the job queue cannot be reached; retry later", "queue", ()
+    if storage_full(err):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED, STORAGE_FULL_MESSAGE, "queue",
+                ((RETRY_AFTER_KEY, f"{QUEUE_FULL_RETRY_S:g}"),))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "internal", ()
 
 

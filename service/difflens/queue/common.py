@@ -23,6 +23,19 @@ QUEUED_DEADLINE_MESSAGE = "the job's deadline passed while it waited in the queu
 DEAD_LETTER_MAXLEN = 10_000
 
 
+STORAGE_FULL_MESSAGE = "the job queue's storage (Redis) is full; retry later"
+
+
+def storage_full(err: BaseException) -> bool:
+    """Whether `err` is the queue's backend refusing a write for want of memory (Redis' maxmemory reached with a
+    noeviction policy): the caller should back off, not see an internal error."""
+    try:
+        import redis
+    except ImportError:  # no Redis client: the in-process queue has no such limit
+        return False
+    return isinstance(err, redis.OutOfMemoryError)
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 

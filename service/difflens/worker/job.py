@@ -31,7 +31,7 @@ from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobQueue, Published
-from difflens.queue.common import CANCELLED_MESSAGE
+from difflens.queue.common import CANCELLED_MESSAGE, STORAGE_FULL_MESSAGE, storage_full
 from difflens.worker.batching import JobRunner
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,10 @@ class JobRun:
                                 "deadline_exceeded", error="deadline_exceeded")
         except InvalidArgument as e:
             return self._finish(Failed("INVALID_ARGUMENT", str(e)), "failed", error="invalid_argument")
-        except Exception:
+        except Exception as e:
             log.exception("job %s failed", claim.job_id)
+            if storage_full(e):  # its events did not fit (the Failed event is small: it may still)
+                return self._finish(Failed("RESOURCE_EXHAUSTED", STORAGE_FULL_MESSAGE), "failed", error="queue")
             return self._finish(Failed("INTERNAL", INTERNAL_MESSAGE), "failed", error="internal")
 
     def _explain(self) -> Explanation:
