@@ -48,3 +48,44 @@ def test_the_prompt_limit_is_the_smaller_of_model_and_settings(catalog):
     with pytest.raises(InvalidArgument) as err:
         validate(spec, catalog, Limits(max_prompt_tokens=5))
     assert err.value.field == "prompt" and "6 tokens; allowed at most 5" in err.value.message
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_step_event_estimate_is_the_real_events_tensor_bytes(catalog, tiny_model, dtype):
+    """The size check is only as good as its estimate: the engine's real Step event for the same request."""
+    from difflens.engine.explain import run_explanation
+    from difflens.engine.options import AttentionOptions, CamOptions
+    from difflens.jobs import OutputOptions
+    from difflens.validation import step_event_bytes
+    from difflens.worker.job import step_event
+
+    spec = JobSpec(model="tiny", params=GenerationParams("a small red circle", steps=2, guidance_scale=2.0),
+                   explain=ExplainOptions(steps=StepSelector("list", (1,)), rise=RiseOptions(num_masks=4),
+                                          cam=CamOptions(), attention=AttentionOptions()),
+                   output=OutputOptions(map_dtype=dtype, include_x0_previews=True))
+    exp = run_explanation(tiny_model, spec.params, spec.explain)
+    words = list(exp.tokens)
+    event = step_event(exp.steps[0], words, spec.output, tiny_model, 0.0, 2)
+    real = (sum(m.nbytes for m in event.maps.values()) + sum(t.map.nbytes for t in event.tokens)
+            + (event.x0_preview.nbytes if event.x0_preview is not None else 0))
+    h, w = exp.image.shape[:2]
+    assert step_event_bytes(spec, w, h, catalog.get("tiny"))[0] == real
+
+
+def test_a_step_event_over_the_message_limit_is_refused_at_submit(catalog):
+    """Accepted, such a job ran and then could never be delivered: every Explain or WatchJob of it hit the
+    message limit at that step (RESOURCE_EXHAUSTED), while the job kept its worker."""
+    from difflens.engine.options import CamOptions
+    from difflens.jobs import OutputOptions
+
+    spec = JobSpec(model="tiny", params=GenerationParams("a red circle", steps=2),
+                   explain=ExplainOptions(cam=CamOptions()), output=OutputOptions(include_x0_previews=True))
+    validate(spec, catalog, Limits(), max_message_bytes=64 * 2**20)
+    with pytest.raises(InvalidArgument) as err:
+        validate(spec, catalog, Limits(), max_message_bytes=256 * 1024 + 1000)
+    assert err.value.field == "explain"
+    assert "one explained step's event would be" in err.value.message and "DF-CAM maps" in err.value.message
+    assert "map_dtype float16" in err.value.message
+    # without an explainer there is no step event at all
+    validate(JobSpec(model="tiny", params=spec.params, output=spec.output), catalog, Limits(),
+             max_message_bytes=256 * 1024 + 1000)

@@ -14,6 +14,7 @@ from difflens.catalog import CatalogModel, ModelCatalog
 from difflens.config import Limits
 from difflens.engine.options import GenerationParams, check_range
 from difflens.engine.schedule import check_timesteps, exponential_timesteps
+from difflens.engine.tokens import prompt_tokens
 from difflens.engine.validate import resolve_generation
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
@@ -62,8 +63,39 @@ def check_layers(layers: tuple[str, ...], entry: CatalogModel, limits: Limits) -
         raise InvalidArgument("cam.layers", f"{count} layers; allowed at most {limits.max_cam_layers}")
 
 
-def validate(spec: JobSpec, catalog: ModelCatalog, limits: Limits) -> JobSpec:
-    """Check `spec` and return it with the model name resolved ('' -> the default). Raises InvalidArgument."""
+# What a Step event carries besides its tensors' bytes (names, shapes, token words, the message framing), with room.
+EVENT_OVERHEAD_BYTES = 256 * 1024
+
+
+def step_event_bytes(spec: JobSpec, width: int, height: int, entry: CatalogModel) -> tuple[int, str]:
+    """The size of one explained step's event on the wire, and what makes it up (for the error that refuses it):
+    every map is (h, w) at latent size - DF-RISE's three, DF-CAM's sum and one per layer, one per prompt word for
+    attention - plus the x0 preview (3, H, W), all in the request's map dtype."""
+    f = entry.vae_scale_factor
+    h, w, item = height // f, width // f, 2 if spec.output.map_dtype == "float16" else 4
+    parts, maps = [], 0
+    if spec.explain.rise is not None:
+        maps += 3
+        parts.append("3 DF-RISE maps")
+    if spec.explain.cam is not None:
+        layers = len(set(spec.explain.cam.layers)) or len(entry.cam_layers)
+        maps += 1 + layers
+        parts.append(f"{1 + layers} DF-CAM maps ({layers} layers)")
+    if spec.explain.attention is not None:
+        words = len(prompt_tokens(entry.tokenizer, spec.params.prompt))
+        maps += words
+        parts.append(f"{words} attention maps (one per prompt word)")
+    size = maps * h * w * item
+    what = f"{' + '.join(parts) or 'no maps'} of {h} x {w} {spec.output.map_dtype}"
+    if spec.output.include_x0_previews:
+        size += 3 * height * width * item
+        what += f", an x0 preview of 3 x {height} x {width}"
+    return size, what
+
+
+def validate(spec: JobSpec, catalog: ModelCatalog, limits: Limits, max_message_bytes: int | None = None) -> JobSpec:
+    """Check `spec` and return it with the model name resolved ('' -> the default). Raises InvalidArgument.
+    `max_message_bytes`: the front's gRPC message limit, which one explained step's event must fit in."""
     entry = catalog.get(spec.model)
     if len(spec.idempotency_key) > limits.max_idempotency_key:
         raise InvalidArgument("idempotency_key", f"{len(spec.idempotency_key)} characters; allowed at most "
@@ -92,4 +124,12 @@ def validate(spec: JobSpec, catalog: ModelCatalog, limits: Limits) -> JobSpec:
             check_range("rise.grid_size", rise.grid_size, 1, latent)
     if spec.explain.cam is not None:
         check_layers(spec.explain.cam.layers, entry, limits)
+    if max_message_bytes is not None and explained and spec.explain.methods:
+        size, what = step_event_bytes(spec, int(resolved.width or 0), int(resolved.height or 0), entry)
+        room = max_message_bytes - EVENT_OVERHEAD_BYTES
+        if size > room:
+            raise InvalidArgument("explain", f"one explained step's event would be {size / 2**20:.1f} MiB ({what}); "
+                                             f"allowed at most {room / 2**20:.1f} MiB, the message limit less "
+                                             "framing (map_dtype float16, fewer CAM layers, a shorter prompt, no "
+                                             "x0 previews or a smaller image)")
     return dataclasses.replace(spec, model=entry.name)

@@ -125,6 +125,11 @@ CASES: list[tuple[str, Callable[[Any], None], str]] = [
     ("unknown cam target", _cam([], target=8), "explain.cam.target"),
     ("unknown map dtype", _set("output.map_dtype", 5), "output.map_dtype"),
     ("idempotency key too long", edit(idempotency_key="k" * 300), "idempotency_key"),
+    # 1024 px, every CAM layer, 60 attention maps, x0 previews, float32: ~78 MiB per explained step, over 64 MiB
+    ("step event over the message limit", lambda r: (
+        edit(prompt=" ".join(["red"] * 60), width=1024, height=1024)(r), _cam([])(r),
+        r.explain.attention.SetInParent(), _set("explain.attention.enabled", True)(r),
+        _set("output.include_x0_previews", True)(r)), "explain"),
     ("zero timeout", edit(timeout_seconds=0.0), "timeout_seconds"),
     ("negative timeout", edit(timeout_seconds=-3.0), "timeout_seconds"),
 ]

@@ -74,7 +74,7 @@ class Front:
         idempotency key). Nothing is queued for an invalid spec."""
         if self.draining:
             raise NotReady("this front is draining (shutting down); retry on another replica")
-        spec = validate(spec, self.catalog, self.settings.limits)
+        spec = validate(spec, self.catalog, self.settings.limits, self.settings.max_message_bytes)
         async with self.active():  # drain waits for the enqueue: its job may exist once it returns
             # difflens_queue_depth: sample_depth, off the hot path
             if self._async is not None:
