@@ -265,3 +265,29 @@ def test_a_redis_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_inter
         assert "the job queue's storage (Redis) is full; retry later" in err.value.details()
         assert retry_after_s(err.value) is not None
         assert client.submit(job(steps=2)).state == "queued"  # and it works again once there is room
+
+
+def test_explain_server_says_the_queue_lost_the_job_when_redis_comes_back_empty(tiny_dir, tmp_path, capsys):
+    import threading
+
+    from difflens.api.server import BackgroundServer
+    from difflens.cli import main
+    from tests.support.redis_server import PrivateRedis
+
+    with PrivateRedis() as server, BackgroundServer(settings(tiny_dir, redis_url=server.url,
+                                                             queue_name="lost")) as front:
+        result: list[int] = []
+        cli = threading.Thread(target=lambda: result.append(main(
+            ["explain", "--server", front.target, MODEL, "a red circle", "--steps", "2", "--out",
+             str(tmp_path / "out")])))
+        cli.start()  # no worker: the job waits, queued
+        end = time.monotonic() + 60
+        while front.server.queue.depth(MODEL) == 0:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        server.stop()  # no persistence: the job's records are gone when it starts again
+        server.start()
+        cli.join(120)
+    assert result == [1]
+    err = capsys.readouterr().err
+    assert "NOT_FOUND" in err and "the queue no longer has it" in err and "may still be" not in err, err

@@ -310,6 +310,9 @@ def run_explain_remote(args: argparse.Namespace) -> int:
                 started = any(isinstance(ev, Started) for ev in stream.events)
                 line += (f" (job {stream.job_id} has the same deadline and stops at its next step)" if started else
                          f" (job {stream.job_id} has the same deadline: it never started, and the queue fails it)")
+            elif stream.job_id and e.code() == grpc.StatusCode.NOT_FOUND:
+                line += (f" (job {stream.job_id}: the queue no longer has it - its records expired, or were lost "
+                         "with the queue's data)")
             elif stream.job_id:  # the stream broke, not necessarily the job
                 line += f" (job {stream.job_id} was running and may still be: WatchJob or GetJob it later)"
             print(line, file=sys.stderr)
