@@ -59,6 +59,38 @@ def test_float_images_in_unit_range_are_read_like_uint8():
     assert [o.attributes for o in a.objects] == [o.attributes for o in b.objects]
 
 
+def test_integer_images_of_any_width_read_like_uint8_and_other_scales_are_refused():
+    """A 0-255 image as float (or int64) was read as 0-1 and gave zero objects, with no error."""
+    img, _ = render_scene(ObjectSpec("square", "blue", "striped", "large", "left"), 32, 3)
+    want = [o.attributes for o in check_image(img).objects]
+    assert [o.attributes for o in check_image(img.astype(np.int64)).objects] == want
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\], got \["):
+        check_image(img.astype(np.float32))
+    with pytest.raises(ValueError, match=r"integer images must be in \[0, 255\]"):
+        check_image(img.astype(np.int64) * 2)
+
+
+def test_an_object_without_colour_is_never_right_on_colour():
+    """Zero chroma reads as hue 0, which is red: a black silhouette drawn for 'red' must not pass the colour check."""
+    spec = ObjectSpec("square", "red", "plain", "large", "center")
+    img, gt = render_scene(spec, 32, 1)
+    black = img.copy()
+    black[gt.mask] = (20, 20, 20)
+    (obj,) = check_image(black).objects
+    assert obj.colorless and obj.attributes.shape == "square"
+    assert score(black, spec)["color"] is False and score(img, spec)["color"] is True
+
+
+def test_a_non_square_image_is_read(tmp_path):
+    """A model may generate 32 x 48: the shape templates follow the image's own height and width."""
+    spec = ObjectSpec("circle", "yellow", "dotted", "small", "left")
+    img, _ = render_scene(spec, 32, 5)
+    wide = np.concatenate([img, np.repeat(img[:, -1:], 16, axis=1)], axis=1)  # background added on the right
+    (obj,) = check_image(wide).objects
+    a = obj.attributes
+    assert (a.shape, a.color, a.texture, a.size) == (spec.shape, spec.color, spec.texture, spec.size)
+
+
 def test_an_empty_background_has_no_object():
     img, _ = render_scene(ObjectSpec("circle", "red"), 32, 0)
     empty = np.broadcast_to(img[0, 0], img.shape).copy()

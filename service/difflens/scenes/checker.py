@@ -33,16 +33,20 @@ FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": TRIANGLE_HEIGHT / 2}  # 
 TEXTURE_AMPLITUDE = 0.025  # amplitude of the texture period (relative brightness, x and y) above which: textured
 STRIPE_RATIO = 0.5  # x amplitude below this share of the y amplitude: stripes, else dots
 HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in RGB.items()}
+# Mean chroma (max - min channel, 0-255) below which an object has no colour: the renderer's colours have 120-200.
+MIN_CHROMA = 30.0
 
 
 @dataclass(frozen=True)
 class DetectedObject:
-    """One object found in an image. mask: (H, W) bool; centroid: (x, y) in pixels."""
+    """One object found in an image. mask: (H, W) bool; centroid: (x, y) in pixels. `colorless`: the object has no
+    colour (attributes.color is then only the nearest hue, and never counts as right)."""
 
     attributes: ObjectSpec
     area: int
     centroid: tuple[float, float]
     mask: np.ndarray
+    colorless: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,20 @@ class CheckResult:
 
 
 def _as_float255(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 in [0, 255] or float in [0, 1] -> (H, W, 3) float64 on the 0-255 scale."""
+    """(H, W, 3) integers in [0, 255] or floats in [0, 1] -> (H, W, 3) float64 on the 0-255 scale. Anything else
+    is a ValueError (a 0-255 float image read as 0-1 would come out as no objects at all, silently)."""
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"image: expected (H, W, 3), got shape {img.shape}")
-    return img.astype(float) if img.dtype == np.uint8 else img.astype(float) * 255.0
+    if img.dtype.kind in "ui":
+        if img.size and (img.min() < 0 or img.max() > 255):
+            raise ValueError(f"image: integer images must be in [0, 255], got [{img.min()}, {img.max()}]")
+        return img.astype(float)
+    if img.dtype.kind != "f":
+        raise ValueError(f"image: expected integers in [0, 255] or floats in [0, 1], got dtype {img.dtype}")
+    if img.size and (np.nanmin(img) < 0.0 or np.nanmax(img) > 1.0):
+        raise ValueError(f"image: float images must be in [0, 1], got [{np.nanmin(img):g}, {np.nanmax(img):g}]")
+    return img.astype(float) * 255.0
 
 
 def _background(img: np.ndarray) -> np.ndarray:
@@ -93,6 +106,12 @@ def components(mask: np.ndarray) -> np.ndarray:
         return np.ones((h, w), int)
     _, dense = np.unique(np.where(mask, labels, 0), return_inverse=True)  # 0 (background) stays 0
     return dense.reshape(h, w)
+
+
+def _colorless(px: np.ndarray) -> bool:
+    """px: (N, 3) object pixels, 0-255 -> whether the object has no colour to speak of (black, grey, white): its
+    nearest hue is then noise, and zero chroma reads as hue 0, red."""
+    return float((px.max(axis=1) - px.min(axis=1)).mean()) < MIN_CHROMA
 
 
 def _color(px: np.ndarray) -> str:
@@ -126,7 +145,7 @@ def _fit_shape(alpha: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
     best: tuple[float, str, float] | None = None
     for shape, per_extent2 in FILL.items():
         extent = float(np.sqrt(area / per_extent2))
-        err = float(np.abs(alpha - shape_coverage(shape, cx, cy, extent, alpha.shape[0])).sum())
+        err = float(np.abs(alpha - shape_coverage(shape, cx, cy, extent, *alpha.shape)).sum())
         if best is None or err < best[0]:
             best = (err, shape, extent)
     assert best is not None
@@ -180,7 +199,7 @@ def _describe(img: np.ndarray, bg: np.ndarray, m: np.ndarray, others: np.ndarray
         size="large" if extent >= SIZE_SPLIT * scale else "small",
         position=_position(cx, cy, (h, w), scale),  # type: ignore[arg-type]
     )
-    return DetectedObject(spec, int(m.sum()), (cx, cy), m)
+    return DetectedObject(spec, int(m.sum()), (cx, cy), m, colorless=_colorless(img[m]))
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
@@ -200,7 +219,7 @@ def _foreground(img: np.ndarray, bg: np.ndarray) -> np.ndarray:
 def check_image(image: np.ndarray) -> CheckResult:
     """Find the objects in `image` (H, W, 3), uint8 or float in [0, 1], and read off their attributes."""
     img = _as_float255(image)
-    scale = img.shape[1] / BASE
+    scale = min(img.shape[:2]) / BASE  # the renderer's canvas is square; a wider image keeps its objects' scale
     bg = _background(img)
     fg = _foreground(img, bg)
     if _frame_spread(img, bg) > MAX_FRAME_SPREAD:  # no plain background to tell objects from (e.g. noise)
@@ -232,7 +251,9 @@ def score(image: np.ndarray, expected: Scene | ObjectSpec) -> dict[str, bool]:
         pairs = [(scene.objects[0], found.objects[0])]
     else:
         pairs = [(o, _at(found.objects, o.position)) for o in scene.objects]
-    return out | {n: all(getattr(e, n) == getattr(d.attributes, n) for e, d in pairs) for n in names}
+    right = {n: all(getattr(e, n) == getattr(d.attributes, n) for e, d in pairs) for n in names}
+    right["color"] = right["color"] and not any(d.colorless for _, d in pairs)
+    return out | right
 
 
 def accuracy(images: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:

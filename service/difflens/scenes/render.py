@@ -174,14 +174,17 @@ def _separate(a: _Placed, b: _Placed, size: int) -> tuple[_Placed, _Placed]:
     return (first, second) if first.spec is a.spec else (second, first)
 
 
-def shape_coverage(shape: str, cx: float, cy: float, extent: float, size: int) -> np.ndarray:
-    """(H, W) float in [0, 1]: the share of each pixel covered by the shape (SUPERSAMPLE^2 points per pixel).
+def shape_coverage(shape: str, cx: float, cy: float, extent: float, size: int,
+                   width: int | None = None) -> np.ndarray:
+    """(size, width or size) float in [0, 1]: the share of each pixel covered by the shape (SUPERSAMPLE^2 points
+    per pixel).
 
     (cx, cy) in pixels with pixel i spanning [i, i + 1); the circle's and square's centre, the triangle's centroid.
     """
     n = SUPERSAMPLE
-    c = (np.arange(size * n) + 0.5) / n
-    y, x = c[:, None], c[None, :]
+    w = size if width is None else width
+    y = ((np.arange(size * n) + 0.5) / n)[:, None]
+    x = ((np.arange(w * n) + 0.5) / n)[None, :]
     h = extent / 2
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= h * h
@@ -192,7 +195,7 @@ def shape_coverage(shape: str, cx: float, cy: float, extent: float, size: int) -
         top, base = cy - 2 * th / 3, cy + th / 3
         # Apex up: the half-width grows linearly from 0 at the apex to h at the base.
         inside = (y <= base) & (np.abs(x - cx) <= (y - top) * h / th)
-    return inside.reshape(size, n, size, n).mean(axis=(1, 3))
+    return inside.reshape(size, n, w, n).mean(axis=(1, 3))
 
 
 def _pattern(p: _Placed, size: int) -> np.ndarray:
