@@ -42,3 +42,21 @@ def test_shipped_model_draws_the_colour_and_place_asked_for(shipped, prompt, col
     assert found.count == 1, f"{prompt!r}: {found.count} objects"
     got = found.objects[0].attributes
     assert (got.color, got.position) == (color, position), prompt
+
+
+def test_diffusers_own_pipeline_loads_and_runs_the_shipped_folder():
+    """Interop beyond our loader: diffusers' StableDiffusionPipeline reads the folder as is. It is pixel-space, so
+    the pipeline gets vae=None and returns the 'latent', which is the image in [-1, 1] (the README says so)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_MODEL, vae=None, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    x = pipe("a large red circle on the left", num_inference_steps=25, guidance_scale=2.0, output_type="latent",
+             generator=torch.Generator().manual_seed(11)).images
+    image = ((x[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    found = check_image(image)
+    assert found.count == 1
+    assert (found.objects[0].attributes.color, found.objects[0].attributes.position) == ("red", "left")
