@@ -170,7 +170,8 @@ class ServiceSettings:
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
     visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state and events stay
     in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_METRICS_HOST (where /metrics listens),
-    DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at start-up for Redis to answer), plus Settings'
+    DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at start-up for Redis to answer), DIFFLENS_DRAIN_GRACE_S
+    (on SIGTERM: a front's running streams, a worker's held jobs before it hands them back), plus Settings'
     variables. A bad value from the environment is an error naming its variable.
     """
 
@@ -253,7 +254,8 @@ class ServiceSettings:
                                ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int),
                                ("result_ttl_s", "DIFFLENS_RESULT_TTL_S", float),
                                ("audit_dir", "DIFFLENS_AUDIT_DIR", str),
-                               ("redis_wait_s", "DIFFLENS_REDIS_WAIT_S", float)):
+                               ("redis_wait_s", "DIFFLENS_REDIS_WAIT_S", float),
+                               ("drain_grace_s", "DIFFLENS_DRAIN_GRACE_S", float)):
             if var in env:
                 try:
                     values[key] = conv(env[var])

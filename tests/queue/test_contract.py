@@ -524,3 +524,32 @@ def test_a_queued_job_past_its_deadline_fails_without_a_worker(backend):
     q.enqueue(spec("fits again"))  # the limit counts the live job only
     c = q.claim("w1", MODELS, block_s=1)
     assert c is not None and c.job_id == later.id
+
+
+def test_a_job_handed_back_is_taken_by_another_worker_at_once_without_using_a_delivery(backend):
+    """A stopping worker gives its job back: the next worker gets it well before the visibility timeout (30 s
+    here), as the same attempt, with the events so far; the first claim is dead from then on."""
+    q = backend.queue(visibility_timeout_s=30.0, heartbeat_interval_s=1.0, max_deliveries=1)
+    job = q.enqueue(spec())
+    first = q.claim("w1", MODELS, block_s=1, start=True)
+    assert first is not None and first.delivery == 1
+    assert q.publish(first, step(0))
+    assert q.hand_back(first)
+    assert not q.hand_back(first) and not q.publish(first, step(1))  # the claim no longer holds it
+    t0 = time.monotonic()
+    second = q.claim("w2", MODELS, block_s=10, start=True)
+    assert second is not None and second.job_id == job.id and time.monotonic() - t0 < 5
+    assert second.delivery == 1  # max_deliveries=1, and not dead-lettered: a hand-back is not a failed attempt
+    assert q.finish(second, Completed(b"png", "{}"))
+    assert [k for _, k in kinds(q, job.id)] == ["Queued", "Started", "Step", "Started", "Completed"]
+    assert q.get(job.id).state == "completed" and q.dead_letters() == []
+
+
+def test_a_cancel_while_a_job_is_handed_back_ends_it_at_its_next_claim(backend):
+    q = backend.queue(visibility_timeout_s=30.0, heartbeat_interval_s=1.0)
+    job = q.enqueue(spec())
+    first = q.claim("w1", MODELS, block_s=1, start=True)
+    assert first is not None and q.hand_back(first)
+    q.cancel(job.id)
+    assert q.claim("w2", MODELS, block_s=5) is None  # not handed out: failed as cancelled instead
+    assert q.get(job.id).state == "cancelled"

@@ -54,12 +54,55 @@ def test_worker_process_finishes_its_job_on_sigterm(tiny_dir, redis_url, queue_n
     queue.close()
 
 
+def test_a_worker_stopped_past_its_drain_grace_hands_the_job_to_another(make_worker, tiny_dir, redis_url,
+                                                                        queue_name, tmp_path):
+    """SIGTERM with a long job held: after --drain-grace the job goes back to the queue and the process exits 0,
+    instead of holding its orchestrator's grace period until a SIGKILL (after which the job would wait out the
+    visibility timeout and count a delivery). Another worker finishes it; no step is published twice."""
+    import time
+
+    from difflens.queue.redis_streams import RedisStreamsQueue
+
+    s = settings(tiny_dir, queue_name=queue_name, visibility_timeout_s=30.0, heartbeat_interval_s=1.0,
+                 max_deliveries=1)
+    queue = RedisStreamsQueue(redis_url, s)
+    job_id = queue.enqueue(spec(steps=60, masks=16)).id
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFLENS_VISIBILITY_TIMEOUT_S": "30",
+           "DIFFLENS_HEARTBEAT_INTERVAL_S": "1"}
+    env.pop("DIFFLENS_REDIS_URL", None)
+    log = (tmp_path / "worker.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "difflens", "worker", "--redis", redis_url, "--queue", queue_name,
+         "--model", f"tiny={tiny_dir}", "--name", "leaving", "--max-jobs", "1", "--drain-grace", "0.5"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(queue, job_id, Step, timeout=180)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    output = log.read()
+    assert took < 20, output  # the grace and the step in progress, not the rest of a 60-step job
+    assert "handed back to the queue" in output and queue.get(job_id).state == "running", output
+    make_worker(s, queue, name="heir")
+    events = wait_terminal(queue, job_id, timeout=180)
+    assert [e for e in events if isinstance(e, Started)] == [Started("leaving", 1), Started("heir", 1)]
+    assert [e.index for e in events if isinstance(e, Step)] == list(range(60))
+    assert isinstance(events[-1], Completed), events[-1]
+    queue.close()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["worker"], "--redis: a worker process needs the Redis URL"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--max-jobs", "0"], "--max-jobs: got 0; must be >= 1"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--threads", "-2"], "--threads: got -2; allowed: an integer >= 0"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--model", "tiny"], "--model: got 'tiny'; expected NAME=DIR"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--backend", "jit"], "--backend: got 'jit'; allowed: eager, compile"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--drain-grace", "-1"], "--drain-grace: got -1.0; must be >= 0"),
 ])
 def test_bad_worker_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("DIFFLENS_REDIS_URL", raising=False)

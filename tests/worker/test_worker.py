@@ -212,6 +212,28 @@ def test_stop_finishes_held_jobs_and_takes_no_more(make_worker, tiny_dir):
     assert queue.get(second).state == "queued"
 
 
+def test_stop_hands_back_a_job_still_running_after_the_drain_grace(make_worker, tiny_dir):
+    """An orchestrator's stop: the job goes to another worker at once (the visibility timeout is 30 s here), as the
+    same attempt, and no step is published twice."""
+    from difflens.queue.memory import InProcessQueue
+
+    s = settings(tiny_dir, worker_max_jobs=1, drain_grace_s=0.3, visibility_timeout_s=30.0)
+    queue = InProcessQueue(s)
+    job_id = queue.enqueue(spec(steps=40, masks=16)).id
+    leaving = make_worker(s, queue, name="leaving")
+    wait_for(queue, job_id, Step)
+    t0 = time.monotonic()
+    leaving.stop(timeout=60)
+    assert leaving._thread is not None and not leaving._thread.is_alive()
+    assert time.monotonic() - t0 < 15  # the grace and the step in progress, not the job's remaining 35+ steps
+    assert queue.get(job_id).state == "running" and not leaving.held()
+    make_worker(s, queue, name="heir")
+    events = wait_terminal(queue, job_id)
+    assert [e for e in events if isinstance(e, Started)] == [Started("leaving", 1), Started("heir", 1)]
+    assert [e.index for e in _steps(events)] == list(range(40))
+    assert isinstance(events[-1], Completed) and sum(isinstance(e, Completed | Failed) for e in events) == 1
+
+
 class _SteeredQueue:
     """Builds an InProcessQueue whose Step publishes can be held at a gate, lose the claim, or fail once; every
     other call is the real queue's."""

@@ -30,6 +30,9 @@ Semantics every implementation keeps:
 - `finish` appends the terminal event (Completed or Failed) and marks the job terminal atomically, at most once
   per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
   one terminal event. It also acknowledges the job in its model's work stream.
+- `hand_back` gives up a job the claim holds without ending it (its worker is stopping and will not finish it in
+  time): the next claim of any worker of its model takes it at once, and this delivery does not count toward
+  `max_deliveries` (the next Started shows the same attempt number). False when the claim no longer holds it.
 - A queued job whose deadline passes fails with DEADLINE_EXCEEDED within a second (`expire_overdue`, from the
   front's sampler), so it stops counting toward the depth without waiting for a worker of its model.
 - `cancel` on a queued job makes it terminal at once (a Failed(CANCELLED) event); on a running job it raises the
@@ -82,6 +85,7 @@ class Claim:
     delivery: int
     enqueued_at: float
     started: bool = False  # claimed with start=True: Started is already the job's latest event
+    resumed: bool = False  # the job ran before (reclaimed from a dead worker, or handed back): it may have steps
 
 
 class JobQueue(Protocol):
@@ -105,6 +109,8 @@ class JobQueue(Protocol):
     def publish(self, claim: Claim, event: Event) -> Published: ...
 
     def finish(self, claim: Claim, event: Event) -> bool: ...
+
+    def hand_back(self, claim: Claim) -> bool: ...
 
     def cancel(self, job_id: str) -> JobRecord: ...
 

@@ -37,6 +37,9 @@ from difflens.queue.common import (
 _SWEEP_EVERY_S = 1.0
 
 
+HANDED_BACK = "-"  # the owner of a job handed back: held by nobody, yet not "never claimed" (cancel raises the flag)
+
+
 @dataclass
 class _Job:
     id: str
@@ -236,6 +239,17 @@ class InProcessQueue:
             self._terminate(job, event)
             return True
 
+    def hand_back(self, claim: Claim) -> bool:
+        with self._cond:
+            job = self._owned(claim)
+            if job is None:
+                return False
+            job.deliveries -= 1  # not a failed attempt
+            job.owner, job.worker, job.beat = HANDED_BACK, "", float("-inf")  # reclaimable at once
+            self._touch(job)
+            self._cond.notify_all()
+            return True
+
     # ------------------------------------------------------------ internals (caller holds the lock)
 
     def _job(self, job_id: str) -> _Job:
@@ -302,6 +316,7 @@ class InProcessQueue:
         return max(0.001, oldest + self.settings.visibility_timeout_s - time.monotonic())
 
     def _hand_out(self, job: _Job, worker: str, start: bool) -> Claim | None:
+        resumed = job.owner != ""  # held before: by a worker that stopped heartbeating, or handed back
         self._waiting.pop(job.id, None)
         job.deliveries += 1
         job.owner, job.worker, job.beat = new_token(), worker, time.monotonic()
@@ -319,7 +334,7 @@ class InProcessQueue:
             job.events.append(Started(worker=worker, attempt=job.deliveries))
             self._cond.notify_all()
         return Claim(job_id=job.id, spec=job.spec, worker=worker, token=job.owner, delivery=job.deliveries,
-                     enqueued_at=job.created_at, started=start)
+                     enqueued_at=job.created_at, started=start, resumed=resumed)
 
     def _sweep(self) -> None:
         """Forget jobs not written for result_ttl_s (as the Redis keys expire)."""

@@ -11,8 +11,9 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
     P:enqueued           counter giving those scores
     P:dead               dead-letter stream: {job, entry, deliveries, worker} of jobs abandoned too often
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
-                         owner (token of the current claim), worker, heartbeat, deliveries, error, cancel, seq,
-                         wrote (id of the last publish or finish, so a retry of it is not applied twice)
+                         owner (token of the current claim; '' never claimed, '-' handed back), worker,
+                         heartbeat, deliveries, error, cancel, seq, wrote (id of the last publish or finish, so
+                         a retry of it is not applied twice)
     P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
                          field e = encode_event bytes, or q = position for the Queued event the enqueue script
                          writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
@@ -88,8 +89,9 @@ return {'new', tostring(depth)}
 
 # ARGV: entry, group, token, worker, now, ttl, job id, start (1/0), max deliveries. Returns false when the entry
 # is stale (job expired or already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel,
-# created_at, started}. With start = 1 and nothing against handing the job out (claim_verdict's three tests, on
-# the same `now`), the Started event is appended and the job is running: started = 1.
+# created_at, started, resumed (1: held before, by a worker that died or handed it back)}. With start = 1 and
+# nothing against handing the job out (claim_verdict's three tests, on the same `now`), the Started event is
+# appended and the job is running: started = 1.
 CLAIM = PRELUDE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (not state) or is_terminal(state) then
@@ -97,6 +99,8 @@ if (not state) or is_terminal(state) then
   return false
 end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+local resumed = 0
+if redis.call('HGET', KEYS[1], 'owner') ~= '' then resumed = 1 end
 redis.call('ZREM', KEYS[4], ARGV[7])
 redis.call('ZREM', KEYS[5], ARGV[7])
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'worker', ARGV[4], 'heartbeat', ARGV[5], 'updated_at', ARGV[5])
@@ -111,7 +115,8 @@ if ARGV[8] == '1' and cancel ~= '1' and n <= tonumber(ARGV[9])
   started = 1
 end
 touch(ARGV[6])
-return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started}
+return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started,
+        resumed}
 """
 
 OWNED = """
@@ -150,6 +155,18 @@ if ARGV[9] == '1' then
              'worker', redis.call('HGET', KEYS[1], 'worker'))
 end
 terminate(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+return 1
+"""
+
+# ARGV: token, now, ttl, group, worker, idle ms. The job stays running with its events; it has no owner, this
+# delivery is taken back, and its work entry looks idle for `idle ms` (the visibility timeout), so the next reclaim
+# scan of any worker takes it. 0 when the claim no longer holds the job, 1 done.
+HAND_BACK = PRELUDE + OWNED + """
+if not owned(ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
+redis.call('HSET', KEYS[1], 'owner', '-', 'worker', '', 'heartbeat', '', 'updated_at', ARGV[2])
+redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[5], 0, redis.call('HGET', KEYS[1], 'entry'), 'IDLE', ARGV[6], 'JUSTID')
+touch(ARGV[3])
 return 1
 """
 

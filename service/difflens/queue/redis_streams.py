@@ -191,6 +191,7 @@ class RedisStreamsQueue:
         self._enqueue, self._claim, self._publish, self._finish, self._cancel, self._heartbeat, self._expire = (
             self._r.register_script(s)
             for s in (lua.ENQUEUE, lua.CLAIM, lua.PUBLISH, lua.FINISH, lua.CANCEL, lua.HEARTBEAT, lua.EXPIRE_QUEUED))
+        self._hand_back = self._r.register_script(lua.HAND_BACK)
         self._overdue = Failed("DEADLINE_EXCEEDED", QUEUED_DEADLINE_MESSAGE)
         self._cancel_bytes = encode_event(Failed("CANCELLED", CANCELLED_MESSAGE))
         self._work = WorkStreams(self._r, settings)
@@ -387,6 +388,14 @@ class RedisStreamsQueue:
             raise ValueError(f"finish takes Completed or Failed, got {type(event).__name__}")
         return self._terminate(claim.job_id, claim.spec.model, claim.token, event)
 
+    def hand_back(self, claim: Claim) -> bool:
+        if self._watch is not None:
+            self._watch.forget(claim.job_id)
+        return bool(self._through_blips(f"handing back job {claim.job_id}", lambda: self._hand_back(
+            keys=self._keys(claim.job_id, claim.spec.model),
+            args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker,
+                  max(1, int(self.settings.visibility_timeout_s * 1000))])))
+
     # ------------------------------------------------------------ claim internals
 
     def _claim_next(self, worker: str, models: Collection[str], block_s: float, start: bool, ahead: bool) \
@@ -437,7 +446,7 @@ class RedisStreamsQueue:
         if not reply:
             return None
         deliveries, spec_json, cancel, created_at = int(reply[0]), reply[1], reply[2] == b"1", float(reply[3])
-        started = bool(reply[4])
+        started, resumed = bool(reply[4]), len(reply) > 5 and bool(reply[5])
         try:
             spec = JobSpec.from_json(spec_json)
         except (ValueError, KeyError, TypeError) as e:
@@ -456,7 +465,7 @@ class RedisStreamsQueue:
         if self._watch is not None:
             self._watch.track(job_id, generation)
         return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
-                     enqueued_at=created_at, started=started)
+                     enqueued_at=created_at, started=started, resumed=resumed)
 
     def _cancel_watch(self) -> CancelWatch:
         with self._watch_lock:

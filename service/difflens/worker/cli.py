@@ -36,6 +36,9 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default: "
                                                            "DIFFLENS_METRICS_HOST, else 127.0.0.1; 0.0.0.0 for a "
                                                            "Prometheus on another host or pod)")
+    p.add_argument("--drain-grace", type=float, metavar="S",
+                   help="on SIGTERM, seconds the jobs it holds get to finish before they are handed back to the "
+                        "queue for another worker (default 30; a second SIGTERM hands them back at once)")
     p.add_argument("--name", help="worker name in job records (default: host-pid-random)")
     p.add_argument("--audit-dir", metavar="DIR", help=AUDIT_DIR_HELP)
     p.set_defaults(run=run_worker)
@@ -67,6 +70,8 @@ def _positive(flag: str, value: int | None) -> None:
 
 def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     _positive("--max-jobs", args.max_jobs)
+    if args.drain_grace is not None and not args.drain_grace >= 0:
+        raise InvalidArgument("--drain-grace", f"got {args.drain_grace}; must be >= 0 (seconds)")
     _positive("--max-batch", args.max_batch)
     if args.threads is not None and args.threads < 0:
         raise InvalidArgument("--threads", f"got {args.threads}; {THREADS_ALLOWED}")
@@ -76,6 +81,7 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port,
+        drain_grace_s=args.drain_grace,
         metrics_host=args.metrics_host, audit_dir=args.audit_dir)
     if settings.audit_dir is not None:
         from difflens import audit
@@ -107,14 +113,20 @@ def run_worker(args: argparse.Namespace) -> int:
               file=sys.stderr)
     queue = connect(settings)
     stop = threading.Event()
+    worker = Worker(settings, queue, registry, name=args.name)
 
     def on_signal(signum: int, _frame: object) -> None:
-        print(f"difflens: worker: {signal.Signals(signum).name}: finishing held jobs", file=sys.stderr)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            print(f"difflens: worker: {name} again: handing held jobs back now", file=sys.stderr)
+            worker.hand_back_now()
+            return
+        print(f"difflens: worker: {name}: finishing held jobs (up to {settings.drain_grace_s:g} s, then they are "
+              "handed back to the queue)", file=sys.stderr)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker = Worker(settings, queue, registry, name=args.name)
     print(f"difflens: worker {worker.name} ready", file=sys.stderr, flush=True)
     try:
         worker.run(stop)

@@ -46,6 +46,10 @@ class LostClaim(Exception):
     """This worker no longer owns the job (it was reclaimed after a missed heartbeat): stop without a word."""
 
 
+class HandBack(Exception):
+    """The worker is stopping and will not finish the job: give it back to the queue for another worker."""
+
+
 def step_event(se: StepExplanation, words: list[str], output: OutputOptions, model: Model,
                latency_s: float, num_steps: int) -> Step:
     """StepExplanation -> the Step event. Maps (h, w) and token maps (h, w) in output.map_dtype; the x0 preview
@@ -79,6 +83,7 @@ class JobRun:
     lost: threading.Event = field(default_factory=threading.Event)
     publisher: Executor | None = None
     confirmed: Future[bool] | None = None
+    handing_back: threading.Event | None = None  # set by a stopping worker: give the job back at the next step
     denoise_s: dict[int, float] = field(default_factory=dict)
     rise_exact: dict[int, bool] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
@@ -98,9 +103,9 @@ class JobRun:
     def run(self) -> str | None:
         """Run to the end; returns the terminal status (a metrics label) or None when the job was lost."""
         claim, started = self.claim, time.time()
-        if claim.delivery == 1:
+        if not claim.resumed:
             metrics.QUEUE_WAIT.labels(self.model_label).observe(max(0.0, started - claim.enqueued_at))
-        else:  # a re-delivery: the client already saw these steps from an earlier attempt
+        else:  # reclaimed or handed back: the client already saw these steps from an earlier holder
             seen = [e for _, e in self.queue.events(claim.job_id) if isinstance(e, Step | Progress)]
             self.published = {e.index for e in seen if isinstance(e, Step)}
             self.progressed = max((e.index for e in seen), default=-1)
@@ -121,6 +126,9 @@ class JobRun:
                     log.exception("job %s: audit record not stored in %s", claim.job_id, self.settings.audit_dir)
                     return self._finish(Failed("INTERNAL", AUDIT_STORE_MESSAGE), "failed", error="audit_store")
             return self._finish(Completed(png, text), "completed")
+        except HandBack:
+            self._hand_back()
+            return None
         except LostClaim:
             if self.confirmed is not None and self.confirmed.done() and not self.confirmed.result():
                 log.info("job %s: not taken after all: the queue failed or dropped it as it claimed it (cancelled, "
@@ -152,6 +160,8 @@ class JobRun:
         pushed = self._settle(wait=False)
         if self.lost.is_set() or (self.confirmed is not None and self.confirmed.done() and not self._owned()):
             raise LostClaim
+        if self.handing_back is not None and self.handing_back.is_set():
+            raise HandBack(f"before step {index}")
         seen, self.cancel_seen = True if pushed else self.cancel_seen, None
         if seen is None:
             seen = self.queue.cancel_signalled(self.claim.job_id)
@@ -256,6 +266,15 @@ class JobRun:
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
                                   model_name=self.entry.name, weights=self.entry.weights, spec=claim.spec, exp=exp,
                                   png=png, runtime=runtime, timings=timings, rise_exact=self.rise_exact)
+
+    def _hand_back(self) -> None:
+        """Give the job back (the worker is stopping): its events so far stay, another worker runs it again, and
+        the steps already published are not published twice (see run: a re-delivery)."""
+        for f in self.in_flight:  # the published steps first, so the next worker sees them
+            f.exception()
+        self.in_flight.clear()
+        if self._owned() and self.queue.hand_back(self.claim):
+            log.info("job %s: handed back to the queue (this worker is stopping)", self.claim.job_id)
 
     def _finish(self, event: Completed | Failed, status: str, error: str | None = None) -> str | None:
         for f in self.in_flight:  # the terminal event goes after every step event (which may fail: no matter now)

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -46,7 +47,8 @@ class UNetCallStats:
 
 class Worker:
     """Runs jobs from `queue` with the models of `registry`. `run(stop)` blocks; `start()` runs it in a daemon
-    thread and `stop()` ends it (the jobs it holds are finished first)."""
+    thread and `stop()` ends it (the jobs it holds are finished first, for up to drain_grace_s; those still running
+    then are handed back to the queue)."""
 
     def __init__(self, settings: ServiceSettings, queue: JobQueue, registry: ModelRegistry,
                  name: str | None = None) -> None:
@@ -64,6 +66,7 @@ class Worker:
         self._held: dict[str, tuple[Claim, threading.Event, Future[bool]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._handing_back = threading.Event()  # held jobs give themselves back at their next step
         self._thread: threading.Thread | None = None
         self._claims_outage = Outage(log, f"worker {self.name}: taking a job from the queue")
         self._beats_outage = Outage(log, f"worker {self.name}: heartbeating the jobs it holds")
@@ -72,16 +75,23 @@ class Worker:
 
     def start(self) -> threading.Thread:
         self._stop.clear()
+        self._handing_back.clear()
         self._announce()  # before it returns: a front started next (serve --embedded) counts it from its first sample
         self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"worker-{self.name}", daemon=True)
         self._thread.start()
         return self._thread
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop taking jobs, let the held ones finish (up to `timeout` seconds of waiting), return."""
+        """Stop taking jobs, let the held ones finish (up to drain_grace_s; the rest are handed back to the queue),
+        return (waiting up to `timeout` seconds)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def hand_back_now(self) -> None:
+        """Stop the held jobs at their next step and give them back to the queue, without waiting out the drain
+        grace (a second SIGTERM)."""
+        self._handing_back.set()
 
     def held(self) -> list[str]:
         """Ids of the jobs this worker holds right now."""
@@ -116,6 +126,7 @@ class Worker:
                 pool.submit(self._job, claim, slots, publisher, confirmed)
                 self._confirm(claim, confirm, confirmed)  # while the job thread already starts on it
         finally:
+            self._drain()
             pool.shutdown(wait=True)
             publisher.shutdown(wait=True)
             beat_stop.set()
@@ -127,6 +138,19 @@ class Worker:
             log.info("worker %s: stopped", self.name)
 
     # ------------------------------------------------------------ internals
+
+    def _drain(self) -> None:
+        """Let the held jobs finish for up to drain_grace_s; then the rest stop at their next step and go back to
+        the queue, so that another worker takes them at once, not after the visibility timeout, and this stop
+        does not count as one of their deliveries (an orchestrator's SIGKILL at the end of its grace would)."""
+        end = time.monotonic() + self.settings.drain_grace_s
+        while self.held() and time.monotonic() < end and not self._handing_back.is_set():
+            self._handing_back.wait(min(0.1, max(0.0, end - time.monotonic())))
+        held = self.held()
+        if held:
+            log.info("worker %s: handing back %d job(s) still running after the %g s drain grace: %s", self.name,
+                     len(held), self.settings.drain_grace_s, ", ".join(held))
+            self._handing_back.set()
 
     def _claim(self, stop: threading.Event) -> tuple[Claim, Callable[[], bool]] | None:
         try:
@@ -176,7 +200,8 @@ class Worker:
                                                                      "by this worker"), "model_load")
             return
         runner = JobRunner(entry.runner, entry.lock, self._batcher(entry))
-        JobRun(claim, self.queue, entry, runner, self.settings, lost, publisher, confirmed).run()
+        JobRun(claim, self.queue, entry, runner, self.settings, lost, publisher, confirmed,
+               handing_back=self._handing_back).run()
 
     def _fail_early(self, claim: Claim, confirmed: Future[bool], event: Failed, error: str) -> None:
         if confirmed.result() and self.queue.finish(claim, event):
