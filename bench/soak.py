@@ -1,11 +1,14 @@
-"""Soak the queue's promises: worker processes SIGKILLed at random while clients stream jobs through a front.
+"""Soak the queue's promises: worker processes SIGKILLed or SIGTERMed at random while clients stream jobs through a
+front.
 
     PYTHONPATH=service .venv/bin/python -m bench.soak [--clients 4] [--jobs 20] [--workers 3] [--models 1]
-        [--kill-every 2,5] [--seed 1] [--redis URL] [--out bench/results/soak.json]
+        [--kill-every 2,5] [--term-share 0.5] [--seed 1] [--redis URL] [--out bench/results/soak.json]
 
 A private Redis (or --redis), one `difflens serve` and --workers `difflens worker` processes on the tiny
 random-weights model, with a 3 s visibility timeout and 4 deliveries at most. Every --kill-every seconds (uniform
-in MIN,MAX) one worker, chosen at random, is SIGKILLed and a new one started in its place. Each client streams
+in MIN,MAX) one worker, chosen at random, is stopped and a new one started in its place: SIGTERMed with a share
+--term-share of the time (its drain grace is 0.3 s, after which it hands its jobs back to the queue), else
+SIGKILLed (its jobs are reclaimed after the visibility timeout). Each client streams
 --jobs Explain calls (3-14 steps, a random subset of the explainers, one in ten cancelled after a step), then
 watches the job again from its first event and reads its record. With --models N > 1 the front serves N model
 names (the same tiny model under each), each job names one at random, worker slot 0 serves all of them (it reads
@@ -74,7 +77,8 @@ def job_problems(spec: JobSpec, events: list[Event], watched: list[Event], recor
 
 
 class Fleet:
-    """The front and the workers, as processes; `kill_one` SIGKILLs a worker and starts its replacement."""
+    """The front and the workers, as processes; `stop_one` SIGKILLs or SIGTERMs a worker and starts its
+    replacement."""
 
     def __init__(self, url: str, model_dir: Path, logs: Path, workers: int, models: list[str]) -> None:
         self.env = {**os.environ, **ENV}
@@ -85,6 +89,7 @@ class Fleet:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.generation = collections.Counter[str]()
         self.kills = 0
+        self.terms = 0
         port_file = logs / "port"
         self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file),
                                            *self._model_flags(models)])
@@ -114,13 +119,22 @@ class Fleet:
         name = f"{slot}-{self.generation[slot]}"
         self.generation[slot] += 1
         self.workers[slot] = self._spawn(name, ["worker", "--name", name, "--max-jobs", "2", "--threads", "1",
-                                                *self._model_flags(self._slot_models(slot))])
+                                                "--drain-grace", "0.3", *self._model_flags(self._slot_models(slot))])
 
-    def kill_one(self, rnd: random.Random) -> None:
+    def stop_one(self, rnd: random.Random, term_share: float) -> None:
         slot = rnd.choice(sorted(self.workers))
-        self.workers[slot].send_signal(signal.SIGKILL)
-        self.workers[slot].wait()
-        self.kills += 1
+        if rnd.random() < term_share:
+            self.workers[slot].send_signal(signal.SIGTERM)
+            self.terms += 1
+        else:
+            self.workers[slot].send_signal(signal.SIGKILL)
+            self.kills += 1
+        try:
+            self.workers[slot].wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a worker that does not stop on SIGTERM: the soak reports it
+            self.workers[slot].kill()
+            self.workers[slot].wait()
+            raise RuntimeError(f"worker {slot} did not exit within 60 s of SIGTERM") from None
         self._start_worker(slot)
 
     def stop(self) -> None:
@@ -167,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=20, help="jobs per client")
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--models", type=int, default=1, help="model names served (see above; default 1)")
-    ap.add_argument("--kill-every", default="2,5", metavar="MIN,MAX", help="seconds between kills (uniform)")
+    ap.add_argument("--kill-every", default="2,5", metavar="MIN,MAX", help="seconds between stops (uniform)")
+    ap.add_argument("--term-share", type=float, default=0.5, help="share of the stops that are SIGTERM (default 0.5)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--redis", help="Redis URL (default: DIFFLENS_REDIS_URL, else a private server)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def killer() -> None:
                 while not stop.wait(rnd.uniform(lo, hi)):
-                    fleet.kill_one(rnd)
+                    fleet.stop_one(rnd, args.term_share)
 
             kt = threading.Thread(target=killer, daemon=True)
             kt.start()
@@ -209,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in results if r["problems"]]
     for r in bad:
         print(f"PROBLEM job {r['job']}: {'; '.join(r['problems'])}")
-    print(f"{len(results)} jobs in {seconds:.0f} s, {fleet.kills} workers SIGKILLed; outcomes: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) + f"; jobs with a problem: {len(bad)}")
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+    print(f"{len(results)} jobs in {seconds:.0f} s, {fleet.kills} workers SIGKILLed, {fleet.terms} SIGTERMed; "
+          f"outcomes: {summary}; jobs with a problem: {len(bad)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"jobs": len(results), "seconds": round(seconds, 1), "kills": fleet.kills,
+                                    "terms": fleet.terms,
                                     "outcomes": dict(outcomes), "problems": bad, "args": vars(args) | {
                                         "out": str(args.out)}}, indent=2))
     return 1 if bad else 0
