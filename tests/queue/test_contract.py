@@ -534,8 +534,12 @@ def test_a_job_handed_back_is_taken_by_another_worker_at_once_without_using_a_de
     first = q.claim("w1", MODELS, block_s=1, start=True)
     assert first is not None and first.delivery == 1
     assert q.publish(first, step(0))
+    other = q.enqueue(spec("queued before the hand-back"))
     assert q.hand_back(first)
     assert not q.hand_back(first) and not q.publish(first, step(1))  # the claim no longer holds it
+    rec = q.get(job.id)  # queued again, first in line: it counts toward the depth an autoscaler reads
+    assert (rec.state, rec.queue_position, q.depth(MODEL), q.get(other.id).queue_position) == ("queued", 0, 2, 1)
+    q.cancel(other.id)
     t0 = time.monotonic()
     second = q.claim("w2", MODELS, block_s=10, start=True)
     assert second is not None and second.job_id == job.id and time.monotonic() - t0 < 5
@@ -545,11 +549,21 @@ def test_a_job_handed_back_is_taken_by_another_worker_at_once_without_using_a_de
     assert q.get(job.id).state == "completed" and q.dead_letters() == []
 
 
-def test_a_cancel_while_a_job_is_handed_back_ends_it_at_its_next_claim(backend):
+def test_a_job_handed_back_is_cancelled_at_once_and_its_deadline_still_holds(backend):
+    """Nobody holds a handed-back job: a cancel ends it then and there (no flag waiting for a worker), and a
+    deadline that passes while it waits fails it like any queued job."""
     q = backend.queue(visibility_timeout_s=30.0, heartbeat_interval_s=1.0)
     job = q.enqueue(spec())
     first = q.claim("w1", MODELS, block_s=1, start=True)
     assert first is not None and q.hand_back(first)
-    q.cancel(job.id)
-    assert q.claim("w2", MODELS, block_s=5) is None  # not handed out: failed as cancelled instead
-    assert q.get(job.id).state == "cancelled"
+    assert q.cancel(job.id).state == "cancelled"
+    assert [k for _, k in kinds(q, job.id)][-1] == "Failed" and q.depth(MODEL) == 0
+    assert q.claim("w2", MODELS, block_s=2) is None
+    late = q.enqueue(spec("late", deadline=time.time() + 1.0))
+    held = q.claim("w1", MODELS, block_s=1, start=True)
+    assert held is not None and held.job_id == late.id and q.hand_back(held)
+    time.sleep(1.1)
+    assert q.expire_overdue(MODEL) == 1
+    rec = q.get(late.id)
+    assert rec.state == "failed" and rec.error.startswith("DEADLINE_EXCEEDED") and q.depth(MODEL) == 0
+    assert q.claim("w2", MODELS, block_s=2) is None  # its work entry is gone too

@@ -226,7 +226,7 @@ def test_stop_hands_back_a_job_still_running_after_the_drain_grace(make_worker, 
     leaving.stop(timeout=60)
     assert leaving._thread is not None and not leaving._thread.is_alive()
     assert time.monotonic() - t0 < 15  # the grace and the step in progress, not the job's remaining 35+ steps
-    assert queue.get(job_id).state == "running" and not leaving.held()
+    assert queue.get(job_id).state == "queued" and queue.depth(MODEL) == 1 and not leaving.held()
     make_worker(s, queue, name="heir")
     events = wait_terminal(queue, job_id)
     assert [e for e in events if isinstance(e, Started)] == [Started("leaving", 1), Started("heir", 1)]

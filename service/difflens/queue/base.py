@@ -31,8 +31,11 @@ Semantics every implementation keeps:
   per job: it returns False if the job was already terminal or the claim lost ownership, so a client sees exactly
   one terminal event. It also acknowledges the job in its model's work stream.
 - `hand_back` gives up a job the claim holds without ending it (its worker is stopping and will not finish it in
-  time): the next claim of any worker of its model takes it at once, and this delivery does not count toward
-  `max_deliveries` (the next Started shows the same attempt number). False when the claim no longer holds it.
+  time): the job is queued again at the head of its model's queue (position 0), with its events (it counts toward
+  the depth, a cancel ends it at once, its deadline is enforced as for any queued job); a worker of its model takes
+  it at once (Redis: at its next reclaim scan, within about a second, not after the visibility timeout), and this
+  delivery does not count toward `max_deliveries` (the next Started shows the same attempt
+  number). False when the claim no longer holds it.
 - A queued job whose deadline passes fails with DEADLINE_EXCEEDED within a second (`expire_overdue`, from the
   front's sampler), so it stops counting toward the depth without waiting for a worker of its model.
 - `cancel` on a queued job makes it terminal at once (a Failed(CANCELLED) event); on a running job it raises the

@@ -109,10 +109,10 @@ class InProcessQueue:
         with self._cond:
             job = self._job(job_id)
             if not job.done:
-                if job.owner:
+                if job.owner and job.owner != HANDED_BACK:
                     job.cancel = True
                     self._touch(job)
-                else:
+                else:  # never claimed, or handed back: nobody holds it
                     self._ended(job, Failed("CANCELLED", CANCELLED_MESSAGE))
             return self._record(job)
 
@@ -245,7 +245,9 @@ class InProcessQueue:
             if job is None:
                 return False
             job.deliveries -= 1  # not a failed attempt
-            job.owner, job.worker, job.beat = HANDED_BACK, "", float("-inf")  # reclaimable at once
+            job.owner, job.worker, job.state = HANDED_BACK, "", "queued"
+            self._held.pop(job.id, None)
+            self._waiting = {job.id: None, **self._waiting}  # queued again, first in line
             self._touch(job)
             self._cond.notify_all()
             return True

@@ -158,13 +158,18 @@ terminate(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 
-# ARGV: token, now, ttl, group, worker, idle ms. The job stays running with its events; it has no owner, this
-# delivery is taken back, and its work entry looks idle for `idle ms` (the visibility timeout), so the next reclaim
-# scan of any worker takes it. 0 when the claim no longer holds the job, 1 done.
+# ARGV: token, now, ttl, group, worker, idle ms, job id. The job is queued again, first in line (it counts toward
+# the depth an autoscaler reads, can be cancelled at once, and fails if its deadline passes while it waits), keeping
+# its events; its owner is '-' (held before: not "never claimed"), this delivery is taken back, and its work entry
+# looks idle for `idle ms` (the visibility timeout), so the next reclaim scan of any worker takes it. 0 when the
+# claim no longer holds the job, 1 done.
 HAND_BACK = PRELUDE + OWNED + """
 if not owned(ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
-redis.call('HSET', KEYS[1], 'owner', '-', 'worker', '', 'heartbeat', '', 'updated_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '-', 'worker', '', 'heartbeat', '', 'updated_at', ARGV[2])
+redis.call('ZADD', KEYS[4], 0, ARGV[7])
+local deadline = redis.call('HGET', KEYS[1], 'deadline')
+if deadline and deadline ~= '' then redis.call('ZADD', KEYS[5], deadline, ARGV[7]) end
 redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[5], 0, redis.call('HGET', KEYS[1], 'entry'), 'IDLE', ARGV[6], 'JUSTID')
 touch(ARGV[3])
 return 1
@@ -176,7 +181,7 @@ CANCEL = PRELUDE + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return -1 end
 if is_terminal(redis.call('HGET', KEYS[1], 'state')) then return 0 end
-if owner == '' then
+if owner == '' or owner == '-' then  -- never claimed, or handed back: nobody holds it
   terminate(ARGV[1], 'cancelled', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
   return 1
 end
@@ -201,8 +206,9 @@ return 1
 # Fail the queued jobs of one model whose deadline passed (they would otherwise stay queued, and count toward the
 # depth and its limit, until a worker of the model came to claim them), and drop waiting ids whose job records
 # expired. KEYS[1] waiting zset, KEYS[2] deadlines zset, KEYS[3] work stream. ARGV: now, ttl, job key prefix,
-# Failed(DEADLINE_EXCEEDED) bytes, error, most jobs per call. Returns how many jobs it failed. A job delivered to
-# a worker whose claim script has not run yet is still unowned: that script then finds it terminal and drops it.
+# Failed(DEADLINE_EXCEEDED) bytes, error, most jobs per call, group. Returns how many jobs it failed (handed-back
+# ones included). A job delivered to a worker whose claim script has not run yet is still unowned: that script then
+# finds it terminal and drops it.
 EXPIRE_QUEUED = """
 local n = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[6]))) do
@@ -211,10 +217,12 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT
   local state = redis.call('HGET', job, 'state')
   if not state then
     redis.call('ZREM', KEYS[1], id)
-  elseif state == 'queued' and redis.call('HGET', job, 'owner') == '' then
+  elseif state == 'queued' and (redis.call('HGET', job, 'owner') == ''
+                                or redis.call('HGET', job, 'owner') == '-') then
     local seq = redis.call('HINCRBY', job, 'seq', 1)
     redis.call('XADD', job .. ':events', '0-' .. seq, 'e', ARGV[4])
     redis.call('HSET', job, 'state', 'failed', 'error', ARGV[5], 'updated_at', ARGV[1])
+    redis.call('XACK', KEYS[3], ARGV[7], redis.call('HGET', job, 'entry'))  -- a handed-back job's was delivered
     redis.call('XDEL', KEYS[3], redis.call('HGET', job, 'entry'))
     redis.call('ZREM', KEYS[1], id)
     redis.call('PEXPIRE', job, ARGV[2])

@@ -307,7 +307,7 @@ class RedisStreamsQueue:
         n = int(self._expire(
             keys=[self._waiting_prefix + model, self._deadlines_prefix + model, self._work.prefix + model],
             args=[time.time(), self._ttl_ms, self._job_prefix, encode_event(self._overdue),
-                  error_of(self._overdue), limit]))
+                  error_of(self._overdue), limit, GROUP]))
         if self.on_ended is not None:
             for _ in range(n):
                 self.on_ended(self._overdue)
@@ -394,7 +394,7 @@ class RedisStreamsQueue:
         return bool(self._through_blips(f"handing back job {claim.job_id}", lambda: self._hand_back(
             keys=self._keys(claim.job_id, claim.spec.model),
             args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker,
-                  max(1, int(self.settings.visibility_timeout_s * 1000))])))
+                  max(1, int(self.settings.visibility_timeout_s * 1000)), claim.job_id])))
 
     # ------------------------------------------------------------ claim internals
 
