@@ -90,6 +90,7 @@ class Fleet:
         self.generation = collections.Counter[str]()
         self.kills = 0
         self.terms = 0
+        self.errors: list[str] = []  # a stop that went wrong (a worker that ignored SIGTERM)
         port_file = logs / "port"
         self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file),
                                            *self._model_flags(models)])
@@ -203,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
 
             def killer() -> None:
-                while not stop.wait(rnd.uniform(lo, hi)):
-                    fleet.stop_one(rnd, args.term_share)
+                try:
+                    while not stop.wait(rnd.uniform(lo, hi)):
+                        fleet.stop_one(rnd, args.term_share)
+                except Exception as e:  # reported below and in the exit status, not lost with this thread
+                    fleet.errors.append(str(e))
 
             kt = threading.Thread(target=killer, daemon=True)
             kt.start()
@@ -224,15 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in results if r["problems"]]
     for r in bad:
         print(f"PROBLEM job {r['job']}: {'; '.join(r['problems'])}")
+    for e in fleet.errors:
+        print(f"PROBLEM fleet: {e}")
     summary = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
     print(f"{len(results)} jobs in {seconds:.0f} s, {fleet.kills} workers SIGKILLed, {fleet.terms} SIGTERMed; "
           f"outcomes: {summary}; jobs with a problem: {len(bad)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"jobs": len(results), "seconds": round(seconds, 1), "kills": fleet.kills,
-                                    "terms": fleet.terms,
+                                    "terms": fleet.terms, "fleet_errors": fleet.errors,
                                     "outcomes": dict(outcomes), "problems": bad, "args": vars(args) | {
                                         "out": str(args.out)}}, indent=2))
-    return 1 if bad else 0
+    return 1 if bad or fleet.errors else 0
 
 
 if __name__ == "__main__":

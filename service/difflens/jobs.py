@@ -64,8 +64,10 @@ class JobSpec:
         if self.explain.rise is not None and self.explain.rise.masks is not None:
             raise ValueError("explicit RISE masks cannot travel through the queue")
         d = dataclasses.asdict(self)
-        if not self.output.progress_events:  # as before the field existed: a worker of the previous release reads it
-            del d["output"]["progress_events"]
+        # Outside "output", whose keys a worker of the previous release passes to OutputOptions(**...): there it
+        # would fail the job; at the top level it is ignored (that worker just sends no Progress events).
+        if d["output"].pop("progress_events"):
+            d["progress_events"] = True
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -84,7 +86,8 @@ class JobSpec:
             attention=AttentionOptions() if e["attention"] is not None else None,
         )
         return cls(model=d["model"], params=GenerationParams(**p, sampling=sampling), explain=explain,
-                   output=OutputOptions(**d["output"]), deadline=d["deadline"],
+                   output=OutputOptions(**d["output"], progress_events=bool(d.get("progress_events", False))),
+                   deadline=d["deadline"],
                    idempotency_key=d["idempotency_key"], caller=d["caller"])
 
 

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 import pytest
+import redis
 
 from difflens import metrics
 from difflens.api.interceptors import INTERNAL_MESSAGE, status_of
@@ -95,3 +96,17 @@ def health(target: str, want: str, within_s: float = 10.0) -> bool:
             if got == want or time.monotonic() > end:
                 return got == want
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("err", "full"), [
+    (redis.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."), True),
+    # Redis 6.2: a script's refused write comes back as a plain error
+    (redis.ResponseError("Error running script (call to f_0123): @user_script:39: -OOM command not allowed when "
+                         "used memory > 'maxmemory'."), True),
+    (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+    (ValueError("OOM command not allowed"), False),
+])
+def test_redis_out_of_memory_is_recognised_on_every_supported_version(err, full):
+    from difflens.queue.common import storage_full
+
+    assert storage_full(err) is full

@@ -567,3 +567,17 @@ def test_a_job_handed_back_is_cancelled_at_once_and_its_deadline_still_holds(bac
     rec = q.get(late.id)
     assert rec.state == "failed" and rec.error.startswith("DEADLINE_EXCEEDED") and q.depth(MODEL) == 0
     assert q.claim("w2", MODELS, block_s=2) is None  # its work entry is gone too
+
+
+def test_handing_back_a_job_whose_cancel_flag_is_up_ends_it_cancelled(backend):
+    """Nobody would act on the flag once the job is handed back (its worker is going): it ends then and there."""
+    q = backend.queue(visibility_timeout_s=30.0, heartbeat_interval_s=1.0)
+    job = q.enqueue(spec())
+    held = q.claim("w1", MODELS, block_s=1, start=True)
+    assert held is not None
+    assert q.cancel(job.id).state == "running"  # held: the flag goes up
+    assert q.hand_back(held)
+    rec = q.get(job.id)
+    assert rec.state == "cancelled" and q.depth(MODEL) == 0
+    (_, last), = q.events(job.id)[-1:]
+    assert isinstance(last, Failed) and last.code == "CANCELLED"

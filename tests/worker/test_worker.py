@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 import time
 
 import numpy as np
@@ -232,6 +233,61 @@ def test_stop_hands_back_a_job_still_running_after_the_drain_grace(make_worker, 
     assert [e for e in events if isinstance(e, Started)] == [Started("leaving", 1), Started("heir", 1)]
     assert [e.index for e in _steps(events)] == list(range(40))
     assert isinstance(events[-1], Completed) and sum(isinstance(e, Completed | Failed) for e in events) == 1
+
+
+def test_a_job_cancelled_as_its_worker_stops_ends_cancelled_not_handed_on(tiny_dir, tiny_model):
+    """Both are up at a step boundary: the cancel wins, so the job ends CANCELLED there instead of going back to a
+    queue where, with no other worker of its model, nothing would ever end it."""
+    import threading as th
+
+    import pytest
+
+    from difflens.errors import Cancelled
+    from difflens.models import ModelRegistry
+    from difflens.queue.memory import InProcessQueue
+    from difflens.worker.batching import JobRunner, UNetBatcher
+    from difflens.worker.job import JobRun
+
+    s = settings(tiny_dir, visibility_timeout_s=30.0)
+    queue = InProcessQueue(s)
+    job_id = queue.enqueue(spec(steps=4)).id
+    claim = queue.claim("w", MODELS, block_s=1, start=True)
+    assert claim is not None
+    entry = ModelRegistry(s, preloaded={MODEL: tiny_model}).get(MODEL)
+    run = JobRun(claim, queue, entry, JobRunner(entry.runner, entry.lock, UNetBatcher(entry.runner.raw, 8)), s,
+                 handing_back=th.Event())
+    queue.cancel(job_id)
+    assert run.handing_back is not None
+    run.handing_back.set()
+    with pytest.raises(Cancelled):
+        run._check(1)
+
+
+def test_an_heir_rides_out_a_blip_while_it_reads_the_steps_already_sent(make_worker, tiny_dir):
+    """A reclaimed or handed-back job's new worker first reads what was published; a failed read there killed the
+    job thread, and the job waited out the visibility timeout to be re-run as another delivery."""
+    from difflens.queue.memory import InProcessQueue
+
+    class Blip(InProcessQueue):
+        failures = 1
+
+        def events(self, job_id, after=-1, block_s=0.0):
+            if self.failures and threading.current_thread().name.startswith("job-heir"):
+                self.failures -= 1
+                raise ConnectionError("the queue's backend blinked")
+            return super().events(job_id, after, block_s)
+
+    s = settings(tiny_dir, worker_max_jobs=1, drain_grace_s=0.0, visibility_timeout_s=30.0)
+    queue = Blip(s)
+    job_id = queue.enqueue(spec(steps=12, masks=8)).id
+    leaving = make_worker(s, queue, name="leaving")
+    wait_for(queue, job_id, Step)
+    leaving.stop(timeout=60)
+    make_worker(s, queue, name="heir")
+    events = wait_terminal(queue, job_id, timeout=60)
+    assert queue.failures == 0 and isinstance(events[-1], Completed)
+    assert [e for e in events if isinstance(e, Started)] == [Started("leaving", 1), Started("heir", 1)]
+    assert [e.index for e in _steps(events)] == list(range(12))
 
 
 class _SteeredQueue:

@@ -33,7 +33,11 @@ def storage_full(err: BaseException) -> bool:
         import redis
     except ImportError:  # no Redis client: the in-process queue has no such limit
         return False
-    return isinstance(err, redis.OutOfMemoryError)
+    if isinstance(err, redis.OutOfMemoryError):
+        return True
+    # Redis 6.2 reports a script's refused write as a plain error: "Error running script ... -OOM command not
+    # allowed when used memory > 'maxmemory'" (7.0 and later raise OutOfMemoryError)
+    return isinstance(err, redis.ResponseError) and "OOM command not allowed" in str(err)
 
 
 def new_job_id() -> str:

@@ -198,7 +198,7 @@ class InProcessQueue:
                 left = end - time.monotonic()
                 if left <= 0:
                     return None
-                self._cond.wait(min(left, self._until_reclaimable()))
+                self._cond.wait(min(left, self._until_reclaimable(served)))
 
     def claim_ahead(self, worker: str, models: Collection[str],
                     block_s: float = 1.0) -> tuple[Claim, Callable[[], bool]] | None:
@@ -244,6 +244,9 @@ class InProcessQueue:
             job = self._owned(claim)
             if job is None:
                 return False
+            if job.cancel:  # nobody would act on the flag: end it as cancelled instead
+                self._ended(job, Failed("CANCELLED", CANCELLED_MESSAGE))
+                return True
             job.deliveries -= 1  # not a failed attempt
             job.owner, job.worker, job.state = HANDED_BACK, "", "queued"
             self._held.pop(job.id, None)
@@ -311,11 +314,14 @@ class InProcessQueue:
                 return self._jobs[job_id]
         return None
 
-    def _until_reclaimable(self) -> float:
-        if not self._held:
+    def _until_reclaimable(self, models: frozenset[str]) -> float:
+        """How long a claim for `models` may wait before a job of theirs can have become reclaimable. Jobs of other
+        models do not count: one of them long reclaimable (no worker of its model here) would make every such
+        claim wake each millisecond."""
+        beats = [self._jobs[j].beat for j in self._held if self._jobs[j].spec.model in models]
+        if not beats:
             return self.settings.visibility_timeout_s
-        oldest = min(self._jobs[j].beat for j in self._held)
-        return max(0.001, oldest + self.settings.visibility_timeout_s - time.monotonic())
+        return max(0.001, min(beats) + self.settings.visibility_timeout_s - time.monotonic())
 
     def _hand_out(self, job: _Job, worker: str, start: bool) -> Claim | None:
         resumed = job.owner != ""  # held before: by a worker that stopped heartbeating, or handed back

@@ -162,9 +162,14 @@ return 1
 # the depth an autoscaler reads, can be cancelled at once, and fails if its deadline passes while it waits), keeping
 # its events; its owner is '-' (held before: not "never claimed"), this delivery is taken back, and its work entry
 # looks idle for `idle ms` (the visibility timeout), so the next reclaim scan of any worker takes it. 0 when the
-# claim no longer holds the job, 1 done.
+# claim no longer holds the job, 1 done, 2 cancelled instead (its cancel flag was up: nobody would act on it).
+# ARGV[8], ARGV[9]: the Failed(CANCELLED) event bytes and error.
 HAND_BACK = PRELUDE + OWNED + """
 if not owned(ARGV[1]) then return 0 end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  terminate(ARGV[8], 'cancelled', ARGV[9], ARGV[2], ARGV[3], ARGV[4], ARGV[7])
+  return 2
+end
 redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
 redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '-', 'worker', '', 'heartbeat', '', 'updated_at', ARGV[2])
 redis.call('ZADD', KEYS[4], 0, ARGV[7])

@@ -391,10 +391,14 @@ class RedisStreamsQueue:
     def hand_back(self, claim: Claim) -> bool:
         if self._watch is not None:
             self._watch.forget(claim.job_id)
-        return bool(self._through_blips(f"handing back job {claim.job_id}", lambda: self._hand_back(
+        reply = self._through_blips(f"handing back job {claim.job_id}", lambda: self._hand_back(
             keys=self._keys(claim.job_id, claim.spec.model),
             args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker,
-                  max(1, int(self.settings.visibility_timeout_s * 1000)), claim.job_id])))
+                  max(1, int(self.settings.visibility_timeout_s * 1000)), claim.job_id, self._cancel_bytes,
+                  f"CANCELLED: {CANCELLED_MESSAGE}"]))
+        if reply == 2 and self.on_ended is not None:
+            self.on_ended(Failed("CANCELLED", CANCELLED_MESSAGE))
+        return bool(reply)
 
     # ------------------------------------------------------------ claim internals
 

@@ -30,7 +30,7 @@ from difflens.engine.tokens import prompt_tokens
 from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
-from difflens.queue.base import Claim, JobQueue, Published
+from difflens.queue.base import Claim, JobNotFound, JobQueue, Published
 from difflens.queue.common import CANCELLED_MESSAGE, STORAGE_FULL_MESSAGE, storage_full
 from difflens.worker.batching import JobRunner
 
@@ -106,7 +106,7 @@ class JobRun:
         if not claim.resumed:
             metrics.QUEUE_WAIT.labels(self.model_label).observe(max(0.0, started - claim.enqueued_at))
         else:  # reclaimed or handed back: the client already saw these steps from an earlier holder
-            seen = [e for _, e in self.queue.events(claim.job_id) if isinstance(e, Step | Progress)]
+            seen = [e for _, e in self._events_so_far() if isinstance(e, Step | Progress)]
             self.published = {e.index for e in seen if isinstance(e, Step)}
             self.progressed = max((e.index for e in seen), default=-1)
         try:
@@ -149,6 +149,22 @@ class JobRun:
                 return self._finish(Failed("RESOURCE_EXHAUSTED", STORAGE_FULL_MESSAGE), "failed", error="queue")
             return self._finish(Failed("INTERNAL", INTERNAL_MESSAGE), "failed", error="internal")
 
+    def _events_so_far(self) -> list[tuple[int, Event]]:
+        """The job's events, read through a queue blip of up to the visibility timeout (the heartbeat thread holds
+        the claim meanwhile): a failed read here used to kill the job thread and leave the job to be reclaimed."""
+        end, delay = time.monotonic() + self.settings.visibility_timeout_s, 0.05
+        while True:
+            try:
+                return self.queue.events(self.claim.job_id)
+            except JobNotFound:
+                raise
+            except Exception:
+                if time.monotonic() + delay > end:
+                    raise
+                log.warning("job %s: its events could not be read (retrying)", self.claim.job_id, exc_info=True)
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+
     def _explain(self) -> Explanation:
         spec, model = self.claim.spec, self.entry.model
         self.words = [t.text for t in prompt_tokens(model.tokenizer, spec.params.prompt)]
@@ -156,12 +172,10 @@ class JobRun:
                                on_progress=self._on_progress, check=self._check, guard=self.runner.guard)
 
     def _check(self, index: int) -> None:
-        """Before denoising step `index`: ownership, cancel flag, deadline (in that order)."""
+        """Before denoising step `index`: ownership, cancel flag, deadline, a stopping worker (in that order)."""
         pushed = self._settle(wait=False)
         if self.lost.is_set() or (self.confirmed is not None and self.confirmed.done() and not self._owned()):
             raise LostClaim
-        if self.handing_back is not None and self.handing_back.is_set():
-            raise HandBack(f"before step {index}")
         seen, self.cancel_seen = True if pushed else self.cancel_seen, None
         if seen is None:
             seen = self.queue.cancel_signalled(self.claim.job_id)
@@ -177,6 +191,9 @@ class JobRun:
         deadline = self.claim.spec.deadline
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded(f"deadline passed before step {index}")
+        # after the cancel and the deadline: a job to be stopped anyway ends here, not handed on
+        if self.handing_back is not None and self.handing_back.is_set():
+            raise HandBack(f"before step {index}")
 
     def _on_step(self, se: StepExplanation) -> None:
         """An explained step's maps exist; it is published from _on_progress, which knows the step count."""
