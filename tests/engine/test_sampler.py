@@ -176,3 +176,23 @@ def test_step_counts_the_spacing_cannot_make_are_refused_naming_the_largest(tiny
     scheduler = make_scheduler(tiny_model, name)
     scheduler.set_timesteps(top)
     assert len({int(t) for t in scheduler.timesteps}) == top and int(scheduler.timesteps.max()) < 1000
+
+
+def test_x0_at_a_fractional_timestep_is_eulers_own(tiny_model):
+    """Euler with "linspace" spacing (SD1.5 configs lack the key, so Euler defaults to it) runs the UNet at
+    fractional timesteps (7 steps over 999: 832.5, ...). The x0 a step reports (previews, faithfulness) must be
+    the one Euler itself predicts, x - sigma eps, not the one of the integer timestep below."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    model = dataclasses.replace(tiny_model, scheduler=DDIMScheduler.from_config(tiny_model.scheduler.config,
+                                                                                timestep_spacing="linspace"))
+    states = []
+    generate(model, GenerationParams("x", steps=7, guidance_scale=2.0, scheduler="euler"), on_step=states.append)
+    euler = EulerDiscreteScheduler.from_config(model.scheduler.config)
+    euler.set_timesteps(7)
+    assert any(float(t) != int(t) for t in euler.timesteps)
+    for i, s in enumerate(states):
+        want = s.sample - euler.sigmas[i] * s.eps
+        torch.testing.assert_close(s.x0, want, atol=1e-4, rtol=1e-4, msg=f"step {i} (t = {float(s.t)})")

@@ -139,9 +139,24 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, t_next: int | None, sample: 
     return alpha_prod_t_prev ** (0.5) * x0 + direction
 
 
-def predict_x0(scheduler, latent_in: torch.Tensor, eps: torch.Tensor, timestep: int) -> torch.Tensor:
-    """x0 from the (variance-preserving) UNet input and its output at an integer timestep."""
-    a = scheduler.alphas_cumprod[timestep].to(latent_in.dtype)
+def alpha_bar_at(scheduler, timestep: float) -> torch.Tensor:
+    """alphas_cumprod at `timestep`; between two integers (Euler's "linspace" spacing runs the UNet at fractional
+    timesteps) from sigma = sqrt((1 - a) / a) interpolated linearly, as that scheduler places its steps, so the
+    UNet input it scales by 1 / sqrt(sigma^2 + 1) is exactly sqrt(a) x0 + sqrt(1 - a) eps."""
+    ac = scheduler.alphas_cumprod
+    lo = int(timestep)
+    w = float(timestep) - lo
+    if w == 0.0 or lo + 1 >= len(ac):
+        return ac[lo]
+    s = ((1 - ac[lo:lo + 2]) / ac[lo:lo + 2]).sqrt()
+    sigma = s[0] * (1 - w) + s[1] * w
+    return 1 / (1 + sigma * sigma)
+
+
+def predict_x0(scheduler, latent_in: torch.Tensor, eps: torch.Tensor, timestep: float) -> torch.Tensor:
+    """x0 from the (variance-preserving) UNet input and its output at `timestep` (the one the UNet ran at, which
+    may be fractional)."""
+    a = alpha_bar_at(scheduler, timestep).to(latent_in.dtype)
     pt = scheduler.config.prediction_type
     if pt == "v_prediction":
         return a.sqrt() * latent_in - (1 - a).sqrt() * eps
@@ -226,9 +241,9 @@ def generate(
             else:
                 nxt = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
         if on_step is not None:
-            x0 = predict_x0(scheduler, latent_in, eps, timesteps[i])
+            x0 = predict_x0(scheduler, latent_in, eps, float(t))
             step_fn, scale_fn = _replay(scheduler if is_ddim else before, is_ddim, t, t_next, rng_state)
-            to_x0 = functools.partial(predict_x0, scheduler, timestep=timesteps[i])
+            to_x0 = functools.partial(predict_x0, scheduler, timestep=float(t))
             on_step(StepState(i, n, timesteps[i], t, latent_in, eps, x0, nxt, cond, runner,
                               latents, step_fn, scale_fn, to_x0))
         latents = nxt
