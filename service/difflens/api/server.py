@@ -111,7 +111,8 @@ class DifflensServer:
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, refuse new work, let running calls finish within `grace_s`
-        (default settings.drain_grace_s), then stop the embedded worker (after its held jobs) and close."""
+        (default settings.drain_grace_s), then stop the embedded worker (its held jobs fail UNAVAILABLE at their
+        next step) and close."""
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         self.front.draining = True
         await self.health.enter_graceful_shutdown()
@@ -119,11 +120,13 @@ class DifflensServer:
             log.warning("drain: job streams still running after %g s; cancelling them", grace)
         if self.worker is not None:
             # The embedded worker's jobs live in this process's queue, which goes with it: once no stream
-            # follows them (or the grace is over) nobody can receive their results, so they stop at their next
-            # step instead of running to the end first.
-            for job_id in self.worker.held():
-                log.info("drain: cancelling job %s of the embedded worker", job_id)
-                await self.front.cancel(job_id)
+            # follows them (or the grace is over) nobody can receive their results, so they fail UNAVAILABLE ("the
+            # server shut down ...: submit it again") at their next step instead of running to the end first.
+            held = self.worker.held()
+            if held:
+                log.info("drain: failing %d job(s) of the embedded worker at their next step: %s", len(held),
+                         ", ".join(held))
+                self.worker.fail_held()
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
         self._sampler_stop.set()

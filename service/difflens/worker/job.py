@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error while running the job (details are in the worker's log)"
 AUDIT_STORE_MESSAGE = "the job's audit record could not be stored (details are in the worker's log)"
+SHUTDOWN_MESSAGE = "the server shut down before the job finished; submit it again"
 # The engine names the attention method "attn"; metrics and the contract say "attention".
 METRIC_METHOD = {"rise": "rise", "cam": "cam", "attn": "attention"}
 
@@ -48,6 +49,10 @@ class LostClaim(Exception):
 
 class HandBack(Exception):
     """The worker is stopping and will not finish the job: give it back to the queue for another worker."""
+
+
+class ShuttingDown(Exception):
+    """The process is going, its queue with it (serve --embedded): nobody could take the job over."""
 
 
 def step_event(se: StepExplanation, words: list[str], output: OutputOptions, model: Model,
@@ -84,6 +89,7 @@ class JobRun:
     publisher: Executor | None = None
     confirmed: Future[bool] | None = None
     handing_back: threading.Event | None = None  # set by a stopping worker: give the job back at the next step
+    shutting_down: threading.Event | None = None  # set when the queue goes with the process: fail at the next step
     denoise_s: dict[int, float] = field(default_factory=dict)
     rise_exact: dict[int, bool] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
@@ -129,6 +135,8 @@ class JobRun:
         except HandBack:
             self._hand_back()
             return None
+        except ShuttingDown:
+            return self._finish(Failed("UNAVAILABLE", SHUTDOWN_MESSAGE), "failed", error="shutdown")
         except LostClaim:
             if self.confirmed is not None and self.confirmed.done() and not self.confirmed.result():
                 log.info("job %s: not taken after all: the queue failed or dropped it as it claimed it (cancelled, "
@@ -192,6 +200,8 @@ class JobRun:
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded(f"deadline passed before step {index}")
         # after the cancel and the deadline: a job to be stopped anyway ends here, not handed on
+        if self.shutting_down is not None and self.shutting_down.is_set():
+            raise ShuttingDown(f"before step {index}")
         if self.handing_back is not None and self.handing_back.is_set():
             raise HandBack(f"before step {index}")
 

@@ -67,6 +67,7 @@ class Worker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._handing_back = threading.Event()  # held jobs give themselves back at their next step
+        self._shutting_down = threading.Event()  # held jobs fail UNAVAILABLE at their next step
         self._thread: threading.Thread | None = None
         self._claims_outage = Outage(log, f"worker {self.name}: taking a job from the queue")
         self._beats_outage = Outage(log, f"worker {self.name}: heartbeating the jobs it holds")
@@ -76,6 +77,7 @@ class Worker:
     def start(self) -> threading.Thread:
         self._stop.clear()
         self._handing_back.clear()
+        self._shutting_down.clear()
         self._announce()  # before it returns: a front started next (serve --embedded) counts it from its first sample
         self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"worker-{self.name}", daemon=True)
         self._thread.start()
@@ -92,6 +94,11 @@ class Worker:
         """Stop the held jobs at their next step and give them back to the queue, without waiting out the drain
         grace (a second SIGTERM)."""
         self._handing_back.set()
+
+    def fail_held(self) -> None:
+        """Fail the held jobs UNAVAILABLE ('the server shut down') at their next step: for a queue that goes with
+        this process (serve --embedded), where handing them back would hand them to nobody."""
+        self._shutting_down.set()
 
     def held(self) -> list[str]:
         """Ids of the jobs this worker holds right now."""
@@ -201,7 +208,7 @@ class Worker:
             return
         runner = JobRunner(entry.runner, entry.lock, self._batcher(entry))
         JobRun(claim, self.queue, entry, runner, self.settings, lost, publisher, confirmed,
-               handing_back=self._handing_back).run()
+               handing_back=self._handing_back, shutting_down=self._shutting_down).run()
 
     def _fail_early(self, claim: Claim, confirmed: Future[bool], event: Failed, error: str) -> None:
         if confirmed.result() and self.queue.finish(claim, event):
