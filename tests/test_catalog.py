@@ -47,6 +47,7 @@ def test_a_pixel_space_model_has_multiple_8_and_reads_difflens_json(tiny_dir, tm
     ({"width": 33}, "width: got 33; must be a positive multiple of "),
     ({"height": -8}, "height: got -8; must be a positive multiple of "),
     ([], "expected a JSON object, got list"),
+    ({"guidance": 2.0}, "unknown key(s) 'guidance'; allowed: steps, guidance_scale, scheduler, width, height"),
 ])
 def test_a_bad_defaults_file_stops_the_model_at_load_naming_the_file_and_field(tiny_dir, tmp_path, content, message):
     """Not every later request that leaves the field unset (a TypeError, or an error naming the caller's field)."""

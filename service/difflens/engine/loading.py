@@ -45,7 +45,12 @@ class ModelDefaults:
             raise ModelLoadError(str(f), f"malformed defaults file: {e}") from e
         if not isinstance(raw, dict):
             raise ModelLoadError(str(f), f"malformed defaults file: expected a JSON object, got {type(raw).__name__}")
-        known = {k: raw[k] for k in ("steps", "guidance_scale", "scheduler", "width", "height") if k in raw}
+        fields = ("steps", "guidance_scale", "scheduler", "width", "height")
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:  # a misspelt key would silently fall back to SD's defaults (guidance 7.5 for "guidance")
+            raise ModelLoadError(str(f), f"malformed defaults file: unknown key(s) {', '.join(map(repr, unknown))}; "
+                                         f"allowed: {', '.join(fields)}")
+        known = {k: raw[k] for k in fields if k in raw}
         problem = _defaults_problem(known, size_multiple)
         if problem:
             raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
