@@ -78,7 +78,8 @@ bench: setup
 	$(PY) -m bench.queue
 	$(PY) -m bench.service
 
-# Workers SIGKILLed at random under streaming clients: exactly one terminal event per job, nothing lost (~1 min).
+# Workers SIGKILLed or SIGTERMed at random under streaming clients: exactly one terminal event per job, nothing
+# lost (~1.5 min).
 soak: setup
 	$(PY) -m bench.soak
 

@@ -19,7 +19,8 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one worker: take jobs from the Redis queue and explain them",
                        description="Load the models once, then claim jobs from the Redis queue and run them, up to "
                                    "--max-jobs at once (their DF-RISE masks share UNet calls of up to --max-batch "
-                                   "samples). SIGTERM/SIGINT: stop taking jobs, finish the held ones, exit 0.")
+                                   "samples). SIGTERM/SIGINT: stop taking jobs, finish the held ones (up to "
+                                   "--drain-grace, then hand them back to the queue), exit 0.")
     p.add_argument("--model", action="append", metavar="NAME=DIR",
                    help="a model to serve (repeatable; default: the shipped model as 'default')")
     p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL)")
