@@ -48,6 +48,9 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
                                                           "in-process; same options and outputs, plus audit.json")
     p.add_argument("--timeout", type=float, metavar="S", help="with --server: the call's deadline in seconds, which "
                                                               "the server makes the job's (default: none)")
+    p.add_argument("--map-dtype", choices=("float32", "float16"),
+                   help="with --server: the maps' element type on the wire (float16 halves a step's event; the "
+                        "files hold them as float32 either way; default float32)")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--out", required=True, type=Path, help="output folder (created; written only on success)")
     g = p.add_argument_group("generation (default: the model's recommended values)")
@@ -144,6 +147,8 @@ def run_explain(args: argparse.Namespace) -> int:
         return run_explain_remote(args)
     if args.timeout is not None:
         raise InvalidArgument("--timeout", "only with --server (the deadline of the call to the server)")
+    if args.map_dtype is not None:
+        raise InvalidArgument("--map-dtype", "only with --server (in-process maps are float32)")
     from difflens.config import Settings
 
     settings = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)

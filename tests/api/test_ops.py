@@ -310,3 +310,22 @@ def test_models_lists_what_the_server_serves_with_its_live_workers(embedded, cap
 def test_models_reports_a_bad_or_absent_server_in_one_line(server, status, message, capsys):
     assert main(["models", "--server", server.format(port=free_port())]) == status
     assert message in capsys.readouterr().err
+
+
+def test_explain_server_map_dtype_float16_carries_the_maps_rounded(embedded, tiny_dir, tmp_path, capsys):
+    """--map-dtype float16 (what the front's too-large-event error suggests) halves the wire; the files hold the
+    same maps rounded to float16. In-process there is no wire: the flag is refused."""
+    remote, local = tmp_path / "remote", tmp_path / "local"
+    assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote), "--map-dtype",
+                 "float16"]) == 0
+    assert main(["explain", str(tiny_dir), *_explain_args(local)]) == 0
+    with np.load(remote / "explanation.npz") as r, np.load(local / "explanation.npz") as l_:
+        maps = [k for k in l_.files if k.startswith("step")]
+        assert maps
+        for key in maps:  # relevance is a number on the wire, not a map: it stays as it was
+            want = l_[key] if key.endswith("attn_relevance") else l_[key].astype(np.float16).astype(np.float32)
+            np.testing.assert_allclose(r[key], want, rtol=0, atol=1e-6, err_msg=key)
+    assert (remote / "image.png").read_bytes() == (local / "image.png").read_bytes()
+    capsys.readouterr()
+    assert main(["explain", str(tiny_dir), *_explain_args(tmp_path / "x"), "--map-dtype", "float16"]) == 2
+    assert "--map-dtype: only with --server" in capsys.readouterr().err

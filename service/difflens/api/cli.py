@@ -197,7 +197,7 @@ def remote_spec(args: argparse.Namespace) -> Any:
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
     # Progress events: the bar moves on every denoising step, not only on the explained ones.
     return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"],
-                   output=OutputOptions(progress_events=True))
+                   output=OutputOptions(map_dtype=args.map_dtype or "float32", progress_events=True))
 
 
 class RemoteProgress:
