@@ -58,22 +58,24 @@ class ModelDefaults:
 
 
 def _defaults_problem(d: dict[str, Any], size_multiple: int) -> str | None:
-    """What is wrong with a defaults file's fields, or None. Ranges are a request's (engine/options.py)."""
-    from difflens.engine.options import SCHEDULERS
+    """What is wrong with a defaults file's fields, or None: their types here, their ranges a request's own
+    (GenerationParams checks them), and width/height against the model's size multiple."""
+    from difflens.engine.options import GenerationParams
 
-    def whole(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if "steps" in d and not (whole(d["steps"]) and 1 <= d["steps"] <= 1000):
-        return f"steps: got {d['steps']!r}; must be an integer in [1, 1000]"
-    g = d.get("guidance_scale", 0.0)
-    if isinstance(g, bool) or not isinstance(g, int | float) or not 0.0 <= g <= 50.0:
-        return f"guidance_scale: got {g!r}; must be a number in [0, 50]"
-    if "scheduler" in d and d["scheduler"] not in SCHEDULERS:
-        return f"scheduler: got {d['scheduler']!r}; allowed: {', '.join(SCHEDULERS)}"
+    for key in ("steps", "width", "height"):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"{key}: got {v!r}; must be an integer"
+    g = d.get("guidance_scale")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int | float)):
+        return f"guidance_scale: got {g!r}; must be a number"
+    try:
+        GenerationParams("", steps=d.get("steps"), guidance_scale=d.get("guidance_scale"), scheduler=d.get("scheduler"))
+    except InvalidArgument as e:
+        return str(e)
     for side in ("width", "height"):
         v = d.get(side)
-        if v is not None and not (whole(v) and v > 0 and v % size_multiple == 0):
+        if v is not None and not (v > 0 and v % size_multiple == 0):
             return f"{side}: got {v!r}; must be a positive multiple of {size_multiple} (or null: the UNet's size)"
     return None
 

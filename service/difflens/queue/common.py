@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 from difflens.errors import InvalidArgument, ResourceExhausted
 from difflens.jobs import Completed, Event, Failed, JobSpec, JobStateName
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The front cannot know how fast workers drain the queue (jobs take milliseconds on a GPU, seconds on a CPU), so
 # the hint is a fixed, short wait: long enough that retrying clients do not hammer a full queue.
@@ -21,6 +27,28 @@ QUEUED_DEADLINE_MESSAGE = "the job's deadline passed while it waited in the queu
 # The dead-letter record keeps the most recent this many jobs (Redis: approximately, XADD MAXLEN ~), so a fleet
 # that keeps killing jobs cannot grow it without bound.
 DEAD_LETTER_MAXLEN = 10_000
+
+
+def retrying(what: str, call: Callable[[], T], budget_s: float, retry_if: Callable[[Exception], bool]) -> T:
+    """call(), again after each exception `retry_if` accepts (a queue blip: a restart, a failover, a stall), with
+    backoff from 50 ms to 1 s, for up to `budget_s` seconds (a worker's visibility timeout: past it the job may be
+    another worker's); then the last exception. Logs once when it starts retrying and once when it got through."""
+    end, delay, told = time.monotonic() + budget_s, 0.05, False
+    while True:
+        try:
+            result = call()
+        except Exception as e:
+            if not retry_if(e) or time.monotonic() + delay > end:
+                raise
+            if not told:
+                log.warning("the queue did not answer while %s (%s); retrying for up to %g s", what, e, budget_s)
+                told = True
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+            continue
+        if told:
+            log.info("the queue answered again: %s done", what)
+        return result
 
 
 STORAGE_FULL_MESSAGE = "the job queue's storage (Redis) is full; retry later"

@@ -219,11 +219,10 @@ local n = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[6]))) do
   local job = ARGV[3] .. id
   redis.call('ZREM', KEYS[2], id)
-  local state = redis.call('HGET', job, 'state')
+  local state, owner = unpack(redis.call('HMGET', job, 'state', 'owner'))
   if not state then
     redis.call('ZREM', KEYS[1], id)
-  elseif state == 'queued' and (redis.call('HGET', job, 'owner') == ''
-                                or redis.call('HGET', job, 'owner') == '-') then
+  elseif state == 'queued' and (owner == '' or owner == '-') then
     local seq = redis.call('HINCRBY', job, 'seq', 1)
     redis.call('XADD', job .. ':events', '0-' .. seq, 'e', ARGV[4])
     redis.call('HSET', job, 'state', 'failed', 'error', ARGV[5], 'updated_at', ARGV[1])

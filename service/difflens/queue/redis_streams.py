@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -40,6 +41,7 @@ from difflens.queue.common import (
     new_token,
     queue_full,
     request_fingerprint,
+    retrying,
     settled,
     terminal_state,
     text,
@@ -112,19 +114,8 @@ def _event_of(fields: dict[bytes, bytes]) -> Event:
 
 def version_tuple(text: object) -> tuple[int, ...]:
     """'7.0.15' -> (7, 0, 15); () when `text` does not start with a dotted number."""
-    parts = []
-    for piece in str(text).split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-        if len(digits) != len(piece):
-            break
-    return tuple(parts)
+    found = re.match(r"\d+(?:\.\d+)*", str(text))
+    return tuple(int(p) for p in found.group().split(".")) if found else ()
 
 
 def redacted(url: str) -> str:
@@ -497,21 +488,5 @@ class RedisStreamsQueue:
         worker's - the scripts' ownership check then says so. Without this a blip of a second failed a running
         job, or abandoned it to be re-run from its first step. Each retry repeats the script with the same write
         id, so one whose reply was lost is not applied twice."""
-        end = time.monotonic() + self.settings.visibility_timeout_s
-        delay, told = 0.05, False
-        while True:
-            try:
-                result = call()
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                if time.monotonic() + delay > end:
-                    raise
-                if not told:
-                    log.warning("Redis did not answer while %s (%s); retrying for up to %g s", what, e,
-                                self.settings.visibility_timeout_s)
-                    told = True
-                time.sleep(delay)
-                delay = min(1.0, delay * 2)
-                continue
-            if told:
-                log.info("Redis answered again: %s done", what)
-            return result
+        return retrying(what, call, self.settings.visibility_timeout_s,
+                        lambda e: isinstance(e, redis.ConnectionError | redis.TimeoutError))

@@ -31,7 +31,7 @@ from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobNotFound, JobQueue, Published
-from difflens.queue.common import CANCELLED_MESSAGE, STORAGE_FULL_MESSAGE, storage_full
+from difflens.queue.common import CANCELLED_MESSAGE, STORAGE_FULL_MESSAGE, retrying, storage_full
 from difflens.worker.batching import JobRunner
 
 log = logging.getLogger(__name__)
@@ -160,18 +160,8 @@ class JobRun:
     def _events_so_far(self) -> list[tuple[int, Event]]:
         """The job's events, read through a queue blip of up to the visibility timeout (the heartbeat thread holds
         the claim meanwhile): a failed read here used to kill the job thread and leave the job to be reclaimed."""
-        end, delay = time.monotonic() + self.settings.visibility_timeout_s, 0.05
-        while True:
-            try:
-                return self.queue.events(self.claim.job_id)
-            except JobNotFound:
-                raise
-            except Exception:
-                if time.monotonic() + delay > end:
-                    raise
-                log.warning("job %s: its events could not be read (retrying)", self.claim.job_id, exc_info=True)
-                time.sleep(delay)
-                delay = min(1.0, delay * 2)
+        return retrying(f"reading the events of job {self.claim.job_id}", lambda: self.queue.events(self.claim.job_id),
+                        self.settings.visibility_timeout_s, lambda e: not isinstance(e, JobNotFound))
 
     def _explain(self) -> Explanation:
         spec, model = self.claim.spec, self.entry.model
