@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from difflens.client import DifflensClient
 from difflens.jobs import Completed, Step
 from difflens.queue.memory import InProcessQueue
@@ -88,10 +90,14 @@ def test_a_queued_job_whose_deadline_passes_fails_while_no_worker_serves_its_mod
         assert srv.server.queue.depth(MODEL) == 0
 
 
-def test_an_embedded_drain_past_its_grace_fails_the_worker_s_jobs_as_the_server_shutting_down(tiny_dir, tiny_model):
+@pytest.mark.parametrize("registered", [True, False], ids=["held", "not-yet-held"])
+def test_an_embedded_drain_past_its_grace_fails_the_worker_s_jobs_as_the_server_shutting_down(tiny_dir, tiny_model,
+                                                                                             registered):
     """serve --embedded: the in-process queue goes with the process, so once the grace is over (or no stream
     follows a job) a job nobody can receive any more stops at its next step instead of running to its end first
-    (before, a 2 s grace still waited minutes for the job)."""
+    (before, a 2 s grace still waited minutes for the job). not-yet-held: the job thread registers a claimed job a
+    moment after the claim, so the drain may not see it among held() - it must fail all the same (a fresh-clone
+    run once found it handed back instead)."""
     import threading
 
     from difflens.api.server import BackgroundServer
@@ -114,6 +120,8 @@ def test_an_embedded_drain_past_its_grace_fails_the_worker_s_jobs_as_the_server_
         end = time.monotonic() + 60
         while queue.get(record.id).state != "running" and time.monotonic() < end:
             time.sleep(0.05)
+        if not registered:
+            srv.server.worker.held = lambda: []  # type: ignore[method-assign]
         t0 = time.monotonic()
         srv.stop(grace_s=0.5)
         stopped_in = time.monotonic() - t0

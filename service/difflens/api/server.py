@@ -122,11 +122,12 @@ class DifflensServer:
             # The embedded worker's jobs live in this process's queue, which goes with it: once no stream
             # follows them (or the grace is over) nobody can receive their results, so they fail UNAVAILABLE ("the
             # server shut down ...: submit it again") at their next step instead of running to the end first.
+            # Unconditionally: a job the worker just took may not be among held() yet (its thread registers it a
+            # moment after the claim), and it must fail too, at its first step.
             held = self.worker.held()
-            if held:
-                log.info("drain: failing %d job(s) of the embedded worker at their next step: %s", len(held),
-                         ", ".join(held))
-                self.worker.fail_held()
+            log.info("drain: the embedded worker's jobs fail at their next step (%d held: %s)", len(held),
+                     ", ".join(held) or "none")
+            self.worker.fail_held()
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
         self._sampler_stop.set()
