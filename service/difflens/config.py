@@ -167,9 +167,9 @@ class ServiceSettings:
     """Front and worker settings. `models`: (name, folder) pairs; `redis_url` None means the in-process queue.
 
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
-    DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S (shorter than the
-    visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state and events stay
-    in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_METRICS_HOST (where /metrics listens),
+    DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_MAX_STREAMS, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S
+    (shorter than the visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state
+    and events stay in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_METRICS_HOST (where /metrics listens),
     DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at start-up for Redis to answer), DIFFLENS_DRAIN_GRACE_S
     (on SIGTERM: a front's running streams, a worker's held jobs before it hands them back), plus Settings'
     variables. A bad value from the environment is an error naming its variable.
@@ -181,6 +181,9 @@ class ServiceSettings:
     redis_url: str | None = None
     queue_name: str = "difflens"
     max_queue_depth: int = 1000  # jobs waiting, per model
+    # Job streams (Explain, WatchJob) one front follows at once; past it a new one gets RESOURCE_EXHAUSTED. Each
+    # holds a Redis connection while it waits for events (or, on the in-process queue, a thread).
+    max_streams: int = 500
     visibility_timeout_s: float = 30.0
     heartbeat_interval_s: float = 5.0
     max_deliveries: int = 3
@@ -211,7 +214,7 @@ class ServiceSettings:
                 raise InvalidArgument(name, f"got {getattr(self, name)}; must be > 0")
         if self.heartbeat_interval_s >= self.visibility_timeout_s:
             raise InvalidArgument("heartbeat_interval_s", "must be shorter than visibility_timeout_s")
-        for name in ("max_queue_depth", "worker_max_jobs", "worker_max_batch"):
+        for name in ("max_queue_depth", "max_streams", "worker_max_jobs", "worker_max_batch"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"got {getattr(self, name)}; must be >= 1")
         if not self.drain_grace_s >= 0:
@@ -249,6 +252,7 @@ class ServiceSettings:
         for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str), ("queue_name", "DIFFLENS_QUEUE", str),
                                ("metrics_host", "DIFFLENS_METRICS_HOST", str),
                                ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
+                               ("max_streams", "DIFFLENS_MAX_STREAMS", int),
                                ("visibility_timeout_s", "DIFFLENS_VISIBILITY_TIMEOUT_S", float),
                                ("heartbeat_interval_s", "DIFFLENS_HEARTBEAT_INTERVAL_S", float),
                                ("max_deliveries", "DIFFLENS_MAX_DELIVERIES", int),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 from difflens.config import ServiceSettings
@@ -37,3 +38,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Watchers:
+    """n concurrent raw WatchJob calls on one job (no client-side resume), each on its own thread; `codes` gets
+    each call's ending status name ("OK" for a stream that ended normally). `join()` waits for them all."""
+
+    def __init__(self, client: Any, job_id: str, n: int, timeout_s: float) -> None:
+        import grpc
+
+        from difflens.api.pb import pb
+
+        self.codes: list[str] = []
+
+        def one() -> None:
+            try:
+                for _ in client.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout_s):
+                    pass
+                self.codes.append("OK")
+            except grpc.RpcError as e:
+                self.codes.append(e.code().name)
+
+        self.threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> list[str]:
+        for t in self.threads:
+            t.join()
+        return sorted(self.codes)

@@ -128,3 +128,55 @@ def test_an_embedded_drain_past_its_grace_fails_the_worker_s_jobs_as_the_server_
     rec = queue.get(record.id)
     assert rec.state == "failed" and rec.error.startswith("UNAVAILABLE: the server shut down"), rec  # not "caller"
     assert stopped_in < 15, stopped_in
+
+
+def _wait_for_streams(srv, n: int) -> None:
+    end = time.monotonic() + 30
+    while srv.server.front._streams < n:
+        assert time.monotonic() < end, f"{srv.server.front._streams} streams open, expected {n}"
+        time.sleep(0.02)
+
+
+def test_streams_past_max_streams_are_refused_and_a_refused_explain_queues_nothing(tiny_dir):
+    import grpc
+
+    from difflens.api.server import BackgroundServer
+    from difflens.client import retry_after_s
+    from tests.api.helpers import Watchers
+
+    with BackgroundServer(settings(tiny_dir, max_streams=2)) as srv, DifflensClient(srv.target, retries=0) as client:
+        job_id = client.submit(job(steps=2)).id  # no worker: it stays queued
+        watchers = Watchers(client, job_id, 2, timeout_s=3.0)
+        _wait_for_streams(srv, 2)
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.watch(job_id, timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams=2" in err.value.details() and retry_after_s(err.value) == 1.0
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.explain(job(steps=2), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert srv.server.queue.depth(MODEL) == 1  # the refused Explain queued nothing
+        assert watchers.join() == ["DEADLINE_EXCEEDED"] * 2
+        _wait_for_streams(srv, 0)
+        assert Watchers(client, job_id, 2, timeout_s=1.0).join() == ["DEADLINE_EXCEEDED"] * 2  # slots free again
+
+
+def test_the_waits_of_many_streams_do_not_hold_up_the_front_s_other_calls(tiny_dir, monkeypatch):
+    """On the in-process queue each followed stream waits for events on a thread. They shared one pool of 64
+    with every other queue call: past 64 streams a GetJob waited for a stream's wait to end."""
+    from difflens.api import front
+    from difflens.api.server import BackgroundServer
+    from tests.api.helpers import Watchers
+
+    monkeypatch.setattr(front, "FOLLOW_BLOCK_S", 30.0)  # each wait holds its thread this long
+    n = front.QUEUE_THREADS + 6
+    with BackgroundServer(settings(tiny_dir)) as srv, DifflensClient(srv.target) as client:
+        job_id = client.submit(job(steps=2)).id  # no worker: every watcher waits
+        watchers = Watchers(client, job_id, n, timeout_s=60.0)
+        _wait_for_streams(srv, n)
+        time.sleep(0.5)  # every stream is inside its blocking wait
+        t0 = time.monotonic()
+        assert client.get(job_id).state == "queued"
+        assert time.monotonic() - t0 < 1.5  # before: until one of the 30 s waits ended
+        client.cancel(job_id)  # the terminal event ends every stream
+        assert watchers.join() == ["OK"] * n

@@ -14,7 +14,7 @@ import pytest
 
 from difflens.client import DifflensClient, retry_after_s
 from difflens.jobs import Completed, Started, Step
-from tests.api.helpers import MODEL, job, settings
+from tests.api.helpers import MODEL, Watchers, job, settings
 
 
 @pytest.fixture
@@ -228,6 +228,27 @@ def test_a_front_answers_at_once_after_redis_restarts(tiny_dir):
             server._proc = None
             server.start()
             assert burst() == ["ok"] * 8
+
+
+def test_a_front_follows_more_streams_at_once_than_redis_py_s_default_pool_holds(front):
+    """Each followed stream holds a Redis connection during its blocking read. redis-py's default asyncio pool has
+    100 and failed the 101st call at once: the extra streams ended UNAVAILABLE "the job queue cannot be reached"."""
+    with DifflensClient(front.target) as client:
+        job_id = client.submit(job(steps=2)).id  # no worker: it stays queued, every watcher waits on it
+        assert Watchers(client, job_id, 120, timeout_s=3.0).join() == ["DEADLINE_EXCEEDED"] * 120
+
+
+@pytest.mark.parametrize("call", ["get", "cancel", "watch"])
+def test_an_id_naming_another_key_of_a_job_is_not_found(front, call):
+    """Keys are built from the id: '<job id>:events' named the job's event stream, and the call failed INTERNAL
+    (WRONGTYPE) instead of NOT_FOUND."""
+    with DifflensClient(front.target) as client:
+        job_id = client.submit(job(steps=2)).id
+        with pytest.raises(grpc.RpcError) as err:
+            result = getattr(client, call)(job_id + ":events")
+            list(result) if call == "watch" else None
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert client.get(job_id).state == "queued"
 
 
 def test_the_enqueue_script_run_twice_with_one_job_id_makes_one_job(redis_url, queue_name):

@@ -56,7 +56,7 @@ class AsyncFrontQueue:
         self._thread.start()
 
         async def make() -> Any:  # on the loop that will use it
-            return queue.async_front()
+            return queue.async_front(streams=8)
 
         self._front = self._call(make())
 

@@ -38,6 +38,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL); not with --embedded")
     p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
     p.add_argument("--max-queue-depth", type=int, metavar="N", help="jobs waiting per model before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-streams", type=int, metavar="N", help="Explain / WatchJob streams this front follows at "
+                                                                "once before RESOURCE_EXHAUSTED (default 500)")
     p.add_argument("--drain-grace", type=float, metavar="S", help="seconds running streams get on SIGTERM "
                                                                    "(default 30)")
     w = p.add_argument_group("embedded worker (default: DIFFLENS_* environment)")
@@ -57,7 +59,8 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         raise InvalidArgument("--port", f"got {args.port}; allowed 0..65535 (0 = any free port)")
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
-    for flag, value in (("--max-queue-depth", args.max_queue_depth), ("--max-jobs", args.max_jobs),
+    for flag, value in (("--max-queue-depth", args.max_queue_depth), ("--max-streams", args.max_streams),
+                        ("--max-jobs", args.max_jobs),
                         ("--max-batch", args.max_batch)):
         if value is not None and value < 1:
             raise InvalidArgument(flag, f"got {value}; must be >= 1")
@@ -71,7 +74,7 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-        max_queue_depth=args.max_queue_depth,
+        max_queue_depth=args.max_queue_depth, max_streams=args.max_streams,
         drain_grace_s=args.drain_grace, worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch,
         audit_dir=args.audit_dir)
     if args.embedded:

@@ -1,9 +1,11 @@
 """The front's domain layer (no protobuf): validate and enqueue, read, cancel and follow jobs, for the servicer.
 
 The hot calls (enqueue, get, events) go through the queue's asyncio front when it has one (Redis: redis.asyncio,
-no thread per call); otherwise, and for the rest (cancel, depth), the queue's blocking calls run on a private
-thread pool, so the event loop of the gRPC server never waits on them. Following a job waits for events at most
-FOLLOW_BLOCK_S at a time, so a cancelled call or a drain is noticed within that.
+no thread per call); otherwise, and for the rest (cancel, depth), the queue's blocking calls run on private
+thread pools, so the event loop of the gRPC server never waits on them: one for the waits of the job streams
+being followed (up to settings.max_streams of them, the most a front follows at once), one for everything else,
+so that the waits never hold up a GetJob or a Submit. Following a job waits for events at most FOLLOW_BLOCK_S at
+a time, so a cancelled call or a drain is noticed within that.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any, TypeVar
 from difflens import metrics
 from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
-from difflens.errors import NotReady
+from difflens.errors import NotReady, ResourceExhausted
 from difflens.jobs import Event, JobRecord, JobSpec, Queued
 from difflens.outage import Outage
-from difflens.queue.base import AsyncFront, JobQueue, is_terminal
+from difflens.queue.base import AsyncFront, JobNotFound, JobQueue, is_terminal
+from difflens.queue.common import is_job_id
 from difflens.validation import validate
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOLLOW_BLOCK_S = 0.5
 DEPTH_SAMPLE_S = 1.0
-# Each streaming call holds a thread while it waits for events: this bounds concurrent followers per front.
-QUEUE_THREADS = 64
+QUEUE_THREADS = 64  # the queue's blocking calls other than the streams' waits (those have max_streams threads)
+STREAMS_FULL_RETRY_S = 1.0
+
+
+def _check_id(job_id: str) -> None:
+    if not is_job_id(job_id):
+        raise JobNotFound(job_id)
 
 
 class Front:
@@ -43,9 +51,13 @@ class Front:
         self.catalog = catalog
         self.draining = False
         self._active = 0  # calls submitting or following a job right now (see active())
+        self._streams = 0  # job streams open now (see stream())
         self._idle = asyncio.Condition()
         self._pool = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="front-queue")
-        self._async: AsyncFront | None = queue.async_front()
+        self._async: AsyncFront | None = queue.async_front(settings.max_streams)
+        # Without an asyncio front, each stream's wait for events holds a thread (threads start as needed)
+        self._follow_pool = ThreadPoolExecutor(settings.max_streams, thread_name_prefix="front-follow") \
+            if self._async is None else None
         # model -> (jobs waiting, live workers) as last sampled (sample_depth); ListModels reports it
         self.queue_stats: dict[str, tuple[int, int]] = {}
 
@@ -55,7 +67,24 @@ class Front:
     async def _events(self, job_id: str, after: int, block_s: float, live: bool = False) -> list[tuple[int, Event]]:
         if self._async is not None:
             return await self._async.events(job_id, after, block_s, live)
-        return await self._run(self.queue.events, job_id, after, block_s)
+        return await asyncio.get_running_loop().run_in_executor(self._follow_pool, self.queue.events, job_id, after,
+                                                                block_s)
+
+    @contextlib.asynccontextmanager
+    async def stream(self) -> AsyncIterator[None]:
+        """One job stream (Explain, WatchJob) for as long as it is followed; ResourceExhausted when this front
+        already follows settings.max_streams. An Explain takes it before it enqueues: a refused call queues
+        nothing."""
+        limit = self.settings.max_streams
+        if self._streams >= limit:
+            raise ResourceExhausted(
+                f"this front is following {self._streams} job streams, its most at once (max_streams={limit}); "
+                f"retry in {STREAMS_FULL_RETRY_S:g} s, or on another replica", retry_after_s=STREAMS_FULL_RETRY_S)
+        self._streams += 1
+        try:
+            yield
+        finally:
+            self._streams -= 1
 
     @contextlib.asynccontextmanager
     async def active(self) -> AsyncIterator[None]:
@@ -82,11 +111,13 @@ class Front:
             return await self._run(self.queue.enqueue, spec)
 
     async def get(self, job_id: str) -> JobRecord:
+        _check_id(job_id)
         if self._async is not None:
             return await self._async.get(job_id)
         return await self._run(self.queue.get, job_id)
 
     async def cancel(self, job_id: str) -> JobRecord:
+        _check_id(job_id)
         return await self._run(self.queue.cancel, job_id)
 
     async def follow(self, job_id: str, after: int = -1, *, admit: bool = False,
@@ -97,6 +128,7 @@ class Front:
         without a read, and the first read already waits for the worker."""
         if self.draining and not admit:
             raise NotReady("this front is draining (shutting down); watch the job on another replica")
+        _check_id(job_id)
         async with self.active():
             block, live = 0.0, False  # the first read does not wait: an unknown job is reported at once
             if created is not None and created.created and after < 0:
@@ -160,5 +192,7 @@ class Front:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._follow_pool is not None:
+            self._follow_pool.shutdown(wait=False, cancel_futures=True)
         if self._async is not None:
             await self._async.close()

@@ -37,7 +37,8 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return await self.front.submit(spec)
 
     async def Explain(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with self.front.active():  # one call for drain, from the enqueue to the last event
+        # one call for drain, from the enqueue to the last event; the stream is taken first: a refusal queues nothing
+        async with self.front.active(), self.front.stream():
             record = await self._submit(request, context)
             async for seq, event in self.front.follow(record.id, admit=True, created=record):
                 yield convert.event_to_pb(record.id, seq, event)
@@ -52,8 +53,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return convert.job_to_pb(await self.front.get(request.job_id))
 
     async def WatchJob(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for seq, event in self.front.follow(request.job_id, after=request.from_sequence - 1):
-            yield convert.event_to_pb(request.job_id, seq, event)
+        async with self.front.stream():
+            async for seq, event in self.front.follow(request.job_id, after=request.from_sequence - 1):
+                yield convert.event_to_pb(request.job_id, seq, event)
 
     async def CancelJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return convert.job_to_pb(await self.front.cancel(request.job_id))

@@ -142,9 +142,10 @@ class JobQueue(Protocol):
 
     def live_workers(self, model: str) -> int: ...
 
-    def async_front(self) -> AsyncFront | None:
+    def async_front(self, streams: int) -> AsyncFront | None:
         """enqueue / get / events as coroutines for the front's event loop, or None (the front then runs the
-        blocking calls on a thread pool). Called once, from the loop that will use it."""
+        blocking calls on a thread pool). `streams`: the most events() waits it must serve at once (the front's
+        max_streams), besides its other calls. Called once, from the loop that will use it."""
         ...
 
     def close(self) -> None: ...

@@ -72,6 +72,12 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def is_job_id(text: str) -> bool:
+    """Whether `text` has the form of new_job_id()'s ids. The front looks up nothing else: a Redis key is built
+    from the id, and an id such as '<job id>:events' named another key of the same job."""
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
 def new_token() -> str:
     return uuid.uuid4().hex
 

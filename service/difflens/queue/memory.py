@@ -136,7 +136,7 @@ class InProcessQueue:
                     return []
                 self._cond.wait(left)
 
-    def async_front(self) -> None:
+    def async_front(self, streams: int) -> None:
         """None: events() waits on a threading.Condition, so the front calls it from threads."""
         return None
 

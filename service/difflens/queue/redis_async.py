@@ -25,20 +25,30 @@ from difflens.queue.redis_streams import (
     record_from_hash,
 )
 
+# Connections beyond the streams' blocking reads, for the front's other calls (enqueue, get, a stream's first read).
+OTHER_CONNECTIONS = 64
+
 
 class AsyncRedisFront:
     """What the gRPC front does on the queue, as coroutines on one redis.asyncio client: enqueue, get, events.
     Same scripts, keys and semantics as RedisStreamsQueue's blocking calls (it borrows them from `queue`); what
-    it saves is the thread hop per call (and with it, most of the front's CPU time per event)."""
+    it saves is the thread hop per call (and with it, most of the front's CPU time per event).
 
-    def __init__(self, queue: RedisStreamsQueue, url: str) -> None:
+    `streams`: the most job streams the front follows at once; each holds a connection during its blocking read.
+    The pool has that many plus OTHER_CONNECTIONS, and a call that finds them all in use waits for one (redis-py's
+    default pool instead has 100 and fails the 101st call at once, as if Redis could not be reached).
+    """
+
+    def __init__(self, queue: RedisStreamsQueue, url: str, streams: int) -> None:
         self._q = queue
         # One retry on a fresh connection when a pooled one turns out dead: after a Redis restart every connection
         # the pool held would otherwise fail one later call each with UNAVAILABLE (up to the front's peak
         # concurrency). Safe for every call made here: reads, and the enqueue script, which a retry with the same
         # job id finds already done.
-        self._r: Any = redis.asyncio.Redis.from_url(
-            url, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=streams + OTHER_CONNECTIONS, timeout=None,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+        self._r: Any = redis.asyncio.Redis(connection_pool=pool)
         self._enqueue = self._r.register_script(lua.ENQUEUE)
 
     async def enqueue(self, spec: JobSpec) -> JobRecord:
@@ -78,4 +88,4 @@ class AsyncRedisFront:
         return decode_events(found)
 
     async def close(self) -> None:
-        await self._r.aclose()
+        await self._r.aclose(close_connection_pool=True)  # a pool handed in is not closed otherwise

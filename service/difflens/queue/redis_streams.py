@@ -243,12 +243,12 @@ class RedisStreamsQueue:
     def _waiting_of(self, h: dict[bytes, bytes]) -> str:
         return self._waiting_prefix + text(h[b"model"])
 
-    def async_front(self) -> AsyncRedisFront | None:
+    def async_front(self, streams: int) -> AsyncRedisFront | None:
         """The front's calls on asyncio (redis.asyncio: no thread per call), for a queue made from a URL; its
         connections belong to the event loop that first uses it. None for a queue made from a client."""
         from difflens.queue.redis_async import AsyncRedisFront
 
-        return AsyncRedisFront(self, self._url) if self._url is not None else None
+        return AsyncRedisFront(self, self._url, streams) if self._url is not None else None
 
     def cancel(self, job_id: str) -> JobRecord:
         model = self._r.hget(self._job_prefix + job_id, "model")  # names the job's work stream; never changes
