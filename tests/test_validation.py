@@ -50,6 +50,24 @@ def test_the_prompt_limit_is_the_smaller_of_model_and_settings(catalog):
     assert err.value.field == "prompt" and "6 tokens; allowed at most 5" in err.value.message
 
 
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_prompt_too_long_to_be_in_the_token_limit_is_refused_before_it_is_tokenized(catalog, field, monkeypatch):
+    """The front validates on its event loop: tokenizing an 8 MB prompt held every other call for 7 s."""
+    from difflens.validation import PROMPT_CHARS_PER_TOKEN
+
+    entry = catalog.get("tiny")
+    real = type(entry).prompt_token_count
+    monkeypatch.setattr(type(entry), "prompt_token_count",
+                        lambda self, text: pytest.fail("tokenized") if len(text) > 100 else real(self, text))
+    text = "a " * (5 * PROMPT_CHARS_PER_TOKEN)
+    params = GenerationParams(text) if field == "prompt" else GenerationParams("x", negative_prompt=text)
+    with pytest.raises(InvalidArgument) as err:
+        validate(JobSpec(model="tiny", params=params), catalog, Limits(max_prompt_tokens=5))
+    assert err.value.field == field
+    assert err.value.message == (f"{len(text)} characters; allowed at most {5 * PROMPT_CHARS_PER_TOKEN} (5 tokens) "
+                                 "for model 'tiny'")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_step_event_estimate_is_the_real_events_tensor_bytes(catalog, tiny_model, dtype):
     """The size check is only as good as its estimate: the engine's real Step event for the same request."""

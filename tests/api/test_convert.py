@@ -140,3 +140,26 @@ def test_unknown_enum_numbers_list_the_allowed_names():
         convert.request_to_spec(pb.ExplainRequest(prompt="p", scheduler=42))
     assert err.value.field == "scheduler"
     assert "SCHEDULER_DDIM" in err.value.message and "SCHEDULER_EULER" in err.value.message
+
+
+@pytest.mark.parametrize(("part", "field"), [("sampling", "sampling"), ("steps", "explain.steps")])
+def test_a_oneof_kind_this_server_does_not_know_is_refused_not_read_as_unset(part, field):
+    """A newer client's kind (field 4 here) used to read as no kind: uniform timesteps, every step explained."""
+    req = pb.ExplainRequest(prompt="p")
+    (req.sampling if part == "sampling" else req.explain.steps).MergeFromString(b"\x22\x00")
+    with pytest.raises(InvalidArgument) as err:
+        convert.request_to_spec(req)
+    assert err.value.field == field and "does not know" in err.value.message
+
+
+def test_repeated_step_indices_and_cam_layers_count_once():
+    """3,000,000 copies of index 0 made a job whose audit record held them twice: its Completed event passed the
+    message limit and could never be delivered."""
+    req = pb.ExplainRequest(prompt="p")
+    req.explain.steps.indices.values.extend([2, 0] * 50_000 + [1])
+    req.explain.cam.layers.extend(["up_blocks.1", "mid_block"] * 1000)
+    spec = convert.request_to_spec(req)
+    assert spec.explain.steps.indices == (2, 0, 1)
+    assert spec.explain.cam is not None and spec.explain.cam.layers == ("up_blocks.1", "mid_block")
+    again = convert.request_to_spec(convert.spec_to_request(spec))
+    assert again == spec

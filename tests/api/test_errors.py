@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from difflens import metrics
-from difflens.api.interceptors import INTERNAL_MESSAGE, status_of
+from difflens.api.interceptors import INTERNAL_MESSAGE, MAX_MESSAGE_BYTES, status_of
 from difflens.client import DifflensClient
 from difflens.errors import InvalidArgument, NotReady, ResourceExhausted
 from difflens.queue.base import JobNotFound
@@ -37,6 +37,33 @@ def test_each_exception_has_one_status(err, code, text, meta):
     assert (got_code, message, got_meta) == (code, text, meta)
 
 
+def test_a_message_that_repeats_a_long_input_is_cut_to_fit_a_header():
+    _, message, _, _ = status_of(InvalidArgument("sampling.timesteps", "é" * 20_000))
+    assert message.startswith("sampling.explicit.timesteps: éé") and message.endswith(" more bytes)")
+    assert len(message.encode()) <= MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("call", ["get", "cancel", "watch"])
+def test_a_very_long_job_id_is_not_found_not_a_transport_error(client, call):
+    """The NOT_FOUND message repeats the id: 20,000 characters of it passed gRPC's header limit, and the call
+    failed RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+    with pytest.raises(grpc.RpcError) as err:
+        result = getattr(client, call)("j" * 20_000)
+        list(result) if call == "watch" else None
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details().startswith("job 'jjj")
+
+
+def test_an_invalid_list_with_thousands_of_bad_values_is_invalid_argument(client):
+    from difflens.engine.options import Sampling
+
+    spec = job(steps=2, sampling=Sampling("explicit", timesteps=tuple(range(7000, 4000, -1))))
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit(spec)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("sampling.explicit.timesteps: [7000, 6999")
+
+
 class BrokenGetQueue(InProcessQueue):
     """A real in-process queue whose `get` hits a bug (what an unexpected exception looks like to the front)."""
 
@@ -52,10 +79,10 @@ def test_an_unexpected_error_is_internal_with_details_only_in_the_log(tiny_dir, 
     with caplog.at_level(logging.ERROR, logger="difflens.api.interceptors"), \
             BackgroundServer(s, queue=BrokenGetQueue(s)) as srv, DifflensClient(srv.target) as client:
         with pytest.raises(grpc.RpcError) as err:
-            client.get("abc")
+            client.get("ab" * 16)  # the form of a job id: the front looks up nothing else
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert err.value.details() == INTERNAL_MESSAGE and "secret" not in err.value.details()
-    assert "secret internals of abc" in caplog.text
+    assert f"secret internals of {'ab' * 16}" in caplog.text
     assert errors("internal") == before + 1
 
 
@@ -110,3 +137,17 @@ def test_redis_out_of_memory_is_recognised_on_every_supported_version(err, full)
     from difflens.queue.common import storage_full
 
     assert storage_full(err) is full
+
+
+@pytest.mark.parametrize("method", ["Submit", "Explain", "GetJob"])
+def test_a_request_that_does_not_parse_is_invalid_argument(client, method):
+    """It was UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>": the deserializer failed before
+    any handler of ours ran."""
+    call = (client.channel.unary_stream if method == "Explain" else client.channel.unary_unary)(
+        f"/difflens.v1.Explainer/{method}", request_serializer=None, response_deserializer=None)
+    truncated = b"\x12\x05ab"  # field 2, 5 bytes announced, 2 sent
+    with pytest.raises(grpc.RpcError) as err:
+        result = call(truncated, timeout=10)
+        list(result) if method == "Explain" else None
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"request: not a valid message for /difflens.v1.Explainer/{method}")

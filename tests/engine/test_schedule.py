@@ -50,6 +50,17 @@ def test_lambda_zero_repeats_are_rejected_naming_n_and_lambda():
     assert "n=30" in e.value.message and "lambda=0" in e.value.message
 
 
+@pytest.mark.parametrize(("stage", "n", "lam", "hint", "then"), [
+    ("late", 30, 0, "use a larger lambda (e.g. 10)", 10), ("early", 200, 5, "use a larger lambda (e.g. 470)", 470),
+    ("late", 5, 10_000, "use a smaller lambda (e.g. 5000)", 5000),  # crowded near T: larger was the wrong way
+])
+def test_the_error_says_which_way_to_move_lambda_and_the_suggestion_works(stage, n, lam, hint, then):
+    with pytest.raises(InvalidArgument) as e:
+        exponential_timesteps(stage, n, lam)
+    assert e.value.message.endswith(f"; {hint} or fewer steps")
+    assert len(exponential_timesteps(stage, n, then)) == n
+
+
 def test_lambda_zero_small_n_is_fine():
     assert exponential_timesteps("late", 3, 0) == reference("late", 3, 0)
 

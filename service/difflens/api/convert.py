@@ -99,8 +99,23 @@ def _given(**values: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- requests
 
 
+def _kind(msg: Any, field: str, allowed: str) -> str | None:
+    """The oneof `kind` set in `msg`, or None when none is. A message with bytes but no kind carries one this
+    server does not know (a newer client's): refused, not read as unset."""
+    kind = msg.WhichOneof("kind")
+    if kind is None and msg.ByteSize():
+        raise InvalidArgument(field, f"holds a kind this server does not know (a newer client's?); allowed: {allowed}")
+    return kind  # type: ignore[no-any-return]
+
+
+def _unique(values: Any) -> tuple[Any, ...]:
+    """Repeated values once each, in their first order ("duplicates are ignored": they must not make the job, its
+    audit record and its idempotency fingerprint grow with them)."""
+    return tuple(dict.fromkeys(values))
+
+
 def sampling_from_pb(s: Any) -> Sampling:
-    kind = s.WhichOneof("kind")
+    kind = _kind(s, "sampling", "uniform, exponential, explicit")
     if kind is None or kind == "uniform":
         return Sampling()
     if kind == "exponential":
@@ -110,7 +125,7 @@ def sampling_from_pb(s: Any) -> Sampling:
 
 
 def steps_from_pb(s: Any) -> StepSelector:
-    kind = s.WhichOneof("kind")
+    kind = _kind(s, "explain.steps", "all, indices, every")
     if kind is None:
         return StepSelector()
     if kind == "all":
@@ -118,7 +133,7 @@ def steps_from_pb(s: Any) -> StepSelector:
             raise InvalidArgument("explain.steps.all", "must be true when set (use indices or every to select)")
         return StepSelector()
     if kind == "indices":
-        return StepSelector("list", indices=tuple(s.indices.values))
+        return StepSelector("list", indices=_unique(s.indices.values))
     return StepSelector("every", every=s.every)
 
 
@@ -140,7 +155,7 @@ def explain_from_pb(e: Any) -> ExplainOptions:
     cam = None
     if e.HasField("cam"):
         target = _enum("explain.cam.target", e.cam.target, CAM_TARGETS, pb.CamOptions.Target)
-        cam = CamOptions(layers=tuple(e.cam.layers), target=target)  # type: ignore[arg-type]
+        cam = CamOptions(layers=_unique(e.cam.layers), target=target)  # type: ignore[arg-type]
     return ExplainOptions(steps=steps_from_pb(e.steps), rise=rise_from_pb(e.rise) if e.HasField("rise") else None,
                           cam=cam, attention=AttentionOptions() if e.attention.enabled else None)
 

@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error (details are in the server's log)"
 RETRY_AFTER_KEY = "retry-after-s"
+# A status message travels in a header, and gRPC drops a call whose headers pass 8-16 KiB (percent-encoding can
+# triple a message's bytes): one that repeats a long input (a job id, every bad value of a list) is cut here.
+MAX_MESSAGE_BYTES = 1024
+
+
+def shortened(message: str) -> str:
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message
+    kept = raw[:MAX_MESSAGE_BYTES - 40].decode("utf-8", "ignore")
+    return f"{kept}... ({len(raw) - len(kept.encode())} more bytes)"
 
 
 def _backend_down(err: BaseException) -> bool:
@@ -38,7 +49,13 @@ def _backend_down(err: BaseException) -> bool:
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tuple[str, str], ...]]:
-    """(status, message, error type label, trailing metadata) for an exception raised by a handler."""
+    """(status, message, error type label, trailing metadata) for an exception raised by a handler; the message
+    at most MAX_MESSAGE_BYTES."""
+    code, message, label, meta = _status_of(err)
+    return code, shortened(message), label, meta
+
+
+def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tuple[str, str], ...]]:
     if isinstance(err, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{pb_field(err.field)}: {err.message}", "invalid_argument", ()
     if isinstance(err, ResourceExhausted):
@@ -74,6 +91,34 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception)
     await context.abort(code, message)
 
 
+class _Undecodable:
+    """What a request that does not parse becomes, so that the handler answers INVALID_ARGUMENT (raised in the
+    deserializer, the error became UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>")."""
+
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError; a string field that is not UTF-8 is one too
+            return _Undecodable(e)
+
+    return parse
+
+
+def _undecodable(method: str, request: Any) -> InvalidArgument | None:
+    if not isinstance(request, _Undecodable):
+        return None
+    return InvalidArgument("request", f"not a valid message for {method} ({request.err}); a string field must be "
+                                      "UTF-8")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the handlers of the services under `prefix` (ours). Health and reflection pass through untouched:
     they raise nothing of ours, and their streaming handlers write to the context instead of yielding."""
@@ -92,19 +137,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    bad = _undecodable(method, request)
+                    if bad is not None:
+                        raise bad
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
                     await _abort(context, method, e)
 
-            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                       response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_tolerant(
+                handler.request_deserializer), response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
+                    bad = _undecodable(method, request)
+                    if bad is not None:
+                        raise bad
                     async for item in inner_stream(request, context):
                         yield item
                 except grpc.aio.AbortError:
@@ -112,6 +163,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:
                     await _abort(context, method, e)
 
-            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_tolerant(
+                handler.request_deserializer), response_serializer=handler.response_serializer)
         return handler

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # torch stays out of this module's import so the CLI parser b
 
 SchedulerName = Literal["ddim", "ddpm", "dpmsolver++", "euler"]
 SamplingKind = Literal["uniform", "early", "late", "explicit"]
+MAX_SHIFT = 10_000.0  # lambda of exponential sampling
 MaskKind = Literal["pixel", "grid"]
 Substrate = Literal["zero", "blur"]
 SsimPadding = Literal["zero", "reflect"]
@@ -63,7 +64,7 @@ class Sampling:
 
     def __post_init__(self) -> None:
         check_choice("sampling.kind", self.kind, get_args(SamplingKind))
-        check_range("sampling.shift", self.shift, 0.0, 10_000.0)
+        check_range("sampling.shift", self.shift, 0.0, MAX_SHIFT)
         if self.kind == "explicit":
             if not self.timesteps:
                 raise InvalidArgument("sampling.timesteps", "explicit sampling needs a non-empty list")

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from difflens.engine.options import MAX_SHIFT
 from difflens.errors import InvalidArgument
 
 # Request name -> (diffusers class, config overrides).
@@ -88,7 +89,8 @@ def exponential_timesteps(
 
     Computed exactly as the reference code does (float power, truncation by int()), so results match it to the
     integer. Larger `shift` (lambda) packs more mildly. Raises InvalidArgument when the result is not strictly
-    decreasing (small lambda repeats timesteps), naming n and lambda.
+    decreasing, naming n and lambda: a small lambda repeats timesteps at the packed end, a very large one (the
+    steps then crowd near one end) elsewhere; the error says which way to move lambda.
     """
     if stage not in ("early", "late"):
         raise InvalidArgument("sampling.kind", f"got {stage!r}; allowed: early, late")
@@ -96,23 +98,44 @@ def exponential_timesteps(
         raise InvalidArgument("steps", f"got {num_steps}; must be >= 1")
     if shift < 0:
         raise InvalidArgument("sampling.shift", f"got {shift}; must be >= 0")
-    T = num_train_timesteps
-    a = T ** (1 / (num_steps + shift))
-    if stage == "late":
-        ts = sorted((int(a ** (k + 1 + shift)) for k in range(num_steps)), reverse=True)
-        if ts[0] == T:
-            ts[0] = T - 1
-    else:
-        ts = [T - 1] + [T - int(a ** (k + 1 + shift)) for k in range(num_steps - 1)]
+    ts = _exponential(stage, num_steps, shift, num_train_timesteps)
     try:
         check_timesteps(ts, num_train_timesteps)
     except InvalidArgument as e:
         raise InvalidArgument(
             "sampling.shift",
             f"exponential {stage} schedule with n={num_steps}, lambda={shift} is not strictly decreasing "
-            f"({e.message}); use a larger lambda or fewer steps",
+            f"({e.message}); {_shift_hint(stage, num_steps, shift, num_train_timesteps)}",
         ) from None
     return ts
+
+
+def _exponential(stage: str, n: int, shift: float, T: int) -> list[int]:
+    a = T ** (1 / (n + shift))
+    if stage == "late":
+        ts = sorted((int(a ** (k + 1 + shift)) for k in range(n)), reverse=True)
+        if ts[0] == T:
+            ts[0] = T - 1
+        return ts
+    return [T - 1] + [T - int(a ** (k + 1 + shift)) for k in range(n - 1)]
+
+
+def _shift_hint(stage: str, n: int, shift: float, T: int) -> str:
+    def works(lam: float) -> bool:
+        ts = _exponential(stage, n, lam, T)
+        return all(0 <= t < T for t in ts) and all(b < a for a, b in zip(ts, ts[1:], strict=False))
+
+    lam = shift
+    while lam < MAX_SHIFT:  # up, doubling
+        lam = min(2 * lam + 10, MAX_SHIFT)
+        if works(lam):
+            return f"use a larger lambda (e.g. {lam:g}) or fewer steps"
+    lam = shift
+    while lam > 0.01:  # down, halving
+        lam = lam / 2 if lam > 0.02 else 0.0
+        if works(lam):
+            return f"use a smaller lambda (e.g. {lam:g}) or fewer steps"
+    return "use fewer steps"
 
 
 def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -> list[int]:
