@@ -48,7 +48,10 @@ def test_a_pixel_space_model_has_multiple_8_and_reads_difflens_json(tiny_dir, tm
     ({"width": 33}, "width: got 33; must be a positive multiple of "),
     ({"height": -8}, "height: got -8; must be a positive multiple of "),
     ([], "expected a JSON object, got list"),
-    ({"guidance": 2.0}, "unknown key(s) 'guidance'; allowed: steps, guidance_scale, scheduler, width, height"),
+    ({"guidance": 2.0}, "unknown key(s) 'guidance'; allowed: steps, guidance_scale, scheduler, width, height, "
+                        "max_side"),
+    ({"max_side": "big"}, "max_side: got 'big'; must be an integer"),
+    ({"width": 64, "max_side": 32}, "max_side: got 32; must be at least 64"),
 ])
 def test_a_bad_defaults_file_stops_the_model_at_load_naming_the_file_and_field(tiny_dir, tmp_path, content, message):
     """Not every later request that leaves the field unset (a TypeError, or an error naming the caller's field)."""
@@ -59,6 +62,32 @@ def test_a_bad_defaults_file_stops_the_model_at_load_naming_the_file_and_field(t
         describe("m", folder)
     assert str(err.value).startswith(f"{folder.resolve() / 'difflens.json'}: malformed defaults file: ")
     assert message in str(err.value)
+
+
+def test_a_model_s_own_max_side_caps_requests_below_the_deployment_s(tiny_dir, tmp_path):
+    """A model trained at 32 px was served up to the deployment's 1024, where one step takes hours on a CPU and a
+    cancel waits for the step to end."""
+    from difflens.config import Limits
+    from difflens.engine.options import GenerationParams
+    from difflens.jobs import JobSpec
+    from difflens.validation import validate
+
+    folder = tmp_path / "capped"
+    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "difflens.json").write_text(json.dumps({"max_side": 64}))
+    catalog = ModelCatalog({"m": describe("m", folder)}, "m")
+    validate(JobSpec(model="m", params=GenerationParams("x", width=64, height=32)), catalog, Limits())
+    with pytest.raises(InvalidArgument) as err:
+        validate(JobSpec(model="m", params=GenerationParams("x", width=32, height=72)), catalog, Limits())
+    assert (err.value.field, err.value.message) == (
+        "height", "got 72; allowed range [16, 64] (this model's max_side, in its difflens.json)")
+    with pytest.raises(InvalidArgument) as err:  # the deployment's limit, where it is the smaller one
+        validate(JobSpec(model="m", params=GenerationParams("x", width=64)), catalog, Limits(max_side=48))
+    assert (err.value.field, err.value.message) == ("width", "got 64; allowed range [16, 48]")
+    from difflens.api.convert import model_to_pb
+
+    assert model_to_pb(catalog.get("m"), is_default=True, limits=Limits()).max_side == 64
+    assert model_to_pb(catalog.get("m"), is_default=True, limits=Limits(max_side=48)).max_side == 48
 
 
 def test_a_broken_folder_fails_naming_the_file(tiny_dir, tmp_path):

@@ -177,6 +177,7 @@ def test_list_models_describes_the_tiny_model_without_loading(client, tiny_model
     assert tuple(info.cam_layers) == camable_layers(tiny_model.unet)
     assert info.num_train_timesteps == 1000 and info.max_prompt_tokens == 75
     assert response.limits.max_steps == 200
+    assert info.max_side == response.limits.max_side == 1024  # the tiny model sets no max_side of its own
 
 
 def test_list_models_reports_the_live_workers_and_the_queue_depth(client):

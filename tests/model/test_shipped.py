@@ -33,6 +33,7 @@ def test_shipped_folder_is_standard_safetensors_with_sampling_defaults(shipped):
     assert index["_class_name"] == "StableDiffusionPipeline" and index["vae"] == [None, None]
     assert not [p for p in SHIPPED_MODEL.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt")]
     assert shipped.vae is None and shipped.defaults.width == shipped.defaults.height == 32
+    assert shipped.defaults.max_side == 128  # 4x its training size (training.evaluate.MAX_SIDE_FACTOR)
 
 
 @pytest.mark.parametrize(("prompt", "color", "position"), PROMPTS)

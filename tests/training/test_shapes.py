@@ -34,6 +34,7 @@ def test_saved_folder_loads_with_the_standard_loader_and_generates(smoke):
     best = json.loads((out / "training.json").read_text())["evaluation"]["best"]
     assert m.defaults.guidance_scale == defaults["guidance_scale"] == best["guidance"]
     assert (m.defaults.steps, m.defaults.scheduler) == (3, best["scheduler"])
+    assert m.defaults.max_side == 4 * 32
     assert m.scheduler.config.clip_sample and m.scheduler.config.prediction_type == "epsilon"
     assert float(m.scheduler.alphas_cumprod[-1]) == pytest.approx(0.0047, rel=1e-3)
     for scheduler in ("ddim", "ddpm", "euler", "dpmsolver++"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -25,6 +25,7 @@ from difflens.engine.options import (
     Sampling,
     StepSelector,
 )
+from difflens.engine.validate import model_max_side
 from difflens.errors import InvalidArgument
 from difflens.jobs import (
     Completed,
@@ -41,6 +42,9 @@ from difflens.jobs import (
     TokenMap,
 )
 from difflens.validation import check_given_limits
+
+if TYPE_CHECKING:
+    from difflens.engine.loading import Model
 
 T = TypeVar("T")
 
@@ -339,7 +343,8 @@ def model_to_pb(m: CatalogModel, *, is_default: bool, limits: Limits, queue: tup
                         default_height=height, size_multiple=m.size_multiple, cam_layers=list(m.cam_layers),
                         is_default=is_default, num_train_timesteps=m.num_train_timesteps,
                         max_prompt_tokens=min(m.max_prompt_tokens, limits.max_prompt_tokens),
-                        queue_depth=queue[0], live_workers=queue[1])
+                        queue_depth=queue[0], live_workers=queue[1],
+                        max_side=model_max_side(cast("Model", m), limits.max_side))
 
 
 def limits_to_pb(limits: Limits) -> Any:

@@ -30,6 +30,9 @@ class ModelDefaults:
     scheduler: str = "ddim"
     width: int | None = None  # None: unet.sample_size * vae_scale_factor
     height: int | None = None
+    # The largest width or height a request may ask of this model, where the folder caps it below the
+    # deployment's limit (a model trained at 32 px has nothing to give at 1024, and one step there takes hours).
+    max_side: int | None = None
 
     @classmethod
     def read(cls, folder: Path, size_multiple: int = 8) -> ModelDefaults:
@@ -45,7 +48,7 @@ class ModelDefaults:
             raise ModelLoadError(str(f), f"malformed defaults file: {e}") from e
         if not isinstance(raw, dict):
             raise ModelLoadError(str(f), f"malformed defaults file: expected a JSON object, got {type(raw).__name__}")
-        fields = ("steps", "guidance_scale", "scheduler", "width", "height")
+        fields = ("steps", "guidance_scale", "scheduler", "width", "height", "max_side")
         unknown = sorted(set(raw) - set(fields))
         if unknown:  # a misspelt key would silently fall back to SD's defaults (guidance 7.5 for "guidance")
             raise ModelLoadError(str(f), f"malformed defaults file: unknown key(s) {', '.join(map(repr, unknown))}; "
@@ -62,7 +65,7 @@ def _defaults_problem(d: dict[str, Any], size_multiple: int) -> str | None:
     (GenerationParams checks them), and width/height against the model's size multiple."""
     from difflens.engine.options import GenerationParams
 
-    for key in ("steps", "width", "height"):
+    for key in ("steps", "width", "height", "max_side"):
         v = d.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
             return f"{key}: got {v!r}; must be an integer"
@@ -77,6 +80,11 @@ def _defaults_problem(d: dict[str, Any], size_multiple: int) -> str | None:
         v = d.get(side)
         if v is not None and not (v > 0 and v % size_multiple == 0):
             return f"{side}: got {v!r}; must be a positive multiple of {size_multiple} (or null: the UNet's size)"
+    top = d.get("max_side")
+    if top is not None:
+        least = max(size_multiple, d.get("width") or 0, d.get("height") or 0)
+        if top < least:
+            return f"max_side: got {top}; must be at least {least} (the size multiple and the default width and height)"
     return None
 
 

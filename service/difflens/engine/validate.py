@@ -12,10 +12,17 @@ from difflens.errors import InvalidArgument
 MAX_SIDE = 4096
 
 
+def model_max_side(model: Model, max_side: int = MAX_SIDE) -> int:
+    """The largest width or height `model` takes under a deployment's `max_side`."""
+    own = model.defaults.max_side
+    return max_side if own is None else min(own, max_side)
+
+
 def resolve_generation(model: Model, params: GenerationParams, *, max_side: int = MAX_SIDE,
                        max_steps: int | None = None) -> GenerationParams:
     """Fill unset fields from the model's recommended defaults and validate against the model. A deployment
-    passes its own (tighter) max_side and max_steps, so an error names the range it allows."""
+    passes its own (tighter) max_side and max_steps, so an error names the range it allows; the model's own
+    max_side (difflens.json) applies where smaller."""
     d = model.defaults
     w_default, h_default = model.default_size
     p = dataclasses.replace(
@@ -28,9 +35,13 @@ def resolve_generation(model: Model, params: GenerationParams, *, max_side: int 
     )
     check_choice("scheduler", str(p.scheduler), SCHEDULERS)
     m = model.size_multiple
+    top = model_max_side(model, max_side)
     for name in ("width", "height"):
         v = getattr(p, name)
-        check_range(name, v, m, max_side)
+        if top < max_side and v > top:
+            raise InvalidArgument(name, f"got {v}; allowed range [{m}, {top}] (this model's max_side, in its "
+                                        "difflens.json)")
+        check_range(name, v, m, top)
         if v % m:
             raise InvalidArgument(name, f"got {v}; must be a multiple of {m} (VAE factor {model.vae_scale_factor} x 8)")
     if p.sampling.kind in ("uniform", "early", "late"):
