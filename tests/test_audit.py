@@ -140,6 +140,47 @@ def test_replay_rejects_bad_records_with_exit_2(content, message, tmp_path, caps
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("model",), "tiny", "malformed record: model: expected an object, got str"),
+    (("runtime",), [], "malformed record: runtime: expected an object, got list"),
+    (("hashes",), [], "malformed record: hashes: expected an object, got list"),
+    (("model", "weights_sha256"), ["a"], "malformed record: model.weights_sha256: expected an object"),
+    (("resolved",), "x", "malformed record: resolved: expected an object"),
+    (("resolved", "timesteps"), ["a"], "malformed record: resolved.timesteps: expected a list of integers"),
+    (("rise_exact",), [True], "malformed record: rise_exact: expected an object"),
+    (("hashes", "maps", "x"), {}, "malformed record: hashes.maps: expected an object of step index"),
+    (("request", "params", "seed"), -1, "the record's request is malformed: request.params.seed: got -1"),
+    (("request", "params", "scheduler"), "foo",
+     "the record's request is malformed: request.params.scheduler: got 'foo'"),
+    (("request", "explain", "rise", "p"), 2.0, "the record's request is malformed: request.explain.rise.p: got 2.0"),
+])
+def test_a_record_with_a_wrong_value_exits_2_naming_it_before_anything_runs(record, tiny_dir, tmp_path, capsys,
+                                                                           path, value, message):
+    """Wrong types crashed replay in a traceback with exit 1 (the code of a mismatch), some after the whole run;
+    bad request values were blamed on flags replay does not have (--seed, --scheduler)."""
+    bad = json.loads(json.dumps(record))
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert main(["replay", _write(tmp_path, bad), "--model-dir", str(tiny_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err and "--seed" not in err and "--scheduler" not in err
+
+
+def test_a_differing_rise_map_of_a_batched_step_is_not_a_failure(record, tiny_dir, tmp_path, capsys):
+    """'rise_exact' false: the step's DF-RISE calls were shared with other jobs, and its maps may differ in the
+    last bits. The table said so, but the exit status still said the replay failed."""
+    bad = json.loads(json.dumps(record))
+    bad["hashes"]["maps"]["1"]["rise"] = "0" * 64
+    bad["rise_exact"]["1"] = False
+    assert main(["replay", _write(tmp_path, bad), "--model-dir", str(tiny_dir)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.endswith("; 1 DF-RISE map(s) of steps batched with other jobs differ, which the record allows")
+    bad["hashes"]["maps"]["1"]["cam"] = "0" * 64  # any other map still fails it
+    assert main(["replay", _write(tmp_path, bad), "--model-dir", str(tiny_dir)]) == 1
+
+
 def test_replay_needs_the_records_model(record, tmp_path, capsys):
     assert main(["replay", _write(tmp_path, record), "--model", "other=/x"]) == 2
     assert "the record's model 'tiny' is not configured" in capsys.readouterr().err

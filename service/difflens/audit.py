@@ -131,7 +131,8 @@ def store(text: str, record: Mapping[str, Any], folder: str | os.PathLike[str]) 
     """Write a job's record (`text` = dumps(record)) durably to FOLDER/<UTC date>/<job id>.a<attempt>.json: one file
     per attempt that produced the image (a worker that lost its claim may have finished too; the Completed event's
     record names the attempt that was delivered). Written to a temporary name, fsynced, then renamed: a reader
-    never sees half a record. OSError when it cannot be written."""
+    never sees half a record, and the folder is fsynced after the rename, so the record is on disk before the
+    Completed event goes out. OSError when it cannot be written."""
     day = time.strftime("%Y-%m-%d", time.gmtime())
     target = Path(folder) / day / f"{record['job_id']}.a{record['attempt']}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,12 @@ def store(text: str, record: Mapping[str, Any], folder: str | os.PathLike[str]) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        for d in (target.parent, target.parent.parent):  # the rename's entry, and the day folder's (new at midnight)
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
     return target
