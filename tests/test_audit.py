@@ -52,6 +52,9 @@ def test_record_holds_the_job_its_model_runtime_and_hashes(record, tiny_dir):
 
     assert record["schema"] == audit.SCHEMA and record["attempt"] == 1
     assert record["model"]["weights_sha256"] == weights_sha256(tiny_dir)
+    configs = record["model"]["config_sha256"]
+    assert {"model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json"} \
+        <= set(configs) and "difflens.json" not in configs  # the resolved defaults are pinned instead
     assert record["request"]["params"]["prompt"] == "a red circle" and record["seed"] == 7
     assert record["resolved"]["timesteps"] == [s["timestep"] for s in record["timings"]["steps"]]
     assert set(record["versions"]) >= {"python", "torch", "diffusers", "transformers", "numpy", "difflens"}
@@ -125,6 +128,16 @@ def test_replay_with_a_changed_scheduler_config_says_the_timesteps_differ(record
     [row] = [line for line in text.splitlines() if line.startswith("timesteps ")]
     assert row.split()[-1] == "NO"
     assert f"recorded {record['resolved']['timesteps']}" in text and "scheduler config changed" in text
+
+
+def test_replay_with_a_changed_unet_config_names_the_file(record, tiny_dir, tmp_path, capsys):
+    """Only the weights were hashed: a changed UNet config gave image mismatches and nothing said why."""
+    folder = _copy_with(tiny_dir, tmp_path, "unet/config.json", norm_eps=0.5)
+    assert main(["replay", _write(tmp_path, record), "--model-dir", folder]) == 1
+    text = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[3] for line in text.splitlines() if line.startswith("config/")}
+    assert rows["config/unet/config.json"] == "NO" and rows["config/model_index.json"] == "yes"
+    assert "config files differ from the record's (unet/config.json)" in text
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -73,7 +73,8 @@ class RWLock:
 @dataclass
 class LoadedModel:
     """A model ready for jobs. `runner` is the process's base runner (backend from the settings); `lock` guards
-    the UNet module (see the module docstring); `weights` maps each weight file (relative path) to its sha256."""
+    the UNet module (see the module docstring); `weights` maps each weight file (relative path) to its sha256,
+    `configs` each config file (config_sha256)."""
 
     name: str
     folder: Path
@@ -81,6 +82,7 @@ class LoadedModel:
     runner: UNetRunner
     lock: RWLock = field(default_factory=RWLock)
     weights: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, str] = field(default_factory=dict)
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -102,6 +104,16 @@ def weights_sha256(folder: str | Path) -> dict[str, str]:
     """relative path (posix) -> sha256 hex of each weight file of the model folder."""
     root = Path(folder)
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in weight_files(root)}
+
+
+def config_sha256(folder: str | Path) -> dict[str, str]:
+    """relative path (posix) -> sha256 hex of each file the loader reads besides the weights: model_index.json and
+    the components' .json / .txt files (configs, scheduler config, tokenizer vocabulary). Not difflens.json: a
+    record pins the defaults it resolved, and replay runs those."""
+    root = Path(folder)
+    files = [root / "model_index.json"] + [p for p in root.glob("*/*") if p.suffix in (".json", ".txt")]
+    return {p.relative_to(root).as_posix(): file_sha256(p)
+            for p in sorted(files, key=lambda p: p.relative_to(root).as_posix()) if p.is_file()}
 
 
 class ModelRegistry:
@@ -153,7 +165,7 @@ class ModelRegistry:
         folder = Path(model.path)
         # Hashed once per model and process: the audit record of every job cites them.
         return LoadedModel(name, folder, model, UNetRunner(model.unet, self.settings.engine.unet_backend),
-                           weights=weights_sha256(folder))
+                           weights=weights_sha256(folder), configs=config_sha256(folder))
 
     def _check(self, name: str) -> None:
         if name not in self.folders:

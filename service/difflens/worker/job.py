@@ -281,7 +281,8 @@ class JobRun:
         runtime = {"device": engine.device, "dtype": engine.dtype, "unet_backend": self.runner.backend,
                    "requested_backend": self.runner.requested_backend, "torch_threads": torch.get_num_threads()}
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
-                                  model_name=self.entry.name, weights=self.entry.weights, spec=claim.spec, exp=exp,
+                                  model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
+                                  spec=claim.spec, exp=exp,
                                   png=png, runtime=runtime, timings=timings, rise_exact=self.rise_exact)
 
     def _hand_back(self) -> None:

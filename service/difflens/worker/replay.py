@@ -28,7 +28,7 @@ from difflens.config import ServiceSettings, Settings
 from difflens.engine.options import ExplainOptions, GenerationParams
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
-from difflens.models import weights_sha256
+from difflens.models import config_sha256, weights_sha256
 
 if TYPE_CHECKING:
     from difflens.engine.explain import Explanation
@@ -71,8 +71,9 @@ def _record_problem(record: Mapping[str, Any]) -> str | None:
     model, hashes = record["model"], record["hashes"]
     if not isinstance(model.get("name", ""), str):
         return "model.name: expected a string"
-    if not mapping_of_str(model.get("weights_sha256", {})):
-        return "model.weights_sha256: expected an object of file -> sha256 strings"
+    for key in ("weights_sha256", "config_sha256"):
+        if not mapping_of_str(model.get(key, {})):
+            return f"model.{key}: expected an object of file -> sha256 strings"
     image = hashes.get("image", {})
     if not isinstance(image, dict) or not all(isinstance(image.get(k, ""), str) for k in ("rgb_uint8", "png")):
         return "hashes.image: expected an object with rgb_uint8 and png sha256 strings"
@@ -173,10 +174,12 @@ def unchanged_methods(recorded: ExplainOptions, now: ExplainOptions) -> set[str]
 
 
 def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None, models: Mapping[str, str],
-              device: str | None) -> tuple[Explanation, dict[str, Any]]:
-    """Run `spec` in-process on the record's model (its weights checked first) -> (explanation, its hashes)."""
+              device: str | None) -> tuple[Explanation, dict[str, Any], dict[str, str]]:
+    """Run `spec` in-process on the record's model (its weights checked first) -> (explanation, its hashes, the
+    folder's config hashes)."""
     folder = resolve_folder(record, model_dir, dict(models))
     check_weights(folder, record["model"].get("weights_sha256", {}))
+    configs = config_sha256(folder)
     settings = runtime_settings(record, device)
 
     from difflens.engine.explain import run_explanation
@@ -186,7 +189,7 @@ def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None
 
     model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
     exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
-    return exp, audit.explanation_hashes(exp, image_png(exp.image))
+    return exp, audit.explanation_hashes(exp, image_png(exp.image)), configs
 
 
 def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str) -> tuple[Explanation, dict[str, Any]]:
@@ -207,9 +210,23 @@ def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str) -> tuple[E
     return explanation_from_events(stream.events), json.loads(stream.result.audit_json)
 
 
-def weight_rows(recorded: Mapping[str, str], served: Mapping[str, str]) -> list[tuple[str, str, str, bool]]:
-    return [(f"weights/{f}", recorded.get(f, "-"), served.get(f, "-"), recorded.get(f) == served.get(f))
-            for f in sorted(set(recorded) | set(served))]
+def file_rows(kind: str, recorded: Mapping[str, str], now: Mapping[str, str]) -> list[tuple[str, str, str, bool]]:
+    return [(f"{kind}/{f}", recorded.get(f, "-"), now.get(f, "-"), recorded.get(f) == now.get(f))
+            for f in sorted(set(recorded) | set(now))]
+
+
+def config_rows(record: Mapping[str, Any], now: Mapping[str, str]) -> list[tuple[str, str, str, bool]]:
+    """The model's config files against the record's (a record made before they were recorded: none). A changed
+    UNet config or scheduler config changes the result as surely as a weight does, and the rows say which."""
+    recorded = record["model"].get("config_sha256")
+    return file_rows("config", recorded, now) if recorded else []
+
+
+def tell_config_change(rows: list[tuple[str, str, str, bool]], echo: Callable[[str], None]) -> None:
+    changed = [item.split("/", 1)[1] for item, *_, ok in rows if item.startswith("config/") and not ok]
+    if changed:
+        echo(f"difflens: the model's config files differ from the record's ({', '.join(changed)}): the results "
+             "are not expected to match")
 
 
 def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models: Mapping[str, str] | None = None,
@@ -244,11 +261,13 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     companions: dict[str, bytes] = {}
     inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
     if server is None:
-        exp, replayed = run_local(record, run_spec, model_dir=model_dir, models=models or {}, device=device)
+        exp, replayed, configs = run_local(record, run_spec, model_dir=model_dir, models=models or {}, device=device)
+        rows += config_rows(record, configs)
     else:
         exp, new_record = run_remote(record, run_spec, server)
         replayed = new_record["hashes"]
-        rows += weight_rows(record["model"].get("weights_sha256", {}), new_record["model"]["weights_sha256"])
+        rows += file_rows("weights", record["model"].get("weights_sha256", {}), new_record["model"]["weights_sha256"])
+        rows += config_rows(record, new_record["model"].get("config_sha256", {}))
         inexact |= {int(k) for k, exact in new_record.get("rise_exact", {}).items() if not exact}
         companions["audit.json"] = audit.dumps(new_record).encode("utf-8")
         echo(f"difflens: ran as job {new_record.get('job_id')} on {server} ({runtime_line(new_record)}; "
@@ -258,6 +277,7 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
         recorded["maps"], replayed["maps"], new = audit.comparable_maps(
             recorded.get("maps", {}), replayed["maps"], unchanged_methods(spec.explain, options))
     replayed_params = exp.params if server is None else new_record.get("resolved") or {}
+    tell_config_change(rows, echo)
     rows += timestep_rows((record.get("resolved") or {}).get("timesteps"), replayed_params.get("timesteps"), echo)
     rows += audit.compare_hashes(recorded, replayed)
     echo(format_table(rows, inexact))
