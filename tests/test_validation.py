@@ -58,14 +58,17 @@ def test_a_prompt_too_long_to_be_in_the_token_limit_is_refused_before_it_is_toke
     entry = catalog.get("tiny")
     real = type(entry).prompt_token_count
     monkeypatch.setattr(type(entry), "prompt_token_count",
-                        lambda self, text: pytest.fail("tokenized") if len(text) > 100 else real(self, text))
+                        lambda self, text: pytest.fail("tokenized") if len(text.split()) > 50 else real(self, text))
     text = "a " * (5 * PROMPT_CHARS_PER_TOKEN)
     params = GenerationParams(text) if field == "prompt" else GenerationParams("x", negative_prompt=text)
     with pytest.raises(InvalidArgument) as err:
         validate(JobSpec(model="tiny", params=params), catalog, Limits(max_prompt_tokens=5))
     assert err.value.field == field
-    assert err.value.message == (f"{len(text)} characters; allowed at most {5 * PROMPT_CHARS_PER_TOKEN} (5 tokens) "
-                                 "for model 'tiny'")
+    assert err.value.message == (f"{len(text) - 1} characters, whitespace runs counted as one; allowed at most "
+                                 f"{5 * PROMPT_CHARS_PER_TOKEN} (5 tokens) for model 'tiny'")
+    # Padding is not a prompt's length: the tokenizer collapses it
+    padded = "a red" + " " * (20 * PROMPT_CHARS_PER_TOKEN) + "circle"
+    validate(JobSpec(model="tiny", params=GenerationParams(padded)), catalog, Limits(max_prompt_tokens=5))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -101,13 +101,16 @@ class ExplainStream:
             except grpc.RpcError as e:
                 if self._done:
                     return
-                if e.code() not in RETRYABLE:
+                # Resuming a job that goes on, a front at its stream limit (max_streams) says when to come back:
+                # its clients' streams must not end there while the fronts that are left take the load of one gone.
+                hint = retry_after_s(e) if self.job_id and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if e.code() not in RETRYABLE and hint is None:
                     raise
                 attempts += 1
                 wait = self.client.backoff_s * 2 ** (attempts - 1)
                 if self.job_id:  # the job exists and goes on: ride out a front's restart, not just a blip
                     broke_at = broke_at if attempts > 1 else time.monotonic()
-                    wait = min(wait, MAX_RESUME_BACKOFF_S)
+                    wait = min(wait, MAX_RESUME_BACKOFF_S) if hint is None else hint
                     if time.monotonic() + wait - broke_at > self.client.resume_for_s:
                         raise
                     if attempts == 1:

@@ -152,14 +152,23 @@ def test_a_oneof_kind_this_server_does_not_know_is_refused_not_read_as_unset(par
     assert err.value.field == field and "does not know" in err.value.message
 
 
-def test_repeated_step_indices_and_cam_layers_count_once():
-    """3,000,000 copies of index 0 made a job whose audit record held them twice: its Completed event passed the
-    message limit and could never be delivered."""
+@pytest.mark.parametrize(("part", "field"), [("indices", "explain.steps.indices.values"),
+                                             ("layers", "explain.cam.layers")])
+def test_a_list_longer_than_its_limit_is_refused_before_it_is_read(part, field):
+    """3,000,000 copies of index 0 passed validation, and the audit record held them twice: its Completed event
+    passed the message limit and could never be delivered. Duplicates are not removed (the idempotency
+    fingerprint of a front of the previous release counts them), so the raw list is what is bounded."""
+    from difflens.config import Limits
+
+    most, value = (10, 0) if part == "indices" else (4, "mid_block")
+    limits = Limits(max_steps=10, max_cam_layers=4)
     req = pb.ExplainRequest(prompt="p")
-    req.explain.steps.indices.values.extend([2, 0] * 50_000 + [1])
-    req.explain.cam.layers.extend(["up_blocks.1", "mid_block"] * 1000)
-    spec = convert.request_to_spec(req)
-    assert spec.explain.steps.indices == (2, 0, 1)
-    assert spec.explain.cam is not None and spec.explain.cam.layers == ("up_blocks.1", "mid_block")
-    again = convert.request_to_spec(convert.spec_to_request(spec))
-    assert again == spec
+    values = req.explain.steps.indices.values if part == "indices" else req.explain.cam.layers
+    values.extend([value] * most)
+    spec = convert.request_to_spec(req, limits=limits)  # at the limit, duplicates and all
+    assert convert.request_to_spec(convert.spec_to_request(spec), limits=limits) == spec
+    values.append(value)
+    with pytest.raises(InvalidArgument) as err:
+        convert.request_to_spec(req, limits=limits)
+    assert convert.pb_field(err.value.field) == field
+    assert err.value.message == f"{most + 1} values; allowed at most {most} (each once)"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from difflens.api.pb import pb
 from difflens.client import DifflensClient
 from difflens.jobs import Completed, Step
 from difflens.queue.memory import InProcessQueue
@@ -148,8 +149,8 @@ def test_streams_past_max_streams_are_refused_and_a_refused_explain_queues_nothi
         job_id = client.submit(job(steps=2)).id  # no worker: it stays queued
         watchers = Watchers(client, job_id, 2, timeout_s=3.0)
         _wait_for_streams(srv, 2)
-        with pytest.raises(grpc.RpcError) as err:
-            list(client.watch(job_id, timeout=10))
+        with pytest.raises(grpc.RpcError) as err:  # raw: the client would wait for a slot (a known job's stream)
+            list(client.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=10))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_streams=2" in err.value.details() and retry_after_s(err.value) == 1.0
         with pytest.raises(grpc.RpcError) as err:
@@ -159,6 +160,58 @@ def test_streams_past_max_streams_are_refused_and_a_refused_explain_queues_nothi
         assert watchers.join() == ["DEADLINE_EXCEEDED"] * 2
         _wait_for_streams(srv, 0)
         assert Watchers(client, job_id, 2, timeout_s=1.0).join() == ["DEADLINE_EXCEEDED"] * 2  # slots free again
+
+
+def test_a_stream_of_a_known_job_waits_for_a_slot_at_a_front_at_its_limit(tiny_dir):
+    """When a front goes, its clients resume on the others, which may be at max_streams: the client's stream
+    ended there with RESOURCE_EXHAUSTED though the job went on. It now waits as the hint says, and resumes."""
+    import threading
+
+    from difflens.api.server import BackgroundServer
+    from difflens.jobs import Failed
+    from tests.api.helpers import Watchers
+
+    with BackgroundServer(settings(tiny_dir, max_streams=1)) as srv, DifflensClient(srv.target) as client:
+        job_id = client.submit(job(steps=2)).id  # no worker: it stays queued
+        holder = Watchers(client, job_id, 1, timeout_s=2.5)  # takes the only slot for 2.5 s
+        _wait_for_streams(srv, 1)
+        got: list = []
+        follower = threading.Thread(target=lambda: got.extend(client.watch(job_id, timeout=30)))
+        follower.start()
+        assert holder.join() == ["DEADLINE_EXCEEDED"]
+        _wait_for_streams(srv, 1)  # the follower's retry took the freed slot
+        client.cancel(job_id)
+        follower.join(30)
+        assert got and isinstance(got[-1], Failed) and got[-1].code == "CANCELLED"
+
+
+def test_a_draining_front_at_its_limit_says_unavailable_and_an_unknown_id_not_found(tiny_dir):
+    """The limit was checked first: a draining front at it answered RESOURCE_EXHAUSTED, which clients do not
+    retry elsewhere (UNAVAILABLE sends them to another replica), and a bad id got it instead of NOT_FOUND."""
+    import grpc
+
+    from difflens.api.server import BackgroundServer
+    from tests.api.helpers import Watchers
+
+    with BackgroundServer(settings(tiny_dir, max_streams=1)) as srv, DifflensClient(srv.target, retries=0) as client:
+        job_id = client.submit(job(steps=2)).id
+        holder = Watchers(client, job_id, 1, timeout_s=3.0)
+        _wait_for_streams(srv, 1)
+        def watch(job_id: str) -> grpc.RpcError:  # raw: the client retries UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=10))
+            return err.value
+
+        assert watch("no-such-job").code() == grpc.StatusCode.NOT_FOUND
+        srv.server.front.draining = True
+        refused = [watch(job_id)]
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.stub.Explain(client.request(job()), timeout=10))
+        refused.append(err.value)
+        for e in refused:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.details()
+        srv.server.front.draining = False
+        assert holder.join() == ["DEADLINE_EXCEEDED"]
 
 
 def test_the_waits_of_many_streams_do_not_hold_up_the_front_s_other_calls(tiny_dir, monkeypatch):

@@ -53,6 +53,8 @@ def test_lambda_zero_repeats_are_rejected_naming_n_and_lambda():
 @pytest.mark.parametrize(("stage", "n", "lam", "hint", "then"), [
     ("late", 30, 0, "use a larger lambda (e.g. 10)", 10), ("early", 200, 5, "use a larger lambda (e.g. 470)", 470),
     ("late", 5, 10_000, "use a smaller lambda (e.g. 5000)", 5000),  # crowded near T: larger was the wrong way
+    # the value printed is the one tried: 218.237, the rounding of a tried 218.2373671842174, fails
+    ("late", 170, 18.529683592108693, "use a larger lambda (e.g. 222)", 222),
 ])
 def test_the_error_says_which_way_to_move_lambda_and_the_suggestion_works(stage, n, lam, hint, then):
     with pytest.raises(InvalidArgument) as e:

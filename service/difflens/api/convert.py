@@ -112,12 +112,6 @@ def _kind(msg: Any, field: str, allowed: str) -> str | None:
     return kind  # type: ignore[no-any-return]
 
 
-def _unique(values: Any) -> tuple[Any, ...]:
-    """Repeated values once each, in their first order ("duplicates are ignored": they must not make the job, its
-    audit record and its idempotency fingerprint grow with them)."""
-    return tuple(dict.fromkeys(values))
-
-
 def sampling_from_pb(s: Any) -> Sampling:
     kind = _kind(s, "sampling", "uniform, exponential, explicit")
     if kind is None or kind == "uniform":
@@ -137,7 +131,7 @@ def steps_from_pb(s: Any) -> StepSelector:
             raise InvalidArgument("explain.steps.all", "must be true when set (use indices or every to select)")
         return StepSelector()
     if kind == "indices":
-        return StepSelector("list", indices=_unique(s.indices.values))
+        return StepSelector("list", indices=tuple(s.indices.values))
     return StepSelector("every", every=s.every)
 
 
@@ -159,7 +153,7 @@ def explain_from_pb(e: Any) -> ExplainOptions:
     cam = None
     if e.HasField("cam"):
         target = _enum("explain.cam.target", e.cam.target, CAM_TARGETS, pb.CamOptions.Target)
-        cam = CamOptions(layers=_unique(e.cam.layers), target=target)  # type: ignore[arg-type]
+        cam = CamOptions(layers=tuple(e.cam.layers), target=target)  # type: ignore[arg-type]
     return ExplainOptions(steps=steps_from_pb(e.steps), rise=rise_from_pb(e.rise) if e.HasField("rise") else None,
                           cam=cam, attention=AttentionOptions() if e.attention.enabled else None)
 
@@ -189,6 +183,13 @@ def request_to_spec(req: Any, *, caller: str = "", deadline: float | None = None
         rise = req.explain.rise if req.explain.HasField("rise") else None
         check_given_limits({"steps": steps, "rise.num_masks": _opt(rise, "masks") if rise else None,
                             "rise.batch_size": _opt(rise, "batch") if rise else None}, limits)
+        # Lists are bounded before they are read: 3,000,000 copies of index 0 passed, and the audit record held
+        # them twice, so the Completed event passed the message limit and could never be delivered. Duplicates
+        # are ignored, but count here (each step or layer once fits).
+        for field, values, most in (("explain.steps.indices", req.explain.steps.indices.values, limits.max_steps),
+                                    ("cam.layers", req.explain.cam.layers, limits.max_cam_layers)):
+            if len(values) > most:
+                raise InvalidArgument(field, f"{len(values)} values; allowed at most {most} (each once)")
     params = GenerationParams(
         req.prompt, negative_prompt=req.negative_prompt, seed=req.seed if req.HasField("seed") else 0,
         **_given(steps=steps, guidance_scale=_opt(req, "guidance_scale"), width=_opt(req, "width"),

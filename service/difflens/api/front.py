@@ -71,10 +71,15 @@ class Front:
                                                                 block_s)
 
     @contextlib.asynccontextmanager
-    async def stream(self) -> AsyncIterator[None]:
-        """One job stream (Explain, WatchJob) for as long as it is followed; ResourceExhausted when this front
-        already follows settings.max_streams. An Explain takes it before it enqueues: a refused call queues
-        nothing."""
+    async def stream(self, job_id: str | None = None) -> AsyncIterator[None]:
+        """One job stream (Explain, WatchJob of `job_id`) for as long as it is followed. Refused, in this order:
+        NotReady while draining (the client goes to another replica), JobNotFound for an id of another form, and
+        ResourceExhausted when this front already follows settings.max_streams. An Explain takes it before it
+        enqueues: a refused call queues nothing."""
+        if self.draining:
+            raise NotReady("this front is draining (shutting down); retry on another replica")
+        if job_id is not None:
+            _check_id(job_id)
         limit = self.settings.max_streams
         if self._streams >= limit:
             raise ResourceExhausted(

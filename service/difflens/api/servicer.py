@@ -53,7 +53,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         return convert.job_to_pb(await self.front.get(request.job_id))
 
     async def WatchJob(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with self.front.stream():
+        async with self.front.stream(request.job_id):
             async for seq, event in self.front.follow(request.job_id, after=request.from_sequence - 1):
                 yield convert.event_to_pb(request.job_id, seq, event)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -125,14 +126,14 @@ def _shift_hint(stage: str, n: int, shift: float, T: int) -> str:
         ts = _exponential(stage, n, lam, T)
         return all(0 <= t < T for t in ts) and all(b < a for a, b in zip(ts, ts[1:], strict=False))
 
-    lam = shift
-    while lam < MAX_SHIFT:  # up, doubling
-        lam = min(2 * lam + 10, MAX_SHIFT)
+    lam = shift  # up, doubling; each suggestion an integer, the value printed being the one that was tried
+    while lam < MAX_SHIFT:
+        lam = float(min(math.ceil(2 * lam + 10), MAX_SHIFT))
         if works(lam):
             return f"use a larger lambda (e.g. {lam:g}) or fewer steps"
-    lam = shift
-    while lam > 0.01:  # down, halving
-        lam = lam / 2 if lam > 0.02 else 0.0
+    lam = shift  # down, halving
+    while lam > 0:
+        lam = float(math.floor(lam / 2))
         if works(lam):
             return f"use a smaller lambda (e.g. {lam:g}) or fewer steps"
     return "use fewer steps"
