@@ -36,7 +36,7 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     res = _run("explain", str(model), "a red circle", "--out", str(out), "--methods", "none", "--steps", "2",
                "--guidance", "2")
     assert res.returncode == 0, res.stderr
-    assert {p.name for p in out.iterdir()} == {"image.png", "params.json", "report.html"}
+    assert {p.name for p in out.iterdir()} == {"image.png", "params.json", "report.html", "audit.json"}
     assert str(out) in res.stdout
     assert "2/2" in res.stderr  # the progress bar saw every denoising step
     params = json.loads((out / "params.json").read_text())
@@ -104,6 +104,25 @@ def test_step_selector_parsing():
     assert explain_flags.parse_methods("none") == ()
 
 
+def test_a_local_run_leaves_an_audit_record_that_replays_without_flags(tiny_dir, tmp_path, capsys):
+    """Every image gets an audit record: the local CLI wrote none, so its images could not be replayed. The
+    record names the folder, which replay uses when the model's name is not configured."""
+    import hashlib
+
+    out = tmp_path / "run"
+    assert cli.main(["explain", str(tiny_dir), "a red circle", "--out", str(out), "--steps", "2", "--masks", "4",
+                     "--batch", "4", "--methods", "rise,attn", "--seed", "3"]) == 0
+    record = json.loads((out / "audit.json").read_text())
+    assert record["model"]["folder"] == str(Path(tiny_dir).resolve()) and record["model"]["name"] == "tiny"
+    assert record["request"]["params"]["seed"] == 3 and record["rise_exact"] == {"0": True, "1": True}
+    assert record["hashes"]["image"]["png"] == hashlib.sha256((out / "image.png").read_bytes()).hexdigest()
+    assert len(record["timings"]["steps"]) == 2 and all(s["denoise_s"] > 0 for s in record["timings"]["steps"])
+    capsys.readouterr()
+    assert cli.main(["replay", str(out / "audit.json")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.endswith(" items match") and last.split()[-3].split("/")[0] == last.split()[-3].split("/")[1]
+
+
 def test_explain_with_every_method(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["explain", str(tiny_dir), "a large red circle", "--out", str(out), "--steps", "3",
@@ -114,7 +133,8 @@ def test_explain_with_every_method(tiny_dir, tmp_path, capsys):
     assert "3/3" in captured.err  # all denoising steps counted, not only the explained ones
     names = {p.name for p in out.iterdir()}
     assert names == {"image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png",
-                     "strip_rise.png", "strip_cam.png", "strip_attn.png", "rise.gif", "cam.gif", "attn.gif"}
+                     "strip_rise.png", "strip_cam.png", "strip_attn.png", "rise.gif", "cam.gif", "attn.gif",
+                     "audit.json"}
     with np.load(out / "explanation.npz") as z:
         assert z["explained_steps"].tolist() == [0, 2]
         assert z["tokens"].tolist() == ["a", "large", "red", "circle"]

@@ -87,10 +87,11 @@ def step_timings(exp: Explanation, denoise_s: Mapping[int, float]) -> list[dict[
 def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, weights: Mapping[str, str],
                  spec: JobSpec, exp: Explanation, png: bytes, runtime: Mapping[str, Any],
                  timings: Mapping[str, Any], rise_exact: Mapping[int, bool],
-                 configs: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 configs: Mapping[str, str] | None = None, folder: str | None = None) -> dict[str, Any]:
     """The audit record of one completed job, JSON-ready.
 
-    weights / configs: sha256 of the model folder's weight files and of its config files (models.config_sha256).
+    weights / configs: sha256 of the model folder's weight files and of its config files (models.config_sha256);
+    folder: where the model was read from (replay looks there when the record's model name is not configured).
 
     runtime: device, dtype, unet_backend (the one used), requested_backend. timings: queue_wait_s, run_s, total_s,
     steps (from step_timings). rise_exact: per explained step, whether its DF-RISE UNet calls held only this job's
@@ -102,7 +103,8 @@ def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, wei
         "job_id": job_id,
         "worker": worker,
         "attempt": attempt,
-        "model": {"name": model_name, "weights_sha256": dict(sorted(weights.items())),
+        "model": {"name": model_name, **({"folder": folder} if folder is not None else {}),
+                  "weights_sha256": dict(sorted(weights.items())),
                   "config_sha256": dict(sorted((configs or {}).items()))},
         "request": json.loads(spec.to_json()),
         "seed": spec.params.seed,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local diffusers folder (model_index.json); with --server: "
                                                           "a served model's name, '-' for the server's default")
     p.add_argument("--server", metavar="HOST:PORT", help="run on a difflens server (`difflens serve`) instead of "
-                                                          "in-process; same options and outputs, plus audit.json")
+                                                          "in-process; same options and outputs")
     p.add_argument("--timeout", type=float, metavar="S", help="with --server: the call's deadline in seconds, which "
                                                               "the server makes the job's (default: none)")
     p.add_argument("--map-dtype", choices=("float32", "float16"),
@@ -117,17 +118,58 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"generation": generation, "explain": explanation_options(args)}
 
 
+def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, exp: Any, settings: Any,
+                 started: float, step_s: dict[int, float]) -> str:
+    """The audit record of a local run, as a served job's (replay takes either): the model's folder and file
+    hashes, the request, what it resolved to, versions, runtime, timings (a step's denoise time here is its wall
+    time less its explainers'), and the output hashes."""
+    import socket
+
+    import torch
+
+    from difflens import audit
+    from difflens.config import SHIPPED_MODEL
+    from difflens.engine.options import GenerationParams
+    from difflens.jobs import JobSpec
+    from difflens.models import config_sha256, weights_sha256
+    from difflens.queue.common import new_job_id
+    from difflens.worker.job import image_png
+
+    folder = Path(model.path).resolve()
+    name = "default" if folder == SHIPPED_MODEL else folder.name
+    spec = JobSpec(model=name, params=GenerationParams(args.prompt, **request["generation"]),
+                   explain=request["explain"])
+    explained = {s.index: sum(s.seconds.values()) for s in exp.steps}
+    denoise = {i: max(0.0, t - explained.get(i, 0.0)) for i, t in step_s.items()}
+    run_s = round(time.time() - started, 6)
+    record = audit.build_record(
+        job_id=new_job_id(), worker=f"local ({socket.gethostname()})", attempt=1, model_name=name,
+        weights=weights_sha256(folder), configs=config_sha256(folder), folder=str(folder), spec=spec, exp=exp,
+        png=image_png(exp.image),
+        runtime={"device": settings.device, "dtype": settings.dtype, "unet_backend": settings.unet_backend,
+                 "requested_backend": settings.unet_backend, "torch_threads": torch.get_num_threads()},
+        timings={"queue_wait_s": 0.0, "run_s": run_s, "total_s": run_s,
+                 "steps": audit.step_timings(exp, denoise)},
+        rise_exact={s.index: True for s in exp.steps if "rise" in s.seconds})
+    return audit.dumps(record)
+
+
 class Progress:
-    """A tqdm bar over the denoising steps on stderr, created at the first step (when the total is known)."""
+    """A tqdm bar over the denoising steps on stderr, created at the first step (when the total is known);
+    `step_s`: each step's wall time (denoising and explaining)."""
 
     def __init__(self) -> None:
         self.bar: Any = None
         self.explained = 0
+        self.step_s: dict[int, float] = {}
+        self._last = time.perf_counter()
 
     def on_step(self, step: Any) -> None:
         self.explained += 1
 
     def on_progress(self, index: int, total: int, timestep: int) -> None:
+        now = time.perf_counter()
+        self.step_s[index], self._last = now - self._last, now
         if self.bar is None:
             from tqdm import tqdm
 
@@ -160,6 +202,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
     model = load_model(args.model_dir, device=settings.device, dtype=settings.torch_dtype)
     progress = Progress()
+    started = time.time()
     try:
         opts = request["explain"]
         exp = explain(model, args.prompt, backend=settings.unet_backend, device=settings.device,
@@ -167,8 +210,9 @@ def run_explain(args: argparse.Namespace) -> int:
                       methods=opts.methods, rise=opts.rise, cam=opts.cam, steps=opts.steps)
     finally:
         progress.close()
+    record = local_record(args, request, model, exp, settings, started, progress.step_s)
     try:
-        written = write_outputs(exp, args.out)
+        written = write_outputs(exp, args.out, companions={"audit.json": record.encode("utf-8")})
     except OSError as e:
         print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1

@@ -285,7 +285,7 @@ def warn_if_unserved(client: Any, model: str) -> None:
 
 def run_explain_remote(args: argparse.Namespace) -> int:
     """`difflens explain --server HOST:PORT MODEL PROMPT --out DIR ...`; MODEL is a served model's name
-    ('-' = the server's default). Writes what the local command writes, plus audit.json."""
+    ('-' = the server's default). Writes what the local command writes, audit.json being the job's record."""
     spec = remote_spec(args)
     if args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("out", f"{args.out} exists and is not a folder")

@@ -282,6 +282,7 @@ class JobRun:
                    "requested_backend": self.runner.requested_backend, "torch_threads": torch.get_num_threads()}
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
                                   model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
+                                  folder=str(self.entry.folder),
                                   spec=claim.spec, exp=exp,
                                   png=png, runtime=runtime, timings=timings, rise_exact=self.rise_exact)
 

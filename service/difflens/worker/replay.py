@@ -69,8 +69,9 @@ def _record_problem(record: Mapping[str, Any]) -> str | None:
         if not isinstance(record[key], dict):
             return f"{key}: expected an object, got {type(record[key]).__name__}"
     model, hashes = record["model"], record["hashes"]
-    if not isinstance(model.get("name", ""), str):
-        return "model.name: expected a string"
+    for key in ("name", "folder"):
+        if not isinstance(model.get(key, ""), str):
+            return f"model.{key}: expected a string"
     for key in ("weights_sha256", "config_sha256"):
         if not mapping_of_str(model.get(key, {})):
             return f"model.{key}: expected an object of file -> sha256 strings"
@@ -110,6 +111,9 @@ def resolve_folder(record: Mapping[str, Any], model_dir: str | None, models: Map
     if model_dir is not None:
         return Path(model_dir)
     folder = models.get(name) if models else ServiceSettings().model_dirs().get(name)
+    recorded = record["model"].get("folder")
+    if folder is None and not models and isinstance(recorded, str) and (Path(recorded) / "model_index.json").exists():
+        return Path(recorded)  # no --model given: where the job read it (its weights are checked next)
     if folder is None:
         raise InvalidArgument("--model-dir", f"the record's model {name!r} is not configured; pass --model-dir DIR "
                                              f"or --model {name}=DIR")
