@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,7 @@ def _copy_with(tiny_dir, tmp_path, name: str, **changes) -> str:
     folder = tmp_path / "copy"
     shutil.copytree(tiny_dir, folder)
     f = folder / name
+    f.parent.mkdir(exist_ok=True)
     f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), **changes}))
     return str(folder)
 
@@ -140,6 +142,28 @@ def test_replay_with_a_changed_unet_config_names_the_file(record, tiny_dir, tmp_
     assert "config files differ from the record's (unet/config.json)" in text
 
 
+def test_without_model_flags_replay_uses_the_folder_the_record_names(record, tiny_dir, tmp_path, capsys):
+    """A job served as 'default' from another folder (or a local run in a folder named so) was replayed against the
+    shipped model, whose weights differ, though the record names the folder it ran from and that folder is here."""
+    served_as_default = json.loads(json.dumps(record))
+    served_as_default["model"]["name"] = "default"
+    assert served_as_default["model"]["folder"] == str(Path(tiny_dir).resolve())
+    assert main(["replay", _write(tmp_path, served_as_default)]) == 0
+    gone = json.loads(json.dumps(served_as_default))
+    gone["model"]["folder"] = str(tmp_path / "not-here")  # elsewhere (another worker's disk): by name, as before
+    assert main(["replay", _write(tmp_path, gone)]) == 2
+    assert "weights differ from the record's" in capsys.readouterr().err
+
+
+def test_files_the_loader_does_not_read_are_not_config(record, tiny_dir, tmp_path, capsys):
+    """A README or samples beside the model are not part of it: they made a matching replay fail."""
+    folder = Path(_copy_with(tiny_dir, tmp_path, "samples/run.json", note=1))
+    (folder / "unet" / "README.txt").write_text("notes")
+    (folder / "README.md").write_text("notes")
+    assert main(["replay", _write(tmp_path, record), "--model-dir", str(folder)]) == 0
+    assert "config files differ" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (None, "no such file"),
     ("{not json", "not a readable JSON file"),
@@ -166,6 +190,11 @@ def test_replay_rejects_bad_records_with_exit_2(content, message, tmp_path, caps
     (("request", "params", "scheduler"), "foo",
      "the record's request is malformed: request.params.scheduler: got 'foo'"),
     (("request", "explain", "rise", "p"), 2.0, "the record's request is malformed: request.explain.rise.p: got 2.0"),
+    # values only the model can judge: they were blamed on --width / --cam-layers, flags replay does not have
+    (("request", "params", "width"), 40, "the record's request cannot run on this model: request.params.width: "
+                                         "got 40; must be a multiple of 16"),
+    (("request", "explain", "cam", "layers"), ["nope"], "the record's request cannot run on this model: "
+                                                        "request.explain.cam.layers: unknown layer path(s) 'nope'"),
 ])
 def test_a_record_with_a_wrong_value_exits_2_naming_it_before_anything_runs(record, tiny_dir, tmp_path, capsys,
                                                                            path, value, message):
@@ -178,7 +207,8 @@ def test_a_record_with_a_wrong_value_exits_2_naming_it_before_anything_runs(reco
     node[path[-1]] = value
     assert main(["replay", _write(tmp_path, bad), "--model-dir", str(tiny_dir)]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and message in err and "--seed" not in err and "--scheduler" not in err
+    assert "Traceback" not in err and message in err
+    assert not any(flag in err for flag in ("--seed", "--scheduler", "--width", "--cam-layers"))
 
 
 def test_a_differing_rise_map_of_a_batched_step_is_not_a_failure(record, tiny_dir, tmp_path, capsys):

@@ -52,6 +52,7 @@ def test_a_pixel_space_model_has_multiple_8_and_reads_difflens_json(tiny_dir, tm
                         "max_side"),
     ({"max_side": "big"}, "max_side: got 'big'; must be an integer"),
     ({"width": 64, "max_side": 32}, "max_side: got 32; must be at least 64"),
+    ({"max_side": 16}, "max_side: got 16; must be at least 32"),  # below the UNet's own 32 px, width left unset
 ])
 def test_a_bad_defaults_file_stops_the_model_at_load_naming_the_file_and_field(tiny_dir, tmp_path, content, message):
     """Not every later request that leaves the field unset (a TypeError, or an error naming the caller's field)."""

@@ -86,8 +86,9 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(str(root / "tokenizer"), f"cannot load the tokenizer: {e}") from e
-    return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root, 8 * factor), vae_scale_factor=factor,
-                        sample_size=int(unet_config.get("sample_size", 64)), cam_layers=layers, tokenizer=tokenizer,
+    sample_size = int(unet_config.get("sample_size", 64))
+    return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root, 8 * factor, sample_size * factor),
+                        vae_scale_factor=factor, sample_size=sample_size, cam_layers=layers, tokenizer=tokenizer,
                         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
                         scheduler_config=scheduler_config)
 

@@ -122,7 +122,7 @@ def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, 
                  started: float, step_s: dict[int, float]) -> str:
     """The audit record of a local run, as a served job's (replay takes either): the model's folder and file
     hashes, the request, what it resolved to, versions, runtime, timings (a step's denoise time here is its wall
-    time less its explainers'), and the output hashes."""
+    time less its explainers'; step 0's includes encoding the prompt), and the output hashes."""
     import socket
 
     import torch

@@ -22,7 +22,8 @@ id is known resumes with WatchJob from the next sequence, so no event is lost or
 `resume_for_s` (30 s by default: long enough for a front to be restarted; the job goes on meanwhile). Such a
 break is not silent: `stream.on_break(err)` is called once per break if set (the CLI prints a line), else it is
 logged as a warning.
-RESOURCE_EXHAUSTED is not retried: `retry_after_s(err)` reads the server's hint. `caller` (metadata
+RESOURCE_EXHAUSTED is not retried (`retry_after_s(err)` reads the server's hint), except by a broken stream
+resuming its job, which waits as the hint says (a front at its stream limit). `caller` (metadata
 x-difflens-caller) scopes idempotency keys: the same key from another caller is another job.
 """
 
@@ -103,11 +104,15 @@ class ExplainStream:
                     return
                 # Resuming a job that goes on, a front at its stream limit (max_streams) says when to come back:
                 # its clients' streams must not end there while the fronts that are left take the load of one gone.
-                hint = retry_after_s(e) if self.job_id and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                resuming = bool(self.events) or attempts > 0  # not a first call: that reports it, as Explain does
+                hint = retry_after_s(e) if resuming and self.job_id and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
+                    else None
                 if e.code() not in RETRYABLE and hint is None:
                     raise
+                if hint is not None and not hint > 0:
+                    hint = self.client.backoff_s  # a hint of 0 (or nonsense) must not make a busy loop
                 attempts += 1
-                wait = self.client.backoff_s * 2 ** (attempts - 1)
+                wait = self.client.backoff_s * 2 ** min(attempts - 1, 16)
                 if self.job_id:  # the job exists and goes on: ride out a front's restart, not just a blip
                     broke_at = broke_at if attempts > 1 else time.monotonic()
                     wait = min(wait, MAX_RESUME_BACKOFF_S) if hint is None else hint

@@ -10,6 +10,7 @@ because their hooks and attention processors sit on the module every thread call
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -106,12 +107,23 @@ def weights_sha256(folder: str | Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in weight_files(root)}
 
 
+CONFIG_NAMES = ("config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+
+
 def config_sha256(folder: str | Path) -> dict[str, str]:
     """relative path (posix) -> sha256 hex of each file the loader reads besides the weights: model_index.json and
-    the components' .json / .txt files (configs, scheduler config, tokenizer vocabulary). Not difflens.json: a
+    the files of the components it names that diffusers and transformers read (CONFIG_NAMES: configs, scheduler
+    config, tokenizer vocabulary and settings); a README or samples beside them are not hashed. Not difflens.json: a
     record pins the defaults it resolved, and replay runs those."""
     root = Path(folder)
-    files = [root / "model_index.json"] + [p for p in root.glob("*/*") if p.suffix in (".json", ".txt")]
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    components = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None] \
+        if isinstance(index, dict) else []
+    files = [root / "model_index.json"] + [root / c / n for c in components for n in CONFIG_NAMES]
     return {p.relative_to(root).as_posix(): file_sha256(p)
             for p in sorted(files, key=lambda p: p.relative_to(root).as_posix()) if p.is_file()}
 

@@ -189,6 +189,55 @@ def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny
     assert [e.code() for e in breaks] == [grpc.StatusCode.UNAVAILABLE]  # told once, however many attempts
 
 
+def test_a_broken_stream_waits_for_a_slot_on_a_restarted_front_at_its_limit(tiny_dir, redis_url, queue_name,
+                                                                             tmp_path, monkeypatch):
+    """When a front goes, its clients resume on the fronts left, which may be at max_streams: the stream ended
+    there with RESOURCE_EXHAUSTED though the job went on. It now waits as retry-after-s says, and resumes."""
+    import threading
+
+    from difflens import client as client_module
+    from difflens.api.server import BackgroundServer
+    from difflens.jobs import Failed
+    from tests.api.helpers import Watchers, free_port
+
+    monkeypatch.setattr(client_module, "MAX_RESUME_BACKOFF_S", 4.0)  # the first resume after 4 s: the slot is taken
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    front = _serve(tiny_dir, redis_url, queue_name, port, log)
+    got: list = []
+    try:
+        with DifflensClient(f"127.0.0.1:{port}", retries=50, backoff_s=4.0) as client:
+            client.list_models(timeout=60)
+            job_id = client.submit(job(steps=2)).id  # no worker: it stays queued
+            stream = client.watch(job_id, timeout=60)
+            breaks: list = []
+            stream.on_break = breaks.append
+            follower = threading.Thread(target=lambda: got.extend(stream))
+            follower.start()
+            end = time.monotonic() + 30
+            while not stream.events:
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            front.send_signal(signal.SIGKILL)
+            front.wait(10)
+            s = settings(tiny_dir, redis_url=redis_url, queue_name=queue_name, port=port, max_streams=1)
+            with BackgroundServer(s) as again, DifflensClient(again.target) as other:
+                holder = Watchers(other, job_id, 1, timeout_s=6.0)  # the only slot, until its deadline
+                assert holder.join() == ["DEADLINE_EXCEEDED"]
+                end = time.monotonic() + 30
+                while again.server.front._streams == 0:  # the follower's wait for the slot ended: it resumed
+                    assert time.monotonic() < end and follower.is_alive()
+                    time.sleep(0.05)
+                other.cancel(job_id)
+                follower.join(30)
+    finally:
+        if front.poll() is None:
+            front.kill()
+        log.close()
+    assert got and isinstance(got[-1], Failed) and got[-1].code == "CANCELLED"
+    assert [e.code() for e in breaks] == [grpc.StatusCode.UNAVAILABLE]  # told once
+
+
 def test_a_front_answers_at_once_after_redis_restarts(tiny_dir):
     """Every connection the front's pool held before a Redis restart is dead after it: each used to fail one later
     call with UNAVAILABLE, long after Redis was back."""

@@ -35,10 +35,11 @@ class ModelDefaults:
     max_side: int | None = None
 
     @classmethod
-    def read(cls, folder: Path, size_multiple: int = 8) -> ModelDefaults:
+    def read(cls, folder: Path, size_multiple: int = 8, unet_side: int = 0) -> ModelDefaults:
         """The folder's defaults file, checked as a request's fields are (so that a bad file stops the model at
         load, not every request that leaves a field unset); `size_multiple`: what width and height must divide
-        by. ModelLoadError naming the file and the field."""
+        by; `unet_side`: the UNet's own size in pixels, what an unset width or height means. ModelLoadError naming
+        the file and the field."""
         f = folder / DEFAULTS_FILE
         if not f.exists():
             return cls()
@@ -54,13 +55,13 @@ class ModelDefaults:
             raise ModelLoadError(str(f), f"malformed defaults file: unknown key(s) {', '.join(map(repr, unknown))}; "
                                          f"allowed: {', '.join(fields)}")
         known = {k: raw[k] for k in fields if k in raw}
-        problem = _defaults_problem(known, size_multiple)
+        problem = _defaults_problem(known, size_multiple, unet_side)
         if problem:
             raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
         return cls(**known)
 
 
-def _defaults_problem(d: dict[str, Any], size_multiple: int) -> str | None:
+def _defaults_problem(d: dict[str, Any], size_multiple: int, unet_side: int = 0) -> str | None:
     """What is wrong with a defaults file's fields, or None: their types here, their ranges a request's own
     (GenerationParams checks them), and width/height against the model's size multiple."""
     from difflens.engine.options import GenerationParams
@@ -82,7 +83,7 @@ def _defaults_problem(d: dict[str, Any], size_multiple: int) -> str | None:
             return f"{side}: got {v!r}; must be a positive multiple of {size_multiple} (or null: the UNet's size)"
     top = d.get("max_side")
     if top is not None:
-        least = max(size_multiple, d.get("width") or 0, d.get("height") or 0)
+        least = max(size_multiple, d.get("width") or unet_side, d.get("height") or unet_side)
         if top < least:
             return f"max_side: got {top}; must be at least {least} (the size multiple and the default width and height)"
     return None
@@ -257,8 +258,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
-    multiple = 8 * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
-    return Model(folder, unet, scheduler, text_encoder, tokenizer, vae, ModelDefaults.read(folder, multiple))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    return Model(folder, unet, scheduler, text_encoder, tokenizer, vae,
+                 ModelDefaults.read(folder, 8 * factor, int(unet.config.sample_size) * factor))
 
 
 def _load_scheduler(sub: Path, index: dict[str, Any]) -> Any:

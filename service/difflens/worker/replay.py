@@ -106,14 +106,25 @@ def _request_path(field: str) -> str:
     return f"request.params.{field}"
 
 
+def _blamed(err: InvalidArgument, re_explained: bool) -> InvalidArgument:
+    """An error of running the record's request on the model: about one of replay's own flags (--model-dir,
+    --device; an explanation flag when re-explaining), as raised; else about the record, named where it sits there
+    (a width the model's max_side now refuses was blamed on a --width replay does not have)."""
+    explaining = err.field.startswith(("rise.", "cam.", "attention.", "explain."))
+    if err.field.startswith("--") or err.field == "AUDIT" or (re_explained and explaining):
+        return err
+    return InvalidArgument("AUDIT", f"the record's request cannot run on this model: {_request_path(err.field)}: "
+                                    f"{err.message}")
+
+
 def resolve_folder(record: Mapping[str, Any], model_dir: str | None, models: Mapping[str, str]) -> Path:
     name = str(record["model"].get("name", ""))
     if model_dir is not None:
         return Path(model_dir)
-    folder = models.get(name) if models else ServiceSettings().model_dirs().get(name)
     recorded = record["model"].get("folder")
-    if folder is None and not models and isinstance(recorded, str) and (Path(recorded) / "model_index.json").exists():
-        return Path(recorded)  # no --model given: where the job read it (its weights are checked next)
+    if not models and isinstance(recorded, str) and (Path(recorded) / "model_index.json").exists():
+        return Path(recorded)  # no --model given: where the job read it, if it is here (its weights are checked next)
+    folder = models.get(name) if models else ServiceSettings().model_dirs().get(name)
     if folder is None:
         raise InvalidArgument("--model-dir", f"the record's model {name!r} is not configured; pass --model-dir DIR "
                                              f"or --model {name}=DIR")
@@ -264,11 +275,17 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     rows: list[tuple[str, str, str, bool]] = []
     companions: dict[str, bytes] = {}
     inexact = {int(k) for k, exact in record.get("rise_exact", {}).items() if not exact}
+    try:
+        if server is None:
+            exp, replayed, configs = run_local(record, run_spec, model_dir=model_dir, models=models or {},
+                                               device=device)
+        else:
+            exp, new_record = run_remote(record, run_spec, server)
+    except InvalidArgument as e:
+        raise _blamed(e, re_explained) from None
     if server is None:
-        exp, replayed, configs = run_local(record, run_spec, model_dir=model_dir, models=models or {}, device=device)
         rows += config_rows(record, configs)
     else:
-        exp, new_record = run_remote(record, run_spec, server)
         replayed = new_record["hashes"]
         rows += file_rows("weights", record["model"].get("weights_sha256", {}), new_record["model"]["weights_sha256"])
         rows += config_rows(record, new_record["model"].get("config_sha256", {}))
