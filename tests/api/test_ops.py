@@ -181,9 +181,12 @@ def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir
     err = capsys.readouterr().err
     assert "denoising" in err and "no worker serves" not in err  # the progress bar; a worker was there
     names = {p.name for p in local.iterdir()}
-    assert {p.name for p in remote.iterdir()} == names | {"audit.json"}
-    for name in sorted(names - {"report.html", "explanation.npz"}):  # the report carries wall times
+    assert {p.name for p in remote.iterdir()} == names and "audit.json" in names
+    for name in sorted(names - {"report.html", "explanation.npz", "audit.json"}):  # these carry ids and wall times
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
+    records = [json.loads((d / "audit.json").read_text()) for d in (remote, local)]
+    assert records[0]["hashes"] == records[1]["hashes"]  # the same image and maps, served or not
+    assert records[0]["model"]["weights_sha256"] == records[1]["model"]["weights_sha256"]
     with np.load(remote / "explanation.npz") as r, np.load(local / "explanation.npz") as l_:
         assert set(r.files) == set(l_.files)
         for key in l_.files:
