@@ -84,6 +84,14 @@ def step_timings(exp: Explanation, denoise_s: Mapping[int, float]) -> list[dict[
             for i, t in enumerate(exp.timesteps)]
 
 
+def runtime_of(device: str, dtype: str, backend: str, requested_backend: str) -> dict[str, Any]:
+    """A record's "runtime": where and how the UNet ran (`backend` the one used, after any fallback)."""
+    import torch
+
+    return {"device": device, "dtype": dtype, "unet_backend": backend, "requested_backend": requested_backend,
+            "torch_threads": torch.get_num_threads()}
+
+
 def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, weights: Mapping[str, str],
                  spec: JobSpec, exp: Explanation, png: bytes, runtime: Mapping[str, Any],
                  timings: Mapping[str, Any], rise_exact: Mapping[int, bool],

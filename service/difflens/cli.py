@@ -125,8 +125,6 @@ def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, 
     time less its explainers'; step 0's includes encoding the prompt), and the output hashes."""
     import socket
 
-    import torch
-
     from difflens import audit
     from difflens.config import SHIPPED_MODEL
     from difflens.engine.options import GenerationParams
@@ -146,8 +144,7 @@ def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, 
         job_id=new_job_id(), worker=f"local ({socket.gethostname()})", attempt=1, model_name=name,
         weights=weights_sha256(folder), configs=config_sha256(folder), folder=str(folder), spec=spec, exp=exp,
         png=image_png(exp.image),
-        runtime={"device": settings.device, "dtype": settings.dtype, "unet_backend": settings.unet_backend,
-                 "requested_backend": settings.unet_backend, "torch_threads": torch.get_num_threads()},
+        runtime=audit.runtime_of(settings.device, settings.dtype, settings.unet_backend, settings.unet_backend),
         timings={"queue_wait_s": 0.0, "run_s": run_s, "total_s": run_s,
                  "steps": audit.step_timings(exp, denoise)},
         rise_exact={s.index: True for s in exp.steps if "rise" in s.seconds})

@@ -112,11 +112,10 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-def _undecodable(method: str, request: Any) -> InvalidArgument | None:
-    if not isinstance(request, _Undecodable):
-        return None
-    return InvalidArgument("request", f"not a valid message for {method} ({request.err}); a string field must be "
-                                      "UTF-8")
+def _check_decoded(method: str, request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"not a valid message for {method} ({request.err}); a string field must be "
+                                         "UTF-8")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -137,9 +136,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    bad = _undecodable(method, request)
-                    if bad is not None:
-                        raise bad
+                    _check_decoded(method, request)
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise
@@ -153,9 +150,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    bad = _undecodable(method, request)
-                    if bad is not None:
-                        raise bad
+                    _check_decoded(method, request)
                     async for item in inner_stream(request, context):
                         yield item
                 except grpc.aio.AbortError:

@@ -123,8 +123,11 @@ def _exponential(stage: str, n: int, shift: float, T: int) -> list[int]:
 
 def _shift_hint(stage: str, n: int, shift: float, T: int) -> str:
     def works(lam: float) -> bool:
-        ts = _exponential(stage, n, lam, T)
-        return all(0 <= t < T for t in ts) and all(b < a for a, b in zip(ts, ts[1:], strict=False))
+        try:
+            check_timesteps(_exponential(stage, n, lam, T), T)
+        except InvalidArgument:
+            return False
+        return True
 
     lam = shift  # up, doubling; each suggestion an integer, the value printed being the one that was tried
     while lam < MAX_SHIFT:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from difflens import audit, metrics
 from difflens.config import ServiceSettings
@@ -278,8 +277,7 @@ class JobRun:
         timings = {"queue_wait_s": round(max(0.0, started - claim.enqueued_at), 6),
                    "run_s": round(now - started, 6), "total_s": round(now - claim.enqueued_at, 6),
                    "steps": audit.step_timings(exp, self.denoise_s)}
-        runtime = {"device": engine.device, "dtype": engine.dtype, "unet_backend": self.runner.backend,
-                   "requested_backend": self.runner.requested_backend, "torch_threads": torch.get_num_threads()}
+        runtime = audit.runtime_of(engine.device, engine.dtype, self.runner.backend, self.runner.requested_backend)
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
                                   model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
                                   folder=str(self.entry.folder),
