@@ -9,6 +9,11 @@ interleaved run by run so that load from other processes hits both alike. Report
 p50 (b - a). Target: added p50 <= 5 ms. What (b) adds: gRPC, enqueue/claim/events on Redis, the event codec, PNG
 encoding and the audit record (hashes of image and maps) - everything a served job does beyond the engine.
 
+Also timed in the same loop, after the same pause: this machine's floor for (b), a bare gRPC call to the front (the
+health service's Check) and a Redis PING. A served job's critical path holds one gRPC call (the request in, the
+Completed event out) and two Redis hops (front -> Redis -> worker, worker -> Redis -> front): no served job can add
+less than one call plus two PINGs here.
+
     PYTHONPATH=service .venv/bin/python -m bench.service [--runs 50] [--quick] [--redis URL] [--redis-delay-ms D]
 Redis: --redis, else DIFFLENS_REDIS_URL, else a private redis-server started for the run. --redis-delay-ms puts
 bench.latency_proxy between it and the service (D ms each way), for what a network hop to Redis costs a job.
@@ -188,6 +193,28 @@ def time_served(client: Any, spec: JobSpec) -> float:
     return elapsed
 
 
+def time_floor(health_stub: Any, r: Any, settle_s: float) -> tuple[float, float]:
+    """(a bare gRPC call to the front, a Redis PING) in seconds, each after the same pause as the timed runs: a
+    machine whose CPUs went idle takes longer to answer (on the 2-core CI VM, ~1 ms more for a gRPC call)."""
+    from grpc_health.v1 import health_pb2
+
+    time.sleep(settle_s)
+    t0 = time.perf_counter()
+    health_stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+    call = time.perf_counter() - t0
+    time.sleep(settle_s)
+    t0 = time.perf_counter()
+    r.ping()
+    return call, time.perf_counter() - t0
+
+
+def floor_of(calls: list[float], pings: list[float]) -> dict[str, float]:
+    ms = 1000.0
+    row = {"grpc_call_p50_ms": statistics.median(calls) * ms, "redis_ping_p50_ms": statistics.median(pings) * ms}
+    row["floor_p50_ms"] = row["grpc_call_p50_ms"] + 2 * row["redis_ping_p50_ms"]
+    return row
+
+
 def summarize(local: list[float], served: list[float]) -> dict[str, float]:
     ms = 1000.0
     row = {"local_p50_ms": statistics.median(local) * ms, "local_p90_ms": percentile(local, 0.9) * ms,
@@ -222,16 +249,23 @@ def main(argv: list[str] | None = None) -> None:
 
     threads = Settings(threads=args.threads).apply_threads()  # the in-process engine's; the worker gets the same
 
+    import redis
+    from grpc_health.v1 import health_pb2_grpc
+
     from difflens.client import DifflensClient
     from difflens.engine.loading import load_model
     from difflens.engine.tiny import make_tiny_model
 
     rows: dict[str, dict[str, float]] = {}
+    calls: list[float] = []
+    pings: list[float] = []
     with tempfile.TemporaryDirectory(prefix="difflens-bench-") as tmp, redis_url(args.redis) as direct, \
             delayed(direct, args.redis_delay_ms) as url:
         model_dir = make_tiny_model(Path(tmp) / "tiny")
         model = load_model(model_dir)
-        with processes(model_dir, url, Path(tmp), threads) as (target, pids), DifflensClient(target) as client:
+        with processes(model_dir, url, Path(tmp), threads) as (target, pids), DifflensClient(target) as client, \
+                contextlib.closing(redis.Redis.from_url(url)) as r:
+            health_stub = health_pb2_grpc.HealthStub(client.channel)
             for name, options in JOBS.items():
                 spec = spec_of(options)
                 for _ in range(warmup):
@@ -245,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
                     time.sleep(settle_s)
                     with meter:
                         served.append(time_served(client, spec))
+                    call, ping = time_floor(health_stub, r, settle_s)
+                    calls.append(call)
+                    pings.append(ping)
                 rows[name] = summarize(local, served)
                 rows[name].update({f"cpu_{k}_ms": v for k, v in meter.per_run_ms().items()})
                 rows[name]["cpu_local_ms"] = statistics.mean(local_cpu) * 1000
@@ -258,12 +295,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in rows.items():
         print(f"{name:<6} {r['cpu_local_ms']:>8.1f} | {r['cpu_worker_ms']:>8.1f} {r['cpu_front_ms']:>6.1f} "
               f"{r['cpu_client_ms']:>6.1f}")
+    floor = floor_of(calls, pings)
+    print(f"this machine's floor, after the same pause: a gRPC call to the front {floor['grpc_call_p50_ms']:.2f} ms, "
+          f"a Redis PING {floor['redis_ping_p50_ms']:.2f} ms (p50); one call + two PINGs = "
+          f"{floor['floor_p50_ms']:.2f} ms, the least a served job can add here")
     ok = all(r["added_p50_ms"] <= TARGET_ADDED_P50_MS for r in rows.values())
     print(f"target: added p50 <= {TARGET_ADDED_P50_MS:g} ms: {'met' if ok else 'NOT met'}"
           + (f" (Redis behind a {args.redis_delay_ms:g} ms each-way delay: the target is for a direct one)"
              if args.redis_delay_ms > 0 else ""))
     result = {"benchmark": "service", "runs": runs, "warmup": warmup, "settle_ms": args.settle_ms,
-              "redis_delay_ms": args.redis_delay_ms, "jobs": rows,
+              "redis_delay_ms": args.redis_delay_ms, "jobs": rows, "floor": floor,
               "target_added_p50_ms": TARGET_ADDED_P50_MS, "target_met": ok,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count()}}
