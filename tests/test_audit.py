@@ -190,6 +190,23 @@ def test_replay_rejects_bad_records_with_exit_2(content, message, tmp_path, caps
     (("request", "params", "scheduler"), "foo",
      "the record's request is malformed: request.params.scheduler: got 'foo'"),
     (("request", "explain", "rise", "p"), 2.0, "the record's request is malformed: request.explain.rise.p: got 2.0"),
+    # wrong types: 3.5 steps ran as if 3 and matched; a string seed failed on "'<=' not supported"; a boolean
+    # seed ended in a traceback
+    (("request", "params", "steps"), 3.5, "the record's request is malformed: request.params.steps: expected an "
+                                          "integer or null, got 3.5"),
+    (("request", "params", "seed"), "12", "the record's request is malformed: request.params.seed: expected an "
+                                          "integer, got '12'"),
+    (("request", "params", "seed"), True, "the record's request is malformed: request.params.seed: expected an "
+                                          "integer, got True"),
+    (("request", "params", "guidance_scale"), "7", "request.params.guidance_scale: expected a number or null, "
+                                                   "got '7'"),
+    (("request", "params", "sampling", "timesteps"), [900, 1.5], "request.params.sampling.timesteps[1]: expected "
+                                                                 "an integer, got 1.5"),
+    (("request", "explain", "rise", "structure_2x"), 1, "request.explain.rise.structure_2x: expected true or "
+                                                        "false, got 1"),
+    (("request", "explain", "cam", "layers"), "down_blocks.0", "request.explain.cam.layers: expected a list, got "
+                                                               "'down_blocks.0'"),
+    (("request", "output"), [], "request.output: expected an object, got []"),
     # values only the model can judge: they were blamed on --width / --cam-layers, flags replay does not have
     (("request", "params", "width"), 40, "the record's request cannot run on this model: request.params.width: "
                                          "got 40; must be a multiple of 16"),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ from difflens.jobs import (
     TokenMap,
     decode_event,
     encode_event,
+    json_type_problem,
 )
 
 SPECS = [
@@ -44,6 +47,20 @@ SPECS = [
 @pytest.mark.parametrize("spec", SPECS)
 def test_spec_round_trips_through_json(spec):
     assert JobSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_spec_the_service_writes_passes_the_type_check_of_records(spec):
+    """replay refuses a record whose request fails json_type_problem: none that a front or a worker wrote may."""
+    assert json_type_problem(JobSpec, json.loads(spec.to_json()), "request") is None
+
+
+def test_the_type_check_takes_whole_numbers_for_floats_and_names_the_first_wrong_field():
+    d = json.loads(SPECS[1].to_json())
+    d["params"]["guidance_scale"], d["params"]["sampling"]["shift"] = 7, 30  # JSON writers drop ".0"
+    assert json_type_problem(JobSpec, d, "request") is None
+    d["params"]["width"], d["explain"]["rise"]["p"] = 64.0, "0.5"
+    assert json_type_problem(JobSpec, d, "request") == "request.params.width: expected an integer or null, got 64.0"
 
 
 def test_a_worker_of_the_previous_release_reads_every_spec_a_new_front_queues():

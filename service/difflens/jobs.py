@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import sys
+import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin
 
 import numpy as np
 
@@ -89,6 +91,78 @@ class JobSpec:
                    output=OutputOptions(**d["output"], progress_events=bool(d.get("progress_events", False))),
                    deadline=d["deadline"],
                    idempotency_key=d["idempotency_key"], caller=d["caller"])
+
+
+def json_type_problem(cls: type, value: Any, path: str) -> str | None:
+    """Where JSON `value` does not have the types of dataclass `cls` (a JobSpec as to_json writes it), as
+    'params.steps: expected an integer, got 3.5' under `path`, or None. For JSON written by someone else (an audit
+    record): from_json checks values, not types, and a 3.5 for steps got through it. Fields absent from `value`
+    and fields whose annotation names a type not imported here (RiseOptions.masks: torch) are not checked."""
+    if not isinstance(value, dict):
+        return f"{path}: expected an object, got {value!r}"
+    module = vars(sys.modules[cls.__module__])
+    for f in dataclasses.fields(cls):
+        if f.name not in value:
+            continue
+        try:
+            tp = eval(f.type, module) if isinstance(f.type, str) else f.type  # noqa: S307 - our own annotations
+        except NameError:
+            continue
+        problem = _value_problem(tp, value[f.name], f"{path}.{f.name}" if path else f.name)
+        if problem:
+            return problem
+    return None
+
+
+def _value_problem(tp: Any, value: Any, path: str) -> str | None:
+    if dataclasses.is_dataclass(tp):
+        return json_type_problem(tp, value, path)  # type: ignore[arg-type]
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if any(_value_problem(a, value, path) is None for a in args):
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and value is not None:  # X | None: what is wrong inside X, if X is a list or object
+            problem = _value_problem(others[0], value, path)
+            if problem is not None and not problem.startswith(f"{path}: "):
+                return problem
+        return f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return f"{path}: expected a list, got {value!r}"
+        for i, item in enumerate(value):
+            problem = _value_problem(args[0], item, f"{path}[{i}]")
+            if problem:
+                return problem
+        return None
+    if not _is(tp, value):
+        return f"{path}: expected {_type_name(tp)}, got {value!r}"
+    return None
+
+
+def _is(tp: Any, value: Any) -> bool:
+    if get_origin(tp) is Literal:  # which of the choices is checked by the dataclass itself (check_choice)
+        return all(isinstance(value, type(a)) for a in get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 @dataclass(frozen=True)

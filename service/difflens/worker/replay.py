@@ -27,7 +27,7 @@ from difflens import audit
 from difflens.config import ServiceSettings, Settings
 from difflens.engine.options import ExplainOptions, GenerationParams
 from difflens.errors import InvalidArgument
-from difflens.jobs import JobSpec
+from difflens.jobs import JobSpec, json_type_problem
 from difflens.models import config_sha256, weights_sha256
 
 if TYPE_CHECKING:
@@ -259,6 +259,9 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     every compared item and every new map's hash (and, from a server, audit.json is the new job's record).
     Bad input (file, record, model folder, weights, options) raises InvalidArgument before anything runs."""
     record = read_record(path)
+    problem = json_type_problem(JobSpec, record["request"], "request")
+    if problem:
+        raise InvalidArgument("AUDIT", f"the record's request is malformed: {problem}")
     try:
         spec = JobSpec.from_json(json.dumps(record["request"]))
     except InvalidArgument as e:  # a value of the recorded request: not one of this command's flags
