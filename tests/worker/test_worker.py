@@ -182,6 +182,39 @@ def test_reclaimed_job_does_not_republish_steps(make_worker, tiny_dir):
     assert not queue.publish(ghost, Step(index=2, timestep=0, num_steps=4))  # the ghost lost the job
 
 
+def test_a_worker_that_takes_its_own_job_back_heartbeats_the_new_delivery(make_worker, tiny_dir, monkeypatch):
+    """Its heartbeats failed for longer than the visibility timeout (a queue outage), so its own reclaim took the
+    job back as delivery 2. The first delivery's thread, on its way out, dropped the new delivery from the jobs
+    the worker heartbeats: it was reclaimed again and again and dead-lettered, the worker alive all along."""
+    from difflens.queue.memory import InProcessQueue
+    from difflens.worker import job as job_module
+
+    s = settings(tiny_dir, visibility_timeout_s=1.0, max_deliveries=3)
+    queue = InProcessQueue(s)
+    check = job_module.JobRun._check
+
+    def slow_check(self, index):  # a big model's step: the job outlasts the outage
+        time.sleep(0.1)
+        check(self, index)
+
+    monkeypatch.setattr(job_module.JobRun, "_check", slow_check)
+    heartbeat, outage_end = queue.heartbeat, time.monotonic() + 1.6
+
+    def failing_heartbeat(claim):
+        if time.monotonic() < outage_end:
+            raise ConnectionError("the queue is unreachable (test)")
+        return heartbeat(claim)
+
+    queue.heartbeat = failing_heartbeat
+    # Progress events: the first delivery's next publish finds its claim lost and the thread ends at once
+    job_id = queue.enqueue(spec(steps=40, methods=(), output=OutputOptions(progress_events=True))).id
+    make_worker(s, queue)
+    events = wait_terminal(queue, job_id)
+    assert isinstance(events[-1], Completed), events[-1]
+    assert [e.attempt for e in events if isinstance(e, Started)] == [1, 2]
+    assert json.loads(events[-1].audit_json)["attempt"] == 2
+
+
 def test_a_bad_job_fails_with_invalid_argument_naming_the_field(make_worker, memory_queue, worker_settings):
     job_id = memory_queue.enqueue(spec(width=20)).id
     make_worker(worker_settings, memory_queue)

@@ -63,6 +63,9 @@ class Worker:
         self.name = name or default_name()
         self.stats = UNetCallStats()
         self._batchers: dict[str, UNetBatcher] = {}
+        # claim token -> the claim, its `lost` flag, whether it holds. By token, not job id: a worker can hold two
+        # deliveries of one job for a moment (its heartbeats failed past the visibility timeout and its own
+        # reclaim took the job back), and the older one's end must not drop the newer one from the heartbeats.
         self._held: dict[str, tuple[Claim, threading.Event, Future[bool]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,7 +106,7 @@ class Worker:
     def held(self) -> list[str]:
         """Ids of the jobs this worker holds right now."""
         with self._lock:
-            return list(self._held)
+            return list(dict.fromkeys(claim.job_id for claim, _, _ in self._held.values()))
 
     def run(self, stop: threading.Event) -> None:
         """Claim and run jobs until `stop` is set; then finish the jobs held and return."""
@@ -182,14 +185,17 @@ class Worker:
              confirmed: Future[bool]) -> None:
         lost = threading.Event()
         with self._lock:
-            self._held[claim.job_id] = (claim, lost, confirmed)
+            for older, older_lost, _ in self._held.values():
+                if older.job_id == claim.job_id:  # the queue delivered the job again: the older claim is void
+                    older_lost.set()
+            self._held[claim.token] = (claim, lost, confirmed)
         try:
             self._run_claim(claim, lost, publisher, confirmed)
         except Exception:  # never let a job thread die silently (queue errors while finishing, ...)
             log.exception("worker %s: job %s: unhandled error", self.name, claim.job_id)
         finally:
             with self._lock:
-                self._held.pop(claim.job_id, None)
+                self._held.pop(claim.token, None)
             slots.release()
 
     def _run_claim(self, claim: Claim, lost: threading.Event, publisher: Executor, confirmed: Future[bool]) -> None:
