@@ -448,3 +448,31 @@ def test_a_write_retried_after_its_reply_was_lost_is_applied_once(rb, queue_name
     assert q.publish(c, Progress(0, 999, 2))
     assert q.finish(c, Completed(b"png", "{}"))
     assert [type(e).__name__ for _, e in q.events(job.id)] == ["Queued", "Progress", "Completed"]
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["claim", "claim-ahead"])
+def test_a_claim_retried_after_its_reply_was_lost_is_applied_once(rb, queue_name, ahead):
+    """The claim script ran but its reply was lost: confirm() failed, the job thread stopped, and the job sat
+    running with a Started event under a claim nobody held until the visibility timeout, then ran again as
+    delivery 2 (one of max_deliveries spent on a network blip)."""
+    q = rb.queue()
+    job = q.enqueue(spec())
+    script, replies = q._claim, []
+
+    def reply_lost_once(*args, **kw):
+        replies.append(script(*args, **kw))
+        if len(replies) == 1:
+            raise redis.ConnectionError("connection reset while reading the reply")
+        return replies[-1]
+
+    q._claim = reply_lost_once
+    if ahead:
+        c, confirm = q.claim_ahead("w", MODELS, block_s=2)
+        assert confirm()
+    else:
+        c = q.claim("w", MODELS, block_s=2, start=True)
+    assert c is not None and (c.delivery, c.started, c.resumed) == (1, True, False)
+    assert len(replies) == 2 and q.get(job.id).deliveries == 1
+    assert [type(e).__name__ for _, e in q.events(job.id)] == ["Queued", "Started"]
+    assert q.heartbeat(c)
+    assert q.finish(c, Completed(b"png", "{}"))

@@ -91,12 +91,18 @@ return {'new', tostring(depth)}
 # is stale (job expired or already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel,
 # created_at, started, resumed (1: held before, by a worker that died or handed it back)}. With start = 1 and
 # nothing against handing the job out (claim_verdict's three tests, on the same `now`), the Started event is
-# appended and the job is running: started = 1.
+# appended and the job is running: started = 1. The same token again (a retry after a lost reply) gets the same
+# answer with nothing applied twice: no second delivery, no second Started event.
 CLAIM = PRELUDE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (not state) or is_terminal(state) then
   drop_entry(ARGV[2], ARGV[1], ARGV[7])
   return false
+end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[3] then
+  local h = redis.call('HMGET', KEYS[1], 'deliveries', 'spec', 'cancel', 'created_at', 'claim_started',
+                       'claim_resumed')
+  return {tonumber(h[1]), h[2], h[3], h[4], tonumber(h[5]), tonumber(h[6])}
 end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 local resumed = 0
@@ -114,6 +120,7 @@ if ARGV[8] == '1' and cancel ~= '1' and n <= tonumber(ARGV[9])
   redis.call('HSET', KEYS[1], 'state', 'running')
   started = 1
 end
+redis.call('HSET', KEYS[1], 'claim_started', started, 'claim_resumed', resumed)
 touch(ARGV[6])
 return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started,
         resumed}

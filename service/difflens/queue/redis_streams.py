@@ -435,9 +435,11 @@ class RedisStreamsQueue:
         watch then tracks the job from `generation`, its subscription's before the claim script ran."""
         token, now = token or new_token(), time.time()
         model = self._work.model_of(stream)
-        reply = self._claim(keys=self._keys(job_id, model),
-                            args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id, 1 if start else 0,
-                                  self.settings.max_deliveries])
+        # through blips: a lost reply used to leave the job running under a claim nobody held (a Started event
+        # out, a delivery spent) until the visibility timeout; a retry with the token is answered, not re-applied
+        reply = self._through_blips(f"claiming job {job_id}", lambda: self._claim(
+            keys=self._keys(job_id, model), args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id,
+                                                  1 if start else 0, self.settings.max_deliveries]))
         if not reply:
             return None
         deliveries, spec_json, cancel, created_at = int(reply[0]), reply[1], reply[2] == b"1", float(reply[3])
