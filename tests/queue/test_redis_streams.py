@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -161,6 +162,22 @@ def test_a_spec_this_worker_cannot_read_fails_the_job_instead_of_the_worker(rb, 
     assert q.claim("w", MODELS, block_s=0.5) is None
     (_, last), = q.events(job.id)[-1:]
     assert isinstance(last, Failed) and last.code == "INTERNAL" and "spec" in last.message
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["claim", "claim-ahead"])
+def test_a_job_whose_spec_this_worker_cannot_read_fails_without_a_started_event(rb, queue_name, ahead):
+    """The claim script wrote Started before Python failed the job: a job failed at claim time showed one."""
+    from difflens.queue.common import new_job_id
+
+    q = rb.queue()
+    job_id = new_job_id()
+    keys, args = q._enqueue_call(spec(), job_id, time.time())
+    args[1] = json.dumps({"model": MODEL, "params": {"prompt": "x", "a_newer_field": 1}})  # a newer front's
+    q._enqueue(keys=keys, args=args)
+    assert (q.claim_ahead("w", MODELS, block_s=1) if ahead else q.claim("w", MODELS, block_s=1, start=True)) is None
+    events = [e for _, e in q.events(job_id)]
+    assert [type(e).__name__ for e in events] == ["Queued", "Failed"]
+    assert events[-1].code == "INTERNAL" and "cannot read the job's spec" in events[-1].message
 
 
 def test_queues_with_different_names_are_isolated(rb, redis_url, queue_name):

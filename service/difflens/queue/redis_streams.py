@@ -81,6 +81,14 @@ def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim 
                  enqueued_at=float(fields[b"at"]), started=True)
 
 
+def _readable(spec_json: bytes) -> bool:
+    try:
+        JobSpec.from_json(spec_json)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def record_from_hash(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
     """A JobRecord from the job hash and its rank in the waiting set (JobNotFound when the hash is gone)."""
     if not h:
@@ -414,7 +422,10 @@ class RedisStreamsQueue:
             first = _ahead_claim(job_id, fields, worker) if ahead and fields is not None else None
             if first is not None:
                 return first, functools.partial(self._confirm_ahead, stream, entry_id, first, generation)
-            claim = self._take(worker, stream, entry_id, job_id, start=start, generation=generation)
+            # A spec this worker cannot read fails the job in _take: not after a Started event the script wrote
+            unreadable = fields is not None and b"spec" in fields and not _readable(fields[b"spec"])
+            claim = self._take(worker, stream, entry_id, job_id, start=start and not unreadable,
+                               generation=generation)
             if claim is not None:
                 return claim, settled
 
