@@ -90,7 +90,8 @@ def test_a_tampered_hash_is_reported_as_a_mismatch(record, tiny_dir, tmp_path, c
     text = capsys.readouterr().out
     [row] = [line for line in text.splitlines() if line.startswith("step001/cam ")]
     assert row.split()[-1] == "NO" and row.split()[1] == "0" * 12
-    assert f"{len(text.splitlines()) - 3}/" in text.splitlines()[-1]  # every other item still matches
+    rows = [line for line in text.splitlines() if line.split()[-1:] in (["yes"], ["NO"])]
+    assert f"{len(rows) - 1}/{len(rows)} items match" in text.splitlines()[-1]  # every other item still matches
 
 
 def test_replay_refuses_other_weights(record, tiny_dir, tmp_path, capsys):
@@ -186,6 +187,7 @@ def test_replay_rejects_bad_records_with_exit_2(content, message, tmp_path, caps
     (("resolved", "timesteps"), ["a"], "malformed record: resolved.timesteps: expected a list of integers"),
     (("rise_exact",), [True], "malformed record: rise_exact: expected an object"),
     (("hashes", "maps", "x"), {}, "malformed record: hashes.maps: expected an object of step index"),
+    (("runtime", "torch_threads"), 0, "malformed record: runtime.torch_threads: expected an integer >= 1"),
     (("request", "params", "seed"), -1, "the record's request is malformed: request.params.seed: got -1"),
     (("request", "params", "scheduler"), "foo",
      "the record's request is malformed: request.params.scheduler: got 'foo'"),
@@ -239,6 +241,27 @@ def test_a_differing_rise_map_of_a_batched_step_is_not_a_failure(record, tiny_di
     assert last.endswith("; 1 DF-RISE map(s) of steps batched with other jobs differ, which the record allows")
     bad["hashes"]["maps"]["1"]["cam"] = "0" * 64  # any other map still fails it
     assert main(["replay", _write(tmp_path, bad), "--model-dir", str(tiny_dir)]) == 1
+
+
+def test_replay_runs_with_the_records_torch_thread_count(tiny_dir, tiny_model, tmp_path, capsys):
+    """Maps depend on torch's thread count. Replay ran at its own process's, so a faithful record of a worker with
+    another (a worker counts the CPUs it may use, torch its own way; --threads) failed to match."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        events = run_one(tiny_model, settings(tiny_dir), spec("a red circle", seed=3, steps=2,
+                                                              methods=("rise", "cam", "attn")))
+        rec = json.loads(events[-1].audit_json)
+        assert rec["runtime"]["torch_threads"] == 1
+        torch.set_num_threads(2)
+        assert main(["replay", _write(tmp_path, rec), "--model-dir", str(tiny_dir)]) == 0
+        assert "1 torch thread" in capsys.readouterr().out
+        assert torch.get_num_threads() == 2  # the process's own count again afterwards
+        # --threads overrides it (the hashes then need not match)
+        main(["replay", _write(tmp_path, rec), "--model-dir", str(tiny_dir), "--threads", "2"])
+        assert "2 torch threads (the record's: 1)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_replay_needs_the_records_model(record, tmp_path, capsys):

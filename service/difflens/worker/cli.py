@@ -60,6 +60,8 @@ def add_replay(sub: argparse._SubParsersAction) -> None:
                                                           "checked against the record's)")
     p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report, replay.json) here; "
                                             "required when re-explaining")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the record's; maps "
+                                                            "depend on it)")
     add_explanation_flags(p, keep="the record")
     p.set_defaults(run=run_replay)
 
@@ -145,8 +147,9 @@ def run_replay(args: argparse.Namespace) -> int:
     models = dict(ServiceSettings.parse_models(args.model))
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("--out", f"{args.out} exists and is not a folder")
+    _positive("--threads", args.threads)
     if args.server is not None:
-        for flag in ("model", "model_dir", "device"):
+        for flag in ("model", "model_dir", "device", "threads"):
             if getattr(args, flag) is not None:
                 raise InvalidArgument(f"--{flag.replace('_', '-')}",
                                       "not used with --server (the server's models and settings apply)")
@@ -154,7 +157,7 @@ def run_replay(args: argparse.Namespace) -> int:
     overrides = (lambda base: explanation_options(args, base)) if explanation_given(args) else None
     try:
         return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out,
-                      explain=overrides, server=args.server)
+                      explain=overrides, server=args.server, threads=args.threads)
     except ReplayFailed as e:
         print(f"difflens: error: {e}", file=sys.stderr)
         return 1

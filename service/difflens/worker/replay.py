@@ -84,6 +84,9 @@ def _record_problem(record: Mapping[str, Any]) -> str | None:
     exact = record.get("rise_exact", {})
     if not isinstance(exact, dict) or not all(k.isdigit() and isinstance(v, bool) for k, v in exact.items()):
         return "rise_exact: expected an object of step index -> true or false"
+    threads = record["runtime"].get("torch_threads", 1)
+    if not (is_int(threads) and threads >= 1):
+        return "runtime.torch_threads: expected an integer >= 1"
     resolved = record.get("resolved")
     if resolved is not None:
         if not isinstance(resolved, dict):
@@ -144,11 +147,14 @@ def check_weights(folder: Path, recorded: Mapping[str, str]) -> None:
         raise InvalidArgument("--model-dir", f"{folder}: weights differ from the record's: {'; '.join(problems)}")
 
 
-def runtime_settings(record: Mapping[str, Any], device: str | None) -> Settings:
+def runtime_settings(record: Mapping[str, Any], device: str | None, threads: int | None = None) -> Settings:
+    """The record's device, dtype, UNet backend and torch thread count (maps depend on each), `device` and
+    `threads` overriding theirs."""
     rt = record["runtime"]
     try:
         settings = Settings(device=device or rt.get("device", "cpu"), dtype=rt.get("dtype", "float32"),
-                            unet_backend=rt.get("unet_backend", "eager"))
+                            unet_backend=rt.get("unet_backend", "eager"),
+                            threads=threads if threads is not None else rt.get("torch_threads", 0))
     except InvalidArgument as e:
         raise InvalidArgument("AUDIT", f"runtime.{e.field}: {e.message}") from None
     if settings.device.startswith("cuda"):
@@ -189,13 +195,17 @@ def unchanged_methods(recorded: ExplainOptions, now: ExplainOptions) -> set[str]
 
 
 def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None, models: Mapping[str, str],
-              device: str | None) -> tuple[Explanation, dict[str, Any], dict[str, str]]:
-    """Run `spec` in-process on the record's model (its weights checked first) -> (explanation, its hashes, the
-    folder's config hashes)."""
+              device: str | None, threads: int | None = None, echo: Callable[[str], None] = print) \
+        -> tuple[Explanation, dict[str, Any], dict[str, str]]:
+    """Run `spec` in-process on the record's model (its weights checked first), with the record's runtime (device,
+    dtype, backend, torch threads; `device` and `threads` override theirs) -> (explanation, its hashes, the folder's
+    config hashes). The process's torch thread count is restored afterwards."""
     folder = resolve_folder(record, model_dir, dict(models))
     check_weights(folder, record["model"].get("weights_sha256", {}))
     configs = config_sha256(folder)
-    settings = runtime_settings(record, device)
+    settings = runtime_settings(record, device, threads)
+
+    import torch
 
     from difflens.engine.explain import run_explanation
     from difflens.engine.loading import load_model
@@ -203,8 +213,25 @@ def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None
     from difflens.worker.job import image_png
 
     model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
-    exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
+    before = torch.get_num_threads()
+    try:
+        echo(f"difflens: replaying on {settings.device}, {settings.dtype}, {settings.unet_backend}, "
+             f"{threads_text(settings.apply_threads())}{recorded_threads(record, threads)}")
+        exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
+    finally:
+        torch.set_num_threads(before)
     return exp, audit.explanation_hashes(exp, image_png(exp.image)), configs
+
+
+def threads_text(n: Any) -> str:
+    return f"{n} torch thread{'' if n == 1 else 's'}"
+
+
+def recorded_threads(record: Mapping[str, Any], threads: int | None) -> str:
+    """' (the record's: N)' when --threads overrides the record's count, else ''."""
+    recorded = record["runtime"].get("torch_threads")
+    return f" (the record's: {recorded})" if threads is not None and recorded is not None and recorded != threads \
+        else ""
 
 
 def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str) -> tuple[Explanation, dict[str, Any]]:
@@ -247,7 +274,7 @@ def tell_config_change(rows: list[tuple[str, str, str, bool]], echo: Callable[[s
 def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models: Mapping[str, str] | None = None,
            device: str | None = None, out: str | os.PathLike[str] | None = None,
            explain: Callable[[ExplainOptions], ExplainOptions] | None = None, server: str | None = None,
-           echo: Callable[[str], None] = print) -> int:
+           threads: int | None = None, echo: Callable[[str], None] = print) -> int:
     """Re-run the record at `path`; print the per-item table; 0 if every compared hash matches (or differs only in
     a DF-RISE map the record says was batched with other jobs), 1 if not.
 
@@ -281,7 +308,7 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
     try:
         if server is None:
             exp, replayed, configs = run_local(record, run_spec, model_dir=model_dir, models=models or {},
-                                               device=device)
+                                               device=device, threads=threads, echo=echo)
         else:
             exp, new_record = run_remote(record, run_spec, server)
     except InvalidArgument as e:
@@ -296,6 +323,9 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
         companions["audit.json"] = audit.dumps(new_record).encode("utf-8")
         echo(f"difflens: ran as job {new_record.get('job_id')} on {server} ({runtime_line(new_record)}; "
              f"recorded: {runtime_line(record)})")
+        if runtime_key(new_record) != runtime_key(record):
+            echo("difflens: the server ran it on another runtime than the record's: the maps are not expected to "
+                 "match bit for bit")
     recorded, new = dict(record["hashes"]), dict[str, str]()
     if re_explained:
         recorded["maps"], replayed["maps"], new = audit.comparable_maps(
@@ -351,6 +381,14 @@ def timestep_rows(recorded: Any, replayed: Any, echo: Callable[[str], None]) -> 
     return [("timesteps", a, b, a == b)]
 
 
+def runtime_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a record's runtime the results depend on: device, dtype, backend, and on a CPU the thread count."""
+    rt = record.get("runtime", {})
+    device = rt.get("device")
+    return device, rt.get("dtype"), rt.get("unet_backend"), rt.get("torch_threads") if device == "cpu" else None
+
+
 def runtime_line(record: Mapping[str, Any]) -> str:
     rt = record.get("runtime", {})
-    return f"{rt.get('device', '?')}, {rt.get('dtype', '?')}, {rt.get('unet_backend', '?')}"
+    return (f"{rt.get('device', '?')}, {rt.get('dtype', '?')}, {rt.get('unet_backend', '?')}, "
+            f"{threads_text(rt.get('torch_threads', '?'))}")
