@@ -131,6 +131,43 @@ def test_an_embedded_drain_past_its_grace_fails_the_worker_s_jobs_as_the_server_
     assert stopped_in < 15, stopped_in
 
 
+def test_an_embedded_drain_sends_the_shutdown_failure_even_when_the_step_outlasts_the_servers_stop(tiny_dir, tiny_model,
+                                                                                                monkeypatch):
+    """The Failed event came only at the job's next step. A step longer than the server's last second meant the
+    streams were cut first: the client saw a transport UNAVAILABLE, resumed against a closed port for 30 s and
+    then said the job 'may still be running', from a queue that was gone. Queued jobs fail alike."""
+    import threading
+
+    from difflens.api.server import BackgroundServer
+    from difflens.jobs import Failed, Started
+    from difflens.models import ModelRegistry
+    from difflens.worker import job as job_module
+
+    check = job_module.JobRun._check
+
+    def slow_check(self, index):  # a big model's step
+        if index >= 1:
+            time.sleep(4)
+        check(self, index)
+
+    monkeypatch.setattr(job_module.JobRun, "_check", slow_check)
+    s = settings(tiny_dir, worker_max_jobs=1)
+    srv = BackgroundServer(s, run_worker=True, registry=ModelRegistry(s, preloaded={MODEL: tiny_model})).start()
+    queue = srv.server.queue
+    with DifflensClient(srv.target, resume_for_s=2) as client:
+        stream = client.explain(job(steps=4, masks=4), timeout=60)
+        events = iter(stream)
+        assert any(isinstance(e, Started) for e in events)
+        queued = client.submit(job(steps=4, masks=4, seed=1))  # waits behind it (one job at a time)
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace_s": 0.2})
+        stopper.start()
+        rest = list(events)
+        stopper.join(60)
+    assert isinstance(rest[-1], Failed) and rest[-1].code == "UNAVAILABLE", rest[-1:]
+    assert rest[-1].message.startswith("the server shut down before the job finished")
+    assert queue.get(queued.id).error.startswith("UNAVAILABLE: the server shut down")
+
+
 def _wait_for_streams(srv, n: int) -> None:
     end = time.monotonic() + 30
     while srv.server.front._streams < n:

@@ -29,7 +29,10 @@ from difflens.api.servicer import ExplainerServicer
 from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
 from difflens.errors import InvalidArgument
+from difflens.jobs import Failed
 from difflens.queue.base import JobQueue
+from difflens.queue.common import SHUTDOWN_MESSAGE
+from difflens.queue.memory import InProcessQueue
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,11 @@ class DifflensServer:
             log.info("drain: the embedded worker's jobs fail at their next step (%d held: %s)", len(held),
                      ", ".join(held) or "none")
             self.worker.fail_held()
+            if isinstance(self.queue, InProcessQueue):
+                # ... and in the queue at once, queued ones too: the streams still open get the Failed event
+                # before the server stops, even when the step running now outlasts its last second
+                ended = self.queue.end_all(Failed("UNAVAILABLE", SHUTDOWN_MESSAGE))
+                log.info("drain: %d job(s) not ended failed UNAVAILABLE (the queue goes with the process)", ended)
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
         self._sampler_stop.set()

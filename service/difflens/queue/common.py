@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # the hint is a fixed, short wait: long enough that retrying clients do not hammer a full queue.
 QUEUE_FULL_RETRY_S = 1.0
 CANCELLED_MESSAGE = "cancelled by the caller"
+# A job that cannot finish because its queue goes with the process (serve --embedded, stopping).
+SHUTDOWN_MESSAGE = "the server shut down before the job finished; submit it again"
 QUEUED_DEADLINE_MESSAGE = "the job's deadline passed while it waited in the queue"
 # The dead-letter record keeps the most recent this many jobs (Redis: approximately, XADD MAXLEN ~), so a fleet
 # that keeps killing jobs cannot grow it without bound.

@@ -179,6 +179,16 @@ class InProcessQueue:
         with self._cond:
             self._cond.notify_all()
 
+    def end_all(self, event: Failed) -> int:
+        """End every job not ended yet with `event` (the process, and this queue with it, is going: serve
+        --embedded stopping): their streams get it at once, instead of waiting for a step that may outlast the
+        server. A worker's later publish or finish of such a job finds it ended. Returns how many were ended."""
+        with self._cond:
+            open_jobs = [job for job in self._jobs.values() if not job.done]
+            for job in open_jobs:
+                self._ended(job, event)
+            return len(open_jobs)
+
     # ------------------------------------------------------------ worker side
 
     def claim(self, worker: str, models: Collection[str], block_s: float = 1.0,

@@ -30,14 +30,19 @@ from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobNotFound, JobQueue, Published
-from difflens.queue.common import CANCELLED_MESSAGE, STORAGE_FULL_MESSAGE, retrying, storage_full
+from difflens.queue.common import (
+    CANCELLED_MESSAGE,
+    SHUTDOWN_MESSAGE,
+    STORAGE_FULL_MESSAGE,
+    retrying,
+    storage_full,
+)
 from difflens.worker.batching import JobRunner
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error while running the job (details are in the worker's log)"
 AUDIT_STORE_MESSAGE = "the job's audit record could not be stored (details are in the worker's log)"
-SHUTDOWN_MESSAGE = "the server shut down before the job finished; submit it again"
 # The engine names the attention method "attn"; metrics and the contract say "attention".
 METRIC_METHOD = {"rise": "rise", "cam": "cam", "attn": "attention"}
 
