@@ -51,3 +51,20 @@ def test_requests_without_a_key_get_one_so_retries_are_safe(tiny_dir):
         assert client.request(job(key="mine")).idempotency_key == "mine"
     finally:
         client.close()
+
+
+def test_a_ready_request_takes_timeout_s_as_its_timeout_seconds():
+    """submit(<ExplainRequest>, timeout_s=...) sent the request as it was: the job ran with no deadline."""
+    from difflens.api.pb import pb
+    from difflens.errors import InvalidArgument
+
+    with DifflensClient("127.0.0.1:1") as client:  # no call is made
+        mine = pb.ExplainRequest(prompt="a red circle", steps=150)
+        req = client.request(mine, timeout_s=0.05)
+        assert req.HasField("timeout_seconds") and req.timeout_seconds == 0.05 and req.idempotency_key
+        assert not mine.HasField("timeout_seconds") and not mine.idempotency_key  # the caller's message as it was
+        assert not client.request(mine).HasField("timeout_seconds")
+        mine.timeout_seconds = 0.05
+        assert client.request(mine, timeout_s=0.05).timeout_seconds == 0.05
+        with pytest.raises(InvalidArgument, match="timeout_s.*timeout_seconds 0.05"):
+            client.request(mine, timeout_s=9.0)

@@ -41,6 +41,7 @@ from difflens.api import convert
 from difflens.api.interceptors import RETRY_AFTER_KEY
 from difflens.api.pb import pb, pb_grpc
 from difflens.api.servicer import CALLER_KEY
+from difflens.errors import InvalidArgument
 from difflens.jobs import TERMINAL_EVENTS, Completed, Event, Failed, JobRecord, JobSpec, Step
 
 if TYPE_CHECKING:
@@ -183,10 +184,18 @@ class DifflensClient:
     # ------------------------------------------------------------ calls
 
     def request(self, spec: JobSpec | Any, timeout_s: float | None = None) -> Any:
-        """JobSpec or ExplainRequest -> an ExplainRequest that carries an idempotency key."""
-        req = spec if isinstance(spec, pb.ExplainRequest) else convert.spec_to_request(spec, timeout_s)
+        """JobSpec or ExplainRequest -> an ExplainRequest that carries an idempotency key, and `timeout_s` as its
+        timeout_seconds (an ExplainRequest that has another one: InvalidArgument)."""
+        if not isinstance(spec, pb.ExplainRequest):
+            req = convert.spec_to_request(spec, timeout_s)
+        else:
+            if timeout_s is not None and spec.HasField("timeout_seconds") and spec.timeout_seconds != timeout_s:
+                raise InvalidArgument("timeout_s", f"got {timeout_s}; the request says timeout_seconds "
+                                                   f"{spec.timeout_seconds}: give one of them")
+            req = pb.ExplainRequest.FromString(spec.SerializeToString())  # leave the caller's message alone
+            if timeout_s is not None:
+                req.timeout_seconds = timeout_s
         if not req.idempotency_key:
-            req = pb.ExplainRequest.FromString(req.SerializeToString())  # leave the caller's message alone
             req.idempotency_key = f"client-{uuid.uuid4().hex}"
         return req
 
