@@ -199,6 +199,10 @@ def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir
     ("nohost", "tiny", [], "--server: got 'nohost'; expected HOST:PORT"),
     ("127.0.0.1:1", "tiny", ["--backend", "eager"], "--backend: not used with --server"),
     ("{target}", "tiny", ["--masks", "100000"], "--masks: got 100000; allowed range [1, 8192]"),
+    # too few: the engine-wide range was told ([1, 1000000]), not the deployment's
+    ("{target}", "tiny", ["--masks", "0"], "--masks: got 0; allowed range [1, 8192]"),
+    ("{target}", "tiny", ["--batch", "0"], "--batch: got 0; allowed range [1, 1024]"),
+    ("{target}", "tiny", ["--steps", "0"], "--steps: got 0; allowed range [1, 200]"),
     ("{target}", "tiny", ["--cam-layers", "up_blocks.7.resnets.0"], "--cam-layers: unknown layer path(s)"),
     ("{target}", "nope", [], "model: unknown model 'nope'; available: tiny"),
     ("{target}", "tiny", ["--timeout", "0"], "--timeout: got 0; must be > 0 (seconds)"),

@@ -196,11 +196,36 @@ def remote_spec(args: argparse.Namespace) -> Any:
     check_server(args.server)
     if args.timeout is not None and not args.timeout > 0:
         raise InvalidArgument("--timeout", f"got {args.timeout:g}; must be > 0 (seconds)")
+    check_server_limits(args)
     r = build_request(args)
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
     # Progress events: the bar moves on every denoising step, not only on the explained ones.
     return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"],
                    output=OutputOptions(map_dtype=args.map_dtype or "float32", progress_events=True))
+
+
+def check_server_limits(args: argparse.Namespace) -> None:
+    """The counts given (--steps, --masks, --batch) against the server's limits, before the engine-wide ranges of
+    the local checks apply: a value past either end is told the range this deployment allows, as the server tells
+    it. Best effort: a server that cannot say (down, older) leaves it to the checks that follow."""
+    given = {"steps": args.steps, "rise.num_masks": getattr(args, "masks", None),
+             "rise.batch_size": getattr(args, "batch", None)}
+    if all(v is None for v in given.values()):
+        return
+    import grpc
+
+    from difflens.client import DifflensClient
+    from difflens.config import Limits
+    from difflens.validation import check_given_limits
+
+    try:
+        with DifflensClient(args.server, retries=0) as client:
+            pb_limits = client.list_models(timeout=5).limits
+    except grpc.RpcError:
+        return
+    if pb_limits.max_steps and pb_limits.max_masks and pb_limits.max_rise_batch:
+        check_given_limits(given, Limits(max_steps=pb_limits.max_steps, max_masks=pb_limits.max_masks,
+                                         max_rise_batch=pb_limits.max_rise_batch))
 
 
 class RemoteProgress:
