@@ -274,6 +274,10 @@ def explanation_from_events(events: list[Event]) -> Explanation:
                for row in record.get("timings", {}).get("steps", [])}
     # The prompt's words; a record from before they were recorded has them only with attention maps.
     steps, tokens = [], [str(w) for w in resolved.get("tokens", [])]
+    # A prompt of no words has attention maps of no rows, (0, h, w): no TokenMap carries them (older records
+    # lack the size, and then the step has no attention maps)
+    size = resolved.get("latent_size")
+    attention_on = "attn" in resolved.get("methods", ()) and isinstance(size, list) and len(size) == 2
     for ev in events:
         if not isinstance(ev, Step):
             continue
@@ -282,6 +286,9 @@ def explanation_from_events(events: list[Event]) -> Explanation:
             tokens = [t.token for t in ev.tokens]
             maps["attn"] = torch.from_numpy(np.stack([np.asarray(t.map, np.float32) for t in ev.tokens]))
             maps["attn_relevance"] = torch.tensor([t.relevance for t in ev.tokens], dtype=torch.float32)
+        elif attention_on:
+            maps["attn"] = torch.zeros((0, int(size[0]), int(size[1])))
+            maps["attn_relevance"] = torch.zeros(0)
         steps.append(StepExplanation(ev.index, ev.timestep, maps, seconds.get(ev.index, {})))
     image = np.asarray(Image.open(io.BytesIO(done.image_png)).convert("RGB"))
     timesteps = [int(t) for t in resolved["timesteps"]]

@@ -167,17 +167,24 @@ def test_replay_on_the_server_bad_flags_exit_2(embedded, served_record, capsys, 
     assert message in capsys.readouterr().err
 
 
-def _explain_args(out: Path) -> list[str]:
-    return ["a red circle", "--out", str(out), "--steps", "3", "--guidance", "2", "--masks", "8", "--batch", "4",
-            "--cam-layers", ",".join(CAM_LAYERS), "--explain-steps", "0,2"]
+def _explain_args(out: Path, prompt: str = "a red circle", attention_only: bool = False) -> list[str]:
+    options = ["--methods", "attn"] if attention_only else ["--masks", "8", "--batch", "4", "--cam-layers",
+                                                             ",".join(CAM_LAYERS)]
+    return [prompt, "--out", str(out), "--steps", "3", "--guidance", "2", *options, "--explain-steps", "0,2"]
 
 
-@pytest.mark.parametrize("flags", [[], ["--methods", "rise,cam"]], ids=["all", "no-attention"])
-def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir, tmp_path, capsys, flags):
-    """Byte for byte, but for timings; without attention maps too (the npz's tokens then come from the record)."""
+@pytest.mark.parametrize(("flags", "prompt"), [([], "a red circle"), (["--methods", "rise,cam"], "a red circle"),
+                                              (None, "")],
+                         ids=["all", "no-attention", "attention-of-no-words"])
+def test_explain_server_writes_the_files_of_the_local_command(embedded, tiny_dir, tmp_path, capsys, flags, prompt):
+    """Byte for byte, but for timings; without attention maps too (the npz's tokens then come from the record);
+    attention on a prompt of no words (a step's maps are then (0, h, w): the served run wrote none, and fewer
+    files)."""
     remote, local = tmp_path / "remote", tmp_path / "local"
-    assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote), *flags]) == 0
-    assert main(["explain", str(tiny_dir), *_explain_args(local), *flags]) == 0
+    only = flags is None
+    flags = flags or []
+    assert main(["explain", "--server", embedded.target, "tiny", *_explain_args(remote, prompt, only), *flags]) == 0
+    assert main(["explain", str(tiny_dir), *_explain_args(local, prompt, only), *flags]) == 0
     err = capsys.readouterr().err
     assert "denoising" in err and "no worker serves" not in err  # the progress bar; a worker was there
     names = {p.name for p in local.iterdir()}

@@ -121,6 +121,7 @@ def run_explanation(
         "unet_backend": runner.backend, "timesteps": gen.timesteps, "methods": list(options.methods),
         "explained_steps": [s.index for s in explained],
         "tokens": [t.text for t in tokens],  # the prompt's words as the model's tokenizer split them (attn's rows)
+        "latent_size": list(latent_size),  # (h, w) of every map
     }
     return Explanation(to_uint8(gen.image), gen.timesteps, explained, [t.text for t in tokens], record, gen)
 
