@@ -16,6 +16,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # Per-step work is milliseconds on a GPU and seconds on a CPU: buckets span both.
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# A worker that is free takes a job within a millisecond or two (claim-ahead); a busy deployment's jobs wait
+# minutes: from 0.5 ms up.
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                 120.0, 300.0, 600.0, 1800.0)
 
 STEP_DURATION = Histogram(
     "difflens_step_duration_seconds", "Wall time of one denoising step's work, by method and timestep bucket.",
@@ -25,7 +29,7 @@ REQUEST_DURATION = Histogram(
     ["model", "status"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
 QUEUE_WAIT = Histogram(
     "difflens_queue_wait_seconds", "Time a job waited in the queue before a worker took it.",
-    ["model"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
+    ["model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("difflens_queue_depth", "Jobs waiting in the model's queue (sampled by the front).", ["model"],
                     registry=REGISTRY)
 LIVE_WORKERS = Gauge("difflens_live_workers", "Workers serving the model, heard from within the visibility timeout "

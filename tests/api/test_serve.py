@@ -112,6 +112,22 @@ def test_a_port_in_use_exits_2_naming_its_flag(flag, tiny_dir, capsys, monkeypat
     assert f"{flag}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
+def test_a_busy_metrics_port_is_told_before_redis_is_waited_for(capsys, monkeypatch):
+    """The front waited for Redis (up to DIFFLENS_REDIS_WAIT_S) and reported only that, never the busy port."""
+    import socket
+
+    from tests.api.helpers import free_port
+
+    monkeypatch.setenv("DIFFLENS_REDIS_WAIT_S", "0.5")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve", "--redis", f"redis://127.0.0.1:{free_port()}/0", "--port", "0", "--metrics-port", str(port)]
+        assert main(argv) == 2
+    assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_ctrl_c_while_the_stream_resumes_exits_130_without_a_traceback(tiny_dir, tmp_path):
     """The front died mid-call and the CLI is resuming; an interrupt then cannot cancel the job (no front
     answers): it says so, with the job id, instead of a traceback."""

@@ -103,9 +103,9 @@ async def _serve(settings: ServiceSettings, embedded: bool, port_file: Path | No
     from difflens.api.server import DifflensServer
     from difflens.metrics import serve_metrics
 
-    server = DifflensServer(settings, run_worker=embedded)
-    if settings.metrics_port is not None:  # first: a busy port fails before any model loads or port opens
+    if settings.metrics_port is not None:  # first: a busy port fails before any model loads or Redis is waited for
         serve_metrics(settings.metrics_port, settings.metrics_host or settings.host)
+    server = DifflensServer(settings, run_worker=embedded)
     port = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
