@@ -25,10 +25,11 @@ STEP_DURATION = Histogram(
     "difflens_step_duration_seconds", "Wall time of one denoising step's work, by method and timestep bucket.",
     ["model", "method", "t_bucket"], buckets=_STEP_BUCKETS, registry=REGISTRY)
 REQUEST_DURATION = Histogram(
-    "difflens_request_duration_seconds", "Time from enqueue to the job's terminal event.",
+    "difflens_request_duration_seconds", "Time from enqueue to the terminal event of a job a worker ran (jobs "
+    "the queue ends itself, never run, count in difflens_jobs_total only).",
     ["model", "status"], buckets=_REQUEST_BUCKETS, registry=REGISTRY)
 QUEUE_WAIT = Histogram(
-    "difflens_queue_wait_seconds", "Time a job waited in the queue before a worker took it.",
+    "difflens_queue_wait_seconds", "Time a job waited in the queue before a worker took it (first deliveries).",
     ["model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("difflens_queue_depth", "Jobs waiting in the model's queue (sampled by the front).", ["model"],
                     registry=REGISTRY)
@@ -64,3 +65,8 @@ def count_ended(event: Failed) -> None:
     uses for the same outcomes."""
     status = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline_exceeded"}.get(event.code, "failed")
     JOBS.labels(status).inc()
+    # the error types a worker counts for the same outcomes (a deadline passed while queued, not only running)
+    error = {"DEADLINE_EXCEEDED": "deadline_exceeded", "ABORTED": "dead_letter", "INTERNAL": "internal",
+             "UNAVAILABLE": "shutdown"}.get(event.code)
+    if error is not None:
+        ERRORS.labels(error).inc()

@@ -428,6 +428,7 @@ def test_a_job_handed_out_ahead_publishes_nothing_until_its_claim_holds_and_stop
             return claim, confirm
 
     queue = Ahead(s)
+    waits = _queue_waits()
     job_id = queue.enqueue(spec(steps=6, masks=4, batch=4)).id
     worker = make_worker(s, queue)
     end = time.monotonic() + 60
@@ -441,3 +442,8 @@ def test_a_job_handed_out_ahead_publishes_nothing_until_its_claim_holds_and_stop
     assert [type(e) for _, e in queue.events(job_id)] == [Queued, Started, Failed]
     assert worker.stats.calls < 6, "the job ran to its end"
     assert events[-1] == Failed("CANCELLED", "cancelled by the caller")
+    assert _queue_waits() == waits  # it never left the queue for this worker: no queue wait was observed
+
+
+def _queue_waits() -> float:
+    return metrics.REGISTRY.get_sample_value("difflens_queue_wait_seconds_count", {"model": MODEL}) or 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,8 @@ class JobRun:
         """Run to the end; returns the terminal status (a metrics label) or None when the job was lost."""
         claim, started = self.claim, time.time()
         if not claim.resumed:
-            metrics.QUEUE_WAIT.labels(self.model_label).observe(max(0.0, started - claim.enqueued_at))
+            self._when_owned(lambda: metrics.QUEUE_WAIT.labels(self.model_label).observe(
+                max(0.0, started - claim.enqueued_at)))
         else:  # reclaimed or handed back: the client already saw these steps from an earlier holder
             seen = [e for _, e in self._events_so_far() if isinstance(e, Step | Progress)]
             self.published = {e.index for e in seen if isinstance(e, Step)}
@@ -263,6 +265,14 @@ class JobRun:
                 raise LostClaim
             cancel |= result == Published.CANCEL_REQUESTED
         return cancel
+
+    def _when_owned(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the claim holds (now, when it is settled): a claim handed out ahead may still be refused
+        (deadline passed, cancelled, delivered too often), and such a job never left the queue for this worker."""
+        if self.confirmed is None:
+            fn()
+        else:
+            self.confirmed.add_done_callback(lambda f: fn() if not f.cancelled() and f.result() else None)
 
     def _owned(self) -> bool:
         """Whether the claim holds, once the queue settled it (waits for that)."""
