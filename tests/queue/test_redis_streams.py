@@ -493,3 +493,34 @@ def test_a_claim_retried_after_its_reply_was_lost_is_applied_once(rb, queue_name
     assert [type(e).__name__ for _, e in q.events(job.id)] == ["Queued", "Started"]
     assert q.heartbeat(c)
     assert q.finish(c, Completed(b"png", "{}"))
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["ran-reply-lost", "never-ran"])
+def test_a_claim_retried_after_another_worker_reclaimed_the_job_leaves_it_to_that_worker(rb, applied):
+    """The blip outlasted the visibility timeout and worker B reclaimed the entry before A's retry got through:
+    the retry took the job from B (whose heartbeats then failed), wrote another Started, spent another delivery,
+    and with max_deliveries reached dead-lettered a job B was running."""
+    a = rb.queue(visibility_timeout_s=0.6, max_deliveries=2)
+    b = rb.replica(a)
+    job = a.enqueue(spec())
+    script, calls, by_b = a._claim, [], []
+
+    def blip(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            if applied:
+                script(*args, **kw)  # it ran; the reply is lost
+            raise redis.ConnectionError("the reply was lost")
+        if not by_b:  # the blip lasts past the visibility timeout: B reclaims meanwhile
+            time.sleep(0.7)
+            by_b.append(b.claim("B", MODELS, block_s=1.0, start=True))
+        return script(*args, **kw)
+
+    a._claim = blip
+    assert a.claim("A", MODELS, block_s=1.0, start=True) is None
+    [cb] = by_b
+    assert cb is not None and b.heartbeat(cb)
+    rec = a.get(job.id)
+    assert (rec.state, rec.worker, rec.deliveries) == ("running", "B", cb.delivery)
+    assert [type(e).__name__ for _, e in a.events(job.id)].count("Started") == cb.delivery
+    assert b.finish(cb, Completed(b"png", "{}"))

@@ -131,7 +131,7 @@ class DifflensServer:
             log.info("drain: the embedded worker's jobs fail at their next step (%d held: %s)", len(held),
                      ", ".join(held) or "none")
             self.worker.fail_held()
-            if isinstance(self.queue, InProcessQueue):
+            if self._own_queue and isinstance(self.queue, InProcessQueue):
                 # ... and in the queue at once, queued ones too: the streams still open get the Failed event
                 # before the server stops, even when the step running now outlasts its last second
                 ended = self.queue.end_all(Failed("UNAVAILABLE", SHUTDOWN_MESSAGE))

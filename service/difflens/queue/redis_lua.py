@@ -102,7 +102,13 @@ end
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[3] then
   local h = redis.call('HMGET', KEYS[1], 'deliveries', 'spec', 'cancel', 'created_at', 'claim_started',
                        'claim_resumed')
-  return {tonumber(h[1]), h[2], h[3], h[4], tonumber(h[5]), tonumber(h[6])}
+  return {tonumber(h[1]), h[2], h[3], h[4], tonumber(h[5]) or 0, tonumber(h[6]) or 0}
+end
+-- The entry must still be this worker's: a claim retried through a blip may find it reclaimed by another
+-- worker meanwhile (XAUTOCLAIM), which now runs the job. Not ours: nothing changes, the entry stays.
+local pending = redis.call('XPENDING', KEYS[3], ARGV[2], ARGV[1], ARGV[1], 1)
+if pending[1] == nil or pending[1][2] ~= ARGV[4] then
+  return false
 end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 local resumed = 0

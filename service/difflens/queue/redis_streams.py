@@ -444,13 +444,20 @@ class RedisStreamsQueue:
               token: str | None = None) -> Claim | None:
         """Own the job behind a work entry; fail it instead (and return None) if claim_verdict says so. The cancel
         watch then tracks the job from `generation`, its subscription's before the claim script ran."""
-        token, now = token or new_token(), time.time()
-        model = self._work.model_of(stream)
+        token, model = token or new_token(), self._work.model_of(stream)
+        stamp = [time.time()]
+
+        def claim_script() -> Any:
+            stamp[0] = time.time()  # each attempt's own: a deadline may pass during a blip
+            return self._claim(keys=self._keys(job_id, model),
+                               args=[entry_id, GROUP, token, worker, stamp[0], self._ttl_ms, job_id,
+                                     1 if start else 0, self.settings.max_deliveries])
+
         # through blips: a lost reply used to leave the job running under a claim nobody held (a Started event
-        # out, a delivery spent) until the visibility timeout; a retry with the token is answered, not re-applied
-        reply = self._through_blips(f"claiming job {job_id}", lambda: self._claim(
-            keys=self._keys(job_id, model), args=[entry_id, GROUP, token, worker, now, self._ttl_ms, job_id,
-                                                  1 if start else 0, self.settings.max_deliveries]))
+        # out, a delivery spent) until the visibility timeout; a retry with the token is answered, not re-applied,
+        # and one that finds the entry reclaimed by another worker meanwhile changes nothing
+        reply = self._through_blips(f"claiming job {job_id}", claim_script)
+        now = stamp[0]
         if not reply:
             return None
         deliveries, spec_json, cancel, created_at = int(reply[0]), reply[1], reply[2] == b"1", float(reply[3])

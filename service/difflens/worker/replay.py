@@ -323,7 +323,7 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
         companions["audit.json"] = audit.dumps(new_record).encode("utf-8")
         echo(f"difflens: ran as job {new_record.get('job_id')} on {server} ({runtime_line(new_record)}; "
              f"recorded: {runtime_line(record)})")
-        if runtime_key(new_record) != runtime_key(record):
+        if runtimes_differ(new_record, record):
             echo("difflens: the server ran it on another runtime than the record's: the maps are not expected to "
                  "match bit for bit")
     recorded, new = dict(record["hashes"]), dict[str, str]()
@@ -381,11 +381,14 @@ def timestep_rows(recorded: Any, replayed: Any, echo: Callable[[str], None]) -> 
     return [("timesteps", a, b, a == b)]
 
 
-def runtime_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What of a record's runtime the results depend on: device, dtype, backend, and on a CPU the thread count."""
-    rt = record.get("runtime", {})
-    device = rt.get("device")
-    return device, rt.get("dtype"), rt.get("unet_backend"), rt.get("torch_threads") if device == "cpu" else None
+def runtimes_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two records ran on runtimes whose results may differ: device, dtype, backend, and on a CPU the
+    thread count (where both records have it)."""
+    ra, rb = a.get("runtime", {}), b.get("runtime", {})
+    if any(ra.get(k) != rb.get(k) for k in ("device", "dtype", "unet_backend")):
+        return True
+    ta, tb = ra.get("torch_threads"), rb.get("torch_threads")
+    return ra.get("device") == "cpu" and ta is not None and tb is not None and ta != tb
 
 
 def runtime_line(record: Mapping[str, Any]) -> str:
