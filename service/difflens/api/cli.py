@@ -196,18 +196,26 @@ def remote_spec(args: argparse.Namespace) -> Any:
     check_server(args.server)
     if args.timeout is not None and not args.timeout > 0:
         raise InvalidArgument("--timeout", f"got {args.timeout:g}; must be > 0 (seconds)")
-    check_server_limits(args)
-    r = build_request(args)
+    try:
+        r = build_request(args)
+    except InvalidArgument as e:  # a count under 1: tell the range this deployment allows, as the server would
+        if e.field in COUNT_FIELDS:
+            check_server_limits(args)
+        raise
     model = "" if args.model_dir in ("-", "") else str(args.model_dir)
     # Progress events: the bar moves on every denoising step, not only on the explained ones.
     return JobSpec(model=model, params=GenerationParams(args.prompt, **r["generation"]), explain=r["explain"],
                    output=OutputOptions(map_dtype=args.map_dtype or "float32", progress_events=True))
 
 
+COUNT_FIELDS = ("steps", "rise.num_masks", "rise.batch_size")
+
+
 def check_server_limits(args: argparse.Namespace) -> None:
-    """The counts given (--steps, --masks, --batch) against the server's limits, before the engine-wide ranges of
-    the local checks apply: a value past either end is told the range this deployment allows, as the server tells
-    it. Best effort: a server that cannot say (down, older) leaves it to the checks that follow."""
+    """The counts given (--steps, --masks, --batch) against the server's limits (ListModels): for a count the
+    local checks refused, whose engine-wide range ([1, 1000000] masks) is not what this deployment allows (the
+    server tells [1, 8192] for too many). Best effort: a server that cannot say (down, older) leaves the local
+    error standing. Only on that error path: a normal call makes no extra round trip."""
     given = {"steps": args.steps, "rise.num_masks": getattr(args, "masks", None),
              "rise.batch_size": getattr(args, "batch", None)}
     if all(v is None for v in given.values()):
