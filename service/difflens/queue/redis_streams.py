@@ -71,22 +71,19 @@ def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim 
     """The claim a new work entry (first delivery) becomes once the claim script starts it, made before it runs;
     None for an entry without the spec (queued by an older front) or with one this worker cannot read (the claim
     script's path then fails the job with the reason)."""
-    if b"spec" not in fields or b"at" not in fields:
-        return None
-    try:
-        spec = JobSpec.from_json(fields[b"spec"])
-    except (ValueError, KeyError, TypeError):
+    spec = _entry_spec(fields)
+    if spec is None or b"at" not in fields:
         return None
     return Claim(job_id=job_id, spec=spec, worker=worker, token=new_token(), delivery=1,
                  enqueued_at=float(fields[b"at"]), started=True)
 
 
-def _readable(spec_json: bytes) -> bool:
+def _entry_spec(fields: dict[bytes, bytes]) -> JobSpec | None:
+    """The spec a work entry carries; None when it carries none or one this worker cannot read."""
     try:
-        JobSpec.from_json(spec_json)
+        return JobSpec.from_json(fields[b"spec"]) if b"spec" in fields else None
     except (ValueError, KeyError, TypeError):
-        return False
-    return True
+        return None
 
 
 def record_from_hash(job_id: str, h: dict[bytes, bytes], rank: int | None) -> JobRecord:
@@ -423,7 +420,7 @@ class RedisStreamsQueue:
             if first is not None:
                 return first, functools.partial(self._confirm_ahead, stream, entry_id, first, generation)
             # A spec this worker cannot read fails the job in _take: not after a Started event the script wrote
-            unreadable = fields is not None and b"spec" in fields and not _readable(fields[b"spec"])
+            unreadable = fields is not None and b"spec" in fields and _entry_spec(fields) is None
             claim = self._take(worker, stream, entry_id, job_id, start=start and not unreadable,
                                generation=generation)
             if claim is not None:
