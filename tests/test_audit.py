@@ -382,3 +382,19 @@ def test_no_image_is_delivered_when_its_record_cannot_be_kept(tiny_dir, tiny_mod
     events = run_one(tiny_model, settings(tiny_dir, audit_dir=str(blocked)), spec(steps=2))
     assert events[-1] == Failed("INTERNAL", AUDIT_STORE_MESSAGE)
     assert not any(isinstance(e, Completed) for e in events)
+
+
+@pytest.mark.parametrize(("other", "differs"), [
+    ({"torch_threads": 2}, True),  # on a CPU the thread count changes the maps
+    ({"dtype": "float16"}, True),
+    ({"torch_threads": None}, False),  # a record without the count: nothing to compare
+    ({}, False),
+])
+def test_replay_on_a_server_says_when_its_runtime_differs_from_the_records(other, differs):
+    from difflens.worker.replay import runtimes_differ
+
+    base = {"device": "cpu", "dtype": "float32", "unet_backend": "eager", "torch_threads": 1}
+    changed = {k: v for k, v in {**base, **other}.items() if v is not None}
+    assert runtimes_differ({"runtime": base}, {"runtime": changed}) is differs
+    gpu = {**base, "device": "cuda"}
+    assert not runtimes_differ({"runtime": gpu}, {"runtime": {**gpu, "torch_threads": 8}})  # CPU threads: no matter
