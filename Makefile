@@ -3,7 +3,7 @@ SHELL := /bin/bash
 # A recipe piped into tee (train-shapes) fails when its command fails, not when tee does.
 .SHELLFLAGS := -o pipefail -c
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
+STAMP := .venv/.installed-$(shell cat requirements.txt requirements-front.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO_MODEL ?= models/shapes
 DEMO_PROMPT ?= a large red striped circle in the center
 OUT ?= out
