@@ -1,0 +1,14 @@
+#!/bin/sh
+# The gRPC stubs exactly as the Makefile's $(GEN) rule makes them, for the image builds (which have no make):
+#   deploy/docker/gen-stubs.sh PYTHON OUT_DIR      (run from the repository root; PYTHON has grpcio-tools)
+# tests/deploy/test_deploy_files.py checks the result is byte for byte what `make proto` wrote.
+set -eu
+python=$1
+out=$2
+rm -rf "$out" && mkdir -p "$out"
+"$python" -m grpc_tools.protoc -Iproto --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+  proto/difflens/v1/difflens.proto
+# The generated grpc module says `from difflens.v1 import ...`, which would resolve inside our own package:
+# rewrite it to the stubs' real location.
+sed -i 's/^from difflens\.v1 import/from difflens._gen.difflens.v1 import/' "$out/difflens/v1/difflens_pb2_grpc.py"
+touch "$out/__init__.py" "$out/difflens/__init__.py" "$out/difflens/v1/__init__.py"
