@@ -1,9 +1,11 @@
-"""The model catalog: what the front needs to know about each served model, without loading any weights.
+"""The model catalog: what the front needs to know about each served model, from its config files alone (no
+weights, no torch: the front's image carries neither).
 
 Per configured name: the recommended defaults (difflens.json), the image size multiple (VAE factor x 8, or 8 for a
-pixel-space model, as engine.validate requires), the module paths DF-CAM accepts (from the UNet built on the
-meta device: shapes only, no memory, no weights), the tokenizer (for the prompt-token limit) and the scheduler's
-num_train_timesteps. Built once at start-up; a broken folder fails there with ModelLoadError naming it.
+pixel-space model, as engine.validate requires), the module paths DF-CAM accepts (derived from the UNet's
+config.json as diffusers builds the UNet), the tokenizer (read with the `tokenizers` package: the prompt-token
+limit and the prompt's words) and the scheduler's num_train_timesteps. Built once at start-up; a broken folder
+fails there with ModelLoadError naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from difflens.config import ServiceSettings
-from difflens.engine.loading import ModelDefaults, read_json_object
+from difflens.engine.model_config import ModelDefaults, cam_layer_paths, read_json_object
 from difflens.errors import InvalidArgument, ModelLoadError
 
 LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be multiples of 8
@@ -60,12 +62,9 @@ def _has_vae(index: dict[str, Any]) -> bool:
 
 
 def describe(name: str, folder: str | Path) -> CatalogModel:
-    """Read one model folder's configs (no weights). Raises ModelLoadError naming the file at fault."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from difflens.engine.cam import camable_layers
+    """Read one model folder's configs and tokenizer files (no weights). Raises ModelLoadError naming the file at
+    fault."""
+    from difflens.text_tokenizer import FileTokenizer
 
     root = Path(folder).resolve()
     index = read_json_object(root / "model_index.json")
@@ -76,16 +75,10 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
         channels = read_json_object(root / "vae" / "config.json").get("block_out_channels", [])
         factor = 2 ** (len(channels) - 1) if channels else 1
     try:
-        # The meta device gives every module its real path and shape without allocating or reading weights.
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_config)
-        layers = camable_layers(unet)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ModelLoadError(str(root / "unet" / "config.json"), f"cannot build the UNet from its config: {e}") from e
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelLoadError(str(root / "tokenizer"), f"cannot load the tokenizer: {e}") from e
+        layers = cam_layer_paths(unet_config)
+    except ValueError as e:
+        raise ModelLoadError(str(root / "unet" / "config.json"), f"cannot derive the UNet's layers: {e}") from e
+    tokenizer = FileTokenizer(root / "tokenizer")
     sample_size = int(unet_config.get("sample_size", 64))
     return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root, 8 * factor, sample_size * factor),
                         vae_scale_factor=factor, sample_size=sample_size, cam_layers=layers, tokenizer=tokenizer,

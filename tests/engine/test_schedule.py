@@ -72,3 +72,40 @@ def test_lambda_zero_small_n_is_fine():
 def test_explicit_lists_are_checked(bad, why):
     with pytest.raises(InvalidArgument, match=why):
         check_timesteps(bad)
+
+
+# ---------------------------------------------------------------- spacing without diffusers (the torch-free front)
+
+SPACING_CONFIGS = {
+    "sd1 (PNDM-saved, leading, offset 1)": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                            "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+                                            "timestep_spacing": "leading", "_class_name": "PNDMScheduler"},
+    "no spacing key (class defaults)": {"num_train_timesteps": 1000},
+    "linspace": {"num_train_timesteps": 1000, "timestep_spacing": "linspace"},
+    "trailing": {"num_train_timesteps": 1000, "timestep_spacing": "trailing", "steps_offset": 1},
+    "short schedule": {"num_train_timesteps": 37, "timestep_spacing": "leading", "steps_offset": 2},
+}
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++", "euler"])
+@pytest.mark.parametrize("config", SPACING_CONFIGS)
+def test_spacing_without_diffusers_equals_the_schedulers_own(config, scheduler):
+    from difflens.engine.schedule import _spaced, new_scheduler, spacing
+
+    cfg = SPACING_CONFIGS[config]
+    made = new_scheduler(cfg, scheduler)
+    T = int(cfg["num_train_timesteps"])
+    # every count up to 120 (where rounding differs most), then a spread up to T (every n took 40 s)
+    for n in sorted({*range(1, min(T, 120) + 1), *range(121, T + 1, 11), T - 1, T}):
+        assert spacing(cfg, scheduler, n) == _spaced(made, n), n
+
+
+@pytest.mark.parametrize(("scheduler", "flag"), [("dpmsolver++", {"use_karras_sigmas": True}),
+                                                 ("euler", {"use_karras_sigmas": True}),
+                                                 ("dpmsolver++", {"lambda_min_clipped": -5.1}),
+                                                 ("euler", {"timestep_type": "continuous"}),
+                                                 ("ddim", {"timestep_spacing": "sideways"})])
+def test_spacing_declines_what_it_does_not_reproduce(scheduler, flag):
+    from difflens.engine.schedule import spacing
+
+    assert spacing({"num_train_timesteps": 1000, **flag}, scheduler, 20) is None

@@ -6,24 +6,17 @@ and gradients of the same step. Capture is hooks.capture_outputs; this module on
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from difflens.engine.hooks import Capture, capture_outputs
+from difflens.engine.model_config import BLOCK_ORDER, LAYER_PATTERN
 from difflens.engine.options import CamOptions, CamTarget
 from difflens.engine.runner import CFGConditioning
 from difflens.engine.sampler import StepState
 from difflens.errors import HookError, InvalidArgument
-
-# The reference's module set: resnets, attentions (Transformer2DModel) and samplers of the down, mid and up blocks.
-LAYER_PATTERN = re.compile(
-    r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions|downsamplers|upsamplers)\.\d+")
-
-
-BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 
 def camable_layers(unet: Any) -> tuple[str, ...]:

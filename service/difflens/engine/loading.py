@@ -11,82 +11,16 @@ from typing import Any
 
 import torch
 
+from difflens.engine.model_config import DEFAULTS_FILE, ModelDefaults, read_json_object
 from difflens.errors import InvalidArgument, ModelLoadError
+
+__all__ = ["DEFAULTS_FILE", "Model", "ModelDefaults", "check_device", "load_model", "read_json_object"]
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHTED_COMPONENTS = ("unet", "text_encoder", "vae")
 REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
-DEFAULTS_FILE = "difflens.json"  # recommended sampling defaults, beside model_index.json
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """Sampling defaults used when a request leaves a field unset. SD's usual values unless the folder says."""
-
-    steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"
-    width: int | None = None  # None: unet.sample_size * vae_scale_factor
-    height: int | None = None
-    # The largest width or height a request may ask of this model, where the folder caps it below the
-    # deployment's limit (a model trained at 32 px has nothing to give at 1024, and one step there takes hours).
-    max_side: int | None = None
-
-    @classmethod
-    def read(cls, folder: Path, size_multiple: int = 8, unet_side: int = 0) -> ModelDefaults:
-        """The folder's defaults file, checked as a request's fields are (so that a bad file stops the model at
-        load, not every request that leaves a field unset); `size_multiple`: what width and height must divide
-        by; `unet_side`: the UNet's own size in pixels, what an unset width or height means. ModelLoadError naming
-        the file and the field."""
-        f = folder / DEFAULTS_FILE
-        if not f.exists():
-            return cls()
-        try:
-            raw = json.loads(f.read_text())
-        except ValueError as e:
-            raise ModelLoadError(str(f), f"malformed defaults file: {e}") from e
-        if not isinstance(raw, dict):
-            raise ModelLoadError(str(f), f"malformed defaults file: expected a JSON object, got {type(raw).__name__}")
-        fields = ("steps", "guidance_scale", "scheduler", "width", "height", "max_side")
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:  # a misspelt key would silently fall back to SD's defaults (guidance 7.5 for "guidance")
-            raise ModelLoadError(str(f), f"malformed defaults file: unknown key(s) {', '.join(map(repr, unknown))}; "
-                                         f"allowed: {', '.join(fields)}")
-        known = {k: raw[k] for k in fields if k in raw}
-        problem = _defaults_problem(known, size_multiple, unet_side)
-        if problem:
-            raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
-        return cls(**known)
-
-
-def _defaults_problem(d: dict[str, Any], size_multiple: int, unet_side: int = 0) -> str | None:
-    """What is wrong with a defaults file's fields, or None: their types here, their ranges a request's own
-    (GenerationParams checks them), and width/height against the model's size multiple."""
-    from difflens.engine.options import GenerationParams
-
-    for key in ("steps", "width", "height", "max_side"):
-        v = d.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
-            return f"{key}: got {v!r}; must be an integer"
-    g = d.get("guidance_scale")
-    if g is not None and (isinstance(g, bool) or not isinstance(g, int | float)):
-        return f"guidance_scale: got {g!r}; must be a number"
-    try:
-        GenerationParams("", steps=d.get("steps"), guidance_scale=d.get("guidance_scale"), scheduler=d.get("scheduler"))
-    except InvalidArgument as e:
-        return str(e)
-    for side in ("width", "height"):
-        v = d.get(side)
-        if v is not None and not (v > 0 and v % size_multiple == 0):
-            return f"{side}: got {v!r}; must be a positive multiple of {size_multiple} (or null: the UNet's size)"
-    top = d.get("max_side")
-    if top is not None:
-        least = max(size_multiple, d.get("width") or unet_side, d.get("height") or unet_side)
-        if top < least:
-            return f"max_side: got {top}; must be at least {least} (the size multiple and the default width and height)"
-    return None
 
 
 @dataclass
@@ -153,19 +87,6 @@ def _read_index(folder: Path) -> dict[str, Any]:
     if not index.exists():
         raise ModelLoadError(str(folder), "no model_index.json: not a diffusers model folder")
     return read_json_object(index)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A config file holding one JSON object; errors name the file and what is wrong with it."""
-    if not path.exists():
-        raise ModelLoadError(str(path), "missing")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(str(path), f"malformed JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(str(path), "must hold a JSON object")
-    return data
 
 
 def _declared(index: dict[str, Any], name: str) -> bool:

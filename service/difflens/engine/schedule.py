@@ -4,10 +4,13 @@ of explicit lists."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 from difflens.engine.options import MAX_SHIFT
 from difflens.errors import InvalidArgument
@@ -71,16 +74,94 @@ def _uniform_problem(ts: list[int], n: int, T: int) -> str | None:
     return None
 
 
+# Per request name: the class defaults from_config fills in for keys a model's scheduler config lacks, and the
+# config flags under which the class derives its timesteps from a sigma schedule (not reproduced by `spacing`).
+_SPACING_DEFAULTS = {"ddim": "leading", "ddpm": "leading", "dpmsolver++": "linspace", "euler": "linspace"}
+_SIGMA_FLAGS = {"ddim": (), "ddpm": (),
+                "dpmsolver++": ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                                "use_flow_sigmas"),
+                "euler": ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")}
+
+
+def spacing(config: Mapping[str, Any], name: str, n: int) -> tuple[list[int], bool] | None:
+    """What `_spaced(new_scheduler(config, name), n)` gives, computed without diffusers (the torch-free front
+    validates with it): the integer timesteps of the scheduler's linspace / leading / trailing spacing, less
+    trailing spacing's spurious -1, and whether it was there. None where the config makes the class derive its
+    timesteps otherwise (a sigma schedule such as Karras', DPM-Solver's clipped lambda, continuous Euler
+    timesteps, an unknown spacing); a test compares it with diffusers for every n."""
+    T = int(config.get("num_train_timesteps", 1000))
+    kind = config.get("timestep_spacing", _SPACING_DEFAULTS[name])
+    offset = int(config.get("steps_offset", 0))
+    if any(config.get(flag) for flag in _SIGMA_FLAGS[name]) or not 1 <= n <= T:
+        return None
+    if name == "euler" and config.get("timestep_type", "discrete") != "discrete":
+        return None
+    if name == "dpmsolver++":
+        if config.get("lambda_min_clipped", -math.inf) != -math.inf:
+            return None
+        return _dpm_spacing(kind, T, n, offset)
+    ts: Any
+    if kind == "linspace":
+        dtype = np.float32 if name == "euler" else np.float64
+        raw = np.linspace(0, T - 1, n, dtype=dtype)[::-1]
+        ts = raw if name == "euler" else raw.round()
+    elif kind == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1] + offset
+    elif kind == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    else:
+        return None
+    return _without_spurious(ts.astype(np.float32 if name == "euler" else np.int64), n)
+
+
+def _dpm_spacing(kind: str, T: int, n: int, offset: int) -> tuple[list[int], bool] | None:
+    """DPMSolverMultistepScheduler's spacings with lambda_min_clipped at -inf (its last timestep is T)."""
+    ts: Any
+    if kind == "linspace":
+        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    elif kind == "leading":
+        ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + offset
+    elif kind == "trailing":
+        ts = np.arange(T, 0, -T / n).round() - 1
+    else:
+        return None
+    return _without_spurious(ts.astype(np.int64), n)
+
+
+def _without_spurious(ts: Any, n: int) -> tuple[list[int], bool]:
+    out = [int(t) for t in ts]
+    if len(out) == n + 1 and out[-1] < 0:
+        return out[:n], True
+    return out, False
+
+
 def check_uniform_steps(config: Mapping[str, Any], name: str, num_steps: int, num_train_timesteps: int) -> None:
     """Raise InvalidArgument on "steps" when scheduler `name` on this scheduler config has no uniform list of
-    `num_steps` timesteps (request validation, before anything runs). Cached per config, scheduler and n."""
+    `num_steps` timesteps (request validation, before anything runs). Cached per config, scheduler and n.
+
+    Without diffusers (the torch-free front), a config `spacing` does not reproduce is left to the worker, which
+    checks it the same way when it resolves the job (INVALID_ARGUMENT on steps then, naming the same range)."""
     key = json.dumps(dict(config), sort_keys=True, default=str)
     _check_uniform_cached(key, name, num_steps, num_train_timesteps)
 
 
 @functools.lru_cache(maxsize=1024)
 def _check_uniform_cached(config_json: str, name: str, num_steps: int, num_train_timesteps: int) -> None:
-    uniform_timesteps(new_scheduler(json.loads(config_json), name), num_steps, num_train_timesteps)
+    config = json.loads(config_json)
+    if spacing(config, name, num_steps) is None:
+        if importlib.util.find_spec("diffusers") is not None:
+            uniform_timesteps(new_scheduler(config, name), num_steps, num_train_timesteps)
+        return
+
+    def problem(n: int) -> str | None:
+        spaced = spacing(config, name, n)
+        return None if spaced is None else _uniform_problem(spaced[0], n, num_train_timesteps)
+
+    found = problem(num_steps)
+    if found:
+        top = next((n for n in range(num_steps - 1, 0, -1) if problem(n) is None), 1)
+        raise InvalidArgument("steps", f"got {num_steps}; this model's {SCHEDULER_CLASSES[name][0]} config spaces "
+                                       f"them with {found}; allowed [1, {top}]")
 
 
 def exponential_timesteps(

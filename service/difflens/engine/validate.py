@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from difflens.engine.loading import Model
 from difflens.engine.options import SCHEDULERS, GenerationParams, check_choice, check_range
 from difflens.engine.schedule import check_uniform_steps
 from difflens.errors import InvalidArgument
+
+if TYPE_CHECKING:  # the front validates on config-only CatalogModels, without torch
+    from difflens.engine.loading import Model
 
 MAX_SIDE = 4096
 

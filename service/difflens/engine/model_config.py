@@ -1,0 +1,169 @@
+"""What a model folder's config files say, read without torch: the sampling defaults (difflens.json), the JSON
+config reader, and the module paths DF-CAM accepts, derived from the UNet's config the way diffusers builds the
+UNet from it. The gRPC front works from these alone (it loads no weights and imports no torch); the engine's
+loader uses the same readers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difflens.errors import InvalidArgument, ModelLoadError
+
+DEFAULTS_FILE = "difflens.json"  # recommended sampling defaults, beside model_index.json
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults used when a request leaves a field unset. SD's usual values unless the folder says."""
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    width: int | None = None  # None: unet.sample_size * vae_scale_factor
+    height: int | None = None
+    # The largest width or height a request may ask of this model, where the folder caps it below the
+    # deployment's limit (a model trained at 32 px has nothing to give at 1024, and one step there takes hours).
+    max_side: int | None = None
+
+    @classmethod
+    def read(cls, folder: Path, size_multiple: int = 8, unet_side: int = 0) -> ModelDefaults:
+        """The folder's defaults file, checked as a request's fields are (so that a bad file stops the model at
+        load, not every request that leaves a field unset); `size_multiple`: what width and height must divide
+        by; `unet_side`: the UNet's own size in pixels, what an unset width or height means. ModelLoadError naming
+        the file and the field."""
+        f = folder / DEFAULTS_FILE
+        if not f.exists():
+            return cls()
+        try:
+            raw = json.loads(f.read_text())
+        except ValueError as e:
+            raise ModelLoadError(str(f), f"malformed defaults file: {e}") from e
+        if not isinstance(raw, dict):
+            raise ModelLoadError(str(f), f"malformed defaults file: expected a JSON object, got {type(raw).__name__}")
+        fields = ("steps", "guidance_scale", "scheduler", "width", "height", "max_side")
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:  # a misspelt key would silently fall back to SD's defaults (guidance 7.5 for "guidance")
+            raise ModelLoadError(str(f), f"malformed defaults file: unknown key(s) {', '.join(map(repr, unknown))}; "
+                                         f"allowed: {', '.join(fields)}")
+        known = {k: raw[k] for k in fields if k in raw}
+        problem = _defaults_problem(known, size_multiple, unet_side)
+        if problem:
+            raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
+        return cls(**known)
+
+
+def _defaults_problem(d: dict[str, Any], size_multiple: int, unet_side: int = 0) -> str | None:
+    """What is wrong with a defaults file's fields, or None: their types here, their ranges a request's own
+    (GenerationParams checks them), and width/height against the model's size multiple."""
+    from difflens.engine.options import GenerationParams
+
+    for key in ("steps", "width", "height", "max_side"):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"{key}: got {v!r}; must be an integer"
+    g = d.get("guidance_scale")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int | float)):
+        return f"guidance_scale: got {g!r}; must be a number"
+    try:
+        GenerationParams("", steps=d.get("steps"), guidance_scale=d.get("guidance_scale"), scheduler=d.get("scheduler"))
+    except InvalidArgument as e:
+        return str(e)
+    for side in ("width", "height"):
+        v = d.get(side)
+        if v is not None and not (v > 0 and v % size_multiple == 0):
+            return f"{side}: got {v!r}; must be a positive multiple of {size_multiple} (or null: the UNet's size)"
+    top = d.get("max_side")
+    if top is not None:
+        least = max(size_multiple, d.get("width") or unet_side, d.get("height") or unet_side)
+        if top < least:
+            return f"max_side: got {top}; must be at least {least} (the size multiple and the default width and height)"
+    return None
+
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A config file holding one JSON object; errors name the file and what is wrong with it."""
+    if not path.exists():
+        raise ModelLoadError(str(path), "missing")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(str(path), f"malformed JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(str(path), "must hold a JSON object")
+    return data
+
+
+
+# ---------------------------------------------------------------- DF-CAM's layer paths
+
+# The reference's module set: resnets, attentions (Transformer2DModel) and samplers of the down, mid and up blocks.
+LAYER_PATTERN = re.compile(
+    r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions|downsamplers|upsamplers)\.\d+")
+BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+# Per block type of UNet2DConditionModel: whether each layer has an attention module beside its resnet. Within a
+# block diffusers registers attentions before resnets and the sampler last; camable_layers lists modules in that
+# registration order, and the paths below follow it (a test builds each type on the meta device and compares).
+_DOWN_BLOCKS = {"DownBlock2D": False, "ResnetDownsampleBlock2D": False, "CrossAttnDownBlock2D": True,
+                "SimpleCrossAttnDownBlock2D": True, "AttnDownBlock2D": True}
+_UP_BLOCKS = {"UpBlock2D": False, "ResnetUpsampleBlock2D": False, "CrossAttnUpBlock2D": True,
+              "SimpleCrossAttnUpBlock2D": True, "AttnUpBlock2D": True}
+# mid block type -> (resnets, attentions): the cross-attention mid blocks have one layer (two resnets around one
+# attention); UNetMidBlock2D is built with no layers and no attention (one resnet).
+_MID_BLOCKS: dict[str | None, tuple[int, int]] = {"UNetMidBlock2DCrossAttn": (2, 1),
+                                                  "UNetMidBlock2DSimpleCrossAttn": (2, 1),
+                                                  "UNetMidBlock2D": (1, 0), None: (0, 0)}
+
+
+def _per_block(config: dict[str, Any], key: str, n: int) -> list[int]:
+    value = config.get(key, 2 if key == "layers_per_block" else 1)
+    values = [value] * n if isinstance(value, int) and not isinstance(value, bool) else value
+    if not (isinstance(values, list | tuple) and len(values) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)):
+        raise ValueError(f"{key}: got {value!r}; expected an integer >= 1 or a list of {n} of them")
+    return list(values)
+
+
+def _block_paths(prefix: str, attention: bool, layers: int, sampler: str | None) -> list[str]:
+    paths = [f"{prefix}.attentions.{j}" for j in range(layers)] if attention else []
+    paths += [f"{prefix}.resnets.{j}" for j in range(layers)]
+    return paths + ([f"{prefix}.{sampler}.0"] if sampler else [])
+
+
+def cam_layer_paths(unet_config: dict[str, Any]) -> tuple[str, ...]:
+    """Every module path DF-CAM accepts on a UNet2DConditionModel built from `unet_config` (its config.json), in
+    engine.cam.camable_layers' order: down, mid, then up blocks. ValueError naming the key for a config diffusers'
+    UNet2DConditionModel would not build this way (an unknown block type, mismatched list lengths)."""
+    down = list(unet_config.get("down_block_types") or ())
+    up = list(unet_config.get("up_block_types") or ())
+    n = len(down)
+    if n == 0 or len(up) != n:
+        raise ValueError(f"down_block_types / up_block_types: got {n} and {len(up)} blocks; expected the same "
+                         "number, at least one")
+    layers = _per_block(unet_config, "layers_per_block", n)
+    paths: list[str] = []
+    for i, kind in enumerate(down):
+        if kind not in _DOWN_BLOCKS:
+            raise ValueError(f"down_block_types[{i}]: {kind!r} is not supported; supported: {', '.join(_DOWN_BLOCKS)}")
+        paths += _block_paths(f"down_blocks.{i}", _DOWN_BLOCKS[kind], layers[i],
+                              "downsamplers" if i < n - 1 else None)
+    mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in _MID_BLOCKS:
+        raise ValueError(f"mid_block_type: {mid!r} is not supported; supported: "
+                         f"{', '.join(str(k) for k in _MID_BLOCKS)}")
+    resnets, attentions = _MID_BLOCKS[mid]
+    paths += [f"mid_block.attentions.{j}" for j in range(attentions)]
+    paths += [f"mid_block.resnets.{j}" for j in range(resnets)]
+    reversed_layers = layers[::-1]
+    for i, kind in enumerate(up):
+        if kind not in _UP_BLOCKS:
+            raise ValueError(f"up_block_types[{i}]: {kind!r} is not supported; supported: {', '.join(_UP_BLOCKS)}")
+        paths += _block_paths(f"up_blocks.{i}", _UP_BLOCKS[kind], reversed_layers[i] + 1,
+                              "upsamplers" if i < n - 1 else None)
+    return tuple(paths)
