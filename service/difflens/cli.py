@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from difflens.api.cli import add_models, add_serve
+from difflens.api.cli import add_ensure_groups, add_models, add_serve
 from difflens.config import DTYPES
 from difflens.engine.options import BACKENDS, SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
 from difflens.errors import DifflensError, InvalidArgument, ModelLoadError, NotReady
@@ -83,7 +83,8 @@ def add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_explain, add_make_tiny_model, add_evaluate,
-                                                                   add_worker, add_replay, add_serve, add_models)
+                                                                   add_worker, add_replay, add_serve, add_models,
+                                                                   add_ensure_groups)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
 
@@ -166,7 +166,8 @@ class Limits:
 class ServiceSettings:
     """Front and worker settings. `models`: (name, folder) pairs; `redis_url` None means the in-process queue.
 
-    Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_QUEUE (stream name prefix),
+    Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_REDIS_PASSWORD (where the URL carries
+    none: the same Secret key can feed KEDA's TriggerAuthentication), DIFFLENS_QUEUE (stream name prefix),
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_MAX_STREAMS, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S
     (shorter than the visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state
     and events stay in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_METRICS_HOST (where /metrics listens),
@@ -179,6 +180,8 @@ class ServiceSettings:
     models: tuple[tuple[str, str], ...] = ()
     default_model: str = "default"
     redis_url: str | None = None
+    # Used where redis_url carries no password of its own (DIFFLENS_REDIS_PASSWORD); never printed.
+    redis_password: str | None = field(default=None, repr=False)
     queue_name: str = "difflens"
     max_queue_depth: int = 1000  # jobs waiting, per model
     # Job streams (Explain, WatchJob) one front follows at once; past it a new one gets RESOURCE_EXHAUSTED. Each
@@ -249,7 +252,9 @@ class ServiceSettings:
         env = os.environ if env is None else env
         values: dict[str, object] = {"engine": Settings.from_env(env)}
         origin: dict[str, str] = {}
-        for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str), ("queue_name", "DIFFLENS_QUEUE", str),
+        for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str),
+                               ("redis_password", "DIFFLENS_REDIS_PASSWORD", str),
+                               ("queue_name", "DIFFLENS_QUEUE", str),
                                ("metrics_host", "DIFFLENS_METRICS_HOST", str),
                                ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
                                ("max_streams", "DIFFLENS_MAX_STREAMS", int),

@@ -7,7 +7,14 @@ difflens_errors_total{type} counts them).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from difflens.jobs import Failed
 
@@ -49,15 +56,63 @@ def t_bucket(timestep: int) -> str:
     return str(max(0, int(timestep)) // 100)
 
 
-def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
-    """/metrics on its own port (a daemon thread). A port that cannot be bound is InvalidArgument on
+class Health:
+    """What a process tells its probes on the metrics port: GET /healthz (liveness: 200 while the process serves
+    HTTP at all) and /readyz (200 once it can take work: a front that reaches its queue, a worker whose models are
+    loaded and whose queue answered; 503 with the reason before that and while draining). Kubernetes' startup and
+    readiness probes read /readyz; a worker has no gRPC port to probe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready, self._why = False, "starting"
+
+    def set(self, ready: bool, why: str = "") -> None:
+        with self._lock:
+            self._ready, self._why = ready, why or ("ready" if ready else "not ready")
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._lock:
+            return self._ready, self._why
+
+
+def _app(health: Health) -> Callable[..., Any]:
+    """WSGI: /healthz, /readyz, and every other path the metrics (as prometheus_client serves them)."""
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)
+        ok, why = (True, "alive") if path == "/healthz" else health.readiness()
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"{why}\n".encode()]
+
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a probe in flight never holds the process open
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a probe every few seconds is not news
+        pass
+
+
+def serve_metrics(port: int, addr: str = "127.0.0.1", health: Health | None = None) -> int:
+    """/metrics, /healthz and /readyz (from `health`; without one, never ready) on their own port (a daemon
+    thread); returns the bound port (0: a free one). A port that cannot be bound is InvalidArgument on
     --metrics-port (exit 2), not a traceback."""
     from difflens.errors import InvalidArgument
 
     try:
-        start_http_server(port, addr=addr, registry=REGISTRY)
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (_Server,), {"address_family": family})
+        httpd: WSGIServer = make_server(addr, port, _app(health or Health()), server_class, _QuietHandler)
     except OSError as e:
         raise InvalidArgument("--metrics-port", f"cannot listen on {addr}:{port}: {e.strerror or e}") from None
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return int(httpd.server_port)
 
 
 def count_ended(event: Failed) -> None:

@@ -36,6 +36,7 @@ def test_worker_process_finishes_its_job_on_sigterm(tiny_dir, redis_url, queue_n
     try:
         wait_for(queue, job_id, Step, timeout=180)
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).read().decode()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == 0
     finally:
@@ -48,6 +49,7 @@ def test_worker_process_finishes_its_job_on_sigterm(tiny_dir, redis_url, queue_n
     assert isinstance(events[-1], Completed), output  # the held job was finished, not dropped
     assert [e.index for e in events if isinstance(e, Step)] == list(range(8))
     assert "SIGTERM: finishing held jobs" in output
+    assert ready == "worker cli-worker ready\n"
     assert 'difflens_queue_wait_seconds_count{model="tiny"} 1.0' in scraped
     assert 'difflens_step_duration_seconds_count{method="denoise",model="tiny"' in scraped
     assert promtool_report(scraped) in ("", None)  # None: no promtool here (tests/api/test_ops.py skips visibly)
@@ -136,3 +138,34 @@ def test_an_audit_dir_that_cannot_be_written_fails_before_any_job(tmp_path, caps
     assert "--audit-dir: " in capsys.readouterr().err
     assert main(["serve", "--redis", "redis://127.0.0.1:1", "--audit-dir", str(tmp_path / "a")]) == 2
     assert "--audit-dir: only with --embedded" in capsys.readouterr().err
+
+
+def test_a_worker_is_not_ready_until_its_queue_answers(tiny_dir, tmp_path):
+    """/readyz (the startup and readiness probes of its pod) says 503 while the worker loads its models or waits for
+    Redis, /healthz 200: a pool scaled up while Redis restarts is not counted ready, and not restarted either."""
+    import time
+    import urllib.error
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFLENS_REDIS_WAIT_S": "60"}
+    log = (tmp_path / "worker.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "difflens", "worker", "--redis", "redis://127.0.0.1:1/0",
+                             "--model", f"tiny={tiny_dir}", "--metrics-port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + 60
+        seen: list[str] = []
+        while "waiting up to" not in (tmp_path / "worker.log").read_text():  # models loaded, Redis awaited
+            assert proc.poll() is None and time.monotonic() < end, (tmp_path / "worker.log").read_text()
+            time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        seen.append(not_ready.value.read().decode())
+        alive = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not_ready.value.code == 503 and seen == ["models loaded; waiting for the queue\n"]
+    assert alive == 200

@@ -54,6 +54,42 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_serve)
 
 
+def add_ensure_groups(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensure-groups", help="make each model's work stream and consumer group in Redis, then exit",
+                       description="Create, where missing, the consumer group that workers read each model's work "
+                                   "stream with, and exit 0. An autoscaler that watches a model's queue (KEDA's "
+                                   "redis-streams trigger) reads that group, and finds none while the model has "
+                                   "never had a worker: the Helm chart runs this as a post-install and "
+                                   "post-upgrade hook, so a model added to a release gets its group even before "
+                                   "the fronts roll. `difflens serve` does the same for its models at start-up.")
+    p.add_argument("--model", action="append", required=True, metavar="NAME[=DIR]",
+                   help="a model name (repeatable); NAME=DIR as `serve` takes it is accepted, the folder unused")
+    p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL)")
+    p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
+    p.set_defaults(run=run_ensure_groups)
+
+
+def run_ensure_groups(args: argparse.Namespace) -> int:
+    names = [m.partition("=")[0] for m in args.model]
+    if not all(names):
+        raise InvalidArgument("--model", f"got {args.model}; expected NAME or NAME=DIR")
+    settings = ServiceSettings.from_env(redis_url=args.redis, queue_name=args.queue)
+    if not settings.redis_url:
+        raise InvalidArgument("--redis", "needs the Redis URL (--redis or DIFFLENS_REDIS_URL)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from difflens.queue.redis_streams import connect
+    from difflens.queue.redis_work import GROUP, work_stream
+
+    queue = connect(settings)
+    try:
+        queue.prepare(names)
+    finally:
+        queue.close()
+    streams = ", ".join(work_stream(settings.queue_name, n) for n in dict.fromkeys(names))
+    print(f"difflens: consumer group {GROUP!r} ready on {streams}", file=sys.stderr)
+    return 0
+
+
 def serve_settings(args: argparse.Namespace) -> ServiceSettings:
     if not 0 <= args.port < 65536:
         raise InvalidArgument("--port", f"got {args.port}; allowed 0..65535 (0 = any free port)")
@@ -101,11 +137,12 @@ async def _serve(settings: ServiceSettings, embedded: bool, port_file: Path | No
     import asyncio
 
     from difflens.api.server import DifflensServer
-    from difflens.metrics import serve_metrics
+    from difflens.metrics import Health, serve_metrics
 
+    probe = Health()
     if settings.metrics_port is not None:  # first: a busy port fails before any model loads or Redis is waited for
-        serve_metrics(settings.metrics_port, settings.metrics_host or settings.host)
-    server = DifflensServer(settings, run_worker=embedded)
+        serve_metrics(settings.metrics_port, settings.metrics_host or settings.host, probe)
+    server = DifflensServer(settings, run_worker=embedded, probe=probe)
     port = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

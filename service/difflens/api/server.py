@@ -58,12 +58,15 @@ class DifflensServer:
     """
 
     def __init__(self, settings: ServiceSettings, *, queue: JobQueue | None = None, run_worker: bool = False,
-                 registry: Any | None = None, catalog: ModelCatalog | None = None) -> None:
+                 registry: Any | None = None, catalog: ModelCatalog | None = None,
+                 probe: metrics.Health | None = None) -> None:
         self.settings = settings
+        self.probe = probe  # /readyz on the metrics port, kept as the gRPC health is
         self._own_queue = queue is None
         self.queue = queue if queue is not None else make_queue(settings)
         self.queue.on_ended = metrics.count_ended  # queued jobs its callers cancel
         self.catalog = catalog or ModelCatalog.from_settings(settings)
+        self.queue.prepare(self.catalog.names())  # KEDA watches a model's consumer group before any worker runs
         self.front = Front(settings, self.queue, self.catalog)
         self.worker: Any = None
         if run_worker:
@@ -111,6 +114,8 @@ class DifflensServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        if self.probe is not None and not self.front.draining:
+            self.probe.set(serving, "serving" if serving else "the queue cannot be reached")
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, refuse new work, let running calls finish within `grace_s`
@@ -118,6 +123,8 @@ class DifflensServer:
         next step) and close."""
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         self.front.draining = True
+        if self.probe is not None:
+            self.probe.set(False, "draining")
         await self.health.enter_graceful_shutdown()
         if not await self.front.wait_idle(grace):
             log.warning("drain: job streams still running after %g s; cancelling them", grace)

@@ -154,6 +154,9 @@ class InProcessQueue:
                 self._ended(job, Failed("DEADLINE_EXCEEDED", QUEUED_DEADLINE_MESSAGE))
             return min(len(overdue), limit)
 
+    def prepare(self, models: Collection[str]) -> None:
+        """Nothing to make: a model's queue exists from its first job, and nothing outside watches it."""
+
     def announce(self, worker: str, models: Collection[str]) -> None:
         now = time.monotonic()
         with self._cond:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
@@ -134,12 +134,24 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def with_password(url: str, password: str | None) -> str:
+    """`url` carrying `password` (DIFFLENS_REDIS_PASSWORD: one Kubernetes Secret key serves the pods and KEDA) where
+    the URL has none of its own; the URL's own password wins."""
+    parts = urlsplit(url)
+    if not password or parts.password is not None:
+        return url
+    if parts.scheme == "unix":  # redis-py takes a socket's password from the query
+        return f"{url}{'&' if parts.query else '?'}password={quote(password, safe='')}"
+    user, _, hostport = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
+
+
 def connect(settings: ServiceSettings) -> RedisStreamsQueue:
     """The queue on settings.redis_url as soon as Redis answers, waiting up to settings.redis_wait_s for it: a front
     or worker rolled out beside its Redis, or started while it restarts, waits instead of dying with a traceback
     into a restart loop. After that (or at once for refused credentials): NotReady naming --redis and the URL,
     its password hidden."""
-    url = str(settings.redis_url)
+    url = with_password(str(settings.redis_url), settings.redis_password)
     end = time.monotonic() + settings.redis_wait_s
     told = False
     while True:
@@ -247,6 +259,9 @@ class RedisStreamsQueue:
 
     def _waiting_of(self, h: dict[bytes, bytes]) -> str:
         return self._waiting_prefix + text(h[b"model"])
+
+    def prepare(self, models: Collection[str]) -> None:
+        self._work.prepare(models)
 
     def async_front(self, streams: int) -> AsyncRedisFront | None:
         """The front's calls on asyncio (redis.asyncio: no thread per call), for a queue made from a URL; its

@@ -22,7 +22,12 @@ from difflens.queue.common import text
 
 log = logging.getLogger(__name__)
 
-GROUP = "workers"
+GROUP = "workers"  # the consumer group every worker reads the work streams with
+
+
+def work_stream(queue_name: str, model: str) -> str:
+    """The work stream of `model`'s jobs: the key a worker of the model reads, with the consumer group GROUP."""
+    return f"{queue_name}:work:{model}"
 
 
 class WorkEntry(NamedTuple):
@@ -55,7 +60,7 @@ class WorkStreams:
     def __init__(self, r: Any, settings: ServiceSettings) -> None:
         self._r = r
         self.settings = settings
-        self.prefix = f"{settings.queue_name}:work:"
+        self.prefix = work_stream(settings.queue_name, "")
         # XAUTOCLAIM scans the pending list; doing it on every claim would cost a round trip per job for
         # something only needed on the scale of the visibility timeout.
         self._reclaim_every_s = min(1.0, settings.visibility_timeout_s / 3)
@@ -75,6 +80,11 @@ class WorkStreams:
         """A reclaimable entry of the streams of `models`, else a new one (waiting up to block_s), else None."""
         streams = self.streams(models)
         return self._reclaimable(worker, streams) or self._read_new(worker, streams, block_s)
+
+    def prepare(self, models: Collection[str]) -> None:
+        """The consumer group of each model's work stream, made now (with the stream) where missing."""
+        for model in models:
+            self._create_group(work_stream(self.settings.queue_name, model))
 
     def streams(self, models: Collection[str]) -> list[str]:
         """The work streams of `models`, their consumer groups made if this object has not yet, in turns: the

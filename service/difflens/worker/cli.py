@@ -101,19 +101,22 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = worker_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from difflens.metrics import serve_metrics
+    from difflens.metrics import Health, serve_metrics
     from difflens.models import ModelRegistry
     from difflens.queue.redis_streams import connect
     from difflens.worker.worker import Worker
 
+    probe = Health()  # /readyz: 503 while the models load (a startup probe sized for it), then 200 until draining
     if settings.metrics_port is not None:  # first: a busy port fails before the models load
-        serve_metrics(settings.metrics_port, settings.metrics_host or "127.0.0.1")
+        serve_metrics(settings.metrics_port, settings.metrics_host or "127.0.0.1", probe)
+        probe.set(False, "loading models")
     threads = settings.engine.apply_threads()
     registry = ModelRegistry(settings)
     for entry in registry.load_all():  # a bad folder fails here, before any job is taken
         print(f"difflens: worker: model {entry.name!r} loaded from {entry.folder} "
               f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend}, {threads} threads)",
               file=sys.stderr)
+    probe.set(False, "models loaded; waiting for the queue")
     queue = connect(settings)
     stop = threading.Event()
     worker = Worker(settings, queue, registry, name=args.name)
@@ -124,12 +127,14 @@ def run_worker(args: argparse.Namespace) -> int:
             print(f"difflens: worker: {name} again: handing held jobs back now", file=sys.stderr)
             worker.hand_back_now()
             return
+        probe.set(False, "draining")
         print(f"difflens: worker: {name}: finishing held jobs (up to {settings.drain_grace_s:g} s, then they are "
               "handed back to the queue)", file=sys.stderr)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    probe.set(True, f"worker {worker.name} ready")
     print(f"difflens: worker {worker.name} ready", file=sys.stderr, flush=True)
     try:
         worker.run(stop)
