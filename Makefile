@@ -24,13 +24,10 @@ $(STAMP):
 	$(PY) -m pip check
 	rm -f .venv/.installed-*; touch $@
 
-# The generated grpc module says `from difflens.v1 import ...`, which would resolve inside our own package:
-# rewrite it to the stubs' real location.
-$(GEN): $(PROTO) $(STAMP)
-	rm -rf $(GEN_DIR) && mkdir -p $(GEN_DIR)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) $(PROTO)
-	sed -i 's/^from difflens\.v1 import/from difflens._gen.difflens.v1 import/' $(GEN_DIR)/difflens/v1/difflens_pb2_grpc.py
-	touch $(GEN_DIR)/__init__.py $(GEN_DIR)/difflens/__init__.py $(GEN)
+# One script makes them here and in the image builds (which have no make).
+$(GEN): $(PROTO) $(STAMP) deploy/docker/gen-stubs.sh
+	deploy/docker/gen-stubs.sh $(PY) $(GEN_DIR)
+	touch $(GEN)
 
 proto: $(STAMP)
 	rm -f $(GEN)
