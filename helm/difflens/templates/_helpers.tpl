@@ -311,8 +311,8 @@ configs and tokenizer files), ownImage (the pod's own image: an image model with
 {{- end -}}
 
 {{/*
-The init containers that copy image models. The front needs only the configs and the tokenizer (*.json, *.txt),
-never the weights; a worker copies the whole folder. Symbolic links are followed (Hugging Face cache layouts).
+The init containers that copy image models. The front needs only the configs and the tokenizer (*.json, *.txt and
+SentencePiece *.model files), never the weights; a worker copies the whole folder. Symbolic links are followed (Hugging Face cache layouts).
 */}}
 {{- define "difflens.modelInitContainers" -}}
 {{- $root := .root -}}
@@ -335,7 +335,7 @@ never the weights; a worker copies the whole folder. Symbolic links are followed
       set -eu
       cd "$MODEL_SRC"
       {{- if $.forFront }}
-      find -L . -type f \( -name '*.json' -o -name '*.txt' \) | while IFS= read -r f; do
+      find -L . -type f \( -name '*.json' -o -name '*.txt' -o -name '*.model' \) | while IFS= read -r f; do
         mkdir -p "$MODEL_DST/$(dirname "$f")"
         cp "$f" "$MODEL_DST/$f"
       done
