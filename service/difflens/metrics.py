@@ -51,6 +51,13 @@ RISE_MASKS = Counter("difflens_rise_masks_total", "DF-RISE masks evaluated.", ["
 ERRORS = Counter("difflens_errors_total", "Errors by type (invalid_argument, resource_exhausted, internal, ...).",
                  ["type"], registry=REGISTRY)
 
+# The series alerts take rate() or increase() of exist from the start, at 0: a counter series born at 1 has no
+# earlier sample, and its first event would be lost to those functions (a worker's first dead letter, say).
+for _status in ("completed", "failed", "cancelled", "deadline_exceeded"):
+    JOBS.labels(_status)
+for _type in ("dead_letter", "internal", "deadline_exceeded", "shutdown", "queue"):
+    ERRORS.labels(_type)
+
 
 def t_bucket(timestep: int) -> str:
     return str(max(0, int(timestep)) // 100)
