@@ -524,3 +524,47 @@ def test_a_claim_retried_after_another_worker_reclaimed_the_job_leaves_it_to_tha
     assert (rec.state, rec.worker, rec.deliveries) == ("running", "B", cb.delivery)
     assert [type(e).__name__ for _, e in a.events(job.id)].count("Started") == cb.delivery
     assert b.finish(cb, Completed(b"png", "{}"))
+
+
+def _lag(r, queue_name: str) -> tuple[int | None, int]:
+    """The consumer group's (lag, pending) as KEDA's redis-streams trigger reads them (XINFO GROUPS)."""
+    from difflens.queue.redis_work import GROUP, work_stream
+
+    (group,) = [g for g in r.xinfo_groups(work_stream(queue_name, MODEL)) if g["name"] == GROUP.encode()]
+    return group.get("lag"), int(group["pending"])
+
+
+def test_the_groups_lag_stays_defined_through_cancels_expiry_and_out_of_order_ends(rb, r, queue_name):
+    """KEDA's lag trigger reads XINFO GROUPS' lag, and Redis reports NULL there (KEDA: 0) once an entry ahead of the
+    group's last delivered one is deleted: a pool at zero would never wake. The work stream is only trimmed from its
+    head, so the lag counts the entries not yet delivered, whatever ended meanwhile."""
+    if tuple(int(x) for x in r.info("server")["redis_version"].split(".")[:2]) < (7, 0):
+        pytest.skip("XINFO GROUPS reports a lag from Redis 7.0 (this server is older)")
+    q = rb.queue(**FAST)
+    q.prepare(MODELS)  # as the front does at start-up: the group exists before any worker reads
+    jobs = [q.enqueue(spec(f"job {i}")) for i in range(5)]
+    expiring = q.enqueue(spec("expiring", deadline=time.time() + 0.2))
+    last = q.enqueue(spec("last"))
+    assert _lag(r, queue_name) == (7, 0)
+    q.cancel(jobs[2].id)  # a queued job in the middle of the backlog
+    time.sleep(0.3)
+    assert q.expire_overdue(MODEL) == 1  # and one whose deadline passed while queued
+    assert _lag(r, queue_name) == (7, 0)  # the ended ones still count until a worker's read drops them
+    first, second = q.claim("w1", MODELS, block_s=1), q.claim("w2", MODELS, block_s=1)
+    assert (first.job_id, second.job_id) == (jobs[0].id, jobs[1].id)
+    assert _lag(r, queue_name) == (5, 2)
+    assert q.finish(second, Completed(b"png", "{}"))  # ends before the job delivered ahead of it
+    assert _lag(r, queue_name) == (5, 1)
+    third = q.claim("w2", MODELS, block_s=1)  # the cancelled entry is delivered, dropped, and the next job taken
+    assert third.job_id == jobs[3].id
+    assert _lag(r, queue_name) == (3, 2)
+    for c in (first, third):
+        assert q.finish(c, Completed(b"png", "{}"))
+    rest = [q.claim("w1", MODELS, block_s=1) for _ in range(2)]  # jobs[4], then (past the expired one) last
+    assert [c.job_id for c in rest] == [jobs[4].id, last.id]
+    for c in rest:
+        assert q.finish(c, Completed(b"png", "{}"))
+    assert _lag(r, queue_name) == (0, 0)
+    assert r.xlen(f"{queue_name}:work:{MODEL}") == 0  # nothing left behind: trimmed from the head
+    assert r.xinfo_stream(f"{queue_name}:work:{MODEL}")["max-deleted-entry-id"] == b"0-0"  # and never XDEL'ed
+    assert expiring.id not in [c.job_id for c in rest]

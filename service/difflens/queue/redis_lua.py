@@ -3,7 +3,9 @@
 Keys, all under the queue name P (one Redis, not a cluster: the scripts derive a job's keys from its id), with
 one work stream and waiting set per model M, so a worker reads only the jobs of the models it serves:
     P:work:M             stream of {job: id, spec: JSON, at: enqueue time}; consumer group "workers" reads it
-                         with XREADGROUP (the spec lets a worker start before its claim script settles)
+                         with XREADGROUP (the spec lets a worker start before its claim script settles); entries
+                         are acknowledged when their job ends and trimmed from the head, never deleted one by one
+                         (TRIM_WORK: the group's lag, which autoscalers read, stays defined)
     P:waiting:M          sorted set of queued, never-claimed job ids by enqueue order: depth and queue position
     P:deadlines:M        sorted set of the ids of queued jobs with a deadline, by deadline, for EXPIRE_QUEUED; an
                          id leaves it with its waiting-set entry (claimed, cancelled, ended) or when that script
@@ -29,7 +31,40 @@ on a job runs in one Lua script, so ownership, the at-most-once finish and cance
 # Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] its model's work stream, KEYS[4]
 # its model's waiting zset, KEYS[5] its model's deadlines zset; TTL in ms and `now` come from the caller so every
 # script is deterministic.
-PRELUDE = """
+# Work entries are acknowledged, never XDEL'ed: an entry deleted ahead of the group's last delivered one makes Redis
+# report the group's lag as NULL (XINFO GROUPS), which KEDA's redis-streams trigger reads as 0, so a pool at zero
+# would never wake for the jobs behind it. Instead the stream is trimmed from its head (XTRIM MINID leaves no
+# tombstone) up to the oldest entry still needed: pending (delivered, not yet acknowledged) or never delivered. An
+# entry whose job ended while it waited (cancelled, expired) stays until a worker's read delivers it; the claim
+# script then finds the job terminal and drops it. KEYS[3] the work stream.
+TRIM_WORK = """
+local function id_less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local function trim_work(group)
+  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[3])
+  if type(groups) ~= 'table' or groups.err then return end  -- no stream: nothing to trim
+  local last, pending = nil, 0
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then last, pending = info['last-delivered-id'], tonumber(info['pending']) end
+  end
+  if not last then return end
+  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+  local keep = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)  -- the first entry not yet delivered
+  if pending > 0 then
+    local oldest = redis.call('XPENDING', KEYS[3], group)[2]
+    if id_less(oldest, keep) then keep = oldest end
+  end
+  redis.call('XTRIM', KEYS[3], 'MINID', keep)
+end
+"""
+
+PRELUDE = TRIM_WORK + """
 local function is_terminal(state)
   return state == 'completed' or state == 'failed' or state == 'cancelled'
 end
@@ -45,7 +80,7 @@ local function append(field, value)
 end
 local function drop_entry(group, entry, job_id)
   redis.call('XACK', KEYS[3], group, entry)
-  redis.call('XDEL', KEYS[3], entry)
+  trim_work(group)
   redis.call('ZREM', KEYS[4], job_id)
   redis.call('ZREM', KEYS[5], job_id)
 end
@@ -227,7 +262,7 @@ return 1
 # Failed(DEADLINE_EXCEEDED) bytes, error, most jobs per call, group. Returns how many jobs it failed (handed-back
 # ones included). A job delivered to a worker whose claim script has not run yet is still unowned: that script then
 # finds it terminal and drops it.
-EXPIRE_QUEUED = """
+EXPIRE_QUEUED = TRIM_WORK + """
 local n = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[6]))) do
   local job = ARGV[3] .. id
@@ -240,7 +275,6 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT
     redis.call('XADD', job .. ':events', '0-' .. seq, 'e', ARGV[4])
     redis.call('HSET', job, 'state', 'failed', 'error', ARGV[5], 'updated_at', ARGV[1])
     redis.call('XACK', KEYS[3], ARGV[7], redis.call('HGET', job, 'entry'))  -- a handed-back job's was delivered
-    redis.call('XDEL', KEYS[3], redis.call('HGET', job, 'entry'))
     redis.call('ZREM', KEYS[1], id)
     redis.call('PEXPIRE', job, ARGV[2])
     redis.call('PEXPIRE', job .. ':events', ARGV[2])
@@ -252,5 +286,6 @@ end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, 9)) do  -- the oldest waiting ids: records expired?
   if redis.call('EXISTS', ARGV[3] .. id) == 0 then redis.call('ZREM', KEYS[1], id) end
 end
+if n > 0 then trim_work(ARGV[7]) end
 return n
 """
