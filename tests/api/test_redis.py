@@ -151,9 +151,10 @@ def _serve(tiny_dir, redis_url: str, queue_name: str, port: int, log) -> subproc
 
 def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny_dir, redis_url, queue_name,
                                                                     tmp_path):
-    """The front serving a stream is SIGKILLed mid-job and started again on the same address, which takes seconds
-    (longer than the unary retries' 1.4 s). The client's one Explain stream resumes with WatchJob once it is up and
-    sees every step once and one Completed; the job went on in the worker meanwhile."""
+    """The front serving a stream is SIGKILLed mid-job and started again on the same address 2 s later (longer than
+    the unary retries' 1.4 s; the torch-free front itself starts in about a second). The client's one Explain stream
+    resumes with WatchJob once it is up and sees every step once and one Completed; the job went on in the worker
+    meanwhile."""
     from tests.api.helpers import free_port
 
     port = free_port()
@@ -174,6 +175,7 @@ def test_an_explain_stream_rides_out_its_front_killed_and_restarted(worker, tiny
                     procs[0].send_signal(signal.SIGKILL)
                     procs[0].wait(10)
                     down_at = time.monotonic()
+                    time.sleep(2.0)  # a restart that takes a while (a pod rescheduled, an image pulled)
                     procs.append(_serve(tiny_dir, redis_url, queue_name, port, log))
     finally:
         for p in procs:
