@@ -18,7 +18,7 @@ RUN python -m venv /opt/protoc \
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY service service
-# The Makefile's $(GEN) rule (the script says so and a test holds it to that).
+# The same script `make proto` runs.
 COPY deploy/docker/gen-stubs.sh /usr/local/bin/gen-stubs
 RUN gen-stubs /opt/protoc/bin/python service/difflens/_gen
 # --no-deps: requirements-front.txt already holds every pin; pip check proves it is the package's whole need.

@@ -1,7 +1,6 @@
 #!/bin/sh
-# The gRPC stubs exactly as the Makefile's $(GEN) rule makes them, for the image builds (which have no make):
+# The gRPC stubs, for `make proto` (the Makefile's $(GEN) rule runs this) and the image builds (which have no make):
 #   deploy/docker/gen-stubs.sh PYTHON OUT_DIR      (run from the repository root; PYTHON has grpcio-tools)
-# tests/deploy/test_deploy_files.py checks the result is byte for byte what `make proto` wrote.
 set -eu
 python=$1
 out=$2

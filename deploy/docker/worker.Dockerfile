@@ -26,7 +26,7 @@ RUN python -m venv /opt/venv \
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY service service
-# The Makefile's $(GEN) rule (the script says so and a test holds it to that).
+# The same script `make proto` runs.
 COPY deploy/docker/gen-stubs.sh /usr/local/bin/gen-stubs
 RUN gen-stubs /opt/protoc/bin/python service/difflens/_gen
 # --no-deps: the requirements files hold every pin; pip check proves they cover what the package declares.
