@@ -34,7 +34,8 @@ GO=/usr/lib/go-1.19/bin/go
 # runtime's) and crashes kube-apiserver on the first custom resource it serves.
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 
-say() { echo "install-tools: $*" >&2; }
+# Seconds since the start on each line: the apiserver build is long enough to want a clock.
+say() { echo "install-tools: [${SECONDS}s] $*" >&2; }
 
 # One temporary folder for this run, removed however it ends; each step takes a subfolder with `workdir NAME`.
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/difflens-tools.XXXXXX")
