@@ -43,6 +43,16 @@ def test_aggregate_by_hand():
     assert own["pointing_game"] == 0.5 and "deletion_auc" not in own and "baseline_spearman" not in own
 
 
+def test_the_sanity_chance_level_is_aggregated_signed_and_absolute_where_measured():
+    rs = [record(0, True, True, 1.0, 1.0, 0.5, (1, 0, 0)) for _ in range(3)]
+    for r, rho in zip(rs[1:], (0.4, -0.2), strict=True):  # the first image has no other image to pair with
+        r["methods"]["cam"] = r["methods"]["cam"] | {"sanity_chance_spearman": rho}
+    a = metrics.aggregate(rs)
+    assert a["cam"]["sanity_chance"] == pytest.approx(0.1) and a["cam"]["sanity_chance_abs"] == pytest.approx(0.3)
+    assert a["cam"]["sanity_spearman_abs"] == pytest.approx(0.5)  # the sanity figure itself is unchanged
+    assert math.isnan(a["rise"]["sanity_chance"]) and math.isnan(a["rise"]["sanity_chance_abs"])
+
+
 def test_the_ground_truth_mask_is_aggregated_as_a_reference_with_curves_and_no_sanity_check():
     rs = [record(0, True, True, 2.0, 1.0, 0.5, (1.0, 0.5, 0.0)), record(5, True, True, 4.0, 1.0, 0.5, (1, 0, 0))]
     for r in rs:

@@ -43,6 +43,9 @@ def test_summary_json_has_every_key_in_range(run):
             assert v is not None and (-1.0 <= v <= 1.0 if k == "sanity_spearman" else 0.0 <= v <= 1.0), (m, k)
         for k in ("object_ratio", "edge_ratio"):
             assert s[m][k] >= 0.0
+        # the chance level pairs maps of different images (3 different scenes here), so it is not the sanity value
+        assert 0.0 <= s[m]["sanity_chance_abs"] <= 1.0 and s[m]["sanity_chance_abs"] != s[m]["sanity_spearman_abs"]
+        assert len(s["series"][m]["sanity_chance_abs"]) == 3
     ref = s["object_mask"]  # the ground truth as a map calibrates deletion / insertion
     assert ref["pointing_game"] == 1.0 and ref["sanity_spearman"] is None
     assert 0.0 <= ref["deletion_auc"] <= 1.0 and ref["random_deletion_auc"] == s["rise"]["random_deletion_auc"]
@@ -84,6 +87,7 @@ def test_plots_are_pngs_and_the_report_names_targets(run):
     assert all(p.read_bytes()[:8] == PNG for p in pngs)
     md = markdown(summary)
     assert "| DF-RISE |" in md and all(t["name"] in md for t in summary["targets"])
+    assert "sanity_chance_abs" in md.split("## Faithfulness")[1].splitlines()[2]  # a column of the table
     assert "| reference: the ground-truth object mask as the map |" in md
     below = summary["object_mask"]["deletion_vs_random"] * 100
     assert f"Calibration: the ground-truth object mask used as the map scores deletion {below:.1f}% below" in md

@@ -3,7 +3,7 @@
 One record per (caption, explained step):
   {"caption", "seed", "step", "timestep", "formed",
    "random": {"deletion": curve, "insertion": curve},
-   "methods": {name: {"pointing_game", "object", "edge", "texture", "sanity_spearman",
+   "methods": {name: {"pointing_game", "object", "edge", "texture", "sanity_spearman", "sanity_chance_spearman",
                       "deletion": curve, "insertion": curve}}}
 with curve = {"fraction", "ssim", "cosine"} lists (engine.faithfulness.perturbation_curve). Methods: rise, cam,
 attention (the colour-token map plus the shape-token map), and attention_color / attention_shape (each token's
@@ -13,6 +13,9 @@ the DF-RISE map beyond the mask-independent mean score (no curves; not a method 
 ground-truth object mask itself used as a saliency map (no sanity check), which calibrates the deletion and
 insertion metric: no map can rank the object's pixels better. The random ordering's curves
 are the same function with a random pixel order, one order per record, shared by every method of that record.
+sanity_chance_spearman: the map against the randomised UNet's map of another image at the same step (absent on
+the first image), the value the sanity Spearman takes when randomisation changed the map as much as changing
+the image does.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Means over all records of each method's scores (NaN entries left out).
 
     Keys per method: pointing_game, pointing_game_formed (only steps whose x0 prediction already shows the
-    object), n, n_formed, {object,edge,texture}_ratio, sanity_spearman (signed), sanity_spearman_abs; for rise,
+    object), n, n_formed, {object,edge,texture}_ratio, sanity_spearman (signed), sanity_spearman_abs, the same
+    for sanity_chance (the chance level of the sanity Spearman: maps of different images); for rise,
     cam and attention also deletion_auc, insertion_auc, random_deletion_auc, random_insertion_auc (SSIM of the
     decoded x0 prediction), the same with a _cosine suffix (cosine of x_{t_next}), and deletion_vs_random
     = 1 - deletion_auc / random_deletion_auc (the share by which deletion is below random).
@@ -118,6 +122,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
             s[f"{region}_ratio"] = _mean(_method_values(records, m, region))
         rho = _method_values(records, m, "sanity_spearman")
         s["sanity_spearman"], s["sanity_spearman_abs"] = _mean(rho), _mean([abs(x) for x in rho])
+        chance = _method_values(records, m, "sanity_chance_spearman")
+        s["sanity_chance"], s["sanity_chance_abs"] = _mean(chance), _mean([abs(x) for x in chance])
         if m == "rise":
             s["baseline_spearman"] = _mean(_method_values(records, m, "baseline_spearman"))
         if m in CURVED:

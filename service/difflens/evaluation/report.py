@@ -80,13 +80,17 @@ def markdown(s: dict[str, Any]) -> str:
                         [[k, *(_f(acc.get(a)) for a in FIDELITY_ATTRS)] for k, acc in few["fidelity"].items()])
     lines += ["", "## Faithfulness (mean over explained images and steps)", ""]
     keys = ("pointing_game", "pointing_game_formed", "deletion_auc", "random_deletion_auc", "insertion_auc",
-            "random_insertion_auc", "sanity_spearman", "sanity_spearman_abs", "object_ratio", "edge_ratio",
-            "texture_ratio")
+            "random_insertion_auc", "sanity_spearman", "sanity_spearman_abs", "sanity_chance_abs", "object_ratio",
+            "edge_ratio", "texture_ratio")
     lines += _table(["method", *keys], [[NAMES[m], *(_f(s[m].get(k)) for k in keys)]
                                        for m in METHODS + TOKEN_METHODS + DIAGNOSTICS + REFERENCES
                                        if m in s])
     lines += ["", f"Steps where the x0 prediction already shows the object: {s['rise']['n_formed']} of "
                   f"{s['rise']['n']}. AUCs: SSIM of the decoded x0 prediction (cosine of x_t-1 in summary.json).",
+              "", "sanity_chance_abs: the sanity Spearman's chance level, each map against the randomised UNet's "
+                  "map of another image at the same step (maps sharing neither input nor weights). A sanity value "
+                  "at this level means randomising the weights changed the map as much as changing the image did; "
+                  "smooth maps sit well above 0 here.",
               *_calibration(s),
               "", f"DF-RISE map vs its mask-independent mean score E_k[s_k] (Spearman): "
                   f"{_f(s['rise'].get('baseline_spearman'))}. Near 1, the map says where masking anything disturbs "

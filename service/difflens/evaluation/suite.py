@@ -11,6 +11,8 @@ against the ground truth of each generated image.
    engine.explain.run_explanation (DF-RISE, DF-CAM, attention) at `steps` spread over the trajectory; the
    StepStates of the same (deterministic) trajectory, captured by a plain generate, drive the deletion /
    insertion curves and the randomised-UNet sanity maps. The two trajectories must give the same image.
+   The sanity check's chance level pairs each map with the randomised UNet's map of the previous accepted image
+   at the same step: two maps that share neither input nor weights, only the method.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -146,7 +148,8 @@ def _schedules(model: Model, cfg: EvalConfig, captions: list[str], seeds: list[i
 
 @dataclass
 class _Explainer:
-    """What every explained image shares: options, the mask set, layers, the randomised UNet."""
+    """What every explained image shares: options, the mask set, layers, the randomised UNet, and the randomised
+    UNet's maps of the last accepted image per step index (the sanity check's chance pairs)."""
 
     model: Model
     cfg: EvalConfig
@@ -155,6 +158,7 @@ class _Explainer:
     rise_opts: RiseOptions
     cam_opts: CamOptions
     cam_layers: tuple[str, ...]
+    last_random_maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: Model, cfg: EvalConfig) -> _Explainer:
@@ -199,6 +203,8 @@ class _Explainer:
         random_state = on_runner(state, self.random_runner)
         random_maps = metrics.method_maps(
             explain_state(random_state, self.rise_opts, masks, self.cam_opts, self.cam_layers, tokens), words, spec)
+        other_image = self.last_random_maps.get(index, {})
+        self.last_random_maps[index] = random_maps
         h, w = state.latent_in.shape[-2:]
         order = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed * 1000 + index))
         record: dict[str, Any] = {
@@ -212,6 +218,10 @@ class _Explainer:
             r = metrics.region_scores(sal, regions)
             if name in random_maps:
                 r["sanity_spearman"] = spearman(sal, random_maps[name])
+            if name in other_image:
+                # What the Spearman is when the map changed completely: smooth maps (DF-CAM sums 2 x 2 and 4 x 4
+                # layers) correlate well above 0 by chance, so the sanity figure is read against this.
+                r["sanity_chance_spearman"] = spearman(sal, other_image[name])
             if name in metrics.CURVED:
                 # ties (the reference mask is two-valued) in the random baseline's order, not raster order
                 r |= metrics.curves(state, sal, self.decode, self.cfg.chunks, tie_break=order)
