@@ -70,6 +70,9 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--methods", "cam", "--cam-layers", "up_blocks.9"], "--cam-layers"),
     (["--methods", "cam", "--masks", "8"], "--masks"),  # a DF-RISE option without DF-RISE is not dropped silently
     (["--backend", "jit"], "--backend"),
+    (["--triton-url", "127.0.0.1:8001"], "--triton-url"),  # without --backend triton: refused, not ignored
+    (["--backend", "triton"], "--triton-url"),
+    (["--backend", "triton", "--triton-url", "127.0.0.1:8001", "--triton-model", "=x"], "--triton-model"),
     (["--guidance", "-1"], "--guidance"),
 ])
 def test_bad_values_exit_2_naming_the_option_and_write_nothing(tiny_dir, tmp_path, capsys, args, flag):

@@ -172,3 +172,27 @@ def test_the_cli_loads_no_torch_so_the_worker_can_set_the_spin_first():
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == WORKER_GOMP_SPINCOUNT
+
+
+def test_the_triton_backend_needs_a_url_and_a_dtype_numpy_has():
+    env = {"DIFFLENS_UNET_BACKEND": "triton", "DIFFLENS_TRITON_URL": "triton.ml.svc:8001",
+           "DIFFLENS_TRITON_MODEL": "unet-default, sd15=sd15-trt", "DIFFLENS_TRITON_WAIT_S": "120"}
+    s = Settings.from_env(env)
+    assert (s.unet_backend, s.triton_url, s.triton_wait_s) == ("triton", "triton.ml.svc:8001", 120.0)
+    assert s.triton_model("sd15") == "sd15-trt" and s.triton_model("default") == "unet-default"
+    assert Settings(unet_backend="triton", triton_url="[::1]:8001").triton_model("default") == "default"
+    for overrides, field, says in (({"triton_url": None}, "triton_url", "needs the server's address"),
+                                   ({"triton_url": "grpc://host:8001"}, "triton_url", "no scheme"),
+                                   ({"dtype": "bfloat16"}, "dtype", "float32 or float16"),
+                                   ({"triton_models": (("", "no spaces"),)}, "triton_models", "'no spaces'")):
+        with pytest.raises(InvalidArgument) as e:
+            Settings(**{"unet_backend": "triton", "triton_url": "127.0.0.1:8001", **overrides})
+        assert e.value.field == field and says in e.value.message
+    with pytest.raises(InvalidArgument) as e:  # from the environment: the variable is named
+        Settings.from_env({**env, "DIFFLENS_TRITON_URL": "host"})
+    assert e.value.field == "DIFFLENS_TRITON_URL" and "HOST:PORT" in e.value.message
+    with pytest.raises(InvalidArgument) as e:
+        Settings.from_env({**env, "DIFFLENS_TRITON_MODEL": "a=x,a=y"})
+    assert e.value.field == "DIFFLENS_TRITON_MODEL" and "one Triton model per difflens model" in e.value.message
+    # other backends leave the Triton variables unused (an exported DIFFLENS_TRITON_URL does not stop an eager run)
+    assert Settings.from_env({**env, "DIFFLENS_UNET_BACKEND": "eager"}).unet_backend == "eager"

@@ -84,12 +84,17 @@ def step_timings(exp: Explanation, denoise_s: Mapping[int, float]) -> list[dict[
             for i, t in enumerate(exp.timesteps)]
 
 
-def runtime_of(device: str, dtype: str, backend: str, requested_backend: str) -> dict[str, Any]:
-    """A record's "runtime": where and how the UNet ran (`backend` the one used, after any fallback)."""
+def runtime_of(device: str, dtype: str, backend: str, requested_backend: str,
+               remote: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A record's "runtime": where and how the UNet ran (`backend` the one used, after any fallback; `remote`: the
+    server that ran its batched calls, backend triton: url, model, max_batch)."""
     import torch
 
-    return {"device": device, "dtype": dtype, "unet_backend": backend, "requested_backend": requested_backend,
-            "torch_threads": torch.get_num_threads()}
+    runtime = {"device": device, "dtype": dtype, "unet_backend": backend, "requested_backend": requested_backend,
+               "torch_threads": torch.get_num_threads()}
+    if remote is not None:
+        runtime["triton"] = dict(remote)
+    return runtime
 
 
 def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, weights: Mapping[str, str],

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from difflens.api.cli import add_ensure_groups, add_models, add_serve
+from difflens.backend_flags import add_backend_flags, engine_settings
 from difflens.config import DTYPES
-from difflens.engine.options import BACKENDS, SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
-from difflens.errors import DifflensError, InvalidArgument, ModelLoadError, NotReady
+from difflens.engine.options import SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
+from difflens.errors import BackendUnavailable, DifflensError, InvalidArgument, ModelLoadError, NotReady
 from difflens.evaluation.cli import add_evaluate
 from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints
 from difflens.worker.cli import add_replay, add_worker
@@ -35,7 +36,7 @@ FLAG_OF_FIELD = {
     "rise.ssim_padding": "--ssim-padding", "rise.target": "--rise-target", "rise.seed": "--mask-seed",
     "cam.layers": "--cam-layers",
     "cam.target": "--cam-target", "unet_backend": "--backend", "device": "--device", "dtype": "--dtype",
-    "out": "--out",
+    "out": "--out", "triton_url": "--triton-url", "triton_models": "--triton-model",
 }
 
 
@@ -69,7 +70,7 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--timesteps", metavar="999,800,...", help="explicit, strictly decreasing timesteps")
     add_explanation_flags(p)
     r = p.add_argument_group("runtime (default: DIFFLENS_* environment, else eager / cpu / float32)")
-    r.add_argument("--backend", metavar=choices_text(BACKENDS), help="UNet backend")
+    add_backend_flags(r)
     r.add_argument("--device", metavar="cpu|cuda|cuda:N")
     r.add_argument("--dtype", metavar=choices_text(DTYPES))
     p.set_defaults(run=run_explain)
@@ -119,15 +120,22 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"generation": generation, "explain": explanation_options(args)}
 
 
+def local_model_name(path: str | Path) -> str:
+    """A local run's name for its model: 'default' for the shipped model, else the folder's name."""
+    from difflens.config import SHIPPED_MODEL
+
+    folder = Path(path).resolve()
+    return "default" if folder == SHIPPED_MODEL else folder.name
+
+
 def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, exp: Any, settings: Any,
-                 started: float, step_s: dict[int, float]) -> str:
+                 started: float, step_s: dict[int, float], unet_server: dict[str, Any] | None = None) -> str:
     """The audit record of a local run, as a served job's (replay takes either): the model's folder and file
     hashes, the request, what it resolved to, versions, runtime, timings (a step's denoise time here is its wall
     time less its explainers'; step 0's includes encoding the prompt), and the output hashes."""
     import socket
 
     from difflens import audit
-    from difflens.config import SHIPPED_MODEL
     from difflens.engine.options import GenerationParams
     from difflens.jobs import JobSpec
     from difflens.models import config_sha256, weights_sha256
@@ -135,7 +143,7 @@ def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, 
     from difflens.worker.job import image_png
 
     folder = Path(model.path).resolve()
-    name = "default" if folder == SHIPPED_MODEL else folder.name
+    name = local_model_name(folder)
     spec = JobSpec(model=name, params=GenerationParams(args.prompt, **request["generation"]),
                    explain=request["explain"])
     explained = {s.index: sum(s.seconds.values()) for s in exp.steps}
@@ -145,7 +153,8 @@ def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, 
         job_id=new_job_id(), worker=f"local ({socket.gethostname()})", attempt=1, model_name=name,
         weights=weights_sha256(folder), configs=config_sha256(folder), folder=str(folder), spec=spec, exp=exp,
         png=image_png(exp.image),
-        runtime=audit.runtime_of(settings.device, settings.dtype, settings.unet_backend, settings.unet_backend),
+        runtime=audit.runtime_of(settings.device, settings.dtype, settings.unet_backend, settings.unet_backend,
+                                 unet_server),
         timings={"queue_wait_s": 0.0, "run_s": run_s, "total_s": run_s,
                  "steps": audit.step_timings(exp, denoise)},
         rise_exact={s.index: True for s in exp.steps if "rise" in s.seconds})
@@ -189,9 +198,7 @@ def run_explain(args: argparse.Namespace) -> int:
         raise InvalidArgument("--timeout", "only with --server (the deadline of the call to the server)")
     if args.map_dtype is not None:
         raise InvalidArgument("--map-dtype", "only with --server (in-process maps are float32)")
-    from difflens.config import Settings
-
-    settings = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype)
+    settings = engine_settings(args, device=args.device, dtype=args.dtype)
     request = build_request(args)
 
     from difflens.engine.api import explain
@@ -199,16 +206,24 @@ def run_explain(args: argparse.Namespace) -> int:
     from difflens.render import write_outputs
 
     model = load_model(args.model_dir, device=settings.device, dtype=settings.torch_dtype)
+    remote = None
+    if settings.unet_backend == "triton":
+        from difflens.triton.client import connect_unet
+
+        remote = connect_unet(settings, local_model_name(model.path), model.unet)
     progress = Progress()
     started = time.time()
     try:
         opts = request["explain"]
         exp = explain(model, args.prompt, backend=settings.unet_backend, device=settings.device,
                       on_step=progress.on_step, on_progress=progress.on_progress, generation=request["generation"],
-                      methods=opts.methods, rise=opts.rise, cam=opts.cam, steps=opts.steps)
+                      methods=opts.methods, rise=opts.rise, cam=opts.cam, steps=opts.steps, remote=remote)
     finally:
         progress.close()
-    record = local_record(args, request, model, exp, settings, started, progress.step_s)
+        if remote is not None:
+            remote.close()
+    record = local_record(args, request, model, exp, settings, started, progress.step_s,
+                          remote.describe() if remote is not None else None)
     try:
         written = write_outputs(exp, args.out, companions={"audit.json": record.encode("utf-8")})
     except OSError as e:
@@ -234,7 +249,7 @@ def error_line(err: DifflensError) -> str:
         return f"difflens: error: {FLAG_OF_FIELD.get(err.field, err.field)}: {err.message}"
     if isinstance(err, ModelLoadError):
         return f"difflens: error: MODEL_DIR: {err.path}: {err.problem}"
-    if isinstance(err, NotReady):
+    if isinstance(err, NotReady | BackendUnavailable):
         return f"difflens: error: {err}"
     return f"difflens: error: {type(err).__name__}: {err}"
 

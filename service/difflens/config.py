@@ -2,8 +2,9 @@
 
 Nothing deeper in the code reads os.environ. Environment variables (all optional):
 DIFFLENS_DEVICE (cpu | cuda | cuda:N), DIFFLENS_DTYPE (float32 | float16 | bfloat16),
-DIFFLENS_UNET_BACKEND (eager | compile), DIFFLENS_THREADS (torch's CPU threads, else OMP_NUM_THREADS; 0 or unset:
-the CPUs this process may use).
+DIFFLENS_UNET_BACKEND (eager | compile | triton), DIFFLENS_THREADS (torch's CPU threads, else OMP_NUM_THREADS; 0 or
+unset: the CPUs this process may use), and for the triton backend DIFFLENS_TRITON_URL (HOST:PORT of the server's gRPC
+endpoint), DIFFLENS_TRITON_MODEL ([MODEL=]NAME, comma-separated) and DIFFLENS_TRITON_WAIT_S.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from difflens.errors import InvalidArgument
 
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[str, ...] = get_args(DType)
-UNetBackend = Literal["eager", "compile"]  # engine.options.Backend
+TRITON_DTYPES = ("float32", "float16")  # what the triton backend sends (triton.contract.TRITON_TYPES)
+UNetBackend = Literal["eager", "compile", "triton"]  # engine.options.Backend
+TRITON_URL_ALLOWED = "allowed: HOST:PORT of the Triton server's gRPC endpoint (8001 by default), no scheme"
+TRITON_MODEL_ALLOWED = "allowed: NAME or MODEL=NAME, a Triton model name of letters, digits, '.', '_' and '-'"
 THREADS_ALLOWED = "allowed: an integer >= 0 (0: the CPUs this process may use)"
 AUDIT_DIR_HELP = ("also keep every completed job's audit record here, <UTC date>/<job id>.a<attempt>.json "
                   "(default: DIFFLENS_AUDIT_DIR; none)")
@@ -93,6 +97,11 @@ class Settings:
     dtype: DType = "float32"
     unet_backend: UNetBackend = "eager"
     threads: int = 0  # torch intra-op threads; 0: available_cpus()
+    # The triton backend: where the server's gRPC endpoint is, which of its models serves each difflens model
+    # (("", NAME) for every model; none named: the difflens model's own name), and how long start-up waits for it.
+    triton_url: str | None = None
+    triton_models: tuple[tuple[str, str], ...] = ()
+    triton_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -104,6 +113,46 @@ class Settings:
                                   f"got {self.unet_backend!r}; allowed: {', '.join(get_args(UNetBackend))}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise InvalidArgument("device", f"got {self.device!r}; allowed: cpu, cuda, cuda:N")
+        self._check_triton()
+
+    def _check_triton(self) -> None:
+        if self.triton_url is not None and not re.fullmatch(r"([^\s:/\[\]]+|\[[0-9a-fA-F:.]+\]):\d{1,5}",
+                                                             self.triton_url):
+            raise InvalidArgument("triton_url", f"got {self.triton_url!r}; {TRITON_URL_ALLOWED}")
+        for model, name in self.triton_models:
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+                shown = f"{model}={name}" if model else name
+                raise InvalidArgument("triton_models", f"got {shown!r}; {TRITON_MODEL_ALLOWED}")
+        if not self.triton_wait_s >= 0:
+            raise InvalidArgument("triton_wait_s", f"got {self.triton_wait_s}; must be >= 0 (seconds)")
+        if self.unet_backend != "triton":
+            return
+        if self.triton_url is None:
+            raise InvalidArgument("triton_url", f"the triton UNet backend needs the server's address; "
+                                                f"{TRITON_URL_ALLOWED}")
+        if self.dtype not in TRITON_DTYPES:
+            raise InvalidArgument("dtype", f"got {self.dtype!r}; the triton UNet backend takes "
+                                           f"{' or '.join(TRITON_DTYPES)} (tensors travel as numpy, which has no "
+                                           "bfloat16)")
+
+    def triton_model(self, model: str) -> str:
+        """The Triton model that serves difflens model `model`: the one named for it, else the one named for every
+        model, else the same name."""
+        named = dict(self.triton_models)
+        return named.get(model) or named.get("") or model
+
+    @staticmethod
+    def parse_triton_models(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+        """['NAME' | 'MODEL=NAME', ...] -> (('' | MODEL, NAME), ...); errors name the field triton_models."""
+        out = []
+        for v in values or []:
+            model, sep, name = v.rpartition("=")
+            if (sep and not model) or not name:
+                raise InvalidArgument("triton_models", f"got {v!r}; {TRITON_MODEL_ALLOWED}")
+            out.append((model, name))
+        if len(dict(out)) != len(out):
+            raise InvalidArgument("triton_models", f"got {values}; one Triton model per difflens model")
+        return tuple(out)
 
     def apply_threads(self) -> int:
         """Set torch's intra-op threads for this process (a worker's, once at start); returns the count."""
@@ -126,9 +175,22 @@ class Settings:
         values: dict[str, object] = {}
         origin: dict[str, str] = {}  # field -> the variable it came from, for errors
         for key, var in (("device", "DIFFLENS_DEVICE"), ("dtype", "DIFFLENS_DTYPE"),
-                         ("unet_backend", "DIFFLENS_UNET_BACKEND")):
+                         ("unet_backend", "DIFFLENS_UNET_BACKEND"), ("triton_url", "DIFFLENS_TRITON_URL")):
             if var in env:
                 values[key], origin[key] = env[var], var
+        if "DIFFLENS_TRITON_MODEL" in env:
+            origin["triton_models"] = "DIFFLENS_TRITON_MODEL"
+            try:
+                values["triton_models"] = cls.parse_triton_models(
+                    [v.strip() for v in env["DIFFLENS_TRITON_MODEL"].split(",") if v.strip()])
+            except InvalidArgument as e:
+                raise InvalidArgument("DIFFLENS_TRITON_MODEL", e.message) from None
+        if "DIFFLENS_TRITON_WAIT_S" in env:
+            try:
+                values["triton_wait_s"] = float(env["DIFFLENS_TRITON_WAIT_S"])
+            except ValueError as e:
+                raise InvalidArgument("DIFFLENS_TRITON_WAIT_S", f"got {env['DIFFLENS_TRITON_WAIT_S']!r}: {e}") from e
+            origin["triton_wait_s"] = "DIFFLENS_TRITON_WAIT_S"
         for var in ("DIFFLENS_THREADS", "OMP_NUM_THREADS"):  # the OpenMP convention too, as torch honours it
             if var in env:
                 # OMP_NUM_THREADS may list a count per nesting level ("4,2"): the first is this level's

@@ -47,3 +47,8 @@ class NotReady(DifflensError):
 
 class HookError(DifflensError):
     """A capture hook was installed twice or could not be installed."""
+
+
+class BackendUnavailable(DifflensError):
+    """The UNet's backend (a Triton server) cannot be reached mid-job: the job fails UNAVAILABLE and may be
+    submitted again; the worker goes on with its next job."""

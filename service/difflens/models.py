@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from difflens.config import ServiceSettings
 from difflens.errors import InvalidArgument
@@ -84,6 +84,7 @@ class LoadedModel:
     lock: RWLock = field(default_factory=RWLock)
     weights: dict[str, str] = field(default_factory=dict)
     configs: dict[str, str] = field(default_factory=dict)
+    unet_server: dict[str, Any] | None = None  # backend triton: the server and model its batched calls go to
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -175,9 +176,16 @@ class ModelRegistry:
         from difflens.engine.runner import UNetRunner
 
         folder = Path(model.path)
+        engine = self.settings.engine
+        remote, server = None, None
+        if engine.unet_backend == "triton":  # checked against the local UNet before the model takes any job
+            from difflens.triton.client import connect_unet
+
+            remote = connect_unet(engine, name, model.unet)
+            server = remote.describe()
         # Hashed once per model and process: the audit record of every job cites them.
-        return LoadedModel(name, folder, model, UNetRunner(model.unet, self.settings.engine.unet_backend),
-                           weights=weights_sha256(folder), configs=config_sha256(folder))
+        return LoadedModel(name, folder, model, UNetRunner(model.unet, engine.unet_backend, remote=remote),
+                           weights=weights_sha256(folder), configs=config_sha256(folder), unet_server=server)
 
     def _check(self, name: str) -> None:
         if name not in self.folders:

@@ -81,3 +81,24 @@ def test_compiled_unet_matches_eager(tiny_model):
     if r.backend != "compile":
         pytest.skip("torch.compile cannot run on this machine (fell back to eager)")
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_the_triton_backend_sends_every_raw_call_to_its_remote_unet(tiny_model):
+    """A RemoteUNet gets the batched calls with one timestep per sample; a backend and a remote go together."""
+    calls = []
+
+    def remote(latents, timesteps, embeds):
+        calls.append((tuple(latents.shape), timesteps.tolist(), tuple(embeds.shape)))
+        return tiny_model.unet(latents, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    x, cond = inputs(2)
+    r = UNetRunner(tiny_model.unet, "triton", remote=remote)
+    with torch.no_grad():
+        got = r.guided(x, torch.tensor(300), cond)
+        want = UNetRunner(tiny_model.unet).guided(x, torch.tensor(300), cond)
+    assert calls == [((4, 4, 16, 16), [300] * 4, (4, 77, 32))] and r.backend == "triton"
+    torch.testing.assert_close(got, want)
+    for backend, given in (("triton", None), ("eager", remote)):
+        with pytest.raises(InvalidArgument) as e:
+            UNetRunner(tiny_model.unet, backend, remote=given)
+        assert e.value.field == "unet_backend"

@@ -105,7 +105,10 @@ def test_a_worker_stopped_past_its_drain_grace_hands_the_job_to_another(make_wor
     (["worker", "--redis", "redis://127.0.0.1:1", "--max-jobs", "0"], "--max-jobs: got 0; must be >= 1"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--threads", "-2"], "--threads: got -2; allowed: an integer >= 0"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--model", "tiny"], "--model: got 'tiny'; expected NAME=DIR"),
-    (["worker", "--redis", "redis://127.0.0.1:1", "--backend", "jit"], "--backend: got 'jit'; allowed: eager, compile"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--backend", "jit"],
+     "--backend: got 'jit'; allowed: eager, compile, triton"),
+    (["worker", "--redis", "redis://127.0.0.1:1", "--triton-model", "sd15"],
+     "--triton-model: only with --backend triton (the backend is eager)"),
     (["worker", "--redis", "redis://127.0.0.1:1", "--drain-grace", "-1"], "--drain-grace: got -1.0; must be >= 0"),
 ])
 def test_bad_worker_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypatch):

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
-from difflens.engine.options import BACKENDS
+from difflens.backend_flags import add_backend_flags, engine_settings
+from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
 
 AUDIT_FILE = "audit.json"
@@ -43,7 +43,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-grace", type=float, metavar="S", help="seconds running streams get on SIGTERM "
                                                                    "(default 30)")
     w = p.add_argument_group("embedded worker (default: DIFFLENS_* environment)")
-    w.add_argument("--backend", metavar="|".join(BACKENDS), help="UNet backend")
+    add_backend_flags(w)
     w.add_argument("--device", metavar="cpu|cuda|cuda:N")
     w.add_argument("--dtype", metavar="|".join(DTYPES))
     w.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the CPUs this process may "
@@ -106,7 +106,7 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         raise InvalidArgument("--drain-grace", f"got {args.drain_grace}; must be >= 0")
     if args.embedded and args.redis:
         raise InvalidArgument("--redis", "not with --embedded (the embedded worker uses the in-process queue)")
-    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
+    engine = engine_settings(args, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
@@ -227,9 +227,10 @@ def remote_spec(args: argparse.Namespace) -> Any:
     from difflens.engine.options import GenerationParams
     from difflens.jobs import JobSpec, OutputOptions
 
-    for flag in ("backend", "device", "dtype"):
+    for flag in ("backend", "triton_url", "triton_model", "device", "dtype"):
         if getattr(args, flag, None) is not None:
-            raise InvalidArgument(f"--{flag}", "not used with --server (the server's settings apply)")
+            raise InvalidArgument(f"--{flag.replace('_', '-')}", "not used with --server (the server's settings "
+                                                                 "apply)")
     check_server(args.server)
     if args.timeout is not None and not args.timeout > 0:
         raise InvalidArgument("--timeout", f"got {args.timeout:g}; must be > 0 (seconds)")

@@ -2,7 +2,7 @@
 
     InvalidArgument   -> INVALID_ARGUMENT   "<request field path>: <what is allowed>"
     ResourceExhausted -> RESOURCE_EXHAUSTED  message with the retry hint; trailing metadata `retry-after-s`
-    NotReady          -> UNAVAILABLE
+    NotReady, BackendUnavailable (the UNet's Triton server) -> UNAVAILABLE
     JobNotFound       -> NOT_FOUND
     Cancelled / DeadlineExceeded -> CANCELLED / DEADLINE_EXCEEDED
     a queue backend (Redis) that cannot be reached -> UNAVAILABLE; one out of memory -> RESOURCE_EXHAUSTED
@@ -19,7 +19,15 @@ import grpc
 
 from difflens import metrics
 from difflens.api.convert import pb_field
-from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument, ModelLoadError, NotReady, ResourceExhausted
+from difflens.errors import (
+    BackendUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelLoadError,
+    NotReady,
+    ResourceExhausted,
+)
 from difflens.queue.base import JobNotFound
 from difflens.queue.common import QUEUE_FULL_RETRY_S, STORAGE_FULL_MESSAGE, storage_full
 
@@ -63,6 +71,8 @@ def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tup
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), "resource_exhausted", meta
     if isinstance(err, NotReady):
         return grpc.StatusCode.UNAVAILABLE, str(err), "unavailable", ()
+    if isinstance(err, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(err), "unet_backend", ()
     if isinstance(err, JobNotFound):
         return grpc.StatusCode.NOT_FOUND, str(err), "not_found", ()
     if isinstance(err, Cancelled):

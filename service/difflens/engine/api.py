@@ -20,7 +20,7 @@ from difflens.engine.options import (
     Sampling,
     StepSelector,
 )
-from difflens.engine.runner import Backend, UNetRunner
+from difflens.engine.runner import Backend, RemoteUNet, UNetRunner
 from difflens.errors import InvalidArgument
 
 
@@ -37,11 +37,13 @@ def explain(
     device: str = "cpu",
     on_step: StepCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    remote: RemoteUNet | None = None,
 ) -> Explanation:
     """Generate `prompt` with the model and explain the selected steps with `methods` (rise, cam, attn).
 
     generation: GenerationParams fields (negative_prompt, seed, steps, guidance_scale, width, height,
-    scheduler, sampling=Sampling(...)); unset ones take the model's recommended defaults.
+    scheduler, sampling=Sampling(...)); unset ones take the model's recommended defaults. remote: with backend
+    "triton", the UNet that takes the batched calls (difflens.triton.client.connect_unet).
     """
     methods = tuple(methods)
     for m in methods:
@@ -58,5 +60,5 @@ def explain(
         cam=(cam or CamOptions()) if "cam" in methods else None,
         attention=AttentionOptions() if "attn" in methods else None,
     )
-    return run_explanation(loaded, params, options, runner=UNetRunner(loaded.unet, backend),
+    return run_explanation(loaded, params, options, runner=UNetRunner(loaded.unet, backend, remote=remote),
                            on_step=on_step, on_progress=on_progress)

@@ -26,7 +26,7 @@ RiseTarget = Literal["eps", "x_prev"]
 CamTarget = Literal["output_sum", "guided_sum", "guided_sqnorm"]
 StepsKind = Literal["all", "list", "every"]
 MethodName = Literal["rise", "cam", "attn"]
-Backend = Literal["eager", "compile"]
+Backend = Literal["eager", "compile", "triton"]  # triton: the UNet on a Triton server (runner.RemoteUNet)
 
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 METHODS: tuple[str, ...] = get_args(MethodName)

@@ -1,30 +1,41 @@
-"""UNet backends (eager, torch.compile) behind one call that does classifier-free guidance in one batch."""
+"""UNet backends (eager, torch.compile, a remote UNet such as a Triton server's) behind one call that does
+classifier-free guidance in one batch."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from difflens.engine.options import BACKENDS, Backend, check_choice
+from difflens.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
+
+# The UNet somewhere else (backend "triton": difflens.triton.client.TritonUNet): latents (N, C, h, w), timesteps
+# (N,), embeds (N, L, D) -> the UNet's output (N, C, h, w), on the latents' device and dtype. engine/ only calls it.
+RemoteUNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class UNetRunner:
     """Runs the UNet for the sampler and the explainers.
 
     `unet` stays the eager module: hooks and attention processors are installed on it (DF-CAM, attention maps
-    always run eager). `backend` selects what the batched no-grad calls use (denoising and DF-RISE).
+    always run eager, on this process's copy of the weights). `backend` selects what the batched no-grad calls use
+    (denoising and DF-RISE); "triton" sends them to `remote`, with no fallback: its errors are the job's.
     """
 
-    def __init__(self, unet: Any, backend: Backend = "eager") -> None:
+    def __init__(self, unet: Any, backend: Backend = "eager", remote: RemoteUNet | None = None) -> None:
         check_choice("unet_backend", backend, BACKENDS)
+        if (backend == "triton") != (remote is not None):
+            raise InvalidArgument("unet_backend", "the triton backend, and it alone, takes a remote UNet")
         self.unet = unet
         self.requested_backend = backend
         self.backend: str = backend
         self._fn: Any = unet
+        self.remote = remote
         if backend == "compile":
             try:
                 self._fn = torch.compile(unet, dynamic=False)
@@ -39,6 +50,9 @@ class UNetRunner:
 
     def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or (N,). -> (N, C, h, w)."""
+        if self.remote is not None:
+            t = torch.as_tensor(timestep, device=latents.device)
+            return self.remote(latents, t.expand(latents.shape[0]) if t.dim() == 0 else t, embeds)
         if self._fn is not self.unet:
             try:
                 return self._fn(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]

@@ -9,8 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, Settings, limit_idle_spin
-from difflens.engine.options import BACKENDS
+from difflens.backend_flags import add_backend_flags, engine_settings
+from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
 from difflens.explain_flags import add_explanation_flags, explanation_given, explanation_options
 
@@ -25,8 +25,7 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
                    help="a model to serve (repeatable; default: the shipped model as 'default')")
     p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL)")
     p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
-    p.add_argument("--backend", metavar="|".join(BACKENDS), help="UNet backend (default: DIFFLENS_UNET_BACKEND, "
-                                                                 "else eager)")
+    add_backend_flags(p)
     p.add_argument("--device", metavar="cpu|cuda|cuda:N")
     p.add_argument("--dtype", metavar="|".join(DTYPES))
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: DIFFLENS_THREADS, else "
@@ -80,7 +79,7 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
         raise InvalidArgument("--threads", f"got {args.threads}; {THREADS_ALLOWED}")
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
-    engine = Settings.from_env(unet_backend=args.backend, device=args.device, dtype=args.dtype, threads=args.threads)
+    engine = engine_settings(args, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
         worker_max_jobs=args.max_jobs, worker_max_batch=args.max_batch, metrics_port=args.metrics_port,
@@ -113,8 +112,10 @@ def run_worker(args: argparse.Namespace) -> int:
     threads = settings.engine.apply_threads()
     registry = ModelRegistry(settings)
     for entry in registry.load_all():  # a bad folder fails here, before any job is taken
+        server = entry.unet_server
+        backend = entry.runner.backend + (f" {server['model']!r} at {server['url']}" if server else "")
         print(f"difflens: worker: model {entry.name!r} loaded from {entry.folder} "
-              f"({settings.engine.device}, {settings.engine.dtype}, {entry.runner.backend}, {threads} threads)",
+              f"({settings.engine.device}, {settings.engine.dtype}, {backend}, {threads} threads)",
               file=sys.stderr)
     probe.set(False, "models loaded; waiting for the queue")
     queue = connect(settings)

@@ -27,7 +27,7 @@ from difflens.engine.explain import Explanation, StepExplanation, run_explanatio
 from difflens.engine.loading import Model
 from difflens.engine.sampler import decode
 from difflens.engine.tokens import prompt_tokens
-from difflens.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from difflens.errors import BackendUnavailable, Cancelled, DeadlineExceeded, InvalidArgument
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobNotFound, JobQueue, Published
@@ -157,6 +157,9 @@ class JobRun:
                                 "deadline_exceeded", error="deadline_exceeded")
         except InvalidArgument as e:
             return self._finish(Failed("INVALID_ARGUMENT", str(e)), "failed", error="invalid_argument")
+        except BackendUnavailable as e:  # the Triton server went away: this job fails, the worker goes on
+            log.warning("job %s: %s", claim.job_id, e)
+            return self._finish(Failed("UNAVAILABLE", str(e)), "failed", error="unet_backend")
         except Exception as e:
             log.exception("job %s failed", claim.job_id)
             if storage_full(e):  # its events did not fit (the Failed event is small: it may still)
@@ -292,7 +295,8 @@ class JobRun:
         timings = {"queue_wait_s": round(max(0.0, started - claim.enqueued_at), 6),
                    "run_s": round(now - started, 6), "total_s": round(now - claim.enqueued_at, 6),
                    "steps": audit.step_timings(exp, self.denoise_s)}
-        runtime = audit.runtime_of(engine.device, engine.dtype, self.runner.backend, self.runner.requested_backend)
+        runtime = audit.runtime_of(engine.device, engine.dtype, self.runner.backend, self.runner.requested_backend,
+                                   self.entry.unet_server)
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
                                   model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
                                   folder=str(self.entry.folder),

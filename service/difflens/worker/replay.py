@@ -151,9 +151,11 @@ def runtime_settings(record: Mapping[str, Any], device: str | None, threads: int
     """The record's device, dtype, UNet backend and torch thread count (maps depend on each), `device` and
     `threads` overriding theirs."""
     rt = record["runtime"]
+    # A Triton server's UNet is the model folder's (start-up checks it): in-process it runs eager, to float noise.
+    backend: Any = "eager" if rt.get("unet_backend") == "triton" else rt.get("unet_backend", "eager")
     try:
         settings = Settings(device=device or rt.get("device", "cpu"), dtype=rt.get("dtype", "float32"),
-                            unet_backend=rt.get("unet_backend", "eager"),
+                            unet_backend=backend,
                             threads=threads if threads is not None else rt.get("torch_threads", 0))
     except InvalidArgument as e:
         raise InvalidArgument("AUDIT", f"runtime.{e.field}: {e.message}") from None
