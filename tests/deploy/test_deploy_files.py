@@ -315,6 +315,10 @@ def test_prometheus_scrapes_what_front_and_worker_serve(compose):
     expected = {(name, service_args(compose, name, sub).metrics_port) for name, sub in
                 (("front", "serve"), ("worker", "worker"))}
     assert expected <= targets
+    # a Triton server on the machine that runs compose (`difflens triton-serve`): Prometheus reaches it by name
+    assert ("host.docker.internal", 8002) in targets
+    assert "host.docker.internal:host-gateway" in compose["services"]["prometheus"]["extra_hosts"]
+    targets.discard(("host.docker.internal", 8002))
     assert {host for host, _ in targets} <= set(compose["services"]), "a target that is no compose service"
 
 
@@ -433,3 +437,16 @@ def test_the_promql_check_can_fail():
     assert promql_problems("sum by (model) (difflens_queue_depth)")  # every front reports the same queue
     assert promql_problems("max by (model) (difflens_queue_depth)", "{{status}}")
     assert promql_problems("max by (model) (difflens_queue_depth)") == []
+    assert promql_problems("rate(nv_inference_requests_success[5m])")  # misspelt Triton series
+    assert promql_problems("rate(nv_inference_request_total[5m])")  # no such Triton series
+    assert promql_problems("sum by (reason) (rate(nv_inference_request_success[5m]))")  # failures alone have it
+    assert promql_problems("sum by (model, reason) (rate(nv_inference_request_failure[5m]))") == []
+
+
+def test_dashboard_charts_the_triton_servers_requests_duration_queue_and_batch_size(dashboard):
+    """Beside difflens's own: what a Triton-hosted UNet's server reports on its metrics port."""
+    exprs = " ".join(t["expr"] for p in panels(dashboard) for t in p["targets"])
+    for series in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_request_duration_us",
+                   "nv_inference_queue_duration_us", "nv_inference_count", "nv_inference_exec_count"):
+        assert series in exprs, series
+    assert re.search(r"rate\(nv_inference_count\[[^]]+\]\)\) / sum by \(model\) \(rate\(nv_inference_exec_count", exprs)

@@ -45,6 +45,21 @@ TARGET_LABELS = frozenset({"job", "instance"})
 REPLICATED_GAUGES = ("difflens_queue_depth", "difflens_live_workers")
 
 
+# Triton Inference Server's own series that difflens's dashboard charts (a worker's `--backend triton` server, scraped
+# on its metrics port), as tritonserver 2.51 exports them: counters without _total, durations in microseconds.
+# Listed explicitly, so a misspelt one fails the check as a difflens_ name does; tests/triton checks the list against
+# a real server's scrape.
+_TRITON_LABELS = frozenset({"model", "version"})
+TRITON_SERIES: dict[str, frozenset[str]] = {
+    **{name: _TRITON_LABELS for name in (
+        "nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count",
+        "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+        "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+        "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count")},
+    "nv_inference_request_failure": _TRITON_LABELS | {"reason"},
+}
+
+
 def declared_series() -> dict[str, frozenset[str]]:
     """Every series name difflens.metrics' REGISTRY exports, with the labels it carries (histogram buckets add
     `le`)."""
@@ -61,7 +76,7 @@ def declared_series() -> dict[str, frozenset[str]]:
     return series
 
 
-_NAME = re.compile(r"(?<![\w:$])(difflens_[A-Za-z0-9_:]*)\s*(\{[^}]*\})?")
+_NAME = re.compile(r"(?<![\w:$])((?:difflens|nv_inference)_[A-Za-z0-9_:]*)\s*(\{[^}]*\})?")
 _MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 # {{label}} in a Grafana legend, {{ $labels.label }} in an alert annotation ({{ $value }} is no label)
@@ -70,23 +85,24 @@ _SUMMED = re.compile(r"\bsum\s*(?:by\s*\([^)]*\)\s*)?\(\s*(?:\w+\s*\(\s*)*(" + "
 
 
 def promql_problems(expr: str, legend: str = "") -> list[str]:
-    """What is wrong with `expr` against metrics.py: a difflens_ metric it does not declare, a label (in a matcher,
-    a by/on/without clause, or the legend's {{label}}) that none of the expression's metrics carries, a replicated
-    gauge summed over fronts. [] when nothing."""
-    declared = declared_series()
+    """What is wrong with `expr` against metrics.py: a difflens_ metric it does not declare (or an nv_inference_
+    one not in TRITON_SERIES), a label (in a matcher, a by/on/without clause, or the legend's {{label}}) that none of
+    the expression's metrics carries, a replicated gauge summed over fronts. [] when nothing."""
+    declared = declared_series() | TRITON_SERIES
     problems: list[str] = []
     carried = set(TARGET_LABELS)
     for m in _NAME.finditer(expr):
         name = m.group(1)
         if name not in declared:
-            problems.append(f"{name}: not declared by difflens.metrics")
+            where = "TRITON_SERIES" if name.startswith("nv_") else "difflens.metrics"
+            problems.append(f"{name}: not declared by {where}")
             continue
         carried |= declared[name]
         for label in _MATCHER.findall(m.group(2) or ""):
             if label not in declared[name] | TARGET_LABELS:
                 problems.append(f"{name}: no label {label!r} (it has {sorted(declared[name])})")
     if not any(m.group(1) in declared for m in _NAME.finditer(expr)):
-        problems.append(f"no difflens metric in {expr!r}")
+        problems.append(f"no difflens (or charted Triton) metric in {expr!r}")
     used = {label.strip() for group in _GROUPING.findall(expr) for label in group.split(",") if label.strip()}
     used |= set(_LEGEND.findall(legend))
     problems += [f"label {label!r}: none of the expression's metrics has it" for label in sorted(used - carried)]
