@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
 
+from difflens.auth.settings import AuthSettings, TlsSettings
 from difflens.errors import InvalidArgument
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -229,13 +230,17 @@ class ServiceSettings:
     """Front and worker settings. `models`: (name, folder) pairs; `redis_url` None means the in-process queue.
 
     Environment (all optional; flags override): DIFFLENS_REDIS_URL, DIFFLENS_REDIS_PASSWORD (where the URL carries
-    none: the same Secret key can feed KEDA's TriggerAuthentication), DIFFLENS_QUEUE (stream name prefix),
+    none: the same Secret key can feed KEDA's TriggerAuthentication), DIFFLENS_REDIS_USERNAME (an ACL user, where the
+    URL names none), DIFFLENS_REDIS_TLS_CA, DIFFLENS_REDIS_TLS_CERT, DIFFLENS_REDIS_TLS_KEY (PEM files for a rediss://
+    URL: the CA that signed Redis' certificate, and a client certificate and key where Redis asks for one),
+    DIFFLENS_QUEUE (stream name prefix),
     DIFFLENS_MAX_QUEUE_DEPTH, DIFFLENS_MAX_STREAMS, DIFFLENS_VISIBILITY_TIMEOUT_S, DIFFLENS_HEARTBEAT_INTERVAL_S
     (shorter than the visibility timeout), DIFFLENS_MAX_DELIVERIES, DIFFLENS_RESULT_TTL_S (how long a job's state
     and events stay in Redis after its last write), DIFFLENS_AUDIT_DIR, DIFFLENS_METRICS_HOST (where /metrics listens),
     DIFFLENS_REDIS_WAIT_S (how long a front or worker waits at start-up for Redis to answer), DIFFLENS_DRAIN_GRACE_S
     (on SIGTERM: a front's running streams, a worker's held jobs before it hands them back), plus Settings'
-    variables. A bad value from the environment is an error naming its variable.
+    variables and those of `auth` and `tls` (auth/settings.py). A bad value from the environment is an error naming
+    its variable.
     """
 
     engine: Settings = Settings()
@@ -244,6 +249,10 @@ class ServiceSettings:
     redis_url: str | None = None
     # Used where redis_url carries no password of its own (DIFFLENS_REDIS_PASSWORD); never printed.
     redis_password: str | None = field(default=None, repr=False)
+    redis_username: str | None = None
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
     queue_name: str = "difflens"
     max_queue_depth: int = 1000  # jobs waiting, per model
     # Job streams (Explain, WatchJob) one front follows at once; past it a new one gets RESOURCE_EXHAUSTED. Each
@@ -266,6 +275,9 @@ class ServiceSettings:
     # the record outlives the job's TTL in Redis. None: the record travels only in the Completed event.
     audit_dir: str | None = None
     limits: Limits = Limits()
+    # Who may call the front (API keys, tenants' limits) and the gRPC port's TLS: the front's alone
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.models]
@@ -312,10 +324,15 @@ class ServiceSettings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServiceSettings:
         """Environment first, then explicit (flag) overrides that are not None."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {"engine": Settings.from_env(env)}
+        values: dict[str, object] = {"engine": Settings.from_env(env), "auth": AuthSettings.from_env(env),
+                                     "tls": TlsSettings.from_env(env)}
         origin: dict[str, str] = {}
         for key, var, conv in (("redis_url", "DIFFLENS_REDIS_URL", str),
                                ("redis_password", "DIFFLENS_REDIS_PASSWORD", str),
+                               ("redis_username", "DIFFLENS_REDIS_USERNAME", str),
+                               ("redis_tls_ca", "DIFFLENS_REDIS_TLS_CA", str),
+                               ("redis_tls_cert", "DIFFLENS_REDIS_TLS_CERT", str),
+                               ("redis_tls_key", "DIFFLENS_REDIS_TLS_KEY", str),
                                ("queue_name", "DIFFLENS_QUEUE", str),
                                ("metrics_host", "DIFFLENS_METRICS_HOST", str),
                                ("max_queue_depth", "DIFFLENS_MAX_QUEUE_DEPTH", int),
