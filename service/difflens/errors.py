@@ -52,3 +52,14 @@ class HookError(DifflensError):
 class BackendUnavailable(DifflensError):
     """The UNet's backend (a Triton server) cannot be reached mid-job: the job fails UNAVAILABLE and may be
     submitted again; the worker goes on with its next job."""
+
+
+class Unauthenticated(DifflensError):
+    """No API key, or one the key file does not hold. Its message is fixed: it never repeats what was sent."""
+
+    def __init__(self) -> None:
+        super().__init__("missing or unknown API key: send call metadata 'authorization: Bearer <key>'")
+
+
+class FailedPrecondition(DifflensError):
+    """The request is valid but the job is not in a state that allows it (deleting a job that has not ended)."""

@@ -52,7 +52,9 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything a worker needs to run a job. `deadline`: unix seconds or None; `caller` scopes idempotency."""
+    """Everything a worker needs to run a job. `deadline`: unix seconds or None; `caller` scopes idempotency where
+    the front authenticates no one; `tenant`: whose job it is (the API key's tenant; '' without authentication),
+    which scopes idempotency instead and decides who may see the job."""
 
     model: str
     params: GenerationParams
@@ -61,6 +63,7 @@ class JobSpec:
     deadline: float | None = None
     idempotency_key: str = ""
     caller: str = ""
+    tenant: str = ""
 
     def to_json(self) -> str:
         if self.explain.rise is not None and self.explain.rise.masks is not None:
@@ -70,6 +73,8 @@ class JobSpec:
         # would fail the job; at the top level it is ignored (that worker just sends no Progress events).
         if d["output"].pop("progress_events"):
             d["progress_events"] = True
+        if not d["tenant"]:  # a job without a tenant keeps the JSON (and fingerprint) of releases before tenants
+            del d["tenant"]
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -90,7 +95,7 @@ class JobSpec:
         return cls(model=d["model"], params=GenerationParams(**p, sampling=sampling), explain=explain,
                    output=OutputOptions(**d["output"], progress_events=bool(d.get("progress_events", False))),
                    deadline=d["deadline"],
-                   idempotency_key=d["idempotency_key"], caller=d["caller"])
+                   idempotency_key=d["idempotency_key"], caller=d["caller"], tenant=d.get("tenant", ""))
 
 
 def json_type_problem(cls: type, value: Any, path: str) -> str | None:
@@ -181,6 +186,7 @@ class JobRecord:
     # Set only on what enqueue returns for a job it just made (whose event 0 is Queued(queue_position)); False
     # for an existing job returned for a repeated idempotency key, and for every other read.
     created: bool = False
+    tenant: str = ""  # whose job it is ('' when it was submitted without authentication)
 
     @property
     def done(self) -> bool:

@@ -40,9 +40,9 @@ def test_a_stream_ends_with_the_terminal_event_even_when_every_wait_times_out(ti
 class SlowEnqueueQueue(InProcessQueue):
     """An enqueue that takes a while (a Redis round trip under load, or a paused Redis)."""
 
-    def enqueue(self, spec):
+    def enqueue(self, spec, max_in_flight=0):
         time.sleep(1.0)
-        return super().enqueue(spec)
+        return super().enqueue(spec, max_in_flight)
 
 
 def test_drain_waits_for_an_explain_whose_enqueue_is_in_flight(tiny_dir, tiny_model):

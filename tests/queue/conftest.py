@@ -63,8 +63,11 @@ class AsyncFrontQueue:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def enqueue(self, spec: JobSpec) -> Any:
-        return self._call(self._front.enqueue(spec))
+    def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> Any:
+        return self._call(self._front.enqueue(spec, max_in_flight))
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> Any:
+        return self._call(self._front.take_token(bucket, rate_per_s, burst))
 
     def get(self, job_id: str) -> Any:
         return self._call(self._front.get(job_id))

@@ -9,10 +9,18 @@ Semantics every implementation keeps:
   serve different models can share one Redis, and each model's workers can be scaled on its own queue's depth.
   `max_queue_depth`, `depth(model)` and a job's queue position are per model.
 - `enqueue` validates nothing (the front already did) but enforces the depth limit (ResourceExhausted with a
-  retry hint) and idempotency: the same (caller, idempotency_key) returns the existing job instead of a new one,
-  for as long as that job's record lives; the same key with a different request (common.request_fingerprint:
-  everything but the deadline) raises InvalidArgument on idempotency_key.
-  It appends a `Queued` event as the job's event 0.
+  retry hint) and idempotency: the same (scope, idempotency_key) returns the existing job instead of a new one,
+  for as long as that job's record lives (common.idempotency_scope: the spec's tenant, else its caller); the same
+  key with a different request (common.request_fingerprint: everything but the deadline) raises InvalidArgument on
+  idempotency_key. With `max_in_flight` > 0 it refuses (common.TenantBusy, a ResourceExhausted) a job whose
+  tenant already has that many jobs queued or running (jobs enqueued with a limit count; a repeated key is no new
+  job and is never refused). The record keeps the spec's tenant (JobRecord.tenant). It appends a `Queued` event as
+  the job's event 0.
+- `take_token(bucket, rate_per_s, burst)` is a token bucket per name shared by every front of the queue (Redis:
+  one script): 0.0 when the call may go on (a token taken), else the seconds until a token is there. The front
+  takes one per call of an authenticated tenant.
+- `delete` removes a job that ended (its record and events, and its idempotency key) before its records expire,
+  returning its last record; a job not ended yet raises FailedPrecondition naming its state.
 - `claim` hands a worker one job for one of its models: a new one, or one whose worker stopped heartbeating for
   longer than the visibility timeout (reclaimed; `Claim.delivery` counts deliveries). A job delivered more than
   `max_deliveries` times is moved to the dead-letter stream and failed instead of being handed out. Jobs already
@@ -97,9 +105,13 @@ class JobQueue(Protocol):
     # finish succeeded (metrics: jobs a worker finishes it counts itself). None: nobody listens.
     on_ended: Callable[[Failed], None] | None
 
-    def enqueue(self, spec: JobSpec) -> JobRecord: ...
+    def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord: ...
 
     def get(self, job_id: str) -> JobRecord: ...
+
+    def delete(self, job_id: str) -> JobRecord: ...
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float: ...
 
     def claim(self, worker: str, models: Collection[str], block_s: float = 1.0,
               start: bool = False) -> Claim | None: ...
@@ -160,9 +172,11 @@ class JobQueue(Protocol):
 class AsyncFront(Protocol):
     """The front's hot calls without a thread per call; same semantics as JobQueue's."""
 
-    async def enqueue(self, spec: JobSpec) -> JobRecord: ...
+    async def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord: ...
 
     async def get(self, job_id: str) -> JobRecord: ...
+
+    async def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float: ...
 
     async def events(self, job_id: str, after: int = -1, block_s: float = 0.0,
                      live: bool = False) -> list[tuple[int, Event]]:

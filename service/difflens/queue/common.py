@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
-from difflens.errors import InvalidArgument, ResourceExhausted
+from difflens.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from difflens.jobs import Completed, Event, Failed, JobSpec, JobStateName
 
 T = TypeVar("T")
@@ -89,6 +89,30 @@ def queue_full(model: str, depth: int, limit: int) -> ResourceExhausted:
         f"queue full: {depth} jobs waiting for model {model!r} (max_queue_depth={limit}, per model); "
         f"retry in {QUEUE_FULL_RETRY_S:g} s",
         retry_after_s=QUEUE_FULL_RETRY_S)
+
+
+# A tenant at its limit of jobs in flight waits for one of them to end: seconds, on a CPU more.
+IN_FLIGHT_RETRY_S = 2.0
+
+
+class TenantBusy(ResourceExhausted):
+    """The tenant has max_in_flight jobs queued or running; a new one waits for one of them to end."""
+
+    def __init__(self, tenant: str, in_flight: int, limit: int) -> None:
+        super().__init__(f"tenant {tenant!r} has {in_flight} jobs queued or running (max_in_flight={limit}); "
+                         f"retry in {IN_FLIGHT_RETRY_S:g} s, or when one of them ends", retry_after_s=IN_FLIGHT_RETRY_S)
+
+
+def idempotency_scope(spec: JobSpec) -> str:
+    """Whose idempotency keys a spec's key is among: its tenant's where the front authenticated the call, else its
+    caller's (x-difflens-caller or the TLS peer). A tenant's scope starts with a NUL, which no metadata value
+    carries, so no caller can name it."""
+    return f"\0tenant\0{spec.tenant}" if spec.tenant else spec.caller
+
+
+def not_finished(job_id: str, state: str) -> FailedPrecondition:
+    return FailedPrecondition(f"job {job_id!r} is {state}: only a job that ended (completed, failed, cancelled) can "
+                              "be deleted; cancel it first (CancelJob), then delete it")
 
 
 def request_fingerprint(spec: JobSpec) -> str:

@@ -21,12 +21,15 @@ from difflens.queue.common import (
     CANCELLED_MESSAGE,
     DEAD_LETTER_MAXLEN,
     QUEUED_DEADLINE_MESSAGE,
+    TenantBusy,
     check_models,
     claim_verdict,
     error_of,
     idempotency_conflict,
+    idempotency_scope,
     new_job_id,
     new_token,
+    not_finished,
     queue_full,
     request_fingerprint,
     settled,
@@ -76,18 +79,24 @@ class InProcessQueue:
         self._dead: deque[str] = deque(maxlen=DEAD_LETTER_MAXLEN)  # oldest dropped first, as on Redis
         self._swept = time.monotonic()
         self._workers: dict[str, dict[str, float]] = {}  # model -> worker -> monotonic time of its last announce
+        self._buckets: dict[str, tuple[float, float]] = {}  # take_token: name -> (tokens, monotonic time)
+        self._buckets_lock = threading.Lock()  # not _cond: a call's token never waits behind a claim's scan
 
     # ------------------------------------------------------------ front side
 
-    def enqueue(self, spec: JobSpec) -> JobRecord:
+    def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord:
         with self._cond:
             self._sweep()
-            key = (spec.caller, spec.idempotency_key)
+            key = (idempotency_scope(spec), spec.idempotency_key)
             if spec.idempotency_key and key in self._idem and self._idem[key] in self._jobs:
                 existing = self._jobs[self._idem[key]]
                 if request_fingerprint(existing.spec) != request_fingerprint(spec):
                     raise idempotency_conflict(existing.id)
                 return self._record(existing)
+            if max_in_flight > 0 and spec.tenant:
+                in_flight = sum(j.spec.tenant == spec.tenant and not j.done for j in self._jobs.values())
+                if in_flight >= max_in_flight:
+                    raise TenantBusy(spec.tenant, in_flight, max_in_flight)
             depth = self._depth(spec.model)
             if depth >= self.settings.max_queue_depth:
                 raise queue_full(spec.model, depth, self.settings.max_queue_depth)
@@ -104,6 +113,28 @@ class InProcessQueue:
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
             return self._record(self._job(job_id))
+
+    def delete(self, job_id: str) -> JobRecord:
+        with self._cond:
+            job = self._job(job_id)
+            if not job.done:
+                raise not_finished(job_id, job.state)
+            record = self._record(job)
+            self._forget(job)
+            self._cond.notify_all()  # a stream waiting on it ends: the job is not found any more
+            return record
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        """The token bucket of the Redis queue's script, on the monotonic clock."""
+        if rate_per_s <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._buckets_lock:
+            tokens, at = self._buckets.get(bucket, (float(burst), now))
+            tokens = min(float(burst), tokens + (now - at) * rate_per_s)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / rate_per_s
+            self._buckets[bucket] = (tokens - 1 if wait == 0 else tokens, now)
+            return wait
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._cond:
@@ -294,7 +325,7 @@ class InProcessQueue:
                 position += self._jobs[ahead].spec.model == job.spec.model
         return JobRecord(id=job.id, state=job.state, model=job.spec.model, created_at=job.created_at,
                          updated_at=job.updated_at, queue_position=position, error=job.error, worker=job.worker,
-                         deliveries=job.deliveries)
+                         deliveries=job.deliveries, tenant=job.spec.tenant)
 
     def _touch(self, job: _Job) -> None:
         job.updated_at = self._clock()
@@ -365,9 +396,13 @@ class InProcessQueue:
         self._swept = mono
         cutoff = self._clock() - self.settings.result_ttl_s
         for job in [j for j in self._jobs.values() if j.updated_at < cutoff]:
-            del self._jobs[job.id]
-            self._waiting.pop(job.id, None)
-            self._held.pop(job.id, None)
-            key = (job.spec.caller, job.spec.idempotency_key)
-            if self._idem.get(key) == job.id:
-                del self._idem[key]
+            self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        """The job's records go (expired, or deleted), and its idempotency key with them."""
+        del self._jobs[job.id]
+        self._waiting.pop(job.id, None)
+        self._held.pop(job.id, None)
+        key = (idempotency_scope(job.spec), job.spec.idempotency_key)
+        if self._idem.get(key) == job.id:
+            del self._idem[key]

@@ -1,4 +1,5 @@
-"""The gRPC front's hot queue calls (enqueue, get, events) on redis.asyncio: RedisStreamsQueue.async_front().
+"""The gRPC front's hot queue calls (enqueue, get, events, take_token) on redis.asyncio:
+RedisStreamsQueue.async_front().
 
 Same scripts, keys and semantics as the blocking calls of redis_streams.RedisStreamsQueue, whose key layout and
 reply decoding it shares; what it saves is a thread hop per call (and with it most of the front's CPU per event).
@@ -47,17 +48,23 @@ class AsyncRedisFront:
         # job id finds already done.
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url, max_connections=streams + OTHER_CONNECTIONS, timeout=None,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)), **queue.options)
         self._r: Any = redis.asyncio.Redis(connection_pool=pool)
         self._enqueue = self._r.register_script(lua.ENQUEUE)
+        self._take_token = self._r.register_script(lua.TAKE_TOKEN)
 
-    async def enqueue(self, spec: JobSpec) -> JobRecord:
+    async def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord:
         job_id, now = new_job_id(), time.time()
-        keys, args = self._q._enqueue_call(spec, job_id, now)
+        keys, args = self._q._enqueue_call(spec, job_id, now, max_in_flight)
         kind, value = await self._enqueue(keys=keys, args=args)
         if kind == b"existing":
             return await self.get(text(value))
-        return self._q._enqueued(spec, job_id, now, kind, value)
+        return self._q._enqueued(spec, job_id, now, kind, value, max_in_flight)
+
+    async def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        if rate_per_s <= 0:
+            return 0.0
+        return int(await self._take_token(keys=[self._q._rate_key(bucket)], args=[rate_per_s, burst])) / 1000
 
     async def get(self, job_id: str) -> JobRecord:
         h = await self._r.hgetall(self._q._job_prefix + job_id)

@@ -15,12 +15,16 @@ one work stream and waiting set per model M, so a worker reads only the jobs of 
     P:job:ID             hash: state, model, spec (JSON), deadline, created_at, updated_at, entry (work stream id),
                          owner (token of the current claim; '' never claimed, '-' handed back), worker,
                          heartbeat, deliveries, error, cancel, seq, wrote (id of the last publish or finish, so
-                         a retry of it is not applied twice)
+                         a retry of it is not applied twice), tenant ('' without authentication)
     P:job:ID:events      stream of the job's events with explicit ids 0-1, 0-2, ... so sequence = id - 1;
                          field e = encode_event bytes, or q = position for the Queued event the enqueue script
                          writes, or s = attempt and w = worker for the Started event a claim(start=True) writes
-    P:idem:SHA           job id for sha256(caller, idempotency key), SET NX semantics; expires with the job (its
-                         hash names it in `idem`, beside `fp`, the request's fingerprint)
+    P:idem:SHA           job id for sha256(scope, idempotency key) (scope: the tenant, else the caller), SET NX
+                         semantics; expires with the job (its hash names it in `idem`, beside `fp`, the request's
+                         fingerprint)
+    P:tenant:T:jobs      set of the ids of tenant T's jobs enqueued with an in-flight limit; the enqueue script
+                         drops those that ended or expired before it counts them; expires with its last job
+    P:rate:T             hash: tokens, at (ms): tenant T's token bucket (TAKE_TOKEN); expires once full again
     P:workers:M          sorted set of the workers serving M by the time of their last announce (every heartbeat
                          interval); expires the visibility timeout after the last one
     P:cancel             pub/sub channel: the cancel script publishes the id of a running job whose flag it raised
@@ -93,8 +97,9 @@ local function terminate(event, state, err, now, ttl, group, job_id)
 end
 """
 
-# KEYS[6] idempotency key, KEYS[7] score counter. ARGV: id, spec, model, deadline, now,
-# ttl, max depth, use idempotency (1/0), job key prefix, request fingerprint. A key already used for another
+# KEYS[6] idempotency key, KEYS[7] score counter, KEYS[8] the tenant's set of jobs in flight. ARGV: id, spec,
+# model, deadline, now, ttl, max depth, use idempotency (1/0), job key prefix, request fingerprint, tenant, the
+# tenant's max jobs in flight (0: no limit, and the job is not put in the set). A key already used for another
 # request (another fingerprint) is a conflict.
 ENQUEUE = PRELUDE + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end  -- a retry of this very call
@@ -105,6 +110,14 @@ if ARGV[8] == '1' then
     return {'existing', existing}
   end
 end
+if ARGV[12] ~= '0' then
+  local live = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[8])) do
+    local s = redis.call('HGET', ARGV[9] .. id, 'state')
+    if s and not is_terminal(s) then live = live + 1 else redis.call('SREM', KEYS[8], id) end
+  end
+  if live >= tonumber(ARGV[12]) then return {'busy', live} end
+end
 local depth = redis.call('ZCARD', KEYS[4])
 if depth >= tonumber(ARGV[7]) then return {'full', depth} end
 redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[7]), ARGV[1])
@@ -112,7 +125,11 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1]) end
 local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'spec', ARGV[2], 'at', ARGV[5])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'model', ARGV[3], 'spec', ARGV[2], 'deadline', ARGV[4],
            'created_at', ARGV[5], 'updated_at', ARGV[5], 'entry', entry, 'owner', '', 'worker', '',
-           'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0)
+           'heartbeat', '', 'deliveries', 0, 'error', '', 'cancel', 0, 'seq', 0, 'tenant', ARGV[11])
+if ARGV[12] ~= '0' then
+  redis.call('SADD', KEYS[8], ARGV[1])
+  redis.call('PEXPIRE', KEYS[8], ARGV[6])
+end
 if ARGV[8] == '1' then
   redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[6])
   redis.call('HSET', KEYS[1], 'idem', KEYS[6], 'fp', ARGV[10])
@@ -242,6 +259,39 @@ redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[3])
 touch(ARGV[4])
 redis.call('PUBLISH', ARGV[7], ARGV[6])
 return 2
+"""
+
+# A job that ended, deleted before its keys expire: its hash, its events and its idempotency key (where that still
+# names it). ARGV: job id. {'gone', ''} no such job, {'busy', state} not ended (nothing deleted), {'deleted', state}.
+# A work entry of the job still undelivered (cancelled while queued) is dropped by the claim script, which finds
+# no hash.
+DELETE = PRELUDE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'gone', ''} end
+if not is_terminal(state) then return {'busy', state} end
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and idem ~= '' and redis.call('GET', idem) == ARGV[1] then redis.call('DEL', idem) end
+redis.call('DEL', KEYS[1], KEYS[2])
+return {'deleted', state}
+"""
+
+# A token bucket: KEYS[1] its hash (tokens, at: ms). ARGV: tokens per second (> 0), burst (the most it holds).
+# Returns 0 when a token was taken, else the ms until one is there. The time is Redis' own (TIME), not the
+# caller's: the fronts share every bucket and their clocks may disagree (a script is replicated by its effects, so
+# reading the time in it is allowed). A full bucket's key expires: an idle tenant leaves nothing behind.
+TAKE_TOKEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(h[1]), tonumber(h[2])
+if not tokens or not at then tokens, at = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'at', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return wait
 """
 
 # ARGV: token, now, ttl, group, worker. XCLAIM by the same consumer resets the entry's idle time, which is what

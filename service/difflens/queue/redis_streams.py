@@ -12,6 +12,7 @@ connection delays a cancel by at most one heartbeat interval. The front's calls 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -33,12 +34,15 @@ from difflens.queue.common import (
     CANCELLED_MESSAGE,
     DEAD_LETTER_MAXLEN,
     QUEUED_DEADLINE_MESSAGE,
+    TenantBusy,
     check_models,
     claim_verdict,
     error_of,
     idempotency_conflict,
+    idempotency_scope,
     new_job_id,
     new_token,
+    not_finished,
     queue_full,
     request_fingerprint,
     retrying,
@@ -93,7 +97,7 @@ def record_from_hash(job_id: str, h: dict[bytes, bytes], rank: int | None) -> Jo
     return JobRecord(id=job_id, state=text(h[b"state"]), model=text(h[b"model"]),  # type: ignore[arg-type]
                      created_at=float(h[b"created_at"]), updated_at=float(h[b"updated_at"]),
                      queue_position=int(rank or 0), error=text(h[b"error"]), worker=text(h[b"worker"]),
-                     deliveries=int(h[b"deliveries"]))
+                     deliveries=int(h[b"deliveries"]), tenant=text(h.get(b"tenant")))
 
 
 def is_waiting(h: dict[bytes, bytes]) -> bool:
@@ -134,16 +138,36 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def with_password(url: str, password: str | None) -> str:
-    """`url` carrying `password` (DIFFLENS_REDIS_PASSWORD: one Kubernetes Secret key serves the pods and KEDA) where
-    the URL has none of its own; the URL's own password wins."""
+def with_password(url: str, password: str | None, username: str | None = None) -> str:
+    """`url` carrying `password` (DIFFLENS_REDIS_PASSWORD: one Kubernetes Secret key serves the pods and KEDA) and
+    `username` (DIFFLENS_REDIS_USERNAME: an ACL user) where the URL has none of its own; the URL's own win."""
     parts = urlsplit(url)
-    if not password or parts.password is not None:
+    add_user, add_password = bool(username) and not parts.username, bool(password) and parts.password is None
+    if not (add_user or add_password):
         return url
-    if parts.scheme == "unix":  # redis-py takes a socket's password from the query
-        return f"{url}{'&' if parts.query else '?'}password={quote(password, safe='')}"
-    user, _, hostport = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
+    if parts.scheme == "unix":  # redis-py takes a socket's credentials from the query
+        extra = [f"{k}={quote(v or '', safe='')}" for k, v, add in (("username", username, add_user),
+                                                                    ("password", password, add_password)) if add]
+        return f"{url}{'&' if parts.query else '?'}{'&'.join(extra)}"
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, has_own, own = userinfo.partition(":")
+    user = quote(username or "", safe="") if add_user else user
+    secret = f":{quote(password or '', safe='')}" if add_password else (f":{own}" if has_own else "")
+    return urlunsplit(parts._replace(netloc=f"{user}{secret}@{hostport}"))
+
+
+def tls_options(settings: ServiceSettings, url: str) -> dict[str, str]:
+    """redis-py's options for the TLS files of a rediss:// URL (DIFFLENS_REDIS_TLS_CA, _CERT, _KEY): the CA Redis'
+    certificate must chain to (default: the system's), and a client certificate where Redis asks for one.
+    NotReady naming the variable when they are given for a URL without TLS (they would silently do nothing)."""
+    given = {"ssl_ca_certs": settings.redis_tls_ca, "ssl_certfile": settings.redis_tls_cert,
+             "ssl_keyfile": settings.redis_tls_key}
+    options = {k: v for k, v in given.items() if v}
+    if options and urlsplit(url).scheme != "rediss":
+        raise NotReady(f"DIFFLENS_REDIS_TLS_*: given for {redacted(url)}, which does not use TLS (rediss://...)")
+    if bool(settings.redis_tls_cert) != bool(settings.redis_tls_key):
+        raise NotReady("DIFFLENS_REDIS_TLS_CERT and DIFFLENS_REDIS_TLS_KEY: a client certificate needs its key")
+    return options
 
 
 def connect(settings: ServiceSettings) -> RedisStreamsQueue:
@@ -151,7 +175,8 @@ def connect(settings: ServiceSettings) -> RedisStreamsQueue:
     or worker rolled out beside its Redis, or started while it restarts, waits instead of dying with a traceback
     into a restart loop. After that (or at once for refused credentials): NotReady naming --redis and the URL,
     its password hidden."""
-    url = with_password(str(settings.redis_url), settings.redis_password)
+    url = with_password(str(settings.redis_url), settings.redis_password, settings.redis_username)
+    tls_options(settings, url)  # refused before any waiting
     end = time.monotonic() + settings.redis_wait_s
     told = False
     while True:
@@ -189,7 +214,10 @@ class RedisStreamsQueue:
         self.on_ended: Callable[[Failed], None] | None = None
         self._owns_client = isinstance(url_or_client, str)
         self._url = url_or_client if isinstance(url_or_client, str) else None
-        self._r: Any = redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str) else url_or_client
+        # a URL's connections, the cancel watch's and the asyncio front's included, take the TLS files
+        self.options: dict[str, Any] = tls_options(settings, url_or_client) if isinstance(url_or_client, str) else {}
+        self._r: Any = (redis.Redis.from_url(url_or_client, **self.options) if isinstance(url_or_client, str)
+                        else url_or_client)
         p = settings.queue_name
         self._waiting_prefix, self._workers_prefix = f"{p}:waiting:", f"{p}:workers:"
         self._deadlines_prefix = f"{p}:deadlines:"
@@ -200,6 +228,7 @@ class RedisStreamsQueue:
             self._r.register_script(s)
             for s in (lua.ENQUEUE, lua.CLAIM, lua.PUBLISH, lua.FINISH, lua.CANCEL, lua.HEARTBEAT, lua.EXPIRE_QUEUED))
         self._hand_back = self._r.register_script(lua.HAND_BACK)
+        self._delete, self._take_token = self._r.register_script(lua.DELETE), self._r.register_script(lua.TAKE_TOKEN)
         self._overdue = Failed("DEADLINE_EXCEEDED", QUEUED_DEADLINE_MESSAGE)
         self._cancel_bytes = encode_event(Failed("CANCELLED", CANCELLED_MESSAGE))
         self._work = WorkStreams(self._r, settings)
@@ -224,33 +253,61 @@ class RedisStreamsQueue:
                 self._deadlines_prefix + model]
 
     def _idem_key(self, spec: JobSpec) -> str:
-        digest = hashlib.sha256(f"{spec.caller}\0{spec.idempotency_key}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{idempotency_scope(spec)}\0{spec.idempotency_key}".encode()).hexdigest()
         return f"{self.settings.queue_name}:idem:{digest}"
+
+    def _rate_key(self, bucket: str) -> str:
+        return f"{self.settings.queue_name}:rate:{bucket}"
 
     # ------------------------------------------------------------ front side
 
-    def enqueue(self, spec: JobSpec) -> JobRecord:
+    def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord:
         job_id, now = new_job_id(), time.time()
-        keys, args = self._enqueue_call(spec, job_id, now)
+        keys, args = self._enqueue_call(spec, job_id, now, max_in_flight)
         kind, value = self._enqueue(keys=keys, args=args)
         if kind == b"existing":
             return self.get(text(value))
-        return self._enqueued(spec, job_id, now, kind, value)
+        return self._enqueued(spec, job_id, now, kind, value, max_in_flight)
 
-    def _enqueue_call(self, spec: JobSpec, job_id: str, now: float) -> tuple[list[str], list[Any]]:
+    def _enqueue_call(self, spec: JobSpec, job_id: str, now: float,
+                      max_in_flight: int = 0) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the enqueue script."""
-        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter],
+        limit = max_in_flight if spec.tenant else 0
+        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter,
+                 f"{self.settings.queue_name}:tenant:{spec.tenant}:jobs"],
                 [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
                  self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix,
-                 request_fingerprint(spec) if spec.idempotency_key else ""])
+                 request_fingerprint(spec) if spec.idempotency_key else "", spec.tenant, limit])
 
-    def _enqueued(self, spec: JobSpec, job_id: str, now: float, kind: bytes, value: Any) -> JobRecord:
+    def _enqueued(self, spec: JobSpec, job_id: str, now: float, kind: bytes, value: Any,
+                  max_in_flight: int = 0) -> JobRecord:
         if kind == b"conflict":
             raise idempotency_conflict(text(value))
         if kind == b"full":
             raise queue_full(spec.model, int(value), self.settings.max_queue_depth)
+        if kind == b"busy":
+            raise TenantBusy(spec.tenant, int(value), max_in_flight)
         return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
-                         queue_position=int(value), created=True)
+                         queue_position=int(value), created=True, tenant=spec.tenant)
+
+    def delete(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        job = self._job_prefix + job_id
+        kind, state = self._delete(keys=[job, job + ":events"], args=[job_id])
+        return self._deleted(job_id, record, kind, state)
+
+    @staticmethod
+    def _deleted(job_id: str, record: JobRecord, kind: bytes, state: bytes) -> JobRecord:
+        if kind == b"gone":  # expired or deleted since it was read
+            raise JobNotFound(job_id)
+        if kind == b"busy":
+            raise not_finished(job_id, text(state))
+        return dataclasses.replace(record, state=text(state))  # type: ignore[arg-type]
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        if rate_per_s <= 0:
+            return 0.0
+        return int(self._take_token(keys=[self._rate_key(bucket)], args=[rate_per_s, burst])) / 1000
 
     def get(self, job_id: str) -> JobRecord:
         h = self._r.hgetall(self._job_prefix + job_id)
@@ -497,7 +554,7 @@ class RedisStreamsQueue:
     def _cancel_watch(self) -> CancelWatch:
         with self._watch_lock:
             if self._watch is None:
-                client = (redis.Redis.from_url(self._url, health_check_interval=WATCH_HEALTH_CHECK_S)
+                client = (redis.Redis.from_url(self._url, health_check_interval=WATCH_HEALTH_CHECK_S, **self.options)
                           if self._url is not None else self._r)
                 self._watch = CancelWatch(client, self._cancel_channel, owns_client=self._url is not None)
                 if not self._watch.wait_up(WATCH_READY_S):
