@@ -20,7 +20,7 @@ from tests.support.k8s_tools import require
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "difflens"
 # The values files `helm lint` and the tests render: one scenario each (defaults, KEDA with two models, external
-# Redis from an existing Secret, CPU-only, monitoring + NetworkPolicy, the chart's own Redis).
+# Redis from an existing Secret, CPU-only, monitoring + NetworkPolicy, the chart's own Redis, a Triton sidecar).
 CI_VALUES: list[Path] = sorted((CHART / "ci").glob("*-values.yaml"))
 RELEASE = "difflens"  # named like the chart: objects are named `<release>-<component>[-<model>]`
 NAMESPACE = "difflens"

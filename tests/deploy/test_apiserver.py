@@ -203,16 +203,18 @@ def test_stored_objects_keep_every_field_sent(scenario: Scenario) -> None:
 
 
 def test_gpu_limits_on_workers_only(scenario: Scenario) -> None:
-    """Whole GPUs for each worker container (none in the CPU-only scenario); none for the front, nor for the init
-    containers that copy models: the scheduler would hold a GPU for them too."""
+    """Whole GPUs for each worker container (none in the CPU-only scenario; with a Triton sidecar, the sidecar's
+    instead); none for the front, nor for the init containers that copy models: the scheduler would hold a GPU for
+    them too."""
     workers = 0
     for dep in scenario.stored_of("Deployment"):
         is_worker = dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
         spec = dep["spec"]["template"]["spec"]
+        holder = "triton" if any(c["name"] == "triton" for c in spec["containers"]) else "worker"
         for c in spec.get("initContainers", []) + spec["containers"]:
             limits = c.get("resources", {}).get("limits", {})
             where = f"{dep['metadata']['name']}/{c['name']}: {limits}"
-            if is_worker and c in spec["containers"] and scenario.name != "cpu-only":
+            if is_worker and c["name"] == holder and c in spec["containers"] and scenario.name != "cpu-only":
                 assert str(limits.get(GPU)).isdigit() and int(limits[GPU]) >= 1, where
                 workers += 1
             else:

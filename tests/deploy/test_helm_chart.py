@@ -46,7 +46,7 @@ DEPLOY_ALERTS = CHART.parents[1] / "deploy" / "prometheus" / "alerts.yaml"
 CUSTOM_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 GPU = "nvidia.com/gpu"
 FULLNAME = RELEASE  # a release named like the chart: its objects are named `<release>-<component>`
-SCENARIOS = {"default", "keda-two-models", "external-redis", "cpu-only", "monitoring", "own-redis"}
+SCENARIOS = {"default", "keda-two-models", "external-redis", "cpu-only", "monitoring", "own-redis", "triton"}
 
 
 def scenario(path: Path) -> str:
@@ -197,8 +197,10 @@ def test_custom_objects_have_their_required_fields(case):
     ({"models": []}, "/models"),
     ({"redis.deploy.image": {"repository": "redis", "tag": "6.2"}}, "/redis/deploy/image/tag"),
     ({"worker.dtype": "float8"}, "/worker/dtype"),
+    ({"triton.url": "grpc://triton:8001"}, "/triton/url"),
+    ({"models": [{"name": "sd", "hostPath": {"path": "/m"}, "tritonModel": "sd 15"}]}, "/models/0/tritonModel"),
 ], ids=["wrong-type", "unknown-key", "bad-model-name", "missing-volume", "two-volumes", "no-models", "redis-6",
-        "bad-dtype"])
+        "bad-dtype", "triton-url-scheme", "bad-triton-model"])
 def test_schema_refuses_bad_values(set_values, named):
     done = template([], set_values)
     assert done.returncode != 0
@@ -216,8 +218,13 @@ def test_schema_refuses_bad_values(set_values, named):
     ({"models": [{"name": "a", "hostPath": {"path": "/a"}}, {"name": "a", "hostPath": {"path": "/b"}}]},
      "the name a is given twice"),
     ({"models": [{"name": "a", "image": {"repository": "models/a", "path": "/m"}}]}, "give a tag or a digest"),
+    ({"triton.url": "triton:8001", "triton.sidecar.enabled": True}, "are alternatives; set one"),
+    ({"triton.sidecar.enabled": True}, "triton.sidecar.modelRepository: the volume holding"),
+    ({"triton.sidecar.enabled": True, "triton.sidecar.modelRepository": {"emptyDir": {}}, "worker.device": "cuda"},
+     "the pod's GPUs are the Triton container's"),
 ], ids=["worker-grace", "front-grace", "min-above-max", "cuda-on-cpu", "gpu-front", "gpu-by-hand", "keda-no-host",
-        "duplicate-model", "untagged-model-image"])
+        "duplicate-model", "untagged-model-image", "triton-url-and-sidecar", "sidecar-no-repository",
+        "sidecar-cuda-worker"])
 def test_template_refuses_inconsistent_values(set_values, said):
     with pytest.raises(RenderError) as refused:
         render([], set_values)
@@ -296,16 +303,21 @@ def test_gpus_go_to_workers_only(case):
         if "worker" not in where:
             assert not any(gpu_asked(c) for c in containers(spec)), where
     cpu_only = not values["gpu"]["enabled"]
+    sidecar = values["triton"]["sidecar"]["enabled"]  # the pod's GPUs are then the Triton container's
     for model, d in workers(objects).items():
         spec = d["spec"]["template"]["spec"]
         c = spec["containers"][0]
         entry = next(m for m in values["models"] if m["name"] == model)
         gpus = 0 if cpu_only else entry.get("gpus", values["gpu"]["count"])
-        assert int(c["resources"].get("limits", {}).get(GPU, 0)) == gpus, f"{name} {model}"
+        holder = spec["containers"][1] if sidecar else c
+        assert [x["name"] for x in spec["containers"]] == (["worker", "triton"] if sidecar else ["worker"])
+        assert int(holder["resources"].get("limits", {}).get(GPU, 0)) == gpus, f"{name} {model}"
         assert not any(gpu_asked(i) for i in spec.get("initContainers", [])), model
         tolerations = spec.get("tolerations", [])
+        if sidecar:
+            assert env(c)["DIFFLENS_DEVICE"] == "cpu" and not gpu_asked(c), model
         if gpus:
-            assert env(c)["DIFFLENS_DEVICE"] == "cuda"
+            assert sidecar or env(c)["DIFFLENS_DEVICE"] == "cuda"
             assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in tolerations
         else:
             assert env(c)["DIFFLENS_DEVICE"] == "cpu" and env(c)["DIFFLENS_DTYPE"] == "float32"
@@ -645,6 +657,66 @@ def test_service_monitors_scrape_front_and_workers(renders):
         assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
         assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
         assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def worker_settings_of(container: dict):
+    """The engine Settings a worker container's environment makes, as `difflens worker` builds them at start-up."""
+    from difflens.config import Settings
+
+    return Settings.from_env({k: v for k, v in env(container).items() if k.startswith("DIFFLENS_")
+                              and k in ("DIFFLENS_DEVICE", "DIFFLENS_DTYPE", "DIFFLENS_UNET_BACKEND",
+                                        "DIFFLENS_TRITON_URL", "DIFFLENS_TRITON_MODEL", "DIFFLENS_TRITON_WAIT_S")})
+
+
+def test_triton_sidecar_serves_each_worker_pod_on_localhost(renders):
+    objects = renders["triton"]
+    values = merged_values([CHART / "ci" / "triton-values.yaml"])
+    sidecar = values["triton"]["sidecar"]
+    for model, d in workers(objects).items():
+        spec = d["spec"]["template"]["spec"]
+        worker, triton = spec["containers"]
+        settings = worker_settings_of(worker)
+        assert (settings.unet_backend, settings.triton_url, settings.device) == ("triton", "127.0.0.1:8001", "cpu")
+        assert settings.triton_model(model) == {"sd15": "sd15-unet-fp16", "shapes": "shapes"}[model]
+        assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+        assert triton["args"][:5] == ["tritonserver", "--model-repository=/triton/models", "--grpc-port=8001",
+                                      "--http-port=8000", "--metrics-port=8002"]
+        assert triton["args"][5:] == sidecar["extraArgs"]
+        assert {p["name"]: p["containerPort"] for p in triton["ports"]} == \
+            {"triton-grpc": 8001, "triton-http": 8000, "triton-metrics": 8002}
+        assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "triton-http"}
+        assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "triton-http"}
+        mount = next(m for m in triton["volumeMounts"] if m["name"] == "triton-models")
+        assert mount == {"name": "triton-models", "mountPath": "/triton/models", "readOnly": True}
+        volume = next(v for v in spec["volumes"] if v["name"] == "triton-models")
+        assert volume["persistentVolumeClaim"] == sidecar["modelRepository"]["persistentVolumeClaim"]
+    # Prometheus scrapes the sidecars' nv_inference_* through the workers' headless Service
+    sm = one(objects, "ServiceMonitor", f"{FULLNAME}-worker")
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", "triton-metrics"]
+    svc = one(objects, "Service", f"{FULLNAME}-worker")
+    assert {"name": "triton-metrics", "port": 8002, "targetPort": "triton-metrics", "protocol": "TCP",
+            "appProtocol": "http"} in svc["spec"]["ports"]
+    (metrics,) = policy(objects, "worker")["ingress"]
+    assert {"port": "triton-metrics", "protocol": "TCP"} in metrics["ports"]
+
+
+def test_an_external_triton_keeps_the_workers_gpus_and_opens_its_port():
+    objects = render([CHART / "ci" / "monitoring-values.yaml"],
+                     {"triton.url": "triton.inference.svc:8001",
+                      "models": [{"name": "sd15", "hostPath": {"path": "/m/sd15"}, "tritonModel": "sd15-trt"},
+                                 {"name": "sdxl", "hostPath": {"path": "/m/sdxl"}}]})
+    for model, d in workers(objects).items():
+        spec = d["spec"]["template"]["spec"]
+        (worker,) = spec["containers"]
+        settings = worker_settings_of(worker)
+        assert (settings.unet_backend, settings.triton_url, settings.device) == \
+            ("triton", "triton.inference.svc:8001", "cuda")
+        assert settings.triton_model(model) == {"sd15": "sd15-trt", "sdxl": "sdxl"}[model]
+        assert worker["resources"]["limits"][GPU] == "1"
+    assert {"ports": [{"port": 8001, "protocol": "TCP"}]} in policy(objects, "worker")["egress"]
+    assert {"ports": [{"port": 8001, "protocol": "TCP"}]} not in policy(objects, "front")["egress"]
+    sm = one(objects, "ServiceMonitor", f"{FULLNAME}-worker")
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]  # an external server is scraped on its own
 
 
 def test_prometheus_rule_carries_the_alert_file(renders):

@@ -396,7 +396,25 @@ A worker's settings: the model's own entry over worker.*, with presence (not tru
 {{- $gpu := and $root.Values.gpu.enabled (gt (int $gpus) 0) -}}
 {{- $_ := set $s "gpu" $gpu -}}
 {{- $_ := set $s "gpus" (ternary $gpus 0 $gpu) -}}
-{{- if not $s.device -}}{{- $_ := set $s "device" (ternary "cuda" "cpu" $gpu) -}}{{- end -}}
+{{- /* triton: the worker's backend flags; a sidecar takes the pod's GPUs, the worker container then runs on CPU */ -}}
+{{- $t := $root.Values.triton -}}
+{{- $sidecar := $t.sidecar.enabled -}}
+{{- if and $sidecar $t.url -}}
+{{- fail "triton: url (an external server) and sidecar.enabled (one in each worker pod) are alternatives; set one" -}}
+{{- end -}}
+{{- if and $sidecar (not $t.sidecar.modelRepository) -}}
+{{- fail "triton.sidecar.modelRepository: the volume holding the Triton model repository (e.g. {persistentVolumeClaim: {claimName: triton-models, readOnly: true}})" -}}
+{{- end -}}
+{{- $_ := set $s "triton" (or $sidecar (ne $t.url "")) -}}
+{{- $_ := set $s "tritonSidecar" $sidecar -}}
+{{- $_ := set $s "tritonUrl" (ternary (printf "127.0.0.1:%v" $t.sidecar.grpcPort) $t.url $sidecar) -}}
+{{- $_ := set $s "tritonModel" ((index $m "tritonModel") | default $m.name) -}}
+{{- if $s.triton -}}{{- $_ := set $s "unetBackend" "triton" -}}{{- end -}}
+{{- $workerGpu := and $gpu (not $sidecar) -}}
+{{- if and $sidecar (hasPrefix "cuda" ($s.device | default "")) -}}
+{{- fail (printf "models[%s]: device %s with triton.sidecar: the pod's GPUs are the Triton container's, the worker runs on cpu" $m.name $s.device) -}}
+{{- end -}}
+{{- if not $s.device -}}{{- $_ := set $s "device" (ternary "cuda" "cpu" $workerGpu) -}}{{- end -}}
 {{- if not $s.dtype -}}{{- $_ := set $s "dtype" (ternary "float16" "float32" $gpu) -}}{{- end -}}
 {{- if and (not $gpu) (hasPrefix "cuda" $s.device) -}}
 {{- fail (printf "models[%s]: device %s without a GPU (gpu.enabled false or gpus 0)" $m.name $s.device) -}}
@@ -407,12 +425,15 @@ A worker's settings: the model's own entry over worker.*, with presence (not tru
 {{- fail (printf "models[%s].resources: leave %s out; the chart sets it from gpu.count / gpus" $m.name $root.Values.gpu.resourceName) -}}
 {{- end -}}
 {{- end -}}
+{{- $tres := deepCopy ($t.sidecar.resources | default dict) -}}
 {{- if $gpu -}}
-{{- $limits := deepCopy (index $res "limits" | default dict) -}}
+{{- $target := ternary $tres $res $sidecar -}}
+{{- $limits := deepCopy (index $target "limits" | default dict) -}}
 {{- $_ := set $limits $root.Values.gpu.resourceName (toString $gpus) -}}
-{{- $_ := set $res "limits" $limits -}}
+{{- $_ := set $target "limits" $limits -}}
 {{- end -}}
 {{- $_ := set $s "resources" $res -}}
+{{- $_ := set $s "tritonResources" $tres -}}
 {{- $floor := add $s.drainGraceSeconds $s.maxStepSeconds -}}
 {{- $tgps := add $floor $s.terminationMarginSeconds -}}
 {{- if not (kindIs "invalid" $s.terminationGracePeriodSeconds) -}}
