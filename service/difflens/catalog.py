@@ -16,7 +16,7 @@ from typing import Any
 
 from difflens.config import ServiceSettings
 from difflens.engine.model_config import ModelDefaults, cam_layer_paths, read_json_object
-from difflens.errors import InvalidArgument, ModelLoadError
+from difflens.errors import InvalidArgument, ModelLoadError, shown
 
 LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be multiples of 8
 
@@ -112,5 +112,5 @@ class ModelCatalog:
         """The model called `name` ('' = the default). Unknown: InvalidArgument('model') listing the names."""
         name = name or self.default
         if name not in self.models:
-            raise InvalidArgument("model", f"unknown model {name!r}; available: {', '.join(self.names())}")
+            raise InvalidArgument("model", f"unknown model {shown(name)}; available: {', '.join(self.names())}")
         return self.models[name]

@@ -16,6 +16,15 @@ class InvalidArgument(DifflensError):
         super().__init__(f"{field}: {message}")
 
 
+def shown(value: str, most: int = 64) -> str:
+    """`value` as an error message repeats it: quoted (repr: a newline or NUL shows escaped, never raw in a log
+    line) and cut to `most` characters, so that what is allowed, which follows it, still fits the message's 1 KiB
+    (api/interceptors.py cuts longer ones)."""
+    if len(value) <= most:
+        return repr(value)
+    return f"{value[:most]!r}... ({len(value) - most} more characters)"
+
+
 class ModelLoadError(DifflensError):
     """A model folder cannot be loaded. Names the path and what is wrong with it."""
 

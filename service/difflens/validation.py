@@ -16,7 +16,7 @@ from difflens.engine.options import GenerationParams, check_range
 from difflens.engine.schedule import check_timesteps, exponential_timesteps
 from difflens.engine.tokens import prompt_tokens
 from difflens.engine.validate import resolve_generation
-from difflens.errors import InvalidArgument
+from difflens.errors import InvalidArgument, shown
 from difflens.jobs import JobSpec
 
 if TYPE_CHECKING:
@@ -68,8 +68,9 @@ def check_layers(layers: tuple[str, ...], entry: CatalogModel, limits: Limits) -
     known = set(entry.cam_layers)
     bad = [p for p in layers if p not in known]
     if bad:
-        raise InvalidArgument("cam.layers", f"unknown layer path(s) {', '.join(map(repr, bad))}; allowed: "
-                                            f"{', '.join(entry.cam_layers)}")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""  # the allowed list must still fit the message
+        raise InvalidArgument("cam.layers", f"unknown layer path(s) {', '.join(map(shown, bad[:3]))}{more}; "
+                                            f"allowed: {', '.join(entry.cam_layers)}")
     count = len(set(layers)) if layers else len(entry.cam_layers)
     if count > limits.max_cam_layers:
         raise InvalidArgument("cam.layers", f"{count} layers; allowed at most {limits.max_cam_layers}")
