@@ -100,6 +100,9 @@ CASES: list[tuple[str, Callable[[Any], None], str]] = [
     ("explicit not decreasing", _explicit([500, 600]), "sampling.explicit.timesteps"),
     ("explicit out of range", _explicit([1000, 10]), "sampling.explicit.timesteps"),
     ("explicit too many", _explicit(list(range(999, 999 - 201, -1))), "sampling.explicit.timesteps"),
+    # found by test_fuzz: the whole list was read, then repeated in the message past its 1 KiB
+    ("explicit, 100,000 of them", _explicit([-1] * 100_000), "sampling.explicit.timesteps"),
+    ("explicit, 190 out of range", _explicit([10**9] * 190), "sampling.explicit.timesteps"),
     ("step index out of range", _indices([0, 9]), "explain.steps.indices.values"),
     ("empty step index list", _indices([]), "explain.steps.indices.values"),
     ("every zero", _set("explain.steps.every", 0), "explain.steps.every"),

@@ -187,6 +187,7 @@ def request_to_spec(req: Any, *, caller: str = "", deadline: float | None = None
         # them twice, so the Completed event passed the message limit and could never be delivered. Duplicates
         # are ignored, but count here (each step or layer once fits).
         for field, values, most in (("explain.steps.indices", req.explain.steps.indices.values, limits.max_steps),
+                                    ("sampling.timesteps", req.sampling.explicit.timesteps, limits.max_steps),
                                     ("cam.layers", req.explain.cam.layers, limits.max_cam_layers)):
             if len(values) > most:
                 raise InvalidArgument(field, f"{len(values)} values; allowed at most {most} (each once)")

@@ -230,7 +230,9 @@ def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -
         raise InvalidArgument("sampling.timesteps", "must not be empty")
     out = [t for t in ts if not 0 <= t < num_train_timesteps]
     if out:
-        raise InvalidArgument("sampling.timesteps", f"{out} out of range; allowed [0, {num_train_timesteps - 1}]")
+        # a few of them: the message must still say what is allowed within its 1 KiB (api/interceptors.py)
+        shown = f"{out[:5]}" + (f" and {len(out) - 5} more" if len(out) > 5 else "")
+        raise InvalidArgument("sampling.timesteps", f"{shown} out of range; allowed [0, {num_train_timesteps - 1}]")
     for i in range(1, len(ts)):
         if ts[i] >= ts[i - 1]:
             raise InvalidArgument(
