@@ -126,12 +126,12 @@ CASES: list[tuple[str, Callable[[Any], None], str]] = [
     ("unknown ssim padding", _set("explain.rise.ssim_padding", 7), "explain.rise.ssim_padding"),
     ("unknown cam layer", _cam([CAM_LAYERS[0], "up_blocks.9.resnets.0"]), "explain.cam.layers"),
     ("unknown cam target", _cam([], target=8), "explain.cam.target"),
-    ("unknown map dtype", _set("output.map_dtype", 5), "output.map_dtype"),
-    ("idempotency key too long", edit(idempotency_key="k" * 300), "idempotency_key"),
-    # 1024 px, every CAM layer, 60 attention maps, x0 previews, float32: ~78 MiB per explained step, over 64 MiB
     # Long values the message repeats are cut, so that what is allowed still fits its 1 KiB (found by test_fuzz)
     ("unknown model, 100 kB of it", edit(model="m" * 100_000), "model"),
     ("unknown cam layers, many and long", _cam(["x" * 5000] * 12), "explain.cam.layers"),
+    ("unknown map dtype", _set("output.map_dtype", 5), "output.map_dtype"),
+    ("idempotency key too long", edit(idempotency_key="k" * 300), "idempotency_key"),
+    # 1024 px, every CAM layer, 60 attention maps, x0 previews, float32: ~78 MiB per explained step, over 64 MiB
     ("step event over the message limit", lambda r: (
         edit(prompt=" ".join(["red"] * 60), width=1024, height=1024)(r), _cam([])(r),
         r.explain.attention.SetInParent(), _set("explain.attention.enabled", True)(r),
