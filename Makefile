@@ -84,6 +84,12 @@ bench: setup
 	$(PY) -m bench.queue
 	$(PY) -m bench.service
 
+# DF-RISE, DF-CAM and the service on an SD1.5-shaped random-weights UNet on one GPU, goals as pass/fail ratios
+# (docs/benchmarks-gpu.md; budgeted to 8 min on one H100). Not part of bench or test. BENCH_GPU_ARGS: e.g. --tiny --device cpu
+.PHONY: bench-gpu
+bench-gpu: setup
+	PYTHONPATH=service $(PY) -m bench.gpu $(BENCH_GPU_ARGS)
+
 # Workers SIGKILLed or SIGTERMed at random under streaming clients: exactly one terminal event per job, nothing
 # lost (~1.5 min).
 soak: setup
