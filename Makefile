@@ -95,5 +95,11 @@ bench-gpu: setup
 soak: setup
 	$(PY) -m bench.soak
 
+# Hostile input (issue 23): tests/api/test_fuzz.py's properties (no crash, no hang, no INTERNAL, every refusal names
+# its field, nothing queued for it) with 10,000 examples a test instead of make test's 500.
+.PHONY: fuzz
+fuzz: setup
+	DIFFLENS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/api/test_fuzz.py
+
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache .mypy_cache
