@@ -101,5 +101,12 @@ soak: setup
 fuzz: setup
 	DIFFLENS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/api/test_fuzz.py
 
+# Load (issue 23): 8 streaming clients for 30 s against a front and two worker processes on a private Redis: queue
+# wait and end-to-end p50 / p95 / p99, throughput, refusals, the front's RSS before and after (bench/load.py; ~2
+# min on 2 CPU cores). LOAD_ARGS: e.g. --clients 32 --seconds 120 --max-streams 16. Not part of bench or test.
+.PHONY: load
+load: setup
+	$(PY) -m bench.load $(LOAD_ARGS)
+
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache .mypy_cache

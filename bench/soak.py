@@ -80,7 +80,8 @@ class Fleet:
     """The front and the workers, as processes; `stop_one` SIGKILLs or SIGTERMs a worker and starts its
     replacement."""
 
-    def __init__(self, url: str, model_dir: Path, logs: Path, workers: int, models: list[str]) -> None:
+    def __init__(self, url: str, model_dir: Path, logs: Path, workers: int, models: list[str],
+                 front_flags: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, **ENV}
         self.env.pop("DIFFLENS_REDIS_URL", None)
         self.common = ["--redis", url, "--queue", f"soak-{os.getpid()}"]
@@ -93,7 +94,7 @@ class Fleet:
         self.errors: list[str] = []  # a stop that went wrong (a worker that ignored SIGTERM)
         port_file = logs / "port"
         self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file),
-                                           *self._model_flags(models)])
+                                           *self._model_flags(models), *front_flags])
         for i in range(workers):
             self._start_worker(f"w{i}")
         end = time.monotonic() + 120
