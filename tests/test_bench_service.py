@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from bench.service import FLOOR_MARGIN_MS, cpu_layout, judge, pin_threads_default
+from bench.service import FLOOR_MARGIN_MS, cpu_layout, judge, pin_process, pin_threads_default
+
+THREADED = ("import threading, time\n"
+            "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "print('up', flush=True); time.sleep(60)")
 
 
 def test_pinning_gives_each_process_cpus_of_its_own():
@@ -12,6 +20,20 @@ def test_pinning_gives_each_process_cpus_of_its_own():
     assert {k: len(v) for k, v in layout.items()} == {"redis": 1, "front": 1, "worker": 4, "client": 4}
     cpus = [c for v in layout.values() for c in v]
     assert len(cpus) == len(set(cpus))
+
+
+def test_pinning_reaches_every_thread_of_a_running_process():
+    proc = subprocess.Popen([sys.executable, "-c", THREADED], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        cpu = min(os.sched_getaffinity(0))
+        pin_process(proc.pid, {cpu})
+        tids = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(tids) == 4
+        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_pinning_on_too_few_cpus_says_how_many_it_needs():
