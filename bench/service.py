@@ -172,7 +172,7 @@ def processes(model_dir: Path, url: str, log_dir: Path, threads: int,
     logs = [(log_dir / "serve.log").open("w"), (log_dir / "worker.log").open("w")]
     procs = [
         subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--port", "0", "--port-file", str(port_file),
-                          *common], stdout=logs[0], stderr=subprocess.STDOUT, env=env),
+                          "--no-auth", *common], stdout=logs[0], stderr=subprocess.STDOUT, env=env),
         subprocess.Popen([sys.executable, "-m", "difflens", "worker", "--max-jobs", "1", "--name", "bench",
                           "--threads", str(threads), "--device", device, "--dtype", dtype, *common],
                          stdout=logs[1], stderr=subprocess.STDOUT, env=env),

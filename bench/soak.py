@@ -93,7 +93,7 @@ class Fleet:
         self.terms = 0
         self.errors: list[str] = []  # a stop that went wrong (a worker that ignored SIGTERM)
         port_file = logs / "port"
-        self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file),
+        self.front = self._spawn("front", ["serve", "--port", "0", "--port-file", str(port_file), "--no-auth",
                                            *self._model_flags(models), *front_flags])
         for i in range(workers):
             self._start_worker(f"w{i}")

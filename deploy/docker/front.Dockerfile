@@ -40,6 +40,7 @@ WORKDIR /home/difflens
 EXPOSE 50051 9090
 ENTRYPOINT ["difflens"]
 # The Redis URL comes from DIFFLENS_REDIS_URL. --model is explicit: the package's own default (the shipped model
-# beside a source checkout) does not exist in an installed package.
+# beside a source checkout) does not exist in an installed package. API keys are required: mount the key file
+# (docs/security.md) at /etc/difflens/auth/keys.json, or run the image with --no-auth.
 CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--metrics-host", "0.0.0.0", \
-     "--model", "default=/opt/difflens/models/shapes"]
+     "--model", "default=/opt/difflens/models/shapes", "--auth-keys", "/etc/difflens/auth/keys.json"]

@@ -1,8 +1,9 @@
 """Audit records: what a completed job was, what produced it, and hashes to check a re-run against.
 
-A record holds the job id, the model's name and the sha256 of each of its weight files, the request (the JobSpec,
-seed included) and the parameters it resolved to, library versions, device/dtype/backend, timings, and hashes of
-the image and of every map. `difflens replay` re-runs the request in-process and compares the hashes.
+A record holds the job id, its tenant (whose API key submitted it; null on a server without keys), the model's
+name and the sha256 of each of its weight files, the request (the JobSpec, seed included) and the parameters it
+resolved to, library versions, device/dtype/backend, timings, and hashes of the image and of every map.
+`difflens replay` re-runs the request in-process and compares the hashes.
 
 Array hashes (ARRAY_HASH_RULE): sha256 over the ASCII header "<dtype>:<d0>x<d1>x...:" followed by the array's
 C-order little-endian bytes. Images are hashed as uint8 (H, W, 3) RGB; maps as float32, whatever dtype the job's
@@ -114,6 +115,7 @@ def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, wei
     return {
         "schema": SCHEMA,
         "job_id": job_id,
+        "tenant": spec.tenant or None,
         "worker": worker,
         "attempt": attempt,
         "model": {"name": model_name, **({"folder": folder} if folder is not None else {}),

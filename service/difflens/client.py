@@ -24,7 +24,14 @@ break is not silent: `stream.on_break(err)` is called once per break if set (the
 logged as a warning.
 RESOURCE_EXHAUSTED is not retried (`retry_after_s(err)` reads the server's hint), except by a broken stream
 resuming its job, which waits as the hint says (a front at its stream limit). `caller` (metadata
-x-difflens-caller) scopes idempotency keys: the same key from another caller is another job.
+x-difflens-caller) scopes idempotency keys on a server without API keys: the same key from another caller is
+another job.
+
+A server that requires API keys gets `api_key` as `authorization: Bearer <key>` on every call. TLS: `tls_ca` (the
+CA file that signed the server's certificate; `tls=True` alone trusts the system's CAs), and for mutual TLS
+`tls_cert` and `tls_key` (the client's certificate and key, PEM files).
+
+    DifflensClient("difflens.example.com:443", api_key=os.environ["DIFFLENS_API_KEY"], tls_ca="ca.pem")
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from difflens.api import convert
+from difflens.api.auth import AUTHORIZATION
 from difflens.api.interceptors import RETRY_AFTER_KEY
 from difflens.api.pb import pb, pb_grpc
 from difflens.api.servicer import CALLER_KEY
@@ -157,19 +166,42 @@ class ExplainStream:
         return last if isinstance(last, Completed | Failed) else None
 
 
+def channel_credentials(tls_ca: str | None = None, tls_cert: str | None = None,
+                        tls_key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the CA to trust (None: the system's), a client certificate and key for
+    mutual TLS (both or neither). InvalidArgument naming the parameter of a file that cannot be read."""
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("tls_key" if tls_key is None else "tls_cert",
+                              "a client certificate needs its key (both, or neither)")
+    files: dict[str, bytes | None] = {}
+    for name, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
+        try:
+            files[name] = None if path is None else Path(path).read_bytes()
+        except OSError as e:
+            raise InvalidArgument(name, f"cannot read {path}: {e.strerror or e}") from None
+    return grpc.ssl_channel_credentials(root_certificates=files["tls_ca"], private_key=files["tls_key"],
+                                        certificate_chain=files["tls_cert"])
+
+
 class DifflensClient:
     """A connection to a difflens front. Thread-safe (one gRPC channel); close() or use as a context manager."""
 
-    def __init__(self, target: str, *, caller: str | None = None, retries: int = 3, backoff_s: float = 0.2,
-                 resume_for_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, target: str, *, caller: str | None = None, api_key: str | None = None,
+                 tls: bool | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, retries: int = 3, backoff_s: float = 0.2, resume_for_s: float = 30.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.target = target
         self.retries = retries
         self.backoff_s = backoff_s
         self.resume_for_s = resume_for_s
-        self.metadata: tuple[tuple[str, str], ...] = ((CALLER_KEY, caller),) if caller else ()
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.metadata: tuple[tuple[str, str], ...] = (((CALLER_KEY, caller),) if caller else ()) + (
+            ((AUTHORIZATION, f"Bearer {api_key}"),) if api_key else ())
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        if tls or (tls is None and (tls_ca or tls_cert or tls_key)):
+            self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.ExplainerStub(self.channel)
 
     def close(self) -> None:
@@ -233,6 +265,11 @@ class DifflensClient:
 
     def cancel(self, job_id: str, *, timeout: float | None = 30.0) -> JobRecord:
         return convert.job_from_pb(self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout))
+
+    def delete(self, job_id: str, *, timeout: float | None = 30.0) -> JobRecord:
+        """Delete a job that ended, with its events and record, before they expire; returns it as it was
+        (FAILED_PRECONDITION while it is queued or running)."""
+        return convert.job_from_pb(self._unary(self.stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id), timeout))
 
     def list_models(self, *, timeout: float | None = 30.0) -> Any:
         """The ListModelsResponse: models (the default first, with defaults, size multiple, CAM layers) and the

@@ -1,6 +1,7 @@
 """Every Prometheus collector of difflens, front and worker. Labels are low-cardinality only (never a job id).
 
-method: denoise | rise | cam | attention; t_bucket: timestep // 100 as a string ("0".."9");
+method: denoise | rise | cam | attention; t_bucket: timestep // 100 as a string ("0".."9"); tenant: one the front's
+--tenant-labels lists, else "other";
 status: completed | failed | cancelled | deadline_exceeded (requests refused before queueing are not jobs:
 difflens_errors_total{type} counts them).
 """
@@ -50,6 +51,12 @@ UNET_BATCH_SIZE = Histogram(
 RISE_MASKS = Counter("difflens_rise_masks_total", "DF-RISE masks evaluated.", ["model"], registry=REGISTRY)
 ERRORS = Counter("difflens_errors_total", "Errors by type (invalid_argument, resource_exhausted, internal, ...).",
                  ["type"], registry=REGISTRY)
+# tenant: a tenant named by the front's --tenant-labels, else "other" (bounded by the operator's list, however many
+# tenants hold keys)
+TENANT_CALLS = Counter(
+    "difflens_tenant_calls_total", "Authenticated calls by tenant and outcome: admitted, rate_limited (over the "
+    "tenant's request rate), in_flight_limited (a job refused: the tenant's jobs queued or running at their limit).",
+    ["tenant", "outcome"], registry=REGISTRY)
 
 # The series alerts take rate() or increase() of exist from the start, at 0: a counter series born at 1 has no
 # earlier sample, and its first event would be lost to those functions (a worker's first dead letter, say).

@@ -46,7 +46,7 @@ def test_reflection_lists_the_services_and_describes_the_contract(embedded):
         pool = DescriptorPool(db)
         explainer = pool.FindServiceByName("difflens.v1.Explainer")
         assert {m.name for m in explainer.methods} == {"Explain", "Submit", "GetJob", "WatchJob", "CancelJob",
-                                                      "ListModels"}
+                                                      "ListModels", "DeleteJob"}
         request = pool.FindMessageTypeByName("difflens.v1.ExplainRequest")
         assert {"model", "prompt", "idempotency_key", "timeout_seconds"} <= {f.name for f in request.fields}
 

@@ -145,7 +145,7 @@ def test_a_sigkilled_workers_job_is_finished_by_another_with_one_completed_event
 
 def _serve(tiny_dir, redis_url: str, queue_name: str, port: int, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--redis", redis_url, "--queue", queue_name,
-                             "--port", str(port), "--model", f"{MODEL}={tiny_dir}"], stdout=log,
+                             "--port", str(port), "--model", f"{MODEL}={tiny_dir}", "--no-auth"], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

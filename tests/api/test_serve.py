@@ -88,11 +88,31 @@ def test_sigterm_drains_running_streams_then_exits(tiny_dir, tmp_path):
     (["serve", "--embedded", "--drain-grace", "-1"], "--drain-grace: got -1.0; must be >= 0"),
     (["serve", "--embedded", "--threads", "-1"], "--threads: got -1; allowed: an integer >= 0"),
     (["serve", "--embedded", "--port", "0", "--model", "x=/no/such/folder"], "/no/such/folder"),
+    (["serve", "--redis", "redis://127.0.0.1:1"], "--auth-keys: serving on 127.0.0.1 needs API keys: --auth-keys PATH"),
+    (["serve", "--embedded", "--host", "0.0.0.0"], "--auth-keys: serving on 0.0.0.0 needs API keys"),
+    (["serve", "--embedded", "--no-auth", "--auth-keys", "k.json"], "--no-auth: not with --auth-keys"),
+    (["serve", "--embedded", "--port", "0", "--auth-keys", "/no/such/keys.json"],
+     "--auth-keys: /no/such/keys.json: [Errno 2]"),
+    (["serve", "--embedded", "--tenant-labels", "acme,other"], "--tenant-labels: 'other' is the label"),
+    (["serve", "--embedded", "--tenant-burst", "0"], "--tenant-burst: got 0; must be an integer >= 1"),
 ])
 def test_bad_serve_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("DIFFLENS_REDIS_URL", raising=False)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_only_an_embedded_server_on_loopback_goes_without_keys_unless_told(monkeypatch):
+    from difflens.api.cli import serve_settings
+    from difflens.cli import build_parser
+
+    monkeypatch.setenv("DIFFLENS_AUTH_KEYS", "/etc/difflens/auth/keys.json")
+    front = ["serve", "--redis", "redis://r:6379/0", "--host", "0.0.0.0"]
+    assert serve_settings(build_parser().parse_args(front)).auth.keys_file == "/etc/difflens/auth/keys.json"
+    assert not serve_settings(build_parser().parse_args([*front, "--no-auth"])).auth.enabled  # the flag wins
+    monkeypatch.delenv("DIFFLENS_AUTH_KEYS")
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert not serve_settings(build_parser().parse_args(["serve", "--embedded", "--host", host])).auth.enabled
 
 
 @pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
@@ -123,7 +143,8 @@ def test_a_busy_metrics_port_is_told_before_redis_is_waited_for(capsys, monkeypa
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        argv = ["serve", "--redis", f"redis://127.0.0.1:{free_port()}/0", "--port", "0", "--metrics-port", str(port)]
+        argv = ["serve", "--redis", f"redis://127.0.0.1:{free_port()}/0", "--port", "0", "--metrics-port", str(port),
+                "--no-auth"]
         assert main(argv) == 2
     assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 

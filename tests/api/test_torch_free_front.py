@@ -48,7 +48,8 @@ def front(tiny_dir, redis_url, queue_name, tmp_path):
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tests.support.no_torch", "serve", "--port", "0",
                                  "--port-file", str(port_file), "--model", f"{MODEL}={tiny_dir}",
-                                 "--model", f"shapes={SHIPPED_MODEL}", "--metrics-port", str(metrics_port)],
+                                 "--model", f"shapes={SHIPPED_MODEL}", "--metrics-port", str(metrics_port),
+                                 "--no-auth"],
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env=env, cwd=ROOT)
     end = time.monotonic() + 60

@@ -6,6 +6,10 @@ thread pools, so the event loop of the gRPC server never waits on them: one for 
 being followed (up to settings.max_streams of them, the most a front follows at once), one for everything else,
 so that the waits never hold up a GetJob or a Submit. Following a job waits for events at most FOLLOW_BLOCK_S at
 a time, so a cancelled call or a drain is noticed within that.
+
+Tenants: with authentication on, every call names its caller's tenant, and a job of another tenant is, to it,
+a job that does not exist (JobNotFound, word for word); `admit` takes a token of the tenant's request rate.
+Without authentication (tenant None) every job is everyone's.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from difflens import metrics
+from difflens.auth.keys import Identity
+from difflens.auth.settings import OTHER_TENANTS
 from difflens.catalog import ModelCatalog
 from difflens.config import ServiceSettings
 from difflens.errors import NotReady, ResourceExhausted
 from difflens.jobs import Event, JobRecord, JobSpec, Queued
 from difflens.outage import Outage
 from difflens.queue.base import AsyncFront, JobNotFound, JobQueue, is_terminal
-from difflens.queue.common import is_job_id
+from difflens.queue.common import TenantBusy, is_job_id
 from difflens.validation import validate
 
 log = logging.getLogger(__name__)
@@ -103,37 +109,80 @@ class Front:
                 self._active -= 1
                 self._idle.notify_all()
 
-    async def submit(self, spec: JobSpec) -> JobRecord:
-        """Validate (InvalidArgument), then enqueue (ResourceExhausted when full; the existing job for a repeated
-        idempotency key). Nothing is queued for an invalid spec."""
+    async def admit(self, caller: Identity) -> None:
+        """Take a token of the caller's tenant's request rate (a bucket every front shares), else ResourceExhausted
+        with the wait until one is there."""
+        limits = caller.limits
+        if limits.rate_per_s > 0:
+            args = (caller.tenant, limits.rate_per_s, limits.burst)
+            wait = (await self._async.take_token(*args) if self._async is not None else
+                    await self._run(self.queue.take_token, *args))
+            if wait > 0:
+                self._count(caller.tenant, "rate_limited")
+                raise ResourceExhausted(f"tenant {caller.tenant!r} is over its request rate ({limits.rate_per_s:g} "
+                                        f"calls/s, bursts of {limits.burst}); retry in {wait:g} s",
+                                        retry_after_s=wait)
+        self._count(caller.tenant, "admitted")
+
+    def _count(self, tenant: str, outcome: str) -> None:
+        """difflens_tenant_calls_total: the tenant's own label only where --tenant-labels lists it, so the label's
+        values stay a small known set however many tenants the key file holds."""
+        label = tenant if tenant in self.settings.auth.tenant_labels else OTHER_TENANTS
+        metrics.TENANT_CALLS.labels(label, outcome).inc()
+
+    async def submit(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord:
+        """Validate (InvalidArgument), then enqueue (ResourceExhausted when full, or when the spec's tenant has
+        `max_in_flight` jobs queued or running; the existing job for a repeated idempotency key). Nothing is
+        queued for an invalid spec."""
         if self.draining:
             raise NotReady("this front is draining (shutting down); retry on another replica")
         spec = validate(spec, self.catalog, self.settings.limits, self.settings.max_message_bytes)
         async with self.active():  # drain waits for the enqueue: its job may exist once it returns
             # difflens_queue_depth: sample_depth, off the hot path
-            if self._async is not None:
-                return await self._async.enqueue(spec)
-            return await self._run(self.queue.enqueue, spec)
+            try:
+                if self._async is not None:
+                    return await self._async.enqueue(spec, max_in_flight)
+                return await self._run(self.queue.enqueue, spec, max_in_flight)
+            except TenantBusy:
+                self._count(spec.tenant, "in_flight_limited")
+                raise
 
-    async def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The job's record; JobNotFound also for a job of another tenant than `tenant` (None: any)."""
         _check_id(job_id)
         if self._async is not None:
-            return await self._async.get(job_id)
-        return await self._run(self.queue.get, job_id)
+            record = await self._async.get(job_id)
+        else:
+            record = await self._run(self.queue.get, job_id)
+        if tenant is not None and record.tenant != tenant:
+            raise JobNotFound(job_id)  # the very error of an unknown id: nothing tells the two apart
+        return record
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        if tenant is not None:
+            await self.get(job_id, tenant)  # a job's tenant never changes: checked once is checked
         _check_id(job_id)
         return await self._run(self.queue.cancel, job_id)
 
-    async def follow(self, job_id: str, after: int = -1, *, admit: bool = False,
-                     created: JobRecord | None = None) -> AsyncIterator[tuple[int, Event]]:
+    async def delete(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """Delete a job that ended, before its records expire -> its last record (FailedPrecondition while it is
+        queued or running)."""
+        if tenant is not None:
+            await self.get(job_id, tenant)
+        _check_id(job_id)
+        return await self._run(self.queue.delete, job_id)
+
+    async def follow(self, job_id: str, after: int = -1, *, admit: bool = False, created: JobRecord | None = None,
+                     tenant: str | None = None) -> AsyncIterator[tuple[int, Event]]:
         """(sequence, event) pairs with sequence > `after`, until the job's terminal event (JobNotFound if the
-        job does not exist). `admit`: follow even while draining (Explain, whose job this front just queued).
-        `created`: what submit returned for this job; when it made the job, its event 0 (Queued) is known
-        without a read, and the first read already waits for the worker."""
+        job does not exist, or is not `tenant`'s). `admit`: follow even while draining (Explain, whose job this
+        front just queued). `created`: what submit returned for this job; when it made the job, its event 0
+        (Queued) is known without a read, and the first read already waits for the worker."""
         if self.draining and not admit:
             raise NotReady("this front is draining (shutting down); watch the job on another replica")
         _check_id(job_id)
+        if tenant is not None:
+            await self.get(job_id, tenant)
         async with self.active():
             block, live = 0.0, False  # the first read does not wait: an unknown job is reported at once
             if created is not None and created.created and after < 0:

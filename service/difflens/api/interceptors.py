@@ -4,6 +4,8 @@
     ResourceExhausted -> RESOURCE_EXHAUSTED  message with the retry hint; trailing metadata `retry-after-s`
     NotReady, BackendUnavailable (the UNet's Triton server) -> UNAVAILABLE
     JobNotFound       -> NOT_FOUND
+    Unauthenticated   -> UNAUTHENTICATED with its fixed message (api/auth.py raises it)
+    FailedPrecondition -> FAILED_PRECONDITION (deleting a job that has not ended)
     Cancelled / DeadlineExceeded -> CANCELLED / DEADLINE_EXCEEDED
     a queue backend (Redis) that cannot be reached -> UNAVAILABLE; one out of memory -> RESOURCE_EXHAUSTED
     anything else     -> INTERNAL with a fixed message; the details go to the log only
@@ -23,10 +25,12 @@ from difflens.errors import (
     BackendUnavailable,
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     ModelLoadError,
     NotReady,
     ResourceExhausted,
+    Unauthenticated,
 )
 from difflens.queue.base import JobNotFound
 from difflens.queue.common import QUEUE_FULL_RETRY_S, STORAGE_FULL_MESSAGE, storage_full
@@ -75,6 +79,10 @@ def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tup
         return grpc.StatusCode.UNAVAILABLE, str(err), "unet_backend", ()
     if isinstance(err, JobNotFound):
         return grpc.StatusCode.NOT_FOUND, str(err), "not_found", ()
+    if isinstance(err, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(err), "unauthenticated", ()
+    if isinstance(err, FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(err), "failed_precondition", ()
     if isinstance(err, Cancelled):
         return grpc.StatusCode.CANCELLED, str(err), "cancelled", ()
     if isinstance(err, DeadlineExceeded):
@@ -89,7 +97,8 @@ def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str, str, tuple[tup
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "internal", ()
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+async def abort(context: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+    """End the call with err's status (status_of), counted in difflens_errors_total and logged."""
     code, message, label, meta = status_of(err)
     metrics.ERRORS.labels(label).inc()
     if code == grpc.StatusCode.INTERNAL:
@@ -151,7 +160,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
-                    await _abort(context, method, e)
+                    await abort(context, method, e)
 
             return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_tolerant(
                 handler.request_deserializer), response_serializer=handler.response_serializer)
@@ -166,7 +175,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
-                    await _abort(context, method, e)
+                    await abort(context, method, e)
 
             return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_tolerant(
                 handler.request_deserializer), response_serializer=handler.response_serializer)

@@ -1,5 +1,7 @@
 """The gRPC front: a grpc.aio server with the Explainer service, the standard health service (grpc.health.v1) and
-server reflection, maximum message sizes from the settings, and a graceful drain.
+server reflection, maximum message sizes from the settings, and a graceful drain. With settings.auth.keys_file every
+call but health's needs an API key (api/auth.py; the key file is checked for changes every settings.auth.reload_s);
+with settings.tls the port speaks TLS (api/tls.py), mutual TLS with a client CA.
 
 Drain (SIGTERM in `difflens serve`): health goes NOT_SERVING and new Explain / Submit / WatchJob calls get
 UNAVAILABLE (clients go to another replica); the job streams already running finish, for up to
@@ -62,6 +64,20 @@ class DifflensServer:
                  probe: metrics.Health | None = None) -> None:
         self.settings = settings
         self.probe = probe  # /readyz on the metrics port, kept as the gRPC health is
+        # the key file and the TLS files first: a bad one fails at once, not after the wait for Redis
+        self.keys = None
+        if settings.auth.keys_file is not None:
+            from difflens.auth.keys import KeyFileError, KeyStore
+
+            try:
+                self.keys = KeyStore(settings.auth.keys_file, settings.auth.limits)
+            except (OSError, KeyFileError) as e:  # names the part of the file, never a key or a hash
+                raise InvalidArgument("--auth-keys", f"{settings.auth.keys_file}: {e}") from None
+        self._credentials = None
+        if settings.tls.enabled:
+            from difflens.api.tls import server_credentials
+
+            self._credentials = server_credentials(settings.tls)
         self._own_queue = queue is None
         self.queue = queue if queue is not None else make_queue(settings)
         self.queue.on_ended = metrics.count_ended  # queued jobs its callers cancel
@@ -81,6 +97,32 @@ class DifflensServer:
         self._server: grpc.aio.Server | None = None
         self._sampler_stop = asyncio.Event()
         self._sampler: asyncio.Task[None] | None = None
+        self._key_watch: asyncio.Task[None] | None = None
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The error mapping around our handlers, and authentication (outermost) when there are keys."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if self.keys is not None:
+            from difflens.api.auth import AuthInterceptor
+
+            interceptors.insert(0, AuthInterceptor(self.keys, self.front.admit))
+        return interceptors
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self._credentials is not None:
+            return server.add_secure_port(address, self._credentials)
+        return server.add_insecure_port(address)
+
+    async def _watch_keys(self) -> None:
+        """Take a changed key file within settings.auth.reload_s (a mounted Secret swapped by the kubelet)."""
+        assert self.keys is not None
+        while not self._sampler_stop.is_set():
+            try:
+                await asyncio.wait_for(self._sampler_stop.wait(), self.settings.auth.reload_s)
+            except TimeoutError:
+                if await asyncio.to_thread(self.keys.refresh) == "failed":
+                    metrics.ERRORS.labels("auth_keys").inc()
 
     async def start(self) -> int:
         """Bind settings.host:settings.port (0 = a free port), start serving; returns the bound port."""
@@ -88,12 +130,12 @@ class DifflensServer:
         options = [("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        server = grpc.aio.server(interceptors=self._interceptors(), options=options)
         pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.front), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            self.port = self._bind(server)
         except RuntimeError as e:  # grpc: "Failed to bind to address ..."
             raise InvalidArgument("--port", f"cannot listen on {s.host}:{s.port}: {e}") from None
         if self.port == 0:
@@ -104,8 +146,12 @@ class DifflensServer:
         self._server = server
         await self._set_serving(True)
         self._sampler = asyncio.create_task(self.front.sample_depth(self._sampler_stop, self._set_serving))
-        log.info("serving %s on %s:%d (%s queue%s)", SERVICE_NAME, s.host, self.port,
-                 "Redis" if s.redis_url else "in-process", ", embedded worker" if self.worker else "")
+        if self.keys is not None:
+            self._key_watch = asyncio.create_task(self._watch_keys())
+        log.info("serving %s on %s:%d (%s queue%s; %s; %s)", SERVICE_NAME, s.host, self.port,
+                 "Redis" if s.redis_url else "in-process", ", embedded worker" if self.worker else "",
+                 "API keys required" if self.keys is not None else "no authentication",
+                 ("mutual TLS" if s.tls.client_ca else "TLS") if s.tls.enabled else "plaintext")
         return self.port
 
     async def _set_serving(self, serving: bool) -> None:
@@ -146,8 +192,9 @@ class DifflensServer:
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
         self._sampler_stop.set()
-        if self._sampler is not None:
-            await self._sampler
+        for task in (self._sampler, self._key_watch):
+            if task is not None:
+                await task
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
         await self.front.close()

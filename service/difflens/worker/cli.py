@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from difflens.api.client_cli import add_client_flags, check_client_flags, client_options
 from difflens.backend_flags import add_backend_flags, engine_settings
 from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
@@ -57,6 +58,7 @@ def add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", metavar="HOST:PORT", help="run it as a new job on a difflens server instead of "
                                                           "in-process (the record's model by name; its weights are "
                                                           "checked against the record's)")
+    add_client_flags(p)
     p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report, replay.json) here; "
                                             "required when re-explaining")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the record's; maps "
@@ -160,10 +162,12 @@ def run_replay(args: argparse.Namespace) -> int:
                 raise InvalidArgument(f"--{flag.replace('_', '-')}",
                                       "not used with --server (the server's models and settings apply)")
         check_server(args.server)
+    else:
+        check_client_flags(args)
     overrides = (lambda base: explanation_options(args, base)) if explanation_given(args) else None
     try:
         return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out,
-                      explain=overrides, server=args.server, threads=args.threads)
+                      explain=overrides, server=args.server, threads=args.threads, client=client_options(args))
     except ReplayFailed as e:
         print(f"difflens: error: {e}", file=sys.stderr)
         return 1

@@ -236,17 +236,19 @@ def recorded_threads(record: Mapping[str, Any], threads: int | None) -> str:
         else ""
 
 
-def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str) -> tuple[Explanation, dict[str, Any]]:
+def run_remote(record: Mapping[str, Any], spec: JobSpec, server: str,
+               client: Mapping[str, Any] | None = None) -> tuple[Explanation, dict[str, Any]]:
     """Run `spec` as a new job on a difflens server, on the record's model by name -> (explanation, the new job's
-    audit record). The caller compares weights: the server's may differ. grpc.RpcError and ReplayFailed propagate."""
+    audit record); `client`: DifflensClient's connection arguments (api_key, TLS files). The caller compares
+    weights: the server's may differ. grpc.RpcError and ReplayFailed propagate."""
     from difflens.client import DifflensClient, explanation_from_events
     from difflens.jobs import Completed
 
     # A fresh job: the record's idempotency key would hand back the recorded job, and its deadline has passed.
     spec = dataclasses.replace(spec, model=str(record["model"].get("name", spec.model)), deadline=None,
                                idempotency_key="", caller="")
-    with DifflensClient(server) as client:
-        stream = client.explain(spec)
+    with DifflensClient(server, **(client or {})) as connection:
+        stream = connection.explain(spec)
         for _ in stream:
             pass
     if not isinstance(stream.result, Completed):
@@ -276,12 +278,14 @@ def tell_config_change(rows: list[tuple[str, str, str, bool]], echo: Callable[[s
 def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models: Mapping[str, str] | None = None,
            device: str | None = None, out: str | os.PathLike[str] | None = None,
            explain: Callable[[ExplainOptions], ExplainOptions] | None = None, server: str | None = None,
-           threads: int | None = None, echo: Callable[[str], None] = print) -> int:
+           threads: int | None = None, echo: Callable[[str], None] = print,
+           client: Mapping[str, Any] | None = None) -> int:
     """Re-run the record at `path`; print the per-item table; 0 if every compared hash matches (or differs only in
     a DF-RISE map the record says was batched with other jobs), 1 if not.
 
-    In-process by default; with `server` (HOST:PORT) as a new job on that difflens service, whose weights are
-    then compared with the record's as items of the table. `explain` (re-explaining) maps the record's
+    In-process by default; with `server` (HOST:PORT) as a new job on that difflens service (connected with
+    `client`: DifflensClient's api_key and TLS arguments), whose weights are then compared with the record's as
+    items of the table. `explain` (re-explaining) maps the record's
     explanation options to the ones to run: the generation is the record's, so the image must still match; maps
     are compared where the step was explained in both runs by a method with unchanged options, and the others
     are new (written to `out`, which re-explaining requires). With `out`, replay.json beside the outputs lists
@@ -312,7 +316,7 @@ def replay(path: str | os.PathLike[str], *, model_dir: str | None = None, models
             exp, replayed, configs = run_local(record, run_spec, model_dir=model_dir, models=models or {},
                                                device=device, threads=threads, echo=echo)
         else:
-            exp, new_record = run_remote(record, run_spec, server)
+            exp, new_record = run_remote(record, run_spec, server, client)
     except InvalidArgument as e:
         raise _blamed(e, re_explained) from None
     if server is None:
