@@ -40,6 +40,30 @@ def test_the_budget_trims_rounds_to_a_sections_share_of_what_is_left_never_below
     assert budget.repeats("b", round_s=1.0, wanted=500) in (99, 100)  # all that is left
 
 
+@pytest.fixture
+def one_thread():
+    """As bench.gpu --tiny: a tiny UNet gains nothing from a second thread, and on a busy 2-core machine OpenMP's
+    spin-waiting made each call 10-20x slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_backend_section_times_its_runner_on_the_eager_states_tensors(one_thread):
+    from bench.gpu import TINY_PLAN, WEIGHTS
+
+    unet = build_unet(TINY)
+    env = gpu_sections.Env(torch.device("cpu"), torch.float32, TINY, make_inputs(TINY), TINY_PLAN,
+                           gpu_sections.Budget(60.0, WEIGHTS))
+    eager = env.state(UNetRunner(unet))
+    other = UNetRunner(unet)  # stands in for compile / CUDA graphs: the section must time this one
+    out = gpu_sections.backend(env, "compile", eager, other, batch=2, eager_masks_per_s=1.0)
+    assert out["batch"] == 2 and out["masks"] % 2 == 0 and out["repeats"] >= 2
+    assert out["ratios"]["speedup_vs_eager"] == out["masks_per_s"]
+    assert math.isfinite(out["ratios"]["explainer_vs_bare"]) and out["first_call_s"] > 0
+
+
 def test_the_graphed_runner_refuses_a_cpu_tensor_and_a_call_with_gradients():
     unet = build_unet(TINY)
     runner = GraphedRunner(unet)
