@@ -8,7 +8,7 @@ DEMO_MODEL ?= models/shapes
 DEMO_PROMPT ?= a large red striped circle in the center
 OUT ?= out
 
-.PHONY: setup test demo lint bench soak clean train-shapes eval proto tools helm-test
+.PHONY: setup test demo lint bench soak clean train-shapes eval proto tools helm-test triton-venv
 
 # gRPC stubs (git-ignored), regenerated whenever the contract changes; `make proto` forces it.
 GEN_DIR := service/difflens/_gen
@@ -33,7 +33,7 @@ proto: $(STAMP)
 	rm -f $(GEN)
 	$(MAKE) --no-print-directory $(GEN)
 
-test: setup tools
+test: setup tools triton-venv
 	$(PY) -m pytest -q
 
 # The deploy tests' Kubernetes tools, outside the repository (DIFFLENS_TOOLS_DIR, default ~/.cache/difflens/tools):
@@ -44,6 +44,12 @@ tools:
 
 helm-test: setup tools
 	$(PY) -m pytest -q tests/deploy
+
+# The Triton server's own environment, outside the repository (DIFFLENS_TRITON_VENV, default
+# ~/.cache/difflens/triton-venv): nvidia-pytriton and numpy < 2, for `difflens triton-serve` and the triton
+# backend's tests (tests/triton). About 3 minutes once; a stat when it is there.
+triton-venv:
+	deploy/triton/make-venv.sh
 
 lint: setup
 	.venv/bin/ruff check service tests bench

@@ -1,6 +1,7 @@
 """The `difflens` command: parse -> option dataclasses -> engine.api.explain -> render.write_outputs.
 
-Subcommands: explain, make-tiny-model, serve, worker, replay, evaluate (one entry in COMMANDS each).
+Subcommands: explain, make-tiny-model, serve, worker, replay, evaluate, models, ensure-groups, triton-serve (one
+entry in COMMANDS each).
 torch is imported only when a command runs, so `difflens --help` is quick. Bad input exits with status 2 and one
 line "difflens: error: <option>: <what is allowed>", before any output is written.
 """
@@ -21,6 +22,7 @@ from difflens.engine.options import SAMPLING_KINDS, SCHEDULERS  # torch-free: th
 from difflens.errors import BackendUnavailable, DifflensError, InvalidArgument, ModelLoadError, NotReady
 from difflens.evaluation.cli import add_evaluate
 from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints
+from difflens.triton.cli import add_triton_serve
 from difflens.worker.cli import add_replay, add_worker
 
 # Domain field names (InvalidArgument.field) -> the option a CLI user typed.
@@ -85,7 +87,7 @@ def add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_explain, add_make_tiny_model, add_evaluate,
                                                                    add_worker, add_replay, add_serve, add_models,
-                                                                   add_ensure_groups)
+                                                                   add_ensure_groups, add_triton_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
