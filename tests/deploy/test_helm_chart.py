@@ -377,6 +377,30 @@ def test_front_serves_every_model(case):
     assert mounts == {f"/models/{m}": True for m in model_names(values)}
 
 
+def test_fronts_read_the_api_keys_from_the_secret_and_workers_never_see_them(case):
+    _, objects, values = case
+    spec = front(objects)["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    assert args[args.index("--auth-keys") + 1] == "/etc/difflens/auth/keys.json" and "--no-auth" not in args
+    # the folder, never a subPath: the kubelet's swap of a changed Secret reaches only a mounted folder
+    assert {"name": "auth-keys", "mountPath": "/etc/difflens/auth", "readOnly": True} in \
+        spec["containers"][0]["volumeMounts"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "auth-keys"]
+    assert volume["secret"]["secretName"] == values["auth"]["existingSecret"] == "difflens-auth"
+    assert volume["secret"]["items"] == [{"key": "keys.json", "path": "keys.json"}]
+    for where, _, pod in pod_specs(objects):
+        if where != f"Deployment/{RELEASE}-front":
+            assert all(v.get("secret", {}).get("secretName") != "difflens-auth" for v in pod.get("volumes", [])), where
+
+
+def test_a_chart_without_api_keys_says_so_with_no_auth():
+    spec = front(render([], {"auth": {"enabled": False}}))["spec"]["template"]["spec"]
+    assert "--no-auth" in spec["containers"][0]["args"] and "--auth-keys" not in spec["containers"][0]["args"]
+    assert all(v["name"] != "auth-keys" for v in spec["volumes"])
+    done = template([], {"auth.existingSecret": "Not_A_Secret_Name"})
+    assert done.returncode != 0 and "/auth/existingSecret" in done.stderr
+
+
 def test_commands_parse_with_the_cli(case):
     _, objects, _ = case
     parser = build_parser()
