@@ -1,7 +1,7 @@
 """The `difflens` command: parse -> option dataclasses -> engine.api.explain -> render.write_outputs.
 
-Subcommands: explain, make-tiny-model, serve, worker, replay, evaluate, models, ensure-groups, triton-serve (one
-entry in COMMANDS each).
+Subcommands: explain, make-tiny-model, serve, worker, replay, evaluate, models, ensure-groups, triton-serve, keys,
+delete (one entry in COMMANDS each).
 torch is imported only when a command runs, so `difflens --help` is quick. Bad input exits with status 2 and one
 line "difflens: error: <option>: <what is allowed>", before any output is written.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from difflens.api.cli import add_ensure_groups, add_models, add_serve
+from difflens.api.client_cli import add_client_flags, add_delete, check_client_flags
+from difflens.auth.cli import add_keys
 from difflens.backend_flags import add_backend_flags, engine_settings
 from difflens.config import DTYPES
 from difflens.engine.options import SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
@@ -55,6 +57,7 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--map-dtype", choices=("float32", "float16"),
                    help="with --server: the maps' element type on the wire (float16 halves a step's event; the "
                         "files hold them as float32 either way; default float32)")
+    add_client_flags(p)
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--out", required=True, type=Path, help="output folder (created; written only on success)")
     g = p.add_argument_group("generation (default: the model's recommended values)")
@@ -87,7 +90,8 @@ def add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_explain, add_make_tiny_model, add_evaluate,
                                                                    add_worker, add_replay, add_serve, add_models,
-                                                                   add_ensure_groups, add_triton_serve)
+                                                                   add_ensure_groups, add_triton_serve, add_keys,
+                                                                   add_delete)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +200,7 @@ def run_explain(args: argparse.Namespace) -> int:
         from difflens.api.cli import run_explain_remote
 
         return run_explain_remote(args)
+    check_client_flags(args)
     if args.timeout is not None:
         raise InvalidArgument("--timeout", "only with --server (the deadline of the call to the server)")
     if args.map_dtype is not None:
