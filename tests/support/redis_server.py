@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def _free_port() -> int:
@@ -34,20 +35,27 @@ def _binary() -> str:
 class PrivateRedis:
     """A redis-server of the tests' own on a free port, keeping nothing on disk, that can be stopped and started
     again on the same port: an outage, and a restart that has lost every key (as a Redis pod without persistence
-    does). Never REDIS_URL's server: stopping that one would break everything else using it."""
+    does). Never REDIS_URL's server: stopping that one would break everything else using it.
 
-    def __init__(self) -> None:
+    With `appendonly`, it keeps its data as a deployed Redis does (an append-only file, fsynced every second, in
+    its own folder), so a restart after `kill()` (SIGKILL) replays it. `kill(lose_after=aof_mark())` also cuts the
+    file back to the mark: what a host crash takes from it (written but not yet fsynced). The file is never
+    rewritten (auto-aof-rewrite off), so everything after a mark is one appended tail."""
+
+    def __init__(self, *, appendonly: bool = False) -> None:
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="difflens-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--auto-aof-rewrite-percentage", "0"] \
+            if appendonly else ["--appendonly", "no"]
+        self._argv = [_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                      "--dir", self._dir.name]
 
     def start(self) -> None:
         import redis
 
-        self._proc = subprocess.Popen([_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", self._dir.name], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -63,6 +71,32 @@ class PrivateRedis:
             self._proc.terminate()
             self._proc.wait(10)
             self._proc = None
+
+    def kill(self, lose_after: dict[Path, int] | None = None) -> None:
+        """SIGKILL the server (no shutdown save); with `lose_after` (an aof_mark()), cut its files back to it."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            self._proc = None
+        for path, size in (lose_after or {}).items():
+            with path.open("r+b") as f:
+                f.truncate(size)
+
+    def aof_mark(self) -> dict[Path, int]:
+        """The size of each of the server's files once every write it acknowledged so far is in them (its AOF
+        buffer written out): kill(lose_after=) cuts what came after."""
+        import redis
+
+        r = redis.Redis.from_url(self.url)
+        try:
+            deadline = time.monotonic() + 10
+            while int(r.info("persistence").get("aof_buffer_length", 0)) > 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the AOF buffer was not written out within 10 s")
+                time.sleep(0.01)
+        finally:
+            r.close()
+        return {p: p.stat().st_size for p in Path(self._dir.name).rglob("*") if p.is_file()}
 
     def __enter__(self) -> PrivateRedis:
         self.start()
