@@ -19,9 +19,11 @@ ready pb ExplainRequest.
 Retry-friendly: a request without an idempotency key gets a random one, so a retried Submit/Explain never runs a
 job twice; UNAVAILABLE is retried (with backoff) up to `retries` times; an Explain stream that breaks after the job
 id is known resumes with WatchJob from the next sequence, so no event is lost or repeated, and keeps trying for
-`resume_for_s` (30 s by default: long enough for a front to be restarted; the job goes on meanwhile). Such a
-break is not silent: `stream.on_break(err)` is called once per break if set (the CLI prints a line), else it is
-logged as a warning.
+`resume_for_s` (30 s by default: long enough for a front to be restarted; the job goes on meanwhile). A step (or
+progress) event of a step the stream already gave is skipped: after Redis lost writes it had acknowledged, the
+worker that takes the job on publishes the lost steps again, and some may be ones this client received before the
+loss (docs/security.md, "Faults"). Such a break is not silent: `stream.on_break(err)` is called once per break if
+set (the CLI prints a line), else it is logged as a warning.
 RESOURCE_EXHAUSTED is not retried (`retry_after_s(err)` reads the server's hint), except by a broken stream
 resuming its job, which waits as the hint says (a front at its stream limit). `caller` (metadata
 x-difflens-caller) scopes idempotency keys on a server without API keys: the same key from another caller is
@@ -51,7 +53,7 @@ from difflens.api.interceptors import RETRY_AFTER_KEY
 from difflens.api.pb import pb, pb_grpc
 from difflens.api.servicer import CALLER_KEY
 from difflens.errors import InvalidArgument
-from difflens.jobs import TERMINAL_EVENTS, Completed, Event, Failed, JobRecord, JobSpec, Step
+from difflens.jobs import TERMINAL_EVENTS, Completed, Event, Failed, JobRecord, JobSpec, Progress, Step
 
 if TYPE_CHECKING:
     from difflens.engine.explain import Explanation
@@ -86,6 +88,7 @@ class ExplainStream:
         self.job_id = ""
         self.sequence = -1
         self.events: list[Event] = []
+        self._steps: set[tuple[str, int]] = set()  # (event kind, step index) of the Step and Progress events given
         self._raw = raw
         self._deadline = deadline
         self._call: Any = open_call()
@@ -102,6 +105,8 @@ class ExplainStream:
                         continue  # a resumed or retried stream replays what we already have
                     self.job_id, self.sequence = msg.job_id, msg.sequence
                     event = convert.event_from_pb(msg)
+                    if self._given_before(event):
+                        continue
                     self.events.append(event)
                     self._done = isinstance(event, TERMINAL_EVENTS)
                     yield msg if self._raw else event
@@ -134,6 +139,18 @@ class ExplainStream:
                     raise
                 time.sleep(wait)
                 self._call = self._reopen()
+
+    def _given_before(self, event: Event) -> bool:
+        """Whether `event` is a step (or progress) event of a step this stream already gave (see the module doc)."""
+        if not isinstance(event, Step | Progress):
+            return False
+        key = (type(event).__name__, event.index)
+        if key in self._steps:
+            log.info("job %s: step %d came again (a worker published it again after the queue lost it); skipped",
+                     self.job_id, event.index)
+            return True
+        self._steps.add(key)
+        return False
 
     def _tell_break(self, err: grpc.RpcError) -> None:
         if self.on_break is not None:

@@ -141,7 +141,8 @@ return {'new', tostring(depth)}
 
 # ARGV: entry, group, token, worker, now, ttl, job id, start (1/0), max deliveries. Returns false when the entry
 # is stale (job expired or already terminal, e.g. cancelled while queued), else {deliveries, spec, cancel,
-# created_at, started, resumed (1: held before, by a worker that died or handed it back)}. With start = 1 and
+# created_at, started, resumed (1: held before, by a worker that died or handed it back), seq (the job's event
+# count: the claim's writes continue from it)}. With start = 1 and
 # nothing against handing the job out (claim_verdict's three tests, on the same `now`), the Started event is
 # appended and the job is running: started = 1. The same token again (a retry after a lost reply) gets the same
 # answer with nothing applied twice: no second delivery, no second Started event.
@@ -154,7 +155,8 @@ end
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[3] then
   local h = redis.call('HMGET', KEYS[1], 'deliveries', 'spec', 'cancel', 'created_at', 'claim_started',
                        'claim_resumed')
-  return {tonumber(h[1]), h[2], h[3], h[4], tonumber(h[5]) or 0, tonumber(h[6]) or 0}
+  return {tonumber(h[1]), h[2], h[3], h[4], tonumber(h[5]) or 0, tonumber(h[6]) or 0,
+          tonumber(redis.call('HGET', KEYS[1], 'seq'))}
 end
 -- The entry must still be this worker's: a claim retried through a blip may find it reclaimed by another
 -- worker meanwhile (XAUTOCLAIM), which now runs the job. Not ours: nothing changes, the entry stays.
@@ -181,19 +183,28 @@ end
 redis.call('HSET', KEYS[1], 'claim_started', started, 'claim_resumed', resumed)
 touch(ARGV[6])
 return {n, redis.call('HGET', KEYS[1], 'spec'), cancel, redis.call('HGET', KEYS[1], 'created_at'), started,
-        resumed}
+        resumed, tonumber(redis.call('HGET', KEYS[1], 'seq'))}
 """
 
+# out_of_step: `seq` (the job's event count the caller's write is to leave, '' to write wherever the stream is) is
+# not the next one: the job's events are not where this claim left them. Only the job's owner appends to them while
+# it holds the job, so this means Redis lost some of the claim's own writes it had acknowledged (restarted from an
+# append-only file missing its last second, or a replica promoted before it had them): the caller writes them again
+# first (redis_rewrite.py).
 OWNED = """
 local function owned(token)
   local owner = redis.call('HGET', KEYS[1], 'owner')
   return owner == token and not is_terminal(redis.call('HGET', KEYS[1], 'state'))
 end
+local function out_of_step(seq)
+  return seq ~= '' and tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1 ~= tonumber(seq)
+end
 """
 
-# ARGV: token, event bytes, '1' if Started, now, ttl, write id. Returns a Published value: 0 lost, 1 ok, 2 ok +
-# cancel flag. The write id (fresh per publish, the same on its retries) makes a retry after a lost reply a no-op:
-# a job's writes are sequential, so the hash keeps only the last one's.
+# ARGV: token, event bytes, '1' if Started, now, ttl, write id, seq. Returns a Published value: 0 lost, 1 ok, 2 ok
+# + cancel flag; 3 nothing written, the job's events are out of step with the claim's (see OWNED). The write id
+# (fresh per publish, the same on its retries) makes a retry after a lost reply a no-op: a job's writes are
+# sequential, so the hash keeps only the last one's.
 PUBLISH = PRELUDE + OWNED + """
 local function verdict()
   if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
@@ -201,6 +212,7 @@ local function verdict()
 end
 if redis.call('HGET', KEYS[1], 'wrote') == ARGV[6] then return verdict() end
 if not owned(ARGV[1]) then return 0 end
+if out_of_step(ARGV[7]) then return 3 end
 append('e', ARGV[2])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'running') end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[4], 'wrote', ARGV[6])
@@ -209,10 +221,12 @@ return verdict()
 """
 
 # KEYS[6] dead-letter stream. ARGV: token, event bytes, state, error, now, ttl, group, job id, dead-letter (1/0),
-# dead-letter stream max length, write id (as PUBLISH's: a retried finish whose first attempt landed returns 1).
+# dead-letter stream max length, write id (as PUBLISH's: a retried finish whose first attempt landed returns 1), seq
+# (as PUBLISH's: 3, nothing written, when the job's events are out of step with the claim's).
 FINISH = PRELUDE + OWNED + """
 if redis.call('HGET', KEYS[1], 'wrote') == ARGV[11] then return 1 end
 if not owned(ARGV[1]) then return 0 end
+if out_of_step(ARGV[12]) then return 3 end
 redis.call('HSET', KEYS[1], 'wrote', ARGV[11])
 if ARGV[9] == '1' then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[8],

@@ -51,6 +51,7 @@ from difflens.queue.common import (
     text,
 )
 from difflens.queue.redis_cancel import CancelWatch
+from difflens.queue.redis_rewrite import ClaimWrites
 from difflens.queue.redis_work import GROUP, WorkStreams
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ WATCH_HEALTH_CHECK_S = 5
 
 
 TERMINAL_STATES = (b"completed", b"failed", b"cancelled")
+OUT_OF_STEP = 3  # the publish and finish scripts' answer: nothing written, the job's events lost some of the claim's
 
 
 def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim | None:
@@ -234,6 +236,7 @@ class RedisStreamsQueue:
         self._work = WorkStreams(self._r, settings)
         self._cancel_channel = f"{p}:cancel"
         self._watch: CancelWatch | None = None  # started by the first claim: fronts never subscribe
+        self._writes = ClaimWrites()  # what each claim wrote lately, written again if Redis loses it
         self._watch_lock = threading.Lock()
 
     def ping(self) -> None:
@@ -438,25 +441,67 @@ class RedisStreamsQueue:
                 self._watch.mark(claim.job_id)  # a cancel whose message was lost is caught here
             elif not reply:
                 self._watch.forget(claim.job_id)  # reclaimed by another worker: it finishes the job, not us
+        if not reply:
+            self._writes.end(claim.token)
         return bool(reply)
 
     def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
-        keys, data, wrote = self._keys(claim.job_id, claim.spec.model), encode_event(event), new_token()
-        result = Published(self._through_blips(f"publishing an event of job {claim.job_id}", lambda: self._publish(
-            keys=keys, args=[claim.token, data, 1 if isinstance(event, Started) else 0, time.time(), self._ttl_ms,
-                             wrote])))
-        if not result and self._watch is not None:
-            self._watch.forget(claim.job_id)
+        data, started = encode_event(event), isinstance(event, Started)
+        reply = self._in_step(claim, lambda seq: self._append(claim, data, started, seq))
+        if reply == OUT_OF_STEP:  # its lost events could not be written again: another delivery takes the job on
+            reply = Published.LOST
+        result = Published(reply)
+        if result:
+            self._writes.wrote(claim.token, self._writes.next_seq(claim.token), data, started)
+        else:
+            self._writes.end(claim.token)
+            if self._watch is not None:
+                self._watch.forget(claim.job_id)
         return result
+
+    def _append(self, claim: Claim, data: bytes, started: bool, seq: int | None) -> int:
+        """The publish script for one event at sequence `seq` (None: wherever the stream is), through blips."""
+        keys, wrote = self._keys(claim.job_id, claim.spec.model), new_token()
+        return int(self._through_blips(f"publishing an event of job {claim.job_id}", lambda: self._publish(
+            keys=keys, args=[claim.token, data, 1 if started else 0, time.time(), self._ttl_ms, wrote,
+                             "" if seq is None else seq])))
+
+    def _in_step(self, claim: Claim, write: Callable[[int | None], int]) -> int:
+        """write(seq) at the sequence the claim's next event is to get; when the script finds the job's events out
+        of step (Redis lost some of the claim's acknowledged writes), the claim's lost events are written again and
+        write() is tried once more. Its reply, OUT_OF_STEP if the lost events could not be written again."""
+        reply = write(self._writes.next_seq(claim.token))
+        if reply == OUT_OF_STEP and self._rewrite(claim):
+            reply = write(self._writes.next_seq(claim.token))
+        return reply
+
+    def _rewrite(self, claim: Claim) -> bool:
+        """Write again the claim's events that the job's stream lost (redis_rewrite.py); False when it cannot."""
+        job = self._job_prefix + claim.job_id
+        stream_seq = int(self._through_blips(f"reading job {claim.job_id}", lambda: self._r.hget(job, "seq")) or -1)
+        lost = self._writes.lost(claim.token, stream_seq)
+        if lost is None:
+            log.warning("job %s: its events end at %d, not where this claim left them (%s), and what it lost cannot be "
+                        "written again; the claim stops", claim.job_id, stream_seq, self._writes.next_seq(claim.token))
+            return False
+        log.warning("job %s: Redis lost %d event(s) of it that it had acknowledged (restarted from an older state); "
+                    "writing them again at sequences %d-%d", claim.job_id, len(lost), lost[0].seq, lost[-1].seq)
+        return all(self._append(claim, w.data, w.started, w.seq) in (Published.OK, Published.CANCEL_REQUESTED)
+                   for w in lost)
 
     def finish(self, claim: Claim, event: Event) -> bool:
         if not is_terminal(event):
             raise ValueError(f"finish takes Completed or Failed, got {type(event).__name__}")
-        return self._terminate(claim.job_id, claim.spec.model, claim.token, event)
+        try:
+            return self._in_step(claim, lambda seq: self._terminate(claim.job_id, claim.spec.model, claim.token, event,
+                                                                    seq=seq)) == 1
+        finally:
+            self._writes.end(claim.token)
 
     def hand_back(self, claim: Claim) -> bool:
+        self._writes.end(claim.token)
         if self._watch is not None:
             self._watch.forget(claim.job_id)
         reply = self._through_blips(f"handing back job {claim.job_id}", lambda: self._hand_back(
@@ -548,6 +593,8 @@ class RedisStreamsQueue:
             return None
         if self._watch is not None:
             self._watch.track(job_id, generation)
+        if len(reply) > 6:  # the job's event count: the claim's writes are checked against it from here on
+            self._writes.begin(token, int(reply[6]))
         return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
                      enqueued_at=created_at, started=started, resumed=resumed)
 
@@ -562,14 +609,17 @@ class RedisStreamsQueue:
                                 "step until it is", self._cancel_channel, WATCH_READY_S)
             return self._watch
 
-    def _terminate(self, job_id: str, model: str, token: str, event: Event, dead_letter: bool = False) -> bool:
-        """The at-most-once finish of the claim `token`; `dead_letter` also records the job in P:dead."""
+    def _terminate(self, job_id: str, model: str, token: str, event: Event, dead_letter: bool = False,
+                   seq: int | None = None) -> int:
+        """The at-most-once finish of the claim `token`: 1 done, 0 not (lost, or already terminal), OUT_OF_STEP
+        (nothing written) when `seq` is not the job's next sequence. `dead_letter` also records the job in P:dead."""
         if self._watch is not None:
             self._watch.forget(job_id)
         keys, data, wrote = [*self._keys(job_id, model), self._dead], encode_event(event), new_token()
-        return bool(self._through_blips(f"ending job {job_id}", lambda: self._finish(
+        return int(self._through_blips(f"ending job {job_id}", lambda: self._finish(
             keys=keys, args=[token, data, terminal_state(event), error_of(event), time.time(), self._ttl_ms, GROUP,
-                             job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN, wrote])))
+                             job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN, wrote,
+                             "" if seq is None else seq])))
 
     def _through_blips(self, what: str, call: Callable[[], T]) -> T:
         """A worker's write to a job it holds, retried through a Redis blip (a restart, a failover, a stall: a
