@@ -11,6 +11,7 @@ import torch
 from difflens.engine.runner import UNetRunner
 from difflens.models import RWLock
 from difflens.worker.batching import BatchStats, JobRunner, UNetBatcher
+from tests.support.oom import OutOfMemoryRunner
 
 
 def _inputs(n: int, seed: int):
@@ -114,6 +115,55 @@ def test_an_error_reaches_every_job_in_the_call():
     for t in threads:
         t.join(10)
     assert [str(e) for e in errors] == ["out of memory", "out of memory"]
+
+
+def test_a_shared_call_out_of_memory_is_run_again_in_halves_and_the_shape_stays_halved(tiny_model):
+    """Three jobs' 6 samples each: the call of 16 runs out of memory, then one of 8; calls of 4 fit. Every job gets
+    its exact result, and the next calls of that shape are made at 4 without failing first."""
+    unet = tiny_model.unet
+    runner = OutOfMemoryRunner(unet, limit=5)
+    calls: list[BatchStats] = []
+    batcher = UNetBatcher(runner.raw, max_batch=16, on_batch=calls.append)
+    reqs = [(lat, torch.full((6,), t), emb) for (lat, emb), t in ((_inputs(6, k), t) for k, t in ((0, 801), (1, 301),
+                                                                                                 (2, 1)))]
+    results = _run_together(batcher, reqs)
+    assert runner.sizes[:2] == [16, 8] and max(runner.sizes[2:]) == 4
+    assert sum(c.samples for c in calls) == 18 and max(c.samples for c in calls) == 4
+    for (lat, t, emb), (out, shared) in zip(reqs, results, strict=True):
+        assert shared
+        torch.testing.assert_close(out, _direct(unet, lat, t, emb), rtol=0, atol=1e-5)
+    assert batcher.limit(*_inputs(1, 0)) == 4 and batcher.limit(torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, 32)) == 16
+    runner.sizes.clear()
+    _run_together(batcher, reqs[:1])
+    assert runner.sizes == [4, 2]
+
+
+def test_a_request_that_does_not_fit_alone_gets_the_error_and_others_go_on(tiny_model):
+    """One shape runs out of memory at every size: its request is halved down to single samples, then gets the
+    out-of-memory error in its own thread; a request of another shape at the same time gets its result."""
+    runner = OutOfMemoryRunner(tiny_model.unet, limit=64, fails=lambda lat, t: lat.shape[-1] == 8)
+    batcher = UNetBatcher(runner.raw, max_batch=8)
+    g = torch.Generator().manual_seed(1)
+    fits = (torch.randn(4, 4, 16, 16, generator=g), torch.full((4,), 500), torch.randn(4, 77, 32, generator=g))
+    doomed = (torch.randn(4, 4, 8, 8, generator=g), torch.full((4,), 500), torch.randn(4, 77, 32, generator=g))
+    got: dict[str, object] = {}
+
+    def go(name: str, req) -> None:
+        with batcher.participant():
+            try:
+                got[name] = batcher.submit(*req)[0]
+            except torch.OutOfMemoryError as e:
+                got[name] = e
+
+    threads = [threading.Thread(target=go, args=a) for a in (("doomed", doomed), ("fits", fits))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(got["doomed"], torch.OutOfMemoryError)
+    assert isinstance(got["fits"], torch.Tensor)
+    torch.testing.assert_close(got["fits"], _direct(tiny_model.unet, *fits), rtol=0, atol=1e-5)
+    assert batcher.limit(doomed[0], doomed[2]) == 1
 
 
 def test_compiled_backends_pad_calls_to_power_of_two_buckets():

@@ -25,13 +25,19 @@ class UNetRunner:
     `unet` stays the eager module: hooks and attention processors are installed on it (DF-CAM, attention maps
     always run eager, on this process's copy of the weights). `backend` selects what the batched no-grad calls use
     (denoising and DF-RISE); "triton" sends them to `remote`, with no fallback: its errors are the job's.
+
+    A guided call that runs out of device memory is made again in halves (see `guided`), unless `halve_on_oom` is
+    off (a worker's job runner, whose DF-RISE calls go to shared batches that halve themselves).
     """
+
+    halve_on_oom = True
 
     def __init__(self, unet: Any, backend: Backend = "eager", remote: RemoteUNet | None = None) -> None:
         check_choice("unet_backend", backend, BACKENDS)
         if (backend == "triton") != (remote is not None):
             raise InvalidArgument("unet_backend", "the triton backend, and it alone, takes a remote UNet")
         self.unet = unet
+        self.fits: dict[tuple[int, ...], int] = {}  # latent shape -> latents per guided call, after an OOM error
         self.requested_backend = backend
         self.backend: str = backend
         self._fn: Any = unet
@@ -65,7 +71,27 @@ class UNetRunner:
 
         With CFG both branches see the same latent, in one UNet call laid out [uncond x B; cond x B], which for
         B = 1 is exactly StableDiffusionPipeline's layout (bit-identical results).
+
+        A call that runs out of device memory (torch.OutOfMemoryError, which a CUDA out-of-memory error is) is made
+        again as calls of half as many latents, and calls of latents of that shape stay that small for this
+        runner's life (`fits`); one latent that does not fit raises the error.
         """
+        b, shape = latents.shape[0], tuple(latents.shape[1:])
+        fit = self.fits.get(shape, b)
+        if fit < b:
+            return torch.cat([self.guided(part, timestep, cond) for part in latents.split(fit)])
+        try:
+            return self._guided(latents, timestep, cond)
+        except torch.OutOfMemoryError as e:
+            if not self.halve_on_oom or b == 1:
+                raise
+            self.fits[shape] = (b + 1) // 2
+            log.warning("a UNet call of %d latents %s ran out of memory (%s); calls of them now hold at most %d",
+                        b, shape, str(e).splitlines()[0] if str(e) else type(e).__name__, self.fits[shape])
+        return self.guided(latents, timestep, cond)  # out of the except block: its traceback holds the failed call
+
+    def _guided(self, latents: torch.Tensor, timestep: int | torch.Tensor, cond: CFGConditioning) -> torch.Tensor:
+        """`guided` in one UNet call. latents: (B, C, h, w) -> (B, C, h, w)."""
         b = latents.shape[0]
         if not cond.cfg:
             return self.raw(latents, timestep, cond.batch(b))

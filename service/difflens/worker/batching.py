@@ -8,10 +8,15 @@ jobs that are in DF-RISE at that moment, up to `max_batch` samples per UNet call
 job its slice. A call is made as soon as every job in DF-RISE has a request waiting (nobody else can add to it)
 or the samples fill a call, so no timer is involved. Only requests of one shape share a call (jobs of different
 image sizes, or of different prompt lengths, run in turn).
+
+A call that runs out of device memory (torch.OutOfMemoryError, which a CUDA out-of-memory error is) is run again as
+calls of half its samples, and calls of that shape stay at most that large for the worker's life; a call of one
+sample that does not fit fails the jobs in it with the error (the worker fails them RESOURCE_EXHAUSTED and goes on).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +28,15 @@ import torch
 from difflens.engine.runner import UNetRunner
 from difflens.models import RWLock
 
+log = logging.getLogger(__name__)
+
 RawFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ShapeKey = tuple
+
+
+def shape_key(latents: torch.Tensor, embeds: torch.Tensor) -> ShapeKey:
+    """What requests must share to be concatenated into one call. latents: (n, C, h, w); embeds: (n, L, D)."""
+    return (tuple(latents.shape[1:]), latents.dtype, tuple(embeds.shape[1:]), embeds.dtype)
 
 
 @dataclass(eq=False)
@@ -49,9 +62,9 @@ class _Request:
         return self.error is not None or self.received == self.n
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> ShapeKey:
         """Requests with the same key can be concatenated into one call."""
-        return (tuple(self.latents.shape[1:]), self.latents.dtype, tuple(self.embeds.shape[1:]), self.embeds.dtype)
+        return shape_key(self.latents, self.embeds)
 
 
 @dataclass
@@ -82,6 +95,16 @@ class UNetBatcher:
         self._pending: list[_Request] = []
         self._participants = 0
         self._busy = False
+        self._limits: dict[ShapeKey, int] = {}  # samples per call of a shape, where it ran out of memory at more
+
+    def limit(self, latents: torch.Tensor, embeds: torch.Tensor) -> int:
+        """The most samples a call of these requests' shape holds: max_batch, or less after running out of memory.
+        latents: (n, C, h, w); embeds: (n, L, D)."""
+        with self._cv:
+            return self._limit(shape_key(latents, embeds))
+
+    def _limit(self, key: ShapeKey) -> int:
+        return self._limits.get(key, self.max_batch)
 
     @contextmanager
     def participant(self) -> Iterator[None]:
@@ -121,7 +144,7 @@ class UNetBatcher:
             raise req.error
         return torch.cat(req.parts), req.shared
 
-    def _waiting(self) -> dict[tuple, int]:
+    def _waiting(self) -> dict[ShapeKey, int]:
         """Samples not yet handed to a call, per request shape (in order of each shape's oldest request)."""
         waiting: dict[tuple, int] = {}
         for r in self._pending:
@@ -132,14 +155,14 @@ class UNetBatcher:
         if not self._pending:
             return False
         owners = {r.owner for r in self._pending}
-        return len(owners) >= self._participants or max(self._waiting().values()) >= self.max_batch
+        return len(owners) >= self._participants or any(n >= self._limit(k) for k, n in self._waiting().items())
 
     def _take(self) -> list[tuple[_Request, int, int]]:
-        """(request, start, stop) slices of one shape, first come first served, up to max_batch samples: the
+        """(request, start, stop) slices of one shape, first come first served, up to its limit of samples: the
         first shape that fills a call, else the shape of the oldest request."""
         waiting = self._waiting()
-        key = next((k for k, n in waiting.items() if n >= self.max_batch), next(iter(waiting)))
-        room, batch = self.max_batch, []
+        key = next((k for k, n in waiting.items() if n >= self._limit(k)), next(iter(waiting)))
+        room, batch = self._limit(key), []
         for req in [r for r in self._pending if r.key == key]:
             if room == 0:
                 break
@@ -156,6 +179,7 @@ class UNetBatcher:
 
     def _run(self, batch: list[tuple[_Request, int, int]]) -> None:
         n = sum(b - a for _, a, b in batch)
+        size = min(self._limit(batch[0][0].key), 1 << (n - 1).bit_length()) if self.pad_to_bucket else n
         try:  # everything that can fail, so that an error reaches every request of the call
             lat = torch.cat([r.latents[a:b] for r, a, b in batch])
             ts = [r.timesteps[a:b] for r, a, b in batch]
@@ -163,17 +187,18 @@ class UNetBatcher:
                 ts = [t.float() for t in ts]  # the UNet's time projection casts to float32 anyway: same values
             tim = torch.cat(ts)
             emb = torch.cat([r.embeds[a:b] for r, a, b in batch])
-            size = min(self.max_batch, 1 << (n - 1).bit_length()) if self.pad_to_bucket else n
             if size > n:
                 lat, tim, emb = (torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in (lat, tim, emb))
             with torch.no_grad():
                 out = self.fn(lat, tim, emb)[:n]
+        except torch.OutOfMemoryError as e:
+            if size > 1:
+                self._again_halved(batch, size, e)
+            else:
+                self._failed(batch, e)
+            return
         except BaseException as e:
-            # Every job in the call gets the error in its own thread (the leader's too, when its request is in it).
-            with self._cv:
-                for r, _, _ in batch:
-                    r.error = e
-                self._pending = [r for r in self._pending if r.error is None]
+            self._failed(batch, e)
             if not isinstance(e, Exception):
                 raise
             return
@@ -186,6 +211,26 @@ class UNetBatcher:
         if self.on_batch is not None:
             self.on_batch(BatchStats(samples=n, jobs=len({r.owner for r, _, _ in batch})))
 
+    def _failed(self, batch: list[tuple[_Request, int, int]], err: BaseException) -> None:
+        """Every job in the call gets the error in its own thread (the leader's too, when its request is in it)."""
+        with self._cv:
+            for r, _, _ in batch:
+                r.error = err
+            self._pending = [r for r in self._pending if r.error is None]
+
+    def _again_halved(self, batch: list[tuple[_Request, int, int]], size: int, err: BaseException) -> None:
+        """A call of `size` samples ran out of memory: calls of its shape hold at most half as many from now on, and
+        its slices go back to the head of the queue, to be run again in those smaller calls."""
+        key, limit = batch[0][0].key, max(1, size // 2)
+        with self._cv:
+            self._limits[key] = min(limit, self._limit(key))
+            again = [r for r, _, _ in batch]
+            for r, start, _ in batch:
+                r.sent = start  # each request's slice in the call was its latest: nothing after it was sent
+            self._pending = again + [r for r in self._pending if r not in again]
+        log.warning("a UNet call of %d samples ran out of memory (%s); calls of latents %s now hold at most %d",
+                    size, str(err).splitlines()[0] if str(err) else type(err).__name__, key[0], limit)
+
 
 class JobRunner(UNetRunner):
     """One job's runner over the model's shared UNet: alone for denoising, batched (via `batcher`) in DF-RISE.
@@ -193,8 +238,12 @@ class JobRunner(UNetRunner):
     `base` is the process's runner of the model (its backend and compiled function are reused, not rebuilt);
     `lock` is the model's RWLock. `denoise_s` accumulates the wall time of the job's own UNet calls outside
     DF-RISE (the worker reads and resets it per step); `rise_shared` records whether any DF-RISE call of the
-    current step shared a UNet call with other jobs or was split (then its maps are not bit-reproducible alone).
+    current step shared a UNet call with other jobs or was split (then its maps are not bit-reproducible alone);
+    `oom_batch` the fewest samples per call its DF-RISE requests ran at because the batcher ran out of memory (None:
+    it never did).
     """
+
+    halve_on_oom = False  # the shared batches halve themselves (UNetBatcher); denoising is one latent per call
 
     def __init__(self, base: UNetRunner, lock: RWLock, batcher: UNetBatcher) -> None:
         super().__init__(base.unet, "eager")  # eager here: the compiled function is base's, reused below
@@ -206,6 +255,7 @@ class JobRunner(UNetRunner):
         self.batching = False
         self.denoise_s = 0.0
         self.rise_shared = False
+        self.oom_batch: int | None = None
 
     def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or (N,). -> (N, C, h, w)."""
@@ -214,6 +264,9 @@ class JobRunner(UNetRunner):
             t = t.expand(latents.shape[0]) if t.dim() == 0 else t
             out, shared = self.batcher.submit(latents, t, embeds)
             self.rise_shared |= shared
+            limit = self.batcher.limit(latents, embeds)
+            if limit < self.batcher.max_batch:
+                self.oom_batch = min(limit, self.oom_batch or limit)
             return out
         with self.lock.shared():
             t0 = time.perf_counter()

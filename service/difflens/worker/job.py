@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from difflens import audit, metrics
 from difflens.config import ServiceSettings
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error while running the job (details are in the worker's log)"
 AUDIT_STORE_MESSAGE = "the job's audit record could not be stored (details are in the worker's log)"
+OUT_OF_MEMORY_MESSAGE = ("the job does not fit in the worker's device memory, even one sample per UNet call; use a "
+                         "smaller image, fewer DF-CAM layers, or a worker with more memory")
 # The engine names the attention method "attn"; metrics and the contract say "attention".
 METRIC_METHOD = {"rise": "rise", "cam": "cam", "attn": "attention"}
 
@@ -157,6 +160,9 @@ class JobRun:
                                 "deadline_exceeded", error="deadline_exceeded")
         except InvalidArgument as e:
             return self._finish(Failed("INVALID_ARGUMENT", str(e)), "failed", error="invalid_argument")
+        except torch.OutOfMemoryError:  # the worker goes on with its next job; memory the call took is free again
+            log.warning("job %s: out of memory even at one sample per UNet call", claim.job_id, exc_info=True)
+            return self._finish(Failed("RESOURCE_EXHAUSTED", OUT_OF_MEMORY_MESSAGE), "failed", error="out_of_memory")
         except BackendUnavailable as e:  # the Triton server went away: this job fails, the worker goes on
             log.warning("job %s: %s", claim.job_id, e)
             return self._finish(Failed("UNAVAILABLE", str(e)), "failed", error="unet_backend")
@@ -296,6 +302,8 @@ class JobRun:
                    "run_s": round(now - started, 6), "total_s": round(now - claim.enqueued_at, 6),
                    "steps": audit.step_timings(exp, self.denoise_s)}
         runtime = audit.runtime_of(engine.device, engine.dtype, self.runner.backend, self.runner.requested_backend,
+        if self.runner.oom_batch is not None:  # out of memory at --max-batch: its DF-RISE calls were this small
+            runtime["unet_batch_after_oom"] = self.runner.oom_batch
                                    self.entry.unet_server)
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
                                   model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
