@@ -302,9 +302,9 @@ class JobRun:
                    "run_s": round(now - started, 6), "total_s": round(now - claim.enqueued_at, 6),
                    "steps": audit.step_timings(exp, self.denoise_s)}
         runtime = audit.runtime_of(engine.device, engine.dtype, self.runner.backend, self.runner.requested_backend,
+                                   self.entry.unet_server)
         if self.runner.oom_batch is not None:  # out of memory at --max-batch: its DF-RISE calls were this small
             runtime["unet_batch_after_oom"] = self.runner.oom_batch
-                                   self.entry.unet_server)
         return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
                                   model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
                                   folder=str(self.entry.folder),
