@@ -376,3 +376,53 @@ def test_a_grid_finer_than_the_latent_is_refused_as_the_service_refuses_it():
     with pytest.raises(InvalidArgument) as e:
         rise.make_masks(RiseOptions(num_masks=2, mask="grid", grid_size=10), (9, 12), "cpu")
     assert e.value.field == "rise.grid_size" and "[1, 9]" in e.value.message
+
+
+# --- early stopping ----------------------------------------------------------------------------------------------
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.square().sum() * b.square().sum()).sqrt())
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_split_half_r_is_the_correlation_of_the_alternate_masks_maps(cfg_state, antithetic):
+    opts = RiseOptions(num_masks=24, batch_size=8, seed=3, antithetic=antithetic)
+    masks = rise.make_masks(opts, (16, 16), "cpu")
+    run = rise.run_step(cfg_state, opts, masks)
+    half = rise.split_halves(24, antithetic)
+    assert half.tolist() == ([0, 0, 1, 1] * 6 if antithetic else [0, 1] * 12)  # pairs stay whole
+    a, b = (rise.explain_step(cfg_state, opts, masks[half == k])["rise"] for k in (0, 1))
+    assert run.stats.masks_used == run.stats.masks_planned == 24 and run.stats.stop_at_r is None
+    assert run.stats.split_half_r is not None and abs(run.stats.split_half_r - pearson(a, b)) <= 1e-4
+
+
+def test_early_stopping_stops_after_the_batch_that_reaches_r_and_reports_it(cfg_state):
+    masks = rise.make_masks(RiseOptions(num_masks=32, seed=3), (16, 16), "cpu")
+    full = rise.run_step(cfg_state, RiseOptions(num_masks=32, batch_size=8, seed=3, stop_at_r=1.0, min_masks=8),
+                         masks)
+    assert full.stats.masks_used == 32 and full.stats.split_half_r < 1.0  # never reached: every mask ran
+    assert full.stats.describe().endswith("< 1: all masks ran")
+    # the r each prefix of whole batches reaches, from runs without stopping
+    prefix_r = {n: rise.run_step(cfg_state, RiseOptions(num_masks=n, batch_size=8, seed=3), masks[:n]).stats
+                .split_half_r for n in range(8, 33, 8)}
+    threshold = sorted(prefix_r.values())[len(prefix_r) // 2]  # reached somewhere before the end
+    first = min(n for n, r in prefix_r.items() if r >= threshold)
+    opts = RiseOptions(num_masks=32, batch_size=8, seed=3, stop_at_r=threshold, min_masks=8)
+    run = rise.run_step(cfg_state, opts, masks)
+    assert run.stats.masks_used == first and run.stats.masks_planned == 32
+    assert run.stats.split_half_r == pytest.approx(prefix_r[first], abs=1e-9) and run.stats.stop_at_r == threshold
+    assert run.stats.describe() == f"masks used: {first} of 32, split-half r {prefix_r[first]:.3f} >= {threshold:g}"
+    # the maps are those of the masks used, exactly
+    want = rise.explain_step(cfg_state, RiseOptions(num_masks=first, batch_size=8), masks[:first])
+    for name in ("rise", "rise_raw", "rise_mean"):
+        assert torch.equal(run.maps[name], want[name])
+
+
+def test_early_stopping_waits_for_min_masks_and_whole_antithetic_pairs(cfg_state):
+    opts = RiseOptions(num_masks=32, batch_size=3, seed=3, antithetic=True, stop_at_r=0.0, min_masks=8)
+    run = rise.run_step(cfg_state, opts, rise.make_masks(opts, (16, 16), "cpu"))
+    # after 9 masks (>= 8, but a pair split), the first check is at 12 masks, where r >= 0 or it ran on
+    assert run.stats.masks_used in (12, 18, 24, 30, 32)

@@ -6,6 +6,7 @@ I/O. Nothing here changes the trajectory: explainers get read-only tensors and t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,7 +18,7 @@ import torch
 
 from difflens.engine import attention, cam, rise
 from difflens.engine.loading import Model
-from difflens.engine.options import ExplainOptions, GenerationParams
+from difflens.engine.options import ExplainOptions, GenerationParams, RiseOptions, RiseStats
 from difflens.engine.runner import UNetRunner
 from difflens.engine.sampler import Generation, StepState, generate
 from difflens.engine.tokens import prompt_tokens
@@ -32,6 +33,7 @@ class StepExplanation:
     cam: (h, w) sum over layers of min-max maps; cam/<layer path>: (h, w) per layer;
     attn: (T, h, w) token maps; attn_relevance: (T,) token relevance in [0, 1].
     x0: (1, C, h, w) the step's predicted clean latent (previews), or None.
+    rise: what DF-RISE used at this step (masks, split-half r), or None when it did not run.
     """
 
     index: int
@@ -39,6 +41,7 @@ class StepExplanation:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     x0: torch.Tensor | None = None
+    rise: RiseStats | None = None
 
 
 @dataclass
@@ -104,7 +107,7 @@ def run_explanation(
             return
         out = StepExplanation(state.index, state.timestep, x0=state.x0.detach())
         if rise_opts is not None and masks is not None:
-            _timed(out, "rise", lambda: rise.explain_step(state, rise_opts, masks), guard)
+            _timed(out, "rise", lambda: _rise(out, state, rise_opts, masks), guard)
         if cam_opts is not None:
             _timed(out, "cam", lambda: cam.explain_step(state, cam_opts, cam_layers), guard)
         if options.attention is not None:
@@ -123,7 +126,15 @@ def run_explanation(
         "tokens": [t.text for t in tokens],  # the prompt's words as the model's tokenizer split them (attn's rows)
         "latent_size": list(latent_size),  # (h, w) of every map
     }
+    if any(s.rise is not None for s in explained):  # per explained step: masks used, split-half r
+        record["rise_stats"] = {str(s.index): dataclasses.asdict(s.rise) for s in explained if s.rise is not None}
     return Explanation(to_uint8(gen.image), gen.timesteps, explained, [t.text for t in tokens], record, gen)
+
+
+def _rise(out: StepExplanation, state: StepState, opts: RiseOptions, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    run = rise.run_step(state, opts, masks)
+    out.rise = run.stats
+    return run.maps
 
 
 def _timed(out: StepExplanation, name: str, fn: Callable[[], dict[str, torch.Tensor]],
@@ -137,8 +148,6 @@ def _timed(out: StepExplanation, name: str, fn: Callable[[], dict[str, torch.Ten
 
 def _plain(obj: Any) -> Any:
     """Dataclasses -> JSON-ready dicts (tensors dropped: explicit masks are recorded by shape only)."""
-    import dataclasses
-
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, torch.Tensor):

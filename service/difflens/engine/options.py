@@ -19,6 +19,7 @@ SchedulerName = Literal["ddim", "ddpm", "dpmsolver++", "euler"]
 SamplingKind = Literal["uniform", "early", "late", "explicit"]
 MAX_SHIFT = 10_000.0  # lambda of exponential sampling
 MaskKind = Literal["pixel", "grid"]
+MaskSampler = Literal["mc", "stratified", "sobol"]
 Substrate = Literal["zero", "blur"]
 SsimPadding = Literal["zero", "reflect"]
 ScoreKind = Literal["structure", "cosine"]
@@ -32,6 +33,8 @@ SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 METHODS: tuple[str, ...] = get_args(MethodName)
 SAMPLING_KINDS: tuple[str, ...] = get_args(SamplingKind)
 MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+MASK_SAMPLERS: tuple[str, ...] = get_args(MaskSampler)
+SOBOL_MAX_DIM = 21201  # torch.quasirandom.SobolEngine.MAXDIM (kept here: the front validates without torch)
 SUBSTRATES: tuple[str, ...] = get_args(Substrate)
 SCORES: tuple[str, ...] = get_args(ScoreKind)
 SSIM_PADDINGS: tuple[str, ...] = get_args(SsimPadding)
@@ -126,12 +129,22 @@ class StepSelector:
 
 @dataclass(frozen=True)
 class RiseOptions:
-    """DF-RISE (METHOD.md). `masks`, when given, is (N, h, w) in [0, 1] and overrides num_masks/p/kind/seed.
+    """DF-RISE (METHOD.md). `masks`, when given, is (N, h, w) in [0, 1] and overrides num_masks/p/kind/seed/
+    sampler/antithetic.
 
     structure_2x: the reference code's 2*sigma_xy numerator (parity flag).
     ssim_padding: how the structure term's 15 x 15 window sees past the latent's border - "zero" (METHOD.md: the
     padded zeros count as data, identical in both inputs, which raises the score on a 7-pixel ring; on a 32 x 32
     latent that ring decides where the map peaks) or "reflect" (the border's own pixels, mirrored).
+    sampler: how the masks' uniform draws are made (engine/masks.py) - "mc" (independent, the reference code's),
+    "stratified" (per pixel, or grid cell, the N draws take one of N equal strata each: every pixel is kept
+    round(N p) times, to within 1) or "sobol" (scrambled Sobol points, one dimension per pixel or grid cell).
+    antithetic: masks come in pairs drawn from one uniform U: M keeps where U < p, its partner where U >= 1 - p
+    (for p = 0.5 exactly 1 - M; for p < 0.5 the two never both keep a pixel). num_masks must then be even.
+    stop_at_r: stop early, after a batch, once at least `min_masks` masks ran and the split-half Pearson r of the
+    DF-RISE map (even-numbered masks' map against odd-numbered masks'; antithetic pairs, and Sobol's consecutive
+    points, which at p = 0.5 mirror each other too, go whole to one half) is >= stop_at_r; None: run all
+    num_masks. The masks used and r are reported with the step (RiseStats).
     """
 
     num_masks: int = 256
@@ -146,6 +159,10 @@ class RiseOptions:
     batch_size: int = 32
     seed: int = 0
     masks: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    sampler: MaskSampler = "mc"
+    antithetic: bool = False
+    stop_at_r: float | None = None
+    min_masks: int = 64
 
     def __post_init__(self) -> None:
         check_range("rise.num_masks", self.num_masks, 1, 1_000_000)
@@ -161,6 +178,61 @@ class RiseOptions:
         check_range("rise.seed", self.seed, 0, 2**63 - 1)  # as the generation seed: one range everywhere
         if self.masks is not None and self.masks.dim() != 3:
             raise InvalidArgument("rise.masks", f"must be (N, h, w), got shape {tuple(self.masks.shape)}")
+        check_choice("rise.sampler", self.sampler, get_args(MaskSampler))
+        if not isinstance(self.antithetic, bool):
+            raise InvalidArgument("rise.antithetic", f"got {self.antithetic!r}; allowed: true, false")
+        if self.antithetic and self.masks is None and self.num_masks % 2:
+            raise InvalidArgument("rise.num_masks", f"got {self.num_masks}; antithetic masks come in pairs: "
+                                                    "must be even")
+        if self.antithetic and self.sampler == "sobol" and self.p == 0.5 and self.masks is None:
+            # the first binary digit of consecutive Sobol points differs: at p = 0.5 mask 2j + 1 is already 1 - mask 2j
+            raise InvalidArgument("rise.antithetic", "sobol masks at p = 0.5 already come in mirrored pairs; "
+                                                     "antithetic would draw every mask twice")
+        check_range("rise.min_masks", self.min_masks, 4, 1_000_000)  # two a half, or one pair a half
+        if self.stop_at_r is not None:
+            check_range("rise.stop_at_r", self.stop_at_r, 0.0, 1.0)
+            if self.masks is None and self.min_masks > self.num_masks:
+                raise InvalidArgument("rise.min_masks", f"got {self.min_masks}; must be at most rise.num_masks "
+                                                        f"({self.num_masks}) to stop early")
+
+    def check_latent(self, size: tuple[int, int]) -> None:
+        """What the options need of the latent size (h, w), checked by the front before queueing and by the
+        engine: grid cells no smaller than a latent pixel, and Sobol's dimension limit (one dimension per latent
+        pixel, or per grid cell)."""
+        if self.masks is not None:
+            return
+        if self.mask == "grid":
+            check_range("rise.grid_size", self.grid_size, 1, min(size))
+        dims = self.grid_size ** 2 if self.mask == "grid" else size[0] * size[1]
+        if self.sampler == "sobol" and dims > SOBOL_MAX_DIM:
+            what = f"{self.grid_size} x {self.grid_size} grid cells" if self.mask == "grid" else \
+                f"{size[0]} x {size[1]} latent pixels"
+            raise InvalidArgument("rise.sampler", f"'sobol' draws one dimension per mask value, {what} = {dims}; "
+                                                  f"allowed at most {SOBOL_MAX_DIM} (use stratified or mc)")
+
+
+@dataclass(frozen=True)
+class RiseStats:
+    """What DF-RISE used at one step, reported with its maps: masks_used of masks_planned (fewer when it stopped
+    early), the split-half Pearson r of the map over those masks (None where undefined: a half with no kept pixel
+    or a constant map), and the stop_at_r it was run with (None: no early stopping)."""
+
+    masks_used: int
+    masks_planned: int
+    split_half_r: float | None = None
+    stop_at_r: float | None = None
+
+    def describe(self) -> str:
+        """'masks used: 96 of 256, split-half r 0.962 >= 0.95' (or '< 0.95: all masks ran')."""
+        r = "undefined" if self.split_half_r is None else f"{self.split_half_r:.3f}"
+        text = f"masks used: {self.masks_used} of {self.masks_planned}, split-half r {r}"
+        if self.stop_at_r is None:
+            return text
+        if self.split_half_r is None:
+            return f"{text}: all masks ran"
+        if self.split_half_r >= self.stop_at_r:
+            return f"{text} >= {self.stop_at_r:g}"
+        return f"{text} < {self.stop_at_r:g}: all masks ran"
 
 
 DEFAULT_CAM_LAYERS: tuple[str, ...] = ()  # empty = every resnet, attention and sampler of the UNet's blocks

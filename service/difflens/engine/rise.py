@@ -2,21 +2,23 @@
 
 Masks multiply the step's UNet input; the guided outputs of the masked latents are compared, pixel by pixel, with
 a reference (the unmasked eps_w, or x_{t_next} for parity with the reference code); H = sum_k M_k * s_k.
-Masks are evaluated `batch_size` at a time, one UNet call per chunk holding both CFG branches, and H is
-accumulated chunk by chunk so memory does not grow with the number of masks. Pure torch, no I/O.
+Masks (engine/masks.py) are evaluated `batch_size` at a time, one UNet call per chunk holding both CFG branches,
+and H is accumulated chunk by chunk so memory does not grow with the number of masks. The map of the even-numbered
+masks and that of the odd-numbered ones are accumulated beside it: their Pearson r (split-half r) says how far the
+map has settled, and with `stop_at_r` ends the step early once it is high enough. Pure torch, no I/O.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from difflens.engine.options import RiseOptions, SsimPadding, check_range
+from difflens.engine.masks import grid_masks, make_masks, pixel_masks  # noqa: F401 - rise.make_masks, as before
+from difflens.engine.options import RiseOptions, RiseStats, SsimPadding
 from difflens.engine.sampler import StepState
-from difflens.errors import InvalidArgument
 
 SSIM_WINDOW = 15
 SSIM_SIGMA = 1.5
@@ -24,60 +26,6 @@ SSIM_C2 = (0.03 * 1.0) ** 2  # dynamic range L = 1, as the reference code
 SSIM_C3 = SSIM_C2 / 2
 BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
-
-
-# --- masks -----------------------------------------------------------------------------------------------------
-
-
-def make_masks(opts: RiseOptions, size: tuple[int, int], device: torch.device | str) -> torch.Tensor:
-    """The N masks of a request: (N, h, w) float32 in [0, 1] on `device`, with size = (h, w) the latent size.
-
-    Explicit `opts.masks` (N, h, w) are checked and used as given; otherwise they are drawn from a CPU generator
-    seeded with `opts.seed`, so the same options give the same masks on any device.
-    """
-    if opts.masks is not None:
-        return _checked_masks(opts.masks, size).to(device=device, dtype=torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    if opts.mask == "grid":
-        check_range("rise.grid_size", opts.grid_size, 1, min(size))  # no cell smaller than a latent pixel
-        masks = grid_masks(opts.num_masks, size, opts.grid_size, opts.p, gen)
-    else:
-        masks = pixel_masks(opts.num_masks, size, opts.p, gen)
-    return masks.to(device)
-
-
-def _checked_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """masks: (N, h, w), must match the latent size and lie in [0, 1] (NaN fails the range check)."""
-    h, w = size
-    if masks.dim() != 3 or tuple(masks.shape[1:]) != (h, w) or masks.shape[0] == 0:
-        raise InvalidArgument("rise.masks", f"expected shape (N, {h}, {w}) with N >= 1 (the latent size), "
-                                            f"got {tuple(masks.shape)}")
-    if not bool(((masks >= 0) & (masks <= 1)).all()):
-        raise InvalidArgument("rise.masks", "values must lie in [0, 1]")
-    return masks
-
-
-def pixel_masks(n: int, size: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
-    """Binary masks at latent resolution, M = (U < p): (n, h, w) float32 (the reference code's masks)."""
-    return (torch.rand(n, *size, generator=gen) < p).float()
-
-
-def grid_masks(n: int, size: tuple[int, int], s: int, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Original RISE masks: (n, h, w) float32 in [0, 1].
-
-    An s x s Bernoulli(p) grid is bilinearly upsampled to ((s+1) * ceil(h/s), (s+1) * ceil(w/s)) and cropped to
-    h x w at a random offset in [0, ceil(h/s)) x [0, ceil(w/s)), one offset per mask. Upsampling uses torch's
-    half-pixel bilinear (align_corners=False), which replicates the border where RISE's skimage resize mirrors it:
-    only the outer half cell differs.
-    """
-    h, w = size
-    ch, cw = math.ceil(h / s), math.ceil(w / s)
-    cells = (torch.rand(n, 1, s, s, generator=gen) < p).float()
-    up = F.interpolate(cells, size=((s + 1) * ch, (s + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
-    up = up.clamp_(0, 1)  # interpolation weights can round 1 up to 1 + 1 ulp
-    dy = torch.randint(0, ch, (n,), generator=gen).tolist()
-    dx = torch.randint(0, cw, (n,), generator=gen).tolist()
-    return torch.stack([up[k, y:y + h, x:x + w] for k, (y, x) in enumerate(zip(dy, dx, strict=True))])
 
 
 # --- scores ----------------------------------------------------------------------------------------------------
@@ -194,15 +142,23 @@ def reference(state: StepState, opts: RiseOptions) -> torch.Tensor:
 
 def masked_contribution(state: StepState, opts: RiseOptions, sub: torch.Tensor | None, ref: torch.Tensor,
                         masks: torch.Tensor, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_k M_k * s_k and sum_k s_k over one chunk of masks, in ONE guided UNet call (both CFG branches).
+    """M_k * s_k for each mask of one chunk, and sum_k s_k, from ONE guided UNet call (both CFG branches).
 
-    sub: (1, C, h, w) or None; ref: (1, C, h, w) float32; masks: (B, h, w) -> two (h, w) float32. `real`: only
-    the first `real` masks count toward sum_k s_k (the rest pad a compiled batch). Scores are computed in
-    float32 whatever the model's dtype (local variances in fp16 lose everything).
+    sub: (1, C, h, w) or None; ref: (1, C, h, w) float32; masks: (B, h, w) -> (B, h, w) and (h, w) float32.
+    `real`: only the first `real` masks count toward sum_k s_k (the rest pad a compiled batch). Scores are
+    computed in float32 whatever the model's dtype (local variances in fp16 lose everything).
     """
     eps = state.runner.guided(perturb(state.latent_in, masks, sub), state.t, state.cond)
     s = score(ref, eps.float(), opts)
-    return (masks.float() * s).sum(dim=0), s[:real].sum(dim=0)
+    return masks.float() * s, s[:real].sum(dim=0)
+
+
+@dataclass
+class RiseRun:
+    """One step's DF-RISE result: maps ("rise", "rise_raw", "rise_mean": (h, w) each) and what it used."""
+
+    maps: dict[str, torch.Tensor]
+    stats: RiseStats
 
 
 def explain_step(state: StepState, opts: RiseOptions, masks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -211,8 +167,13 @@ def explain_step(state: StepState, opts: RiseOptions, masks: torch.Tensor) -> di
     Returns rise: (h, w) H / sum_k M_k (0 where no mask covers a pixel), rise_raw: (h, w) H = sum_k M_k s_k, and
     rise_mean: (h, w) sum_k s_k / N, the score whatever the pixel's own mask. The score is a 15 x 15 window
     statistic, so rise can be dominated by rise_mean (how much masking anything disturbs the prediction there);
-    rise - rise_mean is what the pixel's own mask adds.
+    rise - rise_mean is what the pixel's own mask adds. With `opts.stop_at_r`, N is the number of masks used.
     """
+    return run_step(state, opts, masks).maps
+
+
+def run_step(state: StepState, opts: RiseOptions, masks: torch.Tensor) -> RiseRun:
+    """`explain_step`'s maps with the masks used and the split-half r (RiseStats). masks: (N, h, w)."""
     return _explain(state, opts, masks, opts.batch_size)
 
 
@@ -221,11 +182,20 @@ def explain_step_reference(state: StepState, opts: RiseOptions, masks: torch.Ten
 
     masks: (N, h, w). Kept as the equivalence oracle for tests and the benchmark's baseline.
     """
-    return _explain(state, opts, masks, 1)
+    return _explain(state, opts, masks, 1).maps
 
 
-def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """masks: (N, h, w) -> {"rise", "rise_raw", "rise_mean"}: (h, w) each; `batch_size` masks per UNet call."""
+def split_halves(n: int, paired: bool) -> torch.Tensor:
+    """(n,) int64: which half (0 or 1) each mask counts toward in the split-half r - alternate masks, or alternate
+    pairs of masks (antithetic pairs, Sobol's consecutive points): a pair split across halves would make the two
+    halves mirror each other (split-half r near 0 for Sobol at p = 0.5, where mask 2j + 1 = 1 - mask 2j)."""
+    unit = 2 if paired else 1
+    return (torch.arange(n) // unit) % 2
+
+
+def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_size: int) -> RiseRun:
+    """masks: (N, h, w) -> maps {"rise", "rise_raw", "rise_mean"}: (h, w) each, and RiseStats; `batch_size` masks
+    per UNet call, stopping after a chunk once the split-half r reaches `opts.stop_at_r` (from `opts.min_masks`)."""
     # no_grad, not inference_mode: the conditioning cache filled here is reused by DF-CAM under autograd.
     with torch.no_grad():
         masks = masks.to(state.latent_in.device)
@@ -233,6 +203,10 @@ def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_siz
         ref = reference(state, opts)
         raw = torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
         total = torch.zeros_like(raw)
+        paired = opts.masks is None and (opts.antithetic or opts.sampler == "sobol")
+        half = split_halves(len(masks), paired).to(masks.device)
+        halves = raw.new_zeros(2, 2, *raw.shape)  # [half][sum_k M_k s_k, sum_k M_k]
+        used, r, r_at = 0, None, -1
         for chunk in masks.split(batch_size):
             real = len(chunk)
             if state.runner.backend == "compile" and real < batch_size:
@@ -240,9 +214,30 @@ def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_siz
                 # the compiled one at no cost to the map (their weight M_k is 0 everywhere).
                 chunk = torch.cat([chunk, chunk.new_zeros(batch_size - real, *chunk.shape[1:])])
             weighted, summed = masked_contribution(state, opts, sub, ref, chunk, real)
-            raw += weighted
+            raw += weighted.sum(dim=0)
             total += summed
-        return {"rise": normalise(raw, masks), "rise_raw": raw, "rise_mean": total / len(masks)}
+            which = half[used:used + real]
+            halves[:, 0].index_add_(0, which, weighted[:real])
+            halves[:, 1].index_add_(0, which, chunk[:real].float())
+            used += real
+            if opts.stop_at_r is not None and used >= opts.min_masks and not (paired and used % 2):
+                r, r_at = split_half_r(halves), used
+                if r is not None and r >= opts.stop_at_r:
+                    break
+        if r_at != used:
+            r = split_half_r(halves)
+        maps = {"rise": normalise(raw, masks[:used]), "rise_raw": raw, "rise_mean": total / used}
+        return RiseRun(maps, RiseStats(masks_used=used, masks_planned=len(masks), split_half_r=r,
+                                       stop_at_r=opts.stop_at_r))
+
+
+def split_half_r(halves: torch.Tensor) -> float | None:
+    """Pearson r over pixels between the two halves' count-normalised maps. halves: (2, 2, h, w), per half the
+    weighted sum and the mask count. None where undefined (a map constant, e.g. no mask of a half kept any pixel)."""
+    a, b = (normalised_by(h[0], h[1]).double().flatten() for h in halves)
+    a, b = a - a.mean(), b - b.mean()
+    den = float((a.square().sum() * b.square().sum()).sqrt())
+    return float((a * b).sum()) / den if den > 0 else None
 
 
 def normalise(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -250,5 +245,9 @@ def normalise(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
     raw: (h, w); masks: (N, h, w) -> (h, w).
     """
-    count = masks.float().sum(dim=0)
+    return normalised_by(raw, masks.float().sum(dim=0))
+
+
+def normalised_by(raw: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """raw / count where count > 0, else 0. raw, count: (h, w) -> (h, w)."""
     return torch.where(count > 0, raw / count.where(count > 0, torch.ones_like(count)), torch.zeros_like(raw))
