@@ -398,3 +398,37 @@ def test_replay_on_a_server_says_when_its_runtime_differs_from_the_records(other
     assert runtimes_differ({"runtime": base}, {"runtime": changed}) is differs
     gpu = {**base, "device": "cuda"}
     assert not runtimes_differ({"runtime": gpu}, {"runtime": {**gpu, "torch_threads": 8}})  # CPU threads: no matter
+
+
+def _rise_record(tiny_model, tiny_dir, **rise_kw) -> dict:
+    """The record of a 2-step DF-RISE-only worker job with these RiseOptions."""
+    import dataclasses
+
+    from difflens.engine.options import RiseOptions
+
+    job = spec("a red circle", seed=5, steps=2)
+    rise = RiseOptions(num_masks=16, batch_size=4, seed=5, **rise_kw)
+    events = run_one(tiny_model, settings(tiny_dir), dataclasses.replace(
+        job, explain=dataclasses.replace(job.explain, rise=rise)))
+    assert isinstance(events[-1], Completed)
+    return json.loads(events[-1].audit_json)
+
+
+def test_a_record_with_the_mask_sampling_fields_replays_them(tiny_dir, tiny_model, tmp_path, capsys):
+    record = _rise_record(tiny_model, tiny_dir, sampler="stratified", antithetic=True, stop_at_r=0.5, min_masks=4)
+    rise = record["request"]["explain"]["rise"]
+    assert (rise["sampler"], rise["antithetic"], rise["stop_at_r"], rise["min_masks"]) == ("stratified", True, 0.5, 4)
+    assert all(s["masks_planned"] == 16 and s["stop_at_r"] == 0.5 for s in record["resolved"]["rise_stats"].values())
+    assert main(["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert "step001/rise" in rows and set(rows.values()) == {"yes"}
+
+
+def test_a_record_from_before_the_sampling_options_replays_as_it_ran(tiny_dir, tiny_model, tmp_path, capsys):
+    """An older record's request has no sampling fields: replay must run mc masks, all of them."""
+    record = _rise_record(tiny_model, tiny_dir)
+    rise = record["request"]["explain"]["rise"]
+    assert not {"sampler", "antithetic", "stop_at_r", "min_masks"} & set(rise)  # defaults are left out
+    assert main(["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert "step001/rise" in rows and set(rows.values()) == {"yes"}

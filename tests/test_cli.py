@@ -74,6 +74,12 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--backend", "triton"], "--triton-url"),
     (["--backend", "triton", "--triton-url", "127.0.0.1:8001", "--triton-model", "=x"], "--triton-model"),
     (["--guidance", "-1"], "--guidance"),
+    (["--sampler", "halton"], "--sampler"),
+    (["--antithetic", "--masks", "7"], "--masks"),  # pairs
+    (["--stop-at-r", "2"], "--stop-at-r"),
+    (["--stop-at-r", "0.9", "--min-masks", "300"], "--min-masks"),  # more than the 256 masks
+    (["--min-masks", "1"], "--min-masks"),
+    (["--methods", "cam", "--sampler", "sobol"], "--sampler"),
 ])
 def test_bad_values_exit_2_naming_the_option_and_write_nothing(tiny_dir, tmp_path, capsys, args, flag):
     out = tmp_path / "run"
@@ -97,6 +103,31 @@ def test_out_must_be_a_folder(tiny_dir, tmp_path, capsys):
     assert cli.main(["explain", str(tiny_dir), "x", "--out", str(f), "--methods", "none"]) == 2
     assert capsys.readouterr().err.startswith("difflens: error: --out: ")
     assert f.read_text() == "keep"
+
+
+def test_sampling_flags_reach_the_rise_options():
+    parse = cli.build_parser().parse_args
+    args = parse(["explain", "m", "p", "--out", "o", "--sampler", "stratified", "--antithetic", "--stop-at-r",
+                  "0.95", "--min-masks", "16"])
+    rise = explain_flags.explanation_options(args).rise
+    assert (rise.sampler, rise.antithetic, rise.stop_at_r, rise.min_masks) == ("stratified", True, 0.95, 16)
+    plain = explain_flags.explanation_options(parse(["explain", "m", "p", "--out", "o"])).rise
+    assert (plain.sampler, plain.antithetic, plain.stop_at_r) == ("mc", False, None)
+
+
+def test_a_run_that_stops_early_says_so_and_its_record_holds_what_was_used(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["explain", str(tiny_dir), "a red circle", "--out", str(out), "--steps", "2", "--masks", "16",
+                     "--batch", "4", "--methods", "rise", "--sampler", "stratified", "--antithetic",
+                     "--stop-at-r", "0.5", "--min-masks", "4"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("difflens: DF-RISE step")]
+    record = json.loads((out / "audit.json").read_text())
+    stats = record["resolved"]["rise_stats"]
+    assert set(stats) == {"0", "1"} and len(lines) == 2
+    for line, (step, s) in zip(lines, sorted(stats.items()), strict=True):
+        assert s["masks_planned"] == 16 and 4 <= s["masks_used"] <= 16 and s["stop_at_r"] == 0.5
+        assert f"step {step} " in line and f"masks used: {s['masks_used']} of 16" in line
+    assert record["request"]["explain"]["rise"]["sampler"] == "stratified"  # replay: tests/test_audit.py
 
 
 def test_step_selector_parsing():

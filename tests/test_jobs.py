@@ -11,6 +11,7 @@ from difflens.engine.options import (
     ExplainOptions,
     GenerationParams,
     RiseOptions,
+    RiseStats,
     Sampling,
     StepSelector,
 )
@@ -30,6 +31,8 @@ from difflens.jobs import (
     json_type_problem,
 )
 
+SAMPLING_SPEC = JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions(
+    num_masks=32, sampler="stratified", antithetic=True, stop_at_r=0.9, min_masks=8, ssim_padding="zero")))
 SPECS = [
     JobSpec("default", GenerationParams("a red circle")),
     JobSpec("m", GenerationParams("a blue square", negative_prompt="x", seed=7, steps=5, guidance_scale=2.5,
@@ -40,6 +43,7 @@ SPECS = [
             OutputOptions("float16", True), deadline=1e9, idempotency_key="k", caller="app"),
     JobSpec("m", GenerationParams("p", sampling=Sampling("explicit", timesteps=(900, 500, 10))),
             ExplainOptions(StepSelector("every", every=3))),
+    SAMPLING_SPEC,
     JobSpec("m", GenerationParams("p"), output=OutputOptions(progress_events=True)),
 ]
 
@@ -75,6 +79,16 @@ def test_a_worker_of_the_previous_release_reads_every_spec_a_new_front_queues():
     assert "progress_events" not in json.loads(SPECS[0].to_json())
 
 
+def test_a_default_rise_spec_writes_the_fields_an_earlier_release_wrote():
+    """The sampling fields are left out at their defaults: the JSON (the idempotency fingerprint, the audit record's
+    request) is an earlier release's, whose worker passes the "rise" object to RiseOptions(**...)."""
+    rise = json.loads(JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions())).to_json())
+    assert set(rise["explain"]["rise"]) == {"num_masks", "p", "mask", "grid_size", "substrate", "score",
+                                            "structure_2x", "ssim_padding", "target", "batch_size", "seed", "masks"}
+    used = json.loads(SAMPLING_SPEC.to_json())["explain"]["rise"]
+    assert (used["sampler"], used["antithetic"], used["stop_at_r"], used["min_masks"]) == ("stratified", True, 0.9, 8)
+
+
 def test_spec_with_explicit_masks_is_refused():
     import torch
 
@@ -102,7 +116,8 @@ def test_events_round_trip_with_arrays_bit_exact():
     assert back.tokens[0].token == "red" and np.array_equal(back.tokens[0].map, step.tokens[0].map)
     assert back.x0_preview is not None and np.array_equal(back.x0_preview, step.x0_preview)
     for ev in (Queued(3), Started("w1", 2), Progress(3, 500, 10, 0.25), Completed(b"\x89PNG..", '{"a": 1}'),
-               Failed("CANCELLED", "stop")):
+               Failed("CANCELLED", "stop"), Step(1, 500, 3, rise=RiseStats(96, 256, 0.962, 0.95)),
+               Step(1, 500, 3, rise=RiseStats(8, 8, None, None))):
         assert decode_event(encode_event(ev)) == ev
 
 

@@ -23,7 +23,7 @@ from difflens.config import DTYPES
 from difflens.engine.options import SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
 from difflens.errors import BackendUnavailable, DifflensError, InvalidArgument, ModelLoadError, NotReady
 from difflens.evaluation.cli import add_evaluate
-from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints
+from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints, rise_summary
 from difflens.triton.cli import add_triton_serve
 from difflens.worker.cli import add_replay, add_worker
 
@@ -38,6 +38,8 @@ FLAG_OF_FIELD = {
     "rise.num_masks": "--masks", "rise.batch_size": "--batch", "rise.mask": "--mask",
     "rise.grid_size": "--grid-size", "rise.p": "--p", "rise.substrate": "--substrate", "rise.score": "--score",
     "rise.ssim_padding": "--ssim-padding", "rise.target": "--rise-target", "rise.seed": "--mask-seed",
+    "rise.sampler": "--sampler", "rise.antithetic": "--antithetic", "rise.stop_at_r": "--stop-at-r",
+    "rise.min_masks": "--min-masks",
     "cam.layers": "--cam-layers",
     "cam.target": "--cam-target", "unet_backend": "--backend", "device": "--device", "dtype": "--dtype",
     "out": "--out", "triton_url": "--triton-url", "triton_models": "--triton-model",
@@ -236,6 +238,8 @@ def run_explain(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1
+    for line in rise_summary(exp.steps):
+        print(line)
     print(f"difflens: wrote {len(written)} files to {args.out}")
     print(f"difflens: report: {written['report.html']}")
     return 0

@@ -343,7 +343,7 @@ def explanation_from_events(events: list[Event]) -> Explanation:
         elif attention_on:
             maps["attn"] = torch.zeros((0, int(size[0]), int(size[1])))
             maps["attn_relevance"] = torch.zeros(0)
-        steps.append(StepExplanation(ev.index, ev.timestep, maps, seconds.get(ev.index, {})))
+        steps.append(StepExplanation(ev.index, ev.timestep, maps, seconds.get(ev.index, {}), rise=ev.rise))
     image = np.asarray(Image.open(io.BytesIO(done.image_png)).convert("RGB"))
     timesteps = [int(t) for t in resolved["timesteps"]]
     gen = resolved["generation"]

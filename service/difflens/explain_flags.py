@@ -15,6 +15,7 @@ from typing import Any
 from difflens.engine.options import (
     CAM_TARGETS,
     MASK_KINDS,
+    MASK_SAMPLERS,
     METHODS,
     RISE_TARGETS,
     SCORES,
@@ -31,7 +32,8 @@ from difflens.errors import InvalidArgument
 # flag dest -> RiseOptions / CamOptions field (the flags a method's options come from)
 RISE_FLAGS = {"masks": "num_masks", "batch": "batch_size", "mask": "mask", "grid_size": "grid_size", "p": "p",
               "substrate": "substrate", "score": "score", "structure_2x": "structure_2x",
-              "ssim_padding": "ssim_padding", "rise_target": "target", "mask_seed": "seed"}
+              "ssim_padding": "ssim_padding", "rise_target": "target", "mask_seed": "seed", "sampler": "sampler",
+              "antithetic": "antithetic", "stop_at_r": "stop_at_r", "min_masks": "min_masks"}
 CAM_FLAGS = {"cam_layers": "layers", "cam_target": "target"}
 
 
@@ -65,10 +67,27 @@ def add_explanation_flags(p: argparse.ArgumentParser, *, keep: str | None = None
                    help="DF-RISE structure term's window past the border" + d(" (default zero, as METHOD.md)"))
     e.add_argument("--rise-target", metavar=choices_text(RISE_TARGETS), help="DF-RISE reference" + d(" (default eps)"))
     e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed" + d(" (default 0)"))
+    e.add_argument("--sampler", metavar=choices_text(MASK_SAMPLERS),
+                   help="DF-RISE mask draws: independent, stratified per pixel or scrambled Sobol" + d(" (default mc)"))
+    e.add_argument("--antithetic", action="store_true", default=None,
+                   help="DF-RISE: masks in pairs, M and its mirror (1 - M for p 0.5); --masks must be even")
+    e.add_argument("--stop-at-r", type=float, metavar="R",
+                   help="DF-RISE: stop a step's masks once the split-half r of its map is >= R" + d(" (default: off)"))
+    e.add_argument("--min-masks", type=int,
+                   help="DF-RISE: masks before the split-half r is first checked" + d(" (default 64)"))
     e.add_argument("--cam-layers", metavar="a,b,...",
                    help="DF-CAM UNet module paths" + d(" (default: the reference set)"))
     e.add_argument("--cam-target", metavar=choices_text(CAM_TARGETS),
                    help="DF-CAM target scalar" + d(" (default output_sum)"))
+
+
+def rise_summary(steps: Sequence[Any]) -> list[str]:
+    """One line per explained step of a run that could stop DF-RISE early (StepExplanation.rise), e.g.
+    'difflens: DF-RISE step 3 (t=519): masks used: 96 of 256, split-half r 0.962 >= 0.95'; none otherwise."""
+    if not any(s.rise is not None and s.rise.stop_at_r is not None for s in steps):
+        return []
+    return [f"difflens: DF-RISE step {s.index} (t={s.timestep}): {s.rise.describe()}" for s in steps
+            if s.rise is not None]
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

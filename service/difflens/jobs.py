@@ -24,6 +24,7 @@ from difflens.engine.options import (
     ExplainOptions,
     GenerationParams,
     RiseOptions,
+    RiseStats,
     Sampling,
     StepSelector,
     check_choice,
@@ -35,6 +36,12 @@ MapDType = Literal["float16", "float32"]
 # Failure codes are gRPC status names; api/ maps them to grpc.StatusCode.
 FailureCode = Literal["CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL",
                       "UNAVAILABLE", "ABORTED"]
+# DF-RISE fields added after the first release, with the values that reproduce what came before. A spec leaves
+# them out while they hold those values: its JSON (and so its idempotency fingerprint, and the request of its audit
+# record) stays what an earlier release wrote, and a worker of the previous release, which passes the "rise"
+# object to RiseOptions(**...), still runs it.
+RISE_LATER_FIELDS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RiseOptions)
+                                     if f.name in ("sampler", "antithetic", "stop_at_r", "min_masks")}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,10 @@ class JobSpec:
         if self.explain.rise is not None and self.explain.rise.masks is not None:
             raise ValueError("explicit RISE masks cannot travel through the queue")
         d = dataclasses.asdict(self)
+        rise = d["explain"]["rise"]
+        for k, v in RISE_LATER_FIELDS.items():
+            if rise is not None and rise[k] == v:
+                del rise[k]
         # Outside "output", whose keys a worker of the previous release passes to OutputOptions(**...): there it
         # would fail the job; at the top level it is ignored (that worker just sends no Progress events).
         if d["output"].pop("progress_events"):
@@ -219,7 +230,8 @@ class TokenMap:
 @dataclass(frozen=True)
 class Step:
     """One explained step. maps: name -> (h, w) ('rise', 'rise_raw', 'rise_mean', 'cam', 'cam/<layer>');
-    x0_preview: (3, H, W) in [0, 1] when asked for; latency_s: wall time of denoising plus explaining."""
+    x0_preview: (3, H, W) in [0, 1] when asked for; latency_s: wall time of denoising plus explaining; rise: the
+    masks DF-RISE used and its split-half r, when it ran."""
 
     index: int
     timestep: int
@@ -228,6 +240,7 @@ class Step:
     tokens: tuple[TokenMap, ...] = ()
     latency_s: float = 0.0
     x0_preview: np.ndarray | None = None
+    rise: RiseStats | None = None
 
 
 @dataclass(frozen=True)
@@ -285,7 +298,8 @@ def encode_event(event: Event) -> bytes:
                 "latency_s": event.latency_s, "maps": {k: bufs.put(v) for k, v in event.maps.items()},
                 "tokens": [{"token": t.token, "relevance": t.relevance, "map": bufs.put(t.map)}
                            for t in event.tokens],
-                "x0_preview": bufs.put(event.x0_preview) if event.x0_preview is not None else None}
+                "x0_preview": bufs.put(event.x0_preview) if event.x0_preview is not None else None,
+                "rise": dataclasses.asdict(event.rise) if event.rise is not None else None}
     elif isinstance(event, Completed):
         body = {"image_png": bufs.put(event.image_png), "audit_json": event.audit_json}
     else:
@@ -314,7 +328,8 @@ def decode_event(data: bytes) -> Event:
         return Step(index=body["index"], timestep=body["timestep"], num_steps=body["num_steps"],
                     latency_s=body["latency_s"], maps={k: get(v) for k, v in body["maps"].items()},
                     tokens=tuple(TokenMap(t["token"], get(t["map"]), t["relevance"]) for t in body["tokens"]),
-                    x0_preview=get(body["x0_preview"]) if body["x0_preview"] is not None else None)
+                    x0_preview=get(body["x0_preview"]) if body["x0_preview"] is not None else None,
+                    rise=RiseStats(**body["rise"]) if body.get("rise") else None)  # absent: an older worker's
     if kind == "completed":
         return Completed(image_png=get(body["image_png"]), audit_json=body["audit_json"])
     return _KINDS[kind](**body)  # type: ignore[no-any-return]

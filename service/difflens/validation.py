@@ -132,9 +132,8 @@ def validate(spec: JobSpec, catalog: ModelCatalog, limits: Limits, max_message_b
             raise InvalidArgument("rise.num_masks", f"{rise.num_masks} masks x {len(explained)} explained steps = "
                                                     f"{work}; allowed at most {limits.max_mask_steps} (fewer masks "
                                                     "or explained steps)")
-        latent = min(int(resolved.width or 0), int(resolved.height or 0)) // entry.vae_scale_factor
-        if rise.mask == "grid":
-            check_range("rise.grid_size", rise.grid_size, 1, latent)
+        f = entry.vae_scale_factor
+        rise.check_latent((int(resolved.height or 0) // f, int(resolved.width or 0) // f))  # grid cells, Sobol dims
     if spec.explain.cam is not None:
         check_layers(spec.explain.cam.layers, entry, limits)
     if max_message_bytes is not None and explained and spec.explain.methods:

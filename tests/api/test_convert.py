@@ -13,6 +13,7 @@ from difflens.engine.options import (
     ExplainOptions,
     GenerationParams,
     RiseOptions,
+    RiseStats,
     Sampling,
     StepSelector,
 )
@@ -48,6 +49,11 @@ SPECS = [
     JobSpec(model="m", params=GenerationParams("x", sampling=Sampling("early")),
             explain=ExplainOptions(rise=RiseOptions())),
     JobSpec(model="m", params=GenerationParams("x"), output=OutputOptions(progress_events=True)),
+    JobSpec(model="m", params=GenerationParams("x"),
+            explain=ExplainOptions(rise=RiseOptions(num_masks=64, p=0.3, sampler="sobol", antithetic=True,
+                                                    stop_at_r=0.95, min_masks=16, ssim_padding="zero"))),
+    JobSpec(model="m", params=GenerationParams("x"),
+            explain=ExplainOptions(rise=RiseOptions(sampler="stratified", stop_at_r=0.0))),
 ]
 
 
@@ -63,6 +69,29 @@ def test_unset_fields_stay_unset_for_the_model_defaults():
     assert (spec.params.steps, spec.params.guidance_scale, spec.params.width, spec.params.scheduler) == \
         (None, None, None, None)
     assert spec.explain == ExplainOptions() and spec.output == OutputOptions() and spec.params.seed == 0
+
+
+def test_unset_rise_fields_take_the_defaults():
+    req = pb.ExplainRequest(prompt="p")
+    req.explain.rise.SetInParent()
+    rise = convert.request_to_spec(req).explain.rise
+    assert rise == RiseOptions()
+    assert (rise.sampler, rise.antithetic, rise.stop_at_r, rise.min_masks) == ("mc", False, None, 64)
+    sent = convert.spec_to_request(JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions())))
+    assert not sent.explain.rise.HasField("stop_at_r")
+
+
+@pytest.mark.parametrize(("field", "value", "path", "text"), [
+    ("sampler", 9, "explain.rise.sampler", "SAMPLER_MC, SAMPLER_STRATIFIED, SAMPLER_SOBOL"),
+    ("stop_at_r", 1.5, "explain.rise.stop_at_r", "allowed range [0.0, 1.0]"),
+    ("min_masks", 1, "explain.rise.min_masks", "allowed range [4, 1000000]"),
+])
+def test_bad_sampling_fields_are_named_as_the_contract_names_them(field, value, path, text):
+    req = pb.ExplainRequest(prompt="p")
+    setattr(req.explain.rise, field, value)
+    with pytest.raises(InvalidArgument) as err:
+        convert.request_to_spec(req)
+    assert convert.pb_field(err.value.field) == path and text in err.value.message
 
 
 def test_deadline_is_the_earlier_of_call_and_timeout_seconds():
@@ -91,6 +120,8 @@ EVENTS = [
          tokens=(TokenMap("cat", np.zeros((2, 2), np.float16), 0.5),), latency_s=0.25,
          x0_preview=np.full((3, 4, 4), 0.5, np.float32)),
     Step(index=0, timestep=999, num_steps=1),
+    Step(index=2, timestep=500, num_steps=3, rise=RiseStats(96, 256, 0.9625, 0.95)),
+    Step(index=2, timestep=500, num_steps=3, rise=RiseStats(8, 8)),
     Progress(index=5, timestep=761, num_steps=10, latency_s=0.125),
     Completed(b"\x89PNG...", '{"schema": "x"}'),
     Failed("DEADLINE_EXCEEDED", "too late"), Failed("CANCELLED", "by you"),
@@ -111,6 +142,7 @@ def test_event_round_trip(event):
         assert [(t.token, t.relevance, t.map.dtype) for t in back.tokens] == \
             [(t.token, t.relevance, t.map.dtype) for t in event.tokens]
         assert (back.x0_preview is None) == (event.x0_preview is None)
+        assert back.rise == event.rise
     else:
         assert back == event
 

@@ -429,6 +429,7 @@ def run_explain_remote(args: argparse.Namespace) -> int:
     import grpc
 
     from difflens.client import explanation_from_events
+    from difflens.explain_flags import rise_summary
     from difflens.jobs import Completed, Failed, Queued, Started
     from difflens.render import write_outputs
 
@@ -476,9 +477,11 @@ def run_explain_remote(args: argparse.Namespace) -> int:
         why = f"{result.code}: {result.message}" if isinstance(result, Failed) else "the stream ended early"
         print(f"difflens: error: job {stream.job_id} failed: {why}", file=sys.stderr)
         return 1
+    exp = explanation_from_events(stream.events)
+    for line in rise_summary(exp.steps):
+        print(line)
     try:
-        written = write_outputs(explanation_from_events(stream.events), args.out,
-                                companions={AUDIT_FILE: result.audit_json.encode("utf-8")})
+        written = write_outputs(exp, args.out, companions={AUDIT_FILE: result.audit_json.encode("utf-8")})
     except OSError as e:
         print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from difflens.engine.options import (
     ExplainOptions,
     GenerationParams,
     RiseOptions,
+    RiseStats,
     Sampling,
     StepSelector,
 )
@@ -56,6 +57,7 @@ SCORES = {0: "structure", 1: "structure", 2: "cosine"}
 RISE_TARGETS = {0: "eps", 1: "eps", 2: "x_prev"}
 SUBSTRATES = {0: "zero", 1: "zero", 2: "blur"}
 SSIM_PADDINGS = {0: "zero", 1: "zero", 2: "reflect"}
+MASK_SAMPLERS = {0: "mc", 1: "mc", 2: "stratified", 3: "sobol"}
 CAM_TARGETS = {0: "output_sum", 1: "output_sum", 2: "guided_sum", 3: "guided_sqnorm"}
 MAP_DTYPES = {0: "float32", 1: "float16", 2: "float32"}
 TENSOR_DTYPES = {pb.Tensor.D_TYPE_FLOAT16: "float16", pb.Tensor.D_TYPE_FLOAT32: "float32",
@@ -139,7 +141,9 @@ def rise_from_pb(r: Any) -> RiseOptions:
     R = pb.RiseOptions
     return RiseOptions(**_given(
         num_masks=_opt(r, "masks"), p=_opt(r, "p"), grid_size=_opt(r, "grid_size"), batch_size=_opt(r, "batch"),
-        seed=_opt(r, "mask_seed")),
+        seed=_opt(r, "mask_seed"), stop_at_r=_opt(r, "stop_at_r"), min_masks=_opt(r, "min_masks")),
+        sampler=_enum("explain.rise.sampler", r.sampler, MASK_SAMPLERS, R.Sampler),  # type: ignore[arg-type]
+        antithetic=r.antithetic,
         mask=_enum("explain.rise.mask_kind", r.mask_kind, MASK_KINDS, R.MaskKind),  # type: ignore[arg-type]
         score=_enum("explain.rise.score", r.score, SCORES, R.Score),  # type: ignore[arg-type]
         target=_enum("explain.rise.target", r.target, RISE_TARGETS, R.Target),  # type: ignore[arg-type]
@@ -234,7 +238,8 @@ def spec_to_request(spec: JobSpec, timeout_s: float | None = None) -> Any:
             masks=r.num_masks, p=r.p, mask_kind=_number(MASK_KINDS, r.mask), grid_size=r.grid_size,
             score=_number(SCORES, r.score), target=_number(RISE_TARGETS, r.target), batch=r.batch_size,
             substrate=_number(SUBSTRATES, r.substrate), structure_2x=r.structure_2x, mask_seed=r.seed,
-            ssim_padding=_number(SSIM_PADDINGS, r.ssim_padding)))
+            ssim_padding=_number(SSIM_PADDINGS, r.ssim_padding), sampler=_number(MASK_SAMPLERS, r.sampler),
+            antithetic=r.antithetic, min_masks=r.min_masks, **_given(stop_at_r=r.stop_at_r)))
     if e.cam is not None:
         req.explain.cam.CopyFrom(pb.CamOptions(layers=list(e.cam.layers), target=_number(CAM_TARGETS, e.cam.target)))
     req.explain.attention.enabled = e.attention is not None
@@ -288,6 +293,11 @@ def event_to_pb(job_id: str, sequence: int, event: Event) -> Any:
                            for t in event.tokens)
         if event.x0_preview is not None:
             step.x0_preview.CopyFrom(tensor_to_pb(event.x0_preview))
+        if event.rise is not None:
+            step.rise.CopyFrom(pb.RiseStepStats(masks_used=event.rise.masks_used,
+                                                masks_planned=event.rise.masks_planned, **_given(
+                                                    split_half_r=event.rise.split_half_r,
+                                                    stop_at_r=event.rise.stop_at_r)))
     elif isinstance(event, Progress):
         out.progress.CopyFrom(pb.Progress(index=event.index, timestep=event.timestep, num_steps=event.num_steps,
                                           latency_seconds=event.latency_s))
@@ -311,7 +321,9 @@ def event_from_pb(e: Any) -> Event:
         return Step(index=s.index, timestep=s.timestep, num_steps=s.num_steps, latency_s=s.latency_seconds,
                     maps={k: tensor_from_pb(v) for k, v in s.maps.items()},
                     tokens=tuple(TokenMap(t.token, tensor_from_pb(t.map), t.relevance) for t in s.tokens),
-                    x0_preview=tensor_from_pb(s.x0_preview) if s.HasField("x0_preview") else None)
+                    x0_preview=tensor_from_pb(s.x0_preview) if s.HasField("x0_preview") else None,
+                    rise=RiseStats(s.rise.masks_used, s.rise.masks_planned, _opt(s.rise, "split_half_r"),
+                                   _opt(s.rise, "stop_at_r")) if s.HasField("rise") else None)
     if kind == "progress":
         p = e.progress
         return Progress(index=p.index, timestep=p.timestep, num_steps=p.num_steps, latency_s=p.latency_seconds)

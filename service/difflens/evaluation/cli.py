@@ -25,6 +25,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="DF-RISE per-pixel score (default structure)")
     p.add_argument("--ssim-padding", choices=("zero", "reflect"), default="zero",
                    help="DF-RISE structure term's window past the latent's border (default zero, as METHOD.md)")
+    p.add_argument("--sampler", choices=("mc", "stratified", "sobol"), default="mc",
+                   help="DF-RISE mask draws (default mc)")
+    p.add_argument("--antithetic", action="store_true", help="DF-RISE masks in antithetic pairs (--masks even)")
     p.add_argument("--steps", default="6", metavar="N|i,j,...",
                    help="explained steps: N spread over the trajectory, or step indices (default 6)")
     p.add_argument("--chunks", type=int, default=16, help="deletion / insertion points - 1 (default 16)")
@@ -41,7 +44,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 FLAGS = {"fidelity_images": "--captions", "explain_captions": "--explain-captions", "masks": "--masks",
          "chunks": "--chunks", "steps": "--steps", "sampling.shift": "--shift", "rise.mask": "--mask",
          "rise.grid_size": "--grid-size", "rise.score": "--score", "rise.num_masks": "--masks",
-         "rise.ssim_padding": "--ssim-padding",
+         "rise.ssim_padding": "--ssim-padding", "rise.sampler": "--sampler", "rise.antithetic": "--antithetic",
          "r3_steps": "--r3-steps"}
 
 
@@ -74,7 +77,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cfg = EvalConfig(fidelity_images=args.captions, explain_captions=args.explain_captions, masks=args.masks,
                          steps=parse_steps(args.steps), chunks=args.chunks, shift=args.shift, seed=args.seed,
                          rise_mask=args.mask, rise_grid_size=args.grid_size, rise_score=args.score,
-                         rise_ssim_padding=args.ssim_padding,
+                         rise_ssim_padding=args.ssim_padding, rise_sampler=args.sampler,
+                         rise_antithetic=args.antithetic,
                          r3_steps=parse_ints("r3_steps", args.r3_steps) if args.r3_steps.strip() else ())
     except InvalidArgument as e:
         raise InvalidArgument(FLAGS.get(e.field, e.field), e.message) from None

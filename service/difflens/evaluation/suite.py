@@ -37,6 +37,7 @@ from difflens.engine.options import (
     ExplainOptions,
     GenerationParams,
     MaskKind,
+    MaskSampler,
     RiseOptions,
     Sampling,
     ScoreKind,
@@ -65,8 +66,9 @@ EXPLAIN_SEED_OFFSET = 10_000  # explained images never share noise with the fide
 @dataclass(frozen=True)
 class EvalConfig:
     """Sizes of a run. steps: how many explained steps, spread evenly over the trajectory (first and last
-    included), or explicit step indices. rise_mask / rise_grid_size / rise_score / rise_ssim_padding: the DF-RISE
-    variant judged (RiseOptions' mask, grid_size, score, ssim_padding)."""
+    included), or explicit step indices. rise_mask / rise_grid_size / rise_score / rise_ssim_padding / rise_sampler /
+    rise_antithetic: the DF-RISE variant judged (RiseOptions' mask, grid_size, score, ssim_padding, sampler,
+    antithetic)."""
 
     fidelity_images: int = 200
     explain_captions: int = 16
@@ -88,12 +90,15 @@ class EvalConfig:
     rise_grid_size: int = 8
     rise_score: ScoreKind = "structure"
     rise_ssim_padding: SsimPadding = "zero"
+    rise_sampler: MaskSampler = "mc"
+    rise_antithetic: bool = False
 
     def rise_options(self) -> RiseOptions:
         """The DF-RISE options every explained step uses (InvalidArgument naming rise.<field> when invalid)."""
         return RiseOptions(num_masks=self.masks, batch_size=self.rise_batch, seed=self.seed,
                            mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score,
-                           ssim_padding=self.rise_ssim_padding)
+                           ssim_padding=self.rise_ssim_padding, sampler=self.rise_sampler,
+                           antithetic=self.rise_antithetic)
 
     def __post_init__(self) -> None:
         for name in ("fidelity_images", "explain_captions", "max_candidates_factor", "masks", "rise_batch",

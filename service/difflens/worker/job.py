@@ -77,7 +77,7 @@ def step_event(se: StepExplanation, words: list[str], output: OutputOptions, mod
     if output.include_x0_previews and se.x0 is not None:
         preview = decode(model, se.x0).transpose(2, 0, 1).astype(dtype)
     return Step(index=se.index, timestep=se.timestep, num_steps=num_steps, maps=maps, tokens=tokens,
-                latency_s=latency_s, x0_preview=preview)
+                latency_s=latency_s, x0_preview=preview, rise=se.rise)
 
 
 @dataclass
@@ -218,9 +218,8 @@ class JobRun:
         for name, seconds in se.seconds.items():
             metrics.STEP_DURATION.labels(self.model_label, METRIC_METHOD[name], metrics.t_bucket(se.timestep)) \
                 .observe(seconds)
-        rise = self.claim.spec.explain.rise
-        if "rise" in se.seconds and rise is not None:
-            metrics.RISE_MASKS.labels(self.model_label).inc(rise.num_masks)
+        if "rise" in se.seconds and se.rise is not None:  # the masks used: fewer than asked when stopped early
+            metrics.RISE_MASKS.labels(self.model_label).inc(se.rise.masks_used)
         self.pending = se
 
     def _on_progress(self, index: int, total: int, timestep: int) -> None:
