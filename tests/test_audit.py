@@ -424,11 +424,14 @@ def test_a_record_with_the_mask_sampling_fields_replays_them(tiny_dir, tiny_mode
     assert "step001/rise" in rows and set(rows.values()) == {"yes"}
 
 
-def test_a_record_from_before_the_sampling_options_replays_as_it_ran(tiny_dir, tiny_model, tmp_path, capsys):
-    """An older record's request has no sampling fields: replay must run mc masks, all of them."""
-    record = _rise_record(tiny_model, tiny_dir)
+def test_a_record_from_before_the_sampling_and_padding_options_replays_as_it_ran(tiny_dir, tiny_model, tmp_path,
+                                                                                 capsys):
+    """An older record's request has neither the sampling fields (mc masks, all of them) nor ssim_padding (zero
+    padding, the default of its day): replay must run exactly that, not today's reflect default."""
+    record = _rise_record(tiny_model, tiny_dir, ssim_padding="zero")
     rise = record["request"]["explain"]["rise"]
     assert not {"sampler", "antithetic", "stop_at_r", "min_masks"} & set(rise)  # defaults are left out
+    del rise["ssim_padding"]
     assert main(["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir)]) == 0
     rows = _rows(capsys.readouterr().out)
     assert "step001/rise" in rows and set(rows.values()) == {"yes"}

@@ -105,14 +105,16 @@ def test_out_must_be_a_folder(tiny_dir, tmp_path, capsys):
     assert f.read_text() == "keep"
 
 
-def test_sampling_flags_reach_the_rise_options():
+def test_sampling_flags_reach_the_rise_options_and_padding_defaults_to_reflect():
     parse = cli.build_parser().parse_args
     args = parse(["explain", "m", "p", "--out", "o", "--sampler", "stratified", "--antithetic", "--stop-at-r",
                   "0.95", "--min-masks", "16"])
     rise = explain_flags.explanation_options(args).rise
     assert (rise.sampler, rise.antithetic, rise.stop_at_r, rise.min_masks) == ("stratified", True, 0.95, 16)
     plain = explain_flags.explanation_options(parse(["explain", "m", "p", "--out", "o"])).rise
-    assert (plain.sampler, plain.antithetic, plain.stop_at_r) == ("mc", False, None)
+    assert (plain.sampler, plain.antithetic, plain.stop_at_r, plain.ssim_padding) == ("mc", False, None, "reflect")
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["explain"].format_help()
+    assert "zero: the paper's" in " ".join(help_text.split())
 
 
 def test_a_run_that_stops_early_says_so_and_its_record_holds_what_was_used(tiny_dir, tmp_path, capsys):

@@ -85,8 +85,16 @@ def test_a_default_rise_spec_writes_the_fields_an_earlier_release_wrote():
     rise = json.loads(JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions())).to_json())
     assert set(rise["explain"]["rise"]) == {"num_masks", "p", "mask", "grid_size", "substrate", "score",
                                             "structure_2x", "ssim_padding", "target", "batch_size", "seed", "masks"}
+    assert rise["explain"]["rise"]["ssim_padding"] == "reflect"  # always named: its default changed
     used = json.loads(SAMPLING_SPEC.to_json())["explain"]["rise"]
     assert (used["sampler"], used["antithetic"], used["stop_at_r"], used["min_masks"]) == ("stratified", True, 0.9, 8)
+
+
+def test_a_spec_recorded_before_the_padding_option_ran_with_zero_padding():
+    d = json.loads(JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions(num_masks=8))).to_json())
+    del d["explain"]["rise"]["ssim_padding"]
+    rise = JobSpec.from_json(json.dumps(d)).explain.rise
+    assert rise == RiseOptions(num_masks=8, ssim_padding="zero")
 
 
 def test_spec_with_explicit_masks_is_refused():

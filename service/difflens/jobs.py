@@ -42,6 +42,9 @@ FailureCode = Literal["CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "RES
 # object to RiseOptions(**...), still runs it.
 RISE_LATER_FIELDS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RiseOptions)
                                      if f.name in ("sampler", "antithetic", "stop_at_r", "min_masks")}
+# Where a recorded request lacks a field whose default has changed since, the value it ran with: records made
+# before ssim_padding existed ran with zero padding (the default until it became reflect).
+RISE_LEGACY_DEFAULTS: dict[str, Any] = {"ssim_padding": "zero"}
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class JobSpec:
         st = e["steps"]
         explain = ExplainOptions(
             steps=StepSelector(kind=st["kind"], indices=tuple(st["indices"]), every=st["every"]),
-            rise=RiseOptions(**{k: v for k, v in e["rise"].items() if k != "masks"}) if e["rise"] else None,
+            rise=RiseOptions(**{**RISE_LEGACY_DEFAULTS, **{k: v for k, v in e["rise"].items() if k != "masks"}})
+            if e["rise"] else None,
             cam=CamOptions(layers=tuple(e["cam"]["layers"]), target=e["cam"]["target"]) if e["cam"] else None,
             attention=AttentionOptions() if e["attention"] is not None else None,
         )

@@ -71,13 +71,16 @@ def test_unset_fields_stay_unset_for_the_model_defaults():
     assert spec.explain == ExplainOptions() and spec.output == OutputOptions() and spec.params.seed == 0
 
 
-def test_unset_rise_fields_take_the_defaults():
+def test_unset_rise_fields_take_the_defaults_and_unset_padding_is_reflect():
     req = pb.ExplainRequest(prompt="p")
     req.explain.rise.SetInParent()
     rise = convert.request_to_spec(req).explain.rise
-    assert rise == RiseOptions()
+    assert rise == RiseOptions() and rise.ssim_padding == "reflect"
     assert (rise.sampler, rise.antithetic, rise.stop_at_r, rise.min_masks) == ("mc", False, None, 64)
+    req.explain.rise.ssim_padding = pb.RiseOptions.SSIM_PADDING_ZERO
+    assert convert.request_to_spec(req).explain.rise.ssim_padding == "zero"
     sent = convert.spec_to_request(JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions())))
+    assert sent.explain.rise.ssim_padding == pb.RiseOptions.SSIM_PADDING_REFLECT  # explicit on the wire
     assert not sent.explain.rise.HasField("stop_at_r")
 
 

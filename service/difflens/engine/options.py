@@ -133,9 +133,10 @@ class RiseOptions:
     sampler/antithetic.
 
     structure_2x: the reference code's 2*sigma_xy numerator (parity flag).
-    ssim_padding: how the structure term's 15 x 15 window sees past the latent's border - "zero" (METHOD.md: the
-    padded zeros count as data, identical in both inputs, which raises the score on a 7-pixel ring; on a 32 x 32
-    latent that ring decides where the map peaks) or "reflect" (the border's own pixels, mirrored).
+    ssim_padding: how the structure term's 15 x 15 window sees past the latent's border - "reflect" (the default:
+    the border's own pixels, mirrored) or "zero" (the paper's / reference code's padding, METHOD.md's parity
+    option: the padded zeros count as data, identical in both inputs, which raises the score on a 7-pixel ring; on
+    a 32 x 32 latent that ring decides where the map peaks).
     sampler: how the masks' uniform draws are made (engine/masks.py) - "mc" (independent, the reference code's),
     "stratified" (per pixel, or grid cell, the N draws take one of N equal strata each: every pixel is kept
     round(N p) times, to within 1) or "sobol" (scrambled Sobol points, one dimension per pixel or grid cell).
@@ -154,7 +155,7 @@ class RiseOptions:
     substrate: Substrate = "zero"
     score: ScoreKind = "structure"
     structure_2x: bool = False
-    ssim_padding: SsimPadding = "zero"
+    ssim_padding: SsimPadding = "reflect"
     target: RiseTarget = "eps"
     batch_size: int = 32
     seed: int = 0

@@ -24,7 +24,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score", choices=("structure", "cosine"), default="structure",
                    help="DF-RISE per-pixel score (default structure)")
     p.add_argument("--ssim-padding", choices=("zero", "reflect"), default="zero",
-                   help="DF-RISE structure term's window past the latent's border (default zero, as METHOD.md)")
+                   help="DF-RISE structure term's window past the latent's border (default here zero, the paper's "
+                        "padding, as the README's measured table; `difflens explain` defaults to reflect)")
     p.add_argument("--sampler", choices=("mc", "stratified", "sobol"), default="mc",
                    help="DF-RISE mask draws (default mc)")
     p.add_argument("--antithetic", action="store_true", help="DF-RISE masks in antithetic pairs (--masks even)")
