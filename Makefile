@@ -85,6 +85,12 @@ train-shapes: setup
 eval: setup
 	.venv/bin/difflens evaluate $(DEMO_MODEL) --out $(OUT)/eval
 
+# DF-RISE mask samplers against a plain Monte Carlo reference on the shipped model (docs/benchmarks-masks.md;
+# ~10 min on 2 CPU cores; BENCH_MASKS_ARGS=--full: 9 cases, 4000-mask references, hours). Not part of bench.
+.PHONY: bench-masks
+bench-masks: setup
+	PYTHONPATH=service $(PY) -m bench.masks $(BENCH_MASKS_ARGS)
+
 bench: setup
 	$(PY) -m bench.rise
 	$(PY) -m bench.queue

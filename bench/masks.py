@@ -1,0 +1,268 @@
+"""Fewer DF-RISE masks for the same map: mask samplers against a plain Monte Carlo reference (issue 22).
+
+On the shipped model (models/shapes), at steps spread over the trajectory of a few prompts: a reference map from
+many plain Monte Carlo masks; then, for each sampler (mc, stratified, sobol, each with and without antithetic
+pairs), the Pearson r of the map from N masks against the reference as N grows, averaged over mask seeds; the
+masks each needs to reach r >= 0.95; and the headline masks_ratio = the best sampler's masks / plain MC's (target
+<= 0.25). Also early stopping at split-half r >= 0.95: the masks used and the r against the reference then.
+
+The map compared is DF-RISE's "rise" (count-normalised); "own" (rise - rise_mean, what a pixel's own mask adds)
+is reported beside it: it is the harder one to pin down. Samplers whose draws nest (mc, sobol, antithetic pairs)
+are read at every N from one run's prefixes; stratified masks are a Latin hypercube over exactly N draws, so they
+are drawn anew for each N.
+
+    PYTHONPATH=service .venv/bin/python -m bench.masks            # 3 cases, 2000-mask references (~10 min, 2 CPUs)
+    PYTHONPATH=service .venv/bin/python -m bench.masks --full     # 3 prompts x 3 steps, 4000-mask references
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflens.engine import rise
+from difflens.engine.loading import load_model
+from difflens.engine.options import GenerationParams, RiseOptions
+from difflens.engine.sampler import StepState, generate
+from difflens.errors import InvalidArgument
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes"
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = ("a large red striped circle in the center", "a small blue square on the left",
+           "a large green dotted triangle at the top")
+STEPS = (0, 12, 24)  # of the shipped model's 25: t = 999, 519, 39
+VARIANTS = (("mc", False), ("mc", True), ("stratified", False), ("stratified", True), ("sobol", False),
+            ("sobol", True))
+TARGET_R = 0.95
+REF_SEED = 1_000_000  # the reference's masks share no generator stream with the samplers' seeds 1, 2, ...
+
+
+def name_of(sampler: str, antithetic: bool) -> str:
+    return f"{sampler}+antithetic" if antithetic else sampler
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.square().sum() * b.square().sum()).sqrt())
+
+
+def capture(model: Any, prompt: str, steps: tuple[int, ...]) -> list[StepState]:
+    states: list[StepState] = []
+    generate(model, GenerationParams(prompt, seed=0), on_step=lambda s: states.append(s) if s.index in steps else None)
+    return states
+
+
+def own(maps: dict[str, torch.Tensor]) -> torch.Tensor:
+    return maps["rise"] - maps["rise_mean"]
+
+
+def prefix_maps(state: StepState, opts: RiseOptions, points: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The maps of the first n masks of one draw of max(points) masks, for each n in points (one UNet pass: chunks
+    end at every point)."""
+    masks = rise.make_masks(dataclasses.replace(opts, num_masks=max(points)), tuple(state.latent_in.shape[-2:]), "cpu")
+    sub, ref = rise.substrate(state.latent_in, opts), rise.reference(state, opts)
+    raw = torch.zeros(masks.shape[1:])
+    total = torch.zeros_like(raw)
+    out, used = {}, 0
+    with torch.no_grad():
+        for point in sorted(points):
+            while used < point:
+                chunk = masks[used:min(point, used + opts.batch_size)]
+                weighted, summed = rise.masked_contribution(state, opts, sub, ref, chunk)
+                raw += weighted.sum(dim=0)
+                total += summed
+                used += len(chunk)
+            maps = {"rise": rise.normalise(raw, masks[:used]), "rise_mean": total / used}
+            out[point] = {"rise": maps["rise"], "own": own(maps)}
+    return out
+
+
+def fresh_maps(state: StepState, opts: RiseOptions, points: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The maps of a draw of exactly n masks, for each n in points (stratified: a Latin hypercube over n draws)."""
+    out = {}
+    for n in points:
+        o = dataclasses.replace(opts, num_masks=n)
+        maps = rise.explain_step(state, o, rise.make_masks(o, tuple(state.latent_in.shape[-2:]), "cpu"))
+        out[n] = {"rise": maps["rise"], "own": own(maps)}
+    return out
+
+
+def run_case(state: StepState, args: argparse.Namespace, points: list[int], log: Any) -> dict[str, Any]:
+    size = tuple(state.latent_in.shape[-2:])
+    t0 = time.perf_counter()
+    ref_opts = RiseOptions(num_masks=args.ref_masks, batch_size=args.batch, seed=REF_SEED)
+    ref = rise.run_step(state, ref_opts, rise.make_masks(ref_opts, size, "cpu"))
+    case: dict[str, Any] = {"timestep": state.timestep, "index": state.index, "reference": {
+        "masks": args.ref_masks, "split_half_r": ref.stats.split_half_r,
+        "seconds": round(time.perf_counter() - t0, 1)}, "curves": {}, "early_stop": {}}
+    log(f"  reference: {args.ref_masks} masks, split-half r {ref.stats.split_half_r:.4f} "
+        f"({case['reference']['seconds']} s)")
+    ref_maps = {"rise": ref.maps["rise"], "own": own(ref.maps)}
+    for sampler, antithetic in VARIANTS:
+        name = name_of(sampler, antithetic)
+        try:
+            base = RiseOptions(batch_size=args.batch, sampler=sampler, antithetic=antithetic)
+        except InvalidArgument as e:
+            case["curves"][name] = {"refused": f"{e.field}: {e.message}"}
+            continue
+        per_seed = []
+        for seed in range(1, args.seeds + 1):
+            opts = dataclasses.replace(base, seed=seed)
+            maps = fresh_maps(state, opts, points) if sampler == "stratified" else prefix_maps(state, opts, points)
+            per_seed.append({n: {k: pearson(m[k], ref_maps[k]) for k in ("rise", "own")} for n, m in maps.items()})
+        case["curves"][name] = {str(n): {"r": mean([s[n]["rise"] for s in per_seed]),
+                                         "r_own": mean([s[n]["own"] for s in per_seed]),
+                                         "r_per_seed": [s[n]["rise"] for s in per_seed]} for n in points}
+        if args.stop_at_r is not None:
+            stop = dataclasses.replace(base, seed=1, num_masks=max(points), batch_size=args.stop_batch,
+                                       stop_at_r=args.stop_at_r, min_masks=args.stop_batch)
+            run = rise.run_step(state, stop, rise.make_masks(stop, size, "cpu"))
+            case["early_stop"][name] = {"masks_used": run.stats.masks_used, "split_half_r": run.stats.split_half_r,
+                                        "r": pearson(run.maps["rise"], ref_maps["rise"])}
+        log(f"  {name}: r " + " ".join(f"{n}:{case['curves'][name][str(n)]['r']:.3f}" for n in points)
+            + (f"; early stop {case['early_stop'][name]['masks_used']} masks" if case["early_stop"] else ""))
+    return case
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def crossing(points: list[int], rs: list[float], target: float = TARGET_R) -> float | None:
+    """Masks where r first reaches `target`, interpolated linearly in log2(masks) between ladder points; the
+    first point when it already does; None when it never does within the ladder."""
+    for i, (n, r) in enumerate(zip(points, rs, strict=True)):
+        if r >= target:
+            if i == 0:
+                return float(n)
+            n0, r0 = points[i - 1], rs[i - 1]
+            return 2 ** (math.log2(n0) + (target - r0) / (r - r0) * (math.log2(n) - math.log2(n0)))
+    return None
+
+
+def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
+    names = [name_of(s, a) for s, a in VARIANTS]
+    curves, needed = {}, {}
+    for name in names:
+        if any("refused" in c["curves"][name] for c in cases):
+            continue
+        for key in ("r", "r_own"):
+            curves.setdefault(key, {})[name] = [mean([c["curves"][name][str(n)][key] for c in cases])
+                                                for n in points]
+        needed[name] = crossing(points, curves["r"][name])
+    others = {k: v for k, v in needed.items() if k != "mc" and v is not None}
+    best = min(others, key=lambda k: others[k]) if others else None
+    ratio = others[best] / needed["mc"] if best is not None and needed.get("mc") else None
+    early = {name: {"masks_used": mean([c["early_stop"][name]["masks_used"] for c in cases]),
+                    "r": mean([c["early_stop"][name]["r"] for c in cases]),
+                    "stopped": sum(c["early_stop"][name]["masks_used"] < points[-1] for c in cases)}
+             for name in names if cases and name in cases[0]["early_stop"]}
+    return {"points": points, "curves": curves, "masks_to_target": needed, "best": best, "masks_ratio": ratio,
+            "refused": {n: cases[0]["curves"][n]["refused"] for n in names if "refused" in cases[0]["curves"][n]},
+            "early_stop": early,
+            "reference_split_half_r": mean([c["reference"]["split_half_r"] for c in cases])}
+
+
+def table(summary: dict[str, Any]) -> str:
+    points = summary["points"]
+    head = "| sampler | " + " | ".join(f"r @ {n}" for n in points) + " | masks to r >= 0.95 | vs mc |"
+    lines = [head, "|" + " --- |" * (len(points) + 3)]
+    mc = summary["masks_to_target"].get("mc")
+    for name, rs in summary["curves"]["r"].items():
+        need = summary["masks_to_target"][name]
+        ratio = f"{need / mc:.2f}" if need is not None and mc else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{r:.3f}" for r in rs)
+                     + f" | {'> ' + str(points[-1]) if need is None else f'{need:.0f}'} | {ratio} |")
+    for name, why in summary["refused"].items():
+        lines.append(f"| {name} | refused: {why} |")
+    if summary["early_stop"]:
+        lines += ["", "| sampler | early stop: mean masks used | steps stopped | mean r vs reference |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['masks_used']:.0f} | {v['stopped']} | {v['r']:.3f} |"
+                  for k, v in summary["early_stop"].items()]
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    from difflens.evaluation.plots import line_chart
+
+    points = summary["points"]
+    xs = list(range(len(points)))
+    series: dict[str, Any] = {name: (xs, rs) for name, rs in summary["curves"]["r"].items()}
+    series["r = 0.95"] = (xs, [TARGET_R] * len(points))
+    return line_chart(series, "DF-RISE map vs a plain MC reference", "masks", "Pearson r", path,
+                      dashed=("r = 0.95",), x_labels=[str(n) for n in points])
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, check=True)
+        return sha.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.masks", description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true",
+                   help="every prompt at every step (9 cases), 4000-mask references, 2 seeds")
+    p.add_argument("--ref-masks", type=int, help="plain MC masks of each reference (default 2000; --full 4000)")
+    p.add_argument("--seeds", type=int, help="mask seeds per sampler, averaged (default 1; --full 2)")
+    p.add_argument("--max-masks", type=int, default=256, help="largest N, the ladder doubles from 16 (default 256)")
+    p.add_argument("--stop-at-r", type=float, default=TARGET_R, help="early stopping's split-half r (default 0.95)")
+    p.add_argument("--stop-batch", type=int, default=32, help="masks per batch of the early-stopping runs (32)")
+    p.add_argument("--batch", type=int, default=128, help="masks per UNet call (default 128)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--model", type=Path, default=MODEL)
+    p.add_argument("--out", type=Path, default=RESULTS / "masks.json", help="JSON path; the plot goes beside it")
+    args = p.parse_args(argv)
+    args.ref_masks = args.ref_masks or (4000 if args.full else 2000)
+    args.seeds = args.seeds or (2 if args.full else 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    points = [16 * 2**k for k in range(int(math.log2(args.max_masks // 16)) + 1)]
+    model = load_model(args.model)
+    started = time.perf_counter()
+    cases = []
+    for i, prompt in enumerate(PROMPTS):
+        steps = STEPS if args.full else (STEPS[i],)  # the quick profile: one step per prompt, spread over them
+        for state in capture(model, prompt, steps):
+            print(f"{prompt!r} step {state.index} (t={state.timestep})", flush=True)
+            cases.append({"prompt": prompt, **run_case(state, args, points, lambda m: print(m, flush=True))})
+    summary = summarise(cases, points)
+    result = {"benchmark": "masks", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "commit": git_commit(), "seconds": round(time.perf_counter() - started, 1),
+              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                          "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "target_r": TARGET_R, "summary": summary, "cases": cases}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    png = plot(summary, args.out.with_suffix(".png"))
+    print()
+    print(table(summary))
+    print(f"\nmasks_ratio (best sampler {summary['best']} / mc, to r >= {TARGET_R}): "
+          + (f"{summary['masks_ratio']:.2f}" if summary["masks_ratio"] is not None else "n/a") + " (target <= 0.25)")
+    print(f"reference split-half r (mean): {summary['reference_split_half_r']:.4f}")
+    print(f"wrote {args.out} and {png} in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
