@@ -81,16 +81,20 @@ class AsyncRedisFront:
             if found:
                 return decode_events(found)
             block_s = 0.0  # nothing in time: read the state (the job may have expired) as below
-        # The events and the state in one MULTI: a consistent snapshot, so no re-read race as in the blocking
-        # version; then, only for a live job with nothing new, the blocking read.
-        pipe = self._r.pipeline(transaction=True)
+        # The events and the state in one round trip; then, only for a live job with nothing new, the blocking read.
+        # Not a MULTI: Redis refuses every MULTI while it is out of memory (maxmemory), and a full Redis must still
+        # serve the jobs it holds. So another client's script may run between the two reads, as in the blocking
+        # version: a job found ended with nothing read ended in between, and its events are read again.
+        pipe = self._r.pipeline(transaction=False)
         pipe.xread({key: start})
         pipe.hget(self._q._job_prefix + job_id, "state")
         found, state = await pipe.execute()
         if not found:
             if state is None:
                 raise JobNotFound(job_id)
-            if state not in TERMINAL_STATES and block_s > 0:
+            if state in TERMINAL_STATES:
+                found = await self._r.xread({key: start})
+            elif block_s > 0:
                 found = await self._r.xread({key: start}, block=max(1, int(block_s * 1000)))
         return decode_events(found)
 

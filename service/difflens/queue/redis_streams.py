@@ -47,6 +47,7 @@ from difflens.queue.common import (
     request_fingerprint,
     retrying,
     settled,
+    storage_full,
     terminal_state,
     text,
 )
@@ -623,9 +624,10 @@ class RedisStreamsQueue:
 
     def _through_blips(self, what: str, call: Callable[[], T]) -> T:
         """A worker's write to a job it holds, retried through a Redis blip (a restart, a failover, a stall: a
-        ConnectionError or TimeoutError) for up to the visibility timeout, after which the job may be another
-        worker's - the scripts' ownership check then says so. Without this a blip of a second failed a running
-        job, or abandoned it to be re-run from its first step. Each retry repeats the script with the same write
-        id, so one whose reply was lost is not applied twice."""
+        ConnectionError or TimeoutError; or Redis out of memory, refusing writes until keys expire or an operator
+        frees some) for up to the visibility timeout, after which the job may be another worker's - the scripts'
+        ownership check then says so. Without this a blip of a second failed a running job, or abandoned it to be
+        re-run from its first step. Each retry repeats the script with the same write id, so one whose reply was
+        lost is not applied twice."""
         return retrying(what, call, self.settings.visibility_timeout_s,
-                        lambda e: isinstance(e, redis.ConnectionError | redis.TimeoutError))
+                        lambda e: isinstance(e, redis.ConnectionError | redis.TimeoutError) or storage_full(e))
