@@ -6,9 +6,9 @@ front.
 
 A private Redis (or --redis), one `difflens serve` and --workers `difflens worker` processes on the tiny
 random-weights model, with a 3 s visibility timeout and 4 deliveries at most. Every --kill-every seconds (uniform
-in MIN,MAX) one worker, chosen at random, is stopped and a new one started in its place: SIGTERMed with a share
---term-share of the time (its drain grace is 0.3 s, after which it hands its jobs back to the queue), else
-SIGKILLed (its jobs are reclaimed after the visibility timeout). Each client streams
+in MIN,MAX) one worker that takes jobs (not one still loading), chosen at random, is stopped and a new one started
+in its place: SIGTERMed with a share --term-share of the time (its drain grace is 0.3 s, after which it hands its
+jobs back to the queue), else SIGKILLed (its jobs are reclaimed after the visibility timeout). Each client streams
 --jobs Explain calls (3-14 steps, a random subset of the explainers, one in ten cancelled after a step), then
 watches the job again from its first event and reads its record. With --models N > 1 the front serves N model
 names (the same tiny model under each), each job names one at random, worker slot 0 serves all of them (it reads
@@ -88,6 +88,7 @@ class Fleet:
         self.model_dir, self.models = model_dir, models
         self.logs = logs
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.names: dict[str, str] = {}  # slot -> the name of the worker running in it now
         self.generation = collections.Counter[str]()
         self.kills = 0
         self.terms = 0
@@ -120,11 +121,23 @@ class Fleet:
     def _start_worker(self, slot: str) -> None:
         name = f"{slot}-{self.generation[slot]}"
         self.generation[slot] += 1
+        self.names[slot] = name
         self.workers[slot] = self._spawn(name, ["worker", "--name", name, "--max-jobs", "2", "--threads", "1",
                                                 "--drain-grace", "0.3", *self._model_flags(self._slot_models(slot))])
 
+    def _taking_jobs(self, slot: str) -> bool:
+        """Whether the slot's worker has loaded its models and takes jobs (it says "ready")."""
+        log = self.logs / f"{self.names[slot]}.log"
+        return log.exists() and f"worker {self.names[slot]} ready" in log.read_text(errors="replace")
+
     def stop_one(self, rnd: random.Random, term_share: float) -> None:
-        slot = rnd.choice(sorted(self.workers))
+        """Stop a worker that takes jobs, chosen at random, and start another in its slot. None does (all still
+        loading, on a busy machine): nothing is stopped, since stopping a worker before it takes a job tests
+        nothing and would leave the jobs to no one."""
+        ready = [slot for slot in sorted(self.workers) if self._taking_jobs(slot)]
+        if not ready:
+            return
+        slot = rnd.choice(ready)
         if rnd.random() < term_share:
             self.workers[slot].send_signal(signal.SIGTERM)
             self.terms += 1
@@ -150,31 +163,41 @@ class Fleet:
                 p.kill()
 
 
-def run_client(target: str, index: int, jobs: int, seed: int, models: list[str], out: list[dict[str, Any]]) -> None:
+def run_client(target: str, index: int, jobs: int, seed: int, models: list[str], out: list[dict[str, Any]],
+               retries: int = 3) -> None:
+    """One client's jobs, one after another; per job `out` gets its id, outcome, problems (job_problems), terminal
+    events and whether a step came twice (as its client saw them), and its deliveries (None: record unread).
+    `retries`: the client's retries of a call that finds no front or no queue (UNAVAILABLE)."""
     from difflens.client import DifflensClient
     from tests.worker.helpers import spec
 
     rnd = random.Random(f"{seed}-{index}")
-    with DifflensClient(target, caller=f"soak-{index}") as client:
+    with DifflensClient(target, caller=f"soak-{index}", retries=retries) as client:
         for j in range(jobs):
             methods = tuple(m for m in ("rise", "cam", "attn") if rnd.random() < 0.5)
             s = dataclasses.replace(spec(f"a red circle {index} {j}", seed=index * 1000 + j, steps=rnd.randint(3, 14),
                                          methods=methods, masks=16, batch=8), model=rnd.choice(models))
             cancel_after = rnd.randint(1, 3) if rnd.random() < 0.1 else None
             stream = client.explain(s, timeout=300)
+            deliveries = None
             try:
                 for event in stream:
                     if cancel_after is not None and isinstance(event, Step) and event.index >= cancel_after:
                         client.cancel(stream.job_id)
                         cancel_after = None
                 watched = list(client.watch(stream.job_id, timeout=60))
-                problems = job_problems(s, stream.events, watched, client.get(stream.job_id))
+                record = client.get(stream.job_id)
+                deliveries = record.deliveries
+                problems = job_problems(s, stream.events, watched, record)
             except Exception as e:  # a broken stream is the finding, not a crash of the soak
                 problems = [f"client error: {e!r}"]
             last = stream.events[-1] if stream.events else None
             outcome = "completed" if isinstance(last, Completed) else \
                 f"failed {last.code}" if isinstance(last, Failed) else "none"
-            out.append({"job": stream.job_id, "outcome": outcome, "problems": problems})
+            steps = [e.index for e in stream.events if isinstance(e, Step)]
+            out.append({"job": stream.job_id, "outcome": outcome, "problems": problems,
+                        "terminal": sum(isinstance(e, Completed | Failed) for e in stream.events),
+                        "step_twice": len(steps) != len(set(steps)), "deliveries": deliveries})
 
 
 def main(argv: list[str] | None = None) -> int:
