@@ -168,7 +168,11 @@ def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
                     "r": mean([c["early_stop"][name]["r"] for c in cases]),
                     "stopped": sum(c["early_stop"][name]["masks_used"] < points[-1] for c in cases)}
              for name in names if cases and name in cases[0]["early_stop"]}
+    per_case = [{"prompt": c["prompt"], "timestep": c["timestep"],
+                 "masks_to_target": {name: crossing(points, [c["curves"][name][str(n)]["r"] for n in points])
+                                     for name in needed}} for c in cases]
     return {"points": points, "curves": curves, "masks_to_target": needed, "best": best, "masks_ratio": ratio,
+            "per_case": per_case,
             "refused": {n: cases[0]["curves"][n]["refused"] for n in names if "refused" in cases[0]["curves"][n]},
             "early_stop": early,
             "reference_split_half_r": mean([c["reference"]["split_half_r"] for c in cases])}
@@ -186,6 +190,12 @@ def table(summary: dict[str, Any]) -> str:
                      + f" | {'> ' + str(points[-1]) if need is None else f'{need:.0f}'} | {ratio} |")
     for name, why in summary["refused"].items():
         lines.append(f"| {name} | refused: {why} |")
+    names = list(summary["masks_to_target"])
+    lines += ["", "| case: masks to r >= 0.95 | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+    for c in summary["per_case"]:
+        lines.append(f"| t={c['timestep']} {c['prompt']} | " + " | ".join(
+            f"<= {points[0]}" if v == points[0] else f"> {points[-1]}" if v is None else f"{v:.0f}"
+            for v in c["masks_to_target"].values()) + " |")
     if summary["early_stop"]:
         lines += ["", "| sampler | early stop: mean masks used | steps stopped | mean r vs reference |",
                   "| --- | --- | --- | --- |"]
@@ -227,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--out", type=Path, default=RESULTS / "masks.json", help="JSON path; the plot goes beside it")
+    p.add_argument("--from-json", type=Path, metavar="PATH",
+                   help="no run: summarise an earlier run's JSON again (tables, plot and summary rewritten in it)")
     args = p.parse_args(argv)
     args.ref_masks = args.ref_masks or (4000 if args.full else 2000)
     args.seeds = args.seeds or (2 if args.full else 1)
@@ -235,6 +247,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        result["summary"] = summarise(result["cases"], result["summary"]["points"])
+        args.from_json.write_text(json.dumps(result, indent=2))
+        report(result, args.from_json)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     points = [16 * 2**k for k in range(int(math.log2(args.max_masks // 16)) + 1)]
@@ -255,13 +273,18 @@ def main(argv: list[str] | None = None) -> None:
               "target_r": TARGET_R, "summary": summary, "cases": cases}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    png = plot(summary, args.out.with_suffix(".png"))
+    report(result, args.out)
+
+
+def report(result: dict[str, Any], path: Path) -> None:
+    summary = result["summary"]
+    png = plot(summary, path.with_suffix(".png"))
     print()
     print(table(summary))
     print(f"\nmasks_ratio (best sampler {summary['best']} / mc, to r >= {TARGET_R}): "
           + (f"{summary['masks_ratio']:.2f}" if summary["masks_ratio"] is not None else "n/a") + " (target <= 0.25)")
     print(f"reference split-half r (mean): {summary['reference_split_half_r']:.4f}")
-    print(f"wrote {args.out} and {png} in {result['seconds']:.0f} s")
+    print(f"wrote {path} and {png} (run: {result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
