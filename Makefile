@@ -122,8 +122,8 @@ load: setup
 
 # Faults with Redis in them (issue 23): bench.soak's fleet (a front, 3 workers, the tiny model) on a Redis that keeps
 # an append-only file (fsync every second), 200 jobs, workers SIGKILLed at random and Redis SIGKILLed once and started
-# again on its data: every job's promises checked, a table and bench/results/chaos-<time>.json (~15 min on the shared 2 CPU
-# cores; docs/security.md, "Faults"). CHAOS_ARGS: e.g. --jobs 10. A short form runs in make test
+# again on its data: every job's promises checked, a table and bench/results/chaos-<time>.json (~15 min on the shared
+# 2-core VM; docs/security.md, "Faults"). CHAOS_ARGS: e.g. --jobs 10. A short form runs in make test
 # (tests/test_bench_chaos.py).
 .PHONY: chaos
 chaos: setup
