@@ -42,8 +42,12 @@ class GraphedRunner(UNetRunner):
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._pool: Any = None
 
-    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or 0-dim tensor. -> (N, C, h, w)."""
+    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor,
+            added: Any = None) -> torch.Tensor:
+        """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or 0-dim tensor. -> (N, C, h, w).
+        SD-family UNets only (no added conditioning)."""
+        if added is not None:
+            raise ValueError("GraphedRunner graphs SD-family UNet calls; this one carries added conditioning")
         if torch.is_grad_enabled():
             raise RuntimeError("GraphedRunner replays inference graphs: call it under torch.no_grad()")
         key = (tuple(latents.shape), tuple(embeds.shape), latents.dtype, latents.device)

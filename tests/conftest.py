@@ -22,6 +22,21 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """The tiny random-weights SDXL model (StableDiffusionXLPipeline layout), written once per session."""
+    from difflens.engine.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    from difflens.engine.loading import load_model
+
+    return load_model(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
 def redis_url():
     """A real Redis (REDIS_URL, else a private server); tests isolate themselves with their own queue name."""
     from tests.support.redis_server import redis_server

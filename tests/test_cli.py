@@ -26,6 +26,17 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
+def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):
+    from difflens.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "xl"), "--family", "sdxl"]) == 0
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert (tmp_path / "xl" / "tokenizer_2" / "vocab.json").exists()
+    assert "tiny sdxl model written to" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_make_tiny_model_then_explain_without_methods(tmp_path):
     model = tmp_path / "tiny"

@@ -1,8 +1,9 @@
 """Audit records: what a completed job was, what produced it, and hashes to check a re-run against.
 
 A record holds the job id, its tenant (whose API key submitted it; null on a server without keys), the model's
-name and the sha256 of each of its weight files, the request (the JobSpec, seed included) and the parameters it
-resolved to, library versions, device/dtype/backend, timings, and hashes of the image and of every map.
+name, family (sd, sdxl) and the sha256 of each of its weight files (every component's: SDXL's two text encoders),
+the request (the JobSpec, seed included) and the parameters it resolved to, library versions, device/dtype/backend,
+timings, and hashes of the image and of every map.
 `difflens replay` re-runs the request in-process and compares the hashes.
 
 Array hashes (ARRAY_HASH_RULE): sha256 over the ASCII header "<dtype>:<d0>x<d1>x...:" followed by the array's
@@ -118,7 +119,8 @@ def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, wei
         "tenant": spec.tenant or None,
         "worker": worker,
         "attempt": attempt,
-        "model": {"name": model_name, **({"folder": folder} if folder is not None else {}),
+        "model": {"name": model_name, **({"family": exp.params["family"]} if "family" in exp.params else {}),
+                  **({"folder": folder} if folder is not None else {}),
                   "weights_sha256": dict(sorted(weights.items())),
                   "config_sha256": dict(sorted((configs or {}).items()))},
         "request": json.loads(spec.to_json()),

@@ -1,11 +1,17 @@
 """The model catalog: what the front needs to know about each served model, from its config files alone (no
 weights, no torch: the front's image carries neither).
 
-Per configured name: the recommended defaults (difflens.json), the image size multiple (VAE factor x 8, or 8 for a
+Per configured name: the family (model_index.json's `_class_name`; an unknown one is refused as the worker's loader
+refuses it), the recommended defaults (difflens.json), the image size multiple (VAE factor x 8, or 8 for a
 pixel-space model, as engine.validate requires), the module paths DF-CAM accepts (derived from the UNet's
 config.json as diffusers builds the UNet), the tokenizer (read with the `tokenizers` package: the prompt-token
 limit and the prompt's words) and the scheduler's num_train_timesteps. Built once at start-up; a broken folder
 fails there with ModelLoadError naming it.
+
+A family with several tokenizers (SDXL: tokenizer, tokenizer_2) is described by its first: SDXL's attention layers
+see both encoders' embeddings concatenated per token position, and both tokenizers split a prompt into the same
+positions (one CLIP vocabulary; only the padding differs), so the first one's limit and words are the model's.
+The others are read too, so that a broken one stops the front at start-up as it would stop a worker.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from difflens.config import ServiceSettings
-from difflens.engine.model_config import ModelDefaults, cam_layer_paths, read_json_object
+from difflens.engine.model_config import SD, FamilySpec, ModelDefaults, cam_layer_paths, family_of, read_json_object
 from difflens.errors import InvalidArgument, ModelLoadError, shown
 
 LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be multiples of 8
@@ -36,6 +42,7 @@ class CatalogModel:
     tokenizer: Any
     num_train_timesteps: int
     scheduler_config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    family: FamilySpec = SD
 
     @property
     def size_multiple(self) -> int:
@@ -68,7 +75,8 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
 
     root = Path(folder).resolve()
     index = read_json_object(root / "model_index.json")
-    unet_config = read_json_object(root / "unet" / "config.json")
+    family = family_of(index, root / "model_index.json")
+    unet_config = read_json_object(root / family.denoiser / "config.json")
     scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json")
     factor = 1
     if _has_vae(index):
@@ -77,13 +85,15 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
     try:
         layers = cam_layer_paths(unet_config)
     except ValueError as e:
-        raise ModelLoadError(str(root / "unet" / "config.json"), f"cannot derive the UNet's layers: {e}") from e
-    tokenizer = FileTokenizer(root / "tokenizer")
+        raise ModelLoadError(str(root / family.denoiser / "config.json"),
+                             f"cannot derive the UNet's layers: {e}") from e
+    tokenizer, *others = (FileTokenizer(root / t) for t in family.tokenizers)
+    del others  # read to fail here if broken; the first tokenizer speaks for the model (module docstring)
     sample_size = int(unet_config.get("sample_size", 64))
     return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root, 8 * factor, sample_size * factor),
                         vae_scale_factor=factor, sample_size=sample_size, cam_layers=layers, tokenizer=tokenizer,
                         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
-                        scheduler_config=scheduler_config)
+                        scheduler_config=scheduler_config, family=family)
 
 
 class ModelCatalog:

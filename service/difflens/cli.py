@@ -84,9 +84,11 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
 
 
 def add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-tiny-model", help="write a tiny random-weights SD-format model (tests, demo)")
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-weights model of a family (tests, demo)")
     p.add_argument("dir", metavar="DIR", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=("sd", "sdxl"), default="sd",
+                   help="sd (StableDiffusionPipeline, the default) or sdxl (StableDiffusionXLPipeline)")
     p.set_defaults(run=run_make_tiny_model)
 
 
@@ -250,8 +252,8 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise InvalidArgument("seed", f"got {args.seed}; must be >= 0")
-    folder = make_tiny_model(args.dir, seed=args.seed)
-    print(f"difflens: tiny model written to {folder}")
+    folder = make_tiny_model(args.dir, seed=args.seed, family=args.family)
+    print(f"difflens: tiny {args.family} model written to {folder}")
     return 0
 
 

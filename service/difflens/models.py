@@ -85,6 +85,7 @@ class LoadedModel:
     weights: dict[str, str] = field(default_factory=dict)
     configs: dict[str, str] = field(default_factory=dict)
     unet_server: dict[str, Any] | None = None  # backend triton: the server and model its batched calls go to
+    memory: Any = None  # engine.memory.MemoryEstimator: what a job's calls need, checked when it is claimed
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -173,7 +174,8 @@ class ModelRegistry:
         return [self.get(name) for name in self.names()]
 
     def _entry(self, name: str, model: Model) -> LoadedModel:
-        from difflens.engine.runner import UNetRunner
+        from difflens.engine import families
+        from difflens.engine.memory import MemoryEstimator
 
         folder = Path(model.path)
         engine = self.settings.engine
@@ -181,11 +183,16 @@ class ModelRegistry:
         if engine.unet_backend == "triton":  # checked against the local UNet before the model takes any job
             from difflens.triton.client import connect_unet
 
+            if model.family.name != "sd":  # the Triton contract has no inputs for SDXL's added conditioning
+                raise InvalidArgument("unet_backend", f"model {name!r} is {model.family.name}; the triton backend "
+                                                      "serves SD-family UNets only (use eager or compile)")
             remote = connect_unet(engine, name, model.unet)
             server = remote.describe()
-        # Hashed once per model and process: the audit record of every job cites them.
-        return LoadedModel(name, folder, model, UNetRunner(model.unet, engine.unet_backend, remote=remote),
-                           weights=weights_sha256(folder), configs=config_sha256(folder), unet_server=server)
+        # Hashed once per model and process: the audit record of every job cites them. The runner shares the
+        # model's modules (one copy of the weights per process, whatever the number of jobs).
+        return LoadedModel(name, folder, model, families.runner(model, engine.unet_backend, remote),
+                           weights=weights_sha256(folder), configs=config_sha256(folder), unet_server=server,
+                           memory=MemoryEstimator(model))
 
     def _check(self, name: str) -> None:
         if name not in self.folders:

@@ -41,6 +41,32 @@ def test_the_blocker_does_block():
     assert out.returncode != 0 and "no_torch: torch imported" in out.stderr
 
 
+def test_an_sdxl_model_is_described_and_validated_without_torch(tiny_sdxl_dir, tiny_sdxl):
+    """The catalog reads SDXL's folder (two tokenizers, the UNet's config) where torch cannot be imported, and
+    agrees with the loaded model: DF-CAM's layers, and the words the attention maps are labelled with (the first
+    tokenizer's)."""
+    import json
+
+    from difflens.engine.tokens import prompt_tokens
+
+    code = ("import json, sys; from tests.support.no_torch import _Refuse; sys.meta_path.insert(0, _Refuse()); "
+            "from difflens.catalog import ModelCatalog, describe; from difflens.config import Limits; "
+            "from difflens.engine.options import AttentionOptions, ExplainOptions, GenerationParams; "
+            "from difflens.engine.tokens import prompt_tokens; from difflens.jobs import JobSpec; "
+            "from difflens.validation import validate; "
+            f"e = describe('xl', {str(tiny_sdxl_dir)!r}); "
+            "validate(JobSpec(model='xl', params=GenerationParams('a red circle', width=32, height=48), "
+            "explain=ExplainOptions(attention=AttentionOptions())), ModelCatalog({'xl': e}, 'xl'), Limits()); "
+            "print(json.dumps([e.family.name, list(e.cam_layers), e.max_prompt_tokens, "
+            "[t.text for t in prompt_tokens(e.tokenizer, 'a red circle')]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    family, layers, limit, words = json.loads(out.stdout)
+    assert family == "sdxl" and limit == 75
+    assert layers == list(camable_layers(tiny_sdxl.unet))
+    assert words == [t.text for t in prompt_tokens(tiny_sdxl.tokenizer, "a red circle")] == ["a", "red", "circle"]
+
+
 @pytest.fixture
 def front(tiny_dir, redis_url, queue_name, tmp_path):
     port_file, log_path, metrics_port = tmp_path / "port", tmp_path / "front.log", free_port()

@@ -53,8 +53,8 @@ def test_paths_from_the_config_equal_the_built_unets(name):
     assert cam_layer_paths(config) == built_paths(config)
 
 
-def test_the_shipped_and_tiny_models(tiny_dir):
-    for folder in (SHIPPED_MODEL, tiny_dir):
+def test_the_shipped_and_tiny_models(tiny_dir, tiny_sdxl_dir):
+    for folder in (SHIPPED_MODEL, tiny_dir, tiny_sdxl_dir):
         config = json.loads((folder / "unet" / "config.json").read_text())
         assert cam_layer_paths(config) == built_paths(config)
 

@@ -38,9 +38,9 @@ class CountingRunner(UNetRunner):
         super().__init__(unet)
         self.calls: list[int] = []
 
-    def raw(self, latents, timestep, embeds):
+    def raw(self, latents, timestep, embeds, added=None):
         self.calls.append(latents.shape[0])
-        return super().raw(latents, timestep, embeds)
+        return super().raw(latents, timestep, embeds, added)
 
 
 # --- batched == one mask per call ----------------------------------------------------------------------------

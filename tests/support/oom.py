@@ -22,11 +22,12 @@ class OutOfMemoryRunner(UNetRunner):
         self.limit, self.fails = limit, fails
         self.sizes: list[int] = []
 
-    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor,
+            added: Any = None) -> torch.Tensor:
         self.sizes.append(int(latents.shape[0]))
         if latents.shape[0] > self.limit or (self.fails is not None and self.fails(latents, timestep)):
             raise torch.OutOfMemoryError(MESSAGE)
-        return super().raw(latents, timestep, embeds)
+        return super().raw(latents, timestep, embeds, added)
 
 
 def batched(latents: torch.Tensor, timestep: Any) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from difflens.engine import families
 from difflens.engine.explain import Explanation, ProgressCallback, StepCallback, run_explanation
 from difflens.engine.loading import Model, load_model
 from difflens.engine.options import (
@@ -20,7 +21,7 @@ from difflens.engine.options import (
     Sampling,
     StepSelector,
 )
-from difflens.engine.runner import Backend, RemoteUNet, UNetRunner
+from difflens.engine.runner import Backend, RemoteUNet
 from difflens.errors import InvalidArgument
 
 
@@ -60,5 +61,5 @@ def explain(
         cam=(cam or CamOptions()) if "cam" in methods else None,
         attention=AttentionOptions() if "attn" in methods else None,
     )
-    return run_explanation(loaded, params, options, runner=UNetRunner(loaded.unet, backend, remote=remote),
+    return run_explanation(loaded, params, options, runner=families.runner(loaded, backend, remote),
                            on_step=on_step, on_progress=on_progress)

@@ -67,8 +67,9 @@ def explain_step(state: StepState, tokens: list[Token]) -> dict[str, torch.Tenso
     """
     unet = state.runner.unet
     size = (int(state.latent_in.shape[-2]), int(state.latent_in.shape[-1]))
+    embeds, added = state.cond.conditional()
     with torch.no_grad(), capture_cross_attention(unet) as records:
-        unet(state.latent_in, state.t, encoder_hidden_states=state.cond.embeds[1:2], return_dict=False)
+        state.runner.eager(state.latent_in, state.t, embeds, added)
     probs = [p[0] for calls in records.values() for p in calls]  # batch of one: the conditional branch
     maps = token_maps(probs, tokens, size, state.latent_in.device)
     return {"attn": maps, "attn_relevance": relevance(maps)}

@@ -90,7 +90,7 @@ def forward_backward(state: StepState, layers: tuple[str, ...], target: CamTarge
         # The UNet's parameters do not require grad: the leaf latent is what makes the graph exist.
         x = state.latent_in.detach().clone().requires_grad_(True)
         batch = torch.cat([x, x]) if cond.cfg else x  # runner.guided's layout, [uncond; cond]
-        out = unet(batch, state.t, encoder_hidden_states=cond.batch(1), return_dict=False)[0]
+        out = state.runner.eager(batch, state.t, cond.batch(1), cond.added_batch(1))
         # inputs=[x]: nothing accumulates into parameter .grad even if a caller left requires_grad on.
         torch.autograd.backward(target_scalar(out, cond, target), inputs=[x])
     missing = [p for p in layers if p not in cap.gradients]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflens.engine import attention, cam, rise
+from difflens.engine import attention, cam, families, rise
 from difflens.engine.loading import Model
 from difflens.engine.options import ExplainOptions, GenerationParams, RiseOptions, RiseStats
 from difflens.engine.runner import UNetRunner
@@ -85,7 +85,7 @@ def run_explanation(
     """Generate and explain. `on_step` receives each explained step as soon as its maps exist (streaming);
     `on_progress` is called after every denoising step, explained or not (progress bars); `guard(method)` is
     entered around each explainer call (its timing excludes the time spent entering the guard)."""
-    runner = runner or UNetRunner(model.unet)
+    runner = runner or families.runner(model)
     tokens = prompt_tokens(model.tokenizer, params.prompt)
     explained: list[StepExplanation] = []
     # Everything that can be wrong with the request is checked before the first UNet call.
@@ -121,6 +121,7 @@ def run_explanation(
     gen = generate(model, params, runner=runner, on_step=hook, check=check)
     record = {
         "generation": _plain(gen.params), "explain": _plain(options), "model": str(model.path),
+        "family": model.family.name,
         "unet_backend": runner.backend, "timesteps": gen.timesteps, "methods": list(options.methods),
         "explained_steps": [s.index for s in explained],
         "tokens": [t.text for t in tokens],  # the prompt's words as the model's tokenizer split them (attn's rows)

@@ -1,4 +1,5 @@
-"""Load a local diffusers Stable-Diffusion-format folder (model_index.json), offline and safetensors-only."""
+"""Load a local diffusers model folder (model_index.json) of a supported family (SD 1.x/2.x and pixel-space UNets,
+SDXL), offline and safetensors-only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from difflens.engine.model_config import DEFAULTS_FILE, ModelDefaults, read_json_object
+from difflens.engine.model_config import DEFAULTS_FILE, SD, FamilySpec, ModelDefaults, family_of, read_json_object
 from difflens.errors import InvalidArgument, ModelLoadError
 
 __all__ = ["DEFAULTS_FILE", "Model", "ModelDefaults", "check_device", "load_model", "read_json_object"]
@@ -19,13 +20,14 @@ __all__ = ["DEFAULTS_FILE", "Model", "ModelDefaults", "check_device", "load_mode
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-WEIGHTED_COMPONENTS = ("unet", "text_encoder", "vae")
-REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
 
 
 @dataclass
 class Model:
-    """The loaded components. `vae` is None for a pixel-space model (the UNet works on RGB directly)."""
+    """The loaded components. `vae` is None for a pixel-space model (the UNet works on RGB directly). `unet` is
+    the family's denoiser, `text_encoder` / `tokenizer` its first encoder and tokenizer; `components` holds the
+    family's others by their model_index.json names (SDXL: text_encoder_2, tokenizer_2); `options` the pipeline's
+    own settings from model_index.json (SDXL: force_zeros_for_empty_prompt)."""
 
     path: Path
     unet: Any
@@ -34,6 +36,9 @@ class Model:
     tokenizer: Any
     vae: Any | None
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    family: FamilySpec = SD
+    components: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -135,15 +140,19 @@ def check_device(device: str | torch.device) -> None:
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Model:
-    """Load unet, scheduler, text_encoder, tokenizer and (optional) vae from a local folder.
+    """Load the denoiser, scheduler, text encoders, tokenizers and (optional) vae of the folder's family
+    (model_index.json's `_class_name`; an unknown or not yet supported one is refused, naming it).
 
-    Never contacts a hub (local_files_only, HF_HUB_OFFLINE); refuses pickle weights.
+    Never contacts a hub (local_files_only, HF_HUB_OFFLINE); refuses pickle weights. One copy of each weight in
+    `dtype`, except an SDXL VAE that asks for float32 (force_upcast) under float16: it is loaded in float32, as
+    StableDiffusionXLPipeline upcasts it to decode.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces beside local_files_only
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from difflens.engine import families
 
     # Their per-file progress bars and "install accelerate" hints are noise in a service log.
     diffusers.utils.logging.set_verbosity_error()
@@ -153,35 +162,52 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     check_device(device)
     folder = Path(path).resolve()
     index = _read_index(folder)
-    for name in REQUIRED:
+    family = family_of(index, folder / "model_index.json")
+    for name in family.required:
         if not _declared(index, name):
             raise ModelLoadError(str(folder / "model_index.json"), f"required component '{name}' is not declared")
     has_vae = _declared(index, "vae")
-    for name in WEIGHTED_COMPONENTS:
-        if name != "vae" or has_vae:
-            _check_weights(folder, name)
-    for name in ("scheduler", "tokenizer"):
+    for name in (family.denoiser, *(e for e, _ in family.text_encoders), *(("vae",) if has_vae else ())):
+        _check_weights(folder, name)
+    for name in ("scheduler", *family.tokenizers):
         if not (folder / name).is_dir():
             raise ModelLoadError(str(folder / name), f"component '{name}' folder is missing")
 
     kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     unet = _load("unet", folder / "unet",
                  lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kw))
-    text_encoder = _load("text_encoder", folder / "text_encoder",
-                         lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **kw))
-    tokenizer = _load("tokenizer", folder / "tokenizer",
-                      lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True))
+    loaded: dict[str, Any] = {}
+    for name, cls_name in family.text_encoders:
+        cls = getattr(transformers, cls_name)
+        loaded[name] = _load(name, folder / name,
+                             lambda cls=cls, name=name: cls.from_pretrained(folder / name, dtype=dtype, **kw))
+    for name in family.tokenizers:
+        loaded[name] = _load(name, folder / name, lambda name=name: _load_tokenizer(folder / name))
     scheduler = _load("scheduler", folder / "scheduler", lambda: _load_scheduler(folder / "scheduler", index))
     vae = None
     if has_vae:
+        behaviour = families.FAMILIES[family.name]
         vae = _load("vae", folder / "vae",
                     lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **kw))
-    for module in (unet, text_encoder, vae):
+        if behaviour.upcast_vae and dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)  # it overflows in float16; the pipeline decodes in float32 too
+    first_encoder, first_tokenizer = family.text_encoders[0][0], family.tokenizers[0]
+    for module in (unet, vae, *(loaded[e] for e, _ in family.text_encoders)):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    return Model(folder, unet, scheduler, text_encoder, tokenizer, vae,
-                 ModelDefaults.read(folder, 8 * factor, int(unet.config.sample_size) * factor))
+    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    model = Model(folder, unet, scheduler, loaded.pop(first_encoder), loaded.pop(first_tokenizer), vae,
+                  ModelDefaults.read(folder, 8 * factor, int(unet.config.sample_size) * factor),
+                  family=family, components=loaded, options=options)
+    families.of(model).check(model)
+    return model
+
+
+def _load_tokenizer(sub: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(sub, local_files_only=True)
 
 
 def _load_scheduler(sub: Path, index: dict[str, Any]) -> Any:

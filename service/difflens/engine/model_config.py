@@ -1,7 +1,7 @@
-"""What a model folder's config files say, read without torch: the sampling defaults (difflens.json), the JSON
-config reader, and the module paths DF-CAM accepts, derived from the UNet's config the way diffusers builds the
-UNet from it. The gRPC front works from these alone (it loads no weights and imports no torch); the engine's
-loader uses the same readers.
+"""What a model folder's config files say, read without torch: the model's family (model_index.json), the sampling
+defaults (difflens.json), the JSON config reader, and the module paths DF-CAM accepts, derived from the UNet's config
+the way diffusers builds the UNet from it. The gRPC front works from these alone (it loads no weights and imports no
+torch); the engine's loader uses the same readers.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from difflens.errors import InvalidArgument, ModelLoadError
 
@@ -97,6 +97,70 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(str(path), "must hold a JSON object")
     return data
+
+
+
+# ---------------------------------------------------------------- model families
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family's folder holds, as its model_index.json declares it (the torch side is engine/families.py).
+
+    `pipelines`: the model_index.json `_class_name`s that mean this family. `denoiser`: the component that predicts
+    the noise (SD3 and FLUX: "transformer"). `text_encoders` / `tokenizers`: in the order the family encodes a
+    prompt, each encoder with the transformers class it is loaded as; the first tokenizer sets the prompt-token
+    limit and splits the prompt into the words the attention maps are labelled with. `vae` may be [null, null]
+    (pixel-space models) in every family.
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    text_encoders: tuple[tuple[str, str], ...]
+    tokenizers: tuple[str, ...]
+    denoiser: str = "unet"
+    status: Literal["supported", "next"] = "supported"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Components model_index.json must declare."""
+        return (self.denoiser, "scheduler", *(name for name, _ in self.text_encoders), *self.tokenizers)
+
+
+FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
+    # SD 1.x / 2.x, and the pixel-space layout of models/shapes (the same pipeline with vae [null, null])
+    FamilySpec("sd", ("StableDiffusionPipeline",), (("text_encoder", "CLIPTextModel"),), ("tokenizer",)),
+    FamilySpec("sdxl", ("StableDiffusionXLPipeline",),
+               (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
+               ("tokenizer", "tokenizer_2")),
+    # Recognised so that a folder of theirs is refused by name; their loading and conditioning come next.
+    FamilySpec("sd3", ("StableDiffusion3Pipeline",),
+               (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+                ("text_encoder_3", "T5EncoderModel")),
+               ("tokenizer", "tokenizer_2", "tokenizer_3"), denoiser="transformer", status="next"),
+    FamilySpec("flux", ("FluxPipeline",), (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
+               ("tokenizer", "tokenizer_2"), denoiser="transformer", status="next"),
+)}
+SD = FAMILIES["sd"]
+
+
+def supported_pipelines() -> str:
+    """'StableDiffusionPipeline (sd), StableDiffusionXLPipeline (sdxl)': what an error lists as allowed."""
+    return ", ".join(f"{p} ({f.name})" for f in FAMILIES.values() if f.status == "supported" for p in f.pipelines)
+
+
+def family_of(index: dict[str, Any], index_path: Path) -> FamilySpec:
+    """The family model_index.json's `_class_name` names. ModelLoadError naming the file and the field for a
+    missing, unknown or not yet supported pipeline class, listing the supported ones."""
+    name = index.get("_class_name")
+    for family in FAMILIES.values():
+        if name in family.pipelines:
+            if family.status != "supported":
+                raise ModelLoadError(str(index_path), f"_class_name: {name!r} ({family.name}) is not supported yet; "
+                                                      f"supported: {supported_pipelines()}")
+            return family
+    got = "missing" if name is None else f"{name!r} is not a supported pipeline"
+    raise ModelLoadError(str(index_path), f"_class_name: {got}; supported: {supported_pipelines()}")
 
 
 

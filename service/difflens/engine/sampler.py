@@ -1,6 +1,7 @@
 """The denoising loop: CFG, seeded, any of four schedulers, any strictly decreasing timestep list.
 
-It follows diffusers' StableDiffusionPipeline step for step (same noise draw, same batch layout, same scheduler
+It follows diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL: the family's prompt encoding and
+added conditioning, engine/families.py) step for step (same noise draw, same batch layout, same scheduler
 calls) so that, for the uniform schedule, its image equals the pipeline's - with two deliberate differences, both
 where diffusers' list or update is wrong: DDIM steps to the actual next timestep of the list (diffusers assumes
 a stride of T // n, which "trailing" spacing breaks when n does not divide T), and "trailing" spacing's spurious
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from difflens.engine import families
 from difflens.engine.loading import Model
 from difflens.engine.options import GenerationParams
 from difflens.engine.runner import CFGConditioning, UNetRunner
@@ -75,17 +77,11 @@ def make_scheduler(model: Model, name: str):
 
 
 def encode_prompt(model: Model, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, list[int]]:
-    """Embeddings (2, L, D) = [negative; prompt] as StableDiffusionPipeline.encode_prompt computes them."""
-    tok = model.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    neg = tok(negative_prompt, padding="max_length", max_length=ids.shape[-1], truncation=True,
-              return_tensors="pt").input_ids
-    with torch.no_grad():
-        enc = model.text_encoder
-        pos_e = enc(ids.to(model.device), attention_mask=None)[0]
-        neg_e = enc(neg.to(model.device), attention_mask=None)[0]
-    return torch.cat([neg_e, pos_e]).to(model.dtype), ids[0].tolist()
+    """Embeddings (2, L, D) = [negative; prompt] as the family's pipeline computes them, and the prompt's token
+    ids. Embeddings only: a family's added conditioning (SDXL) comes from families.of(model).encode."""
+    side = int(model.unet.config.sample_size) * model.vae_scale_factor
+    encoded = families.of(model).encode(model, prompt, negative_prompt, (side, side))
+    return encoded.embeds, encoded.token_ids
 
 
 def plan_timesteps(model: Model, scheduler, params: GenerationParams) -> list[int]:
@@ -191,11 +187,22 @@ def _replay(scheduler, is_ddim: bool, t: torch.Tensor, t_next: int | None, rng_s
 
 
 def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
-    """latents: (1, C, h, w) -> image (H, W, 3) float32 in [0, 1] (pixel-space models: latents are RGB)."""
+    """latents: (1, C, h, w) -> image (H, W, 3) float32 in [0, 1] (pixel-space models: latents are RGB). In the
+    VAE's own dtype (float32 for an upcast SDXL VAE); a VAE config's latents_mean / latents_std are undone as the
+    SDXL pipeline does."""
     with torch.no_grad():
         x = latents
-        if model.vae is not None:
-            x = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
+        vae = model.vae
+        if vae is not None:
+            x = latents.to(next(vae.post_quant_conv.parameters()).dtype)
+            mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+            if mean is not None and std is not None:
+                shape = (1, -1, 1, 1)
+                x = x * torch.tensor(std).view(shape).to(x) / vae.config.scaling_factor \
+                    + torch.tensor(mean).view(shape).to(x)
+            else:
+                x = x / vae.config.scaling_factor
+            x = vae.decode(x, return_dict=False)[0]
         x = (x / 2 + 0.5).clamp(0, 1)
     return x[0].permute(1, 2, 0).float().cpu().numpy()
 
@@ -210,12 +217,14 @@ def generate(
 ) -> Generation:
     """Run the denoising loop. `check(i)` runs before step i and may raise (Cancelled, DeadlineExceeded)."""
     params = resolve_generation(model, params)
-    runner = runner or UNetRunner(model.unet)
+    runner = runner or families.runner(model)
     scheduler = make_scheduler(model, str(params.scheduler))
     timesteps = plan_timesteps(model, scheduler, params)
     params = dataclasses.replace(params, steps=len(timesteps))
-    embeds, token_ids = encode_prompt(model, params.prompt, params.negative_prompt)
-    cond = CFGConditioning(embeds, float(params.guidance_scale or 0.0))
+    size = (int(params.height or 0), int(params.width or 0))
+    prompt = families.of(model).encode(model, params.prompt, params.negative_prompt, size)
+    cond = CFGConditioning(prompt.embeds, float(params.guidance_scale or 0.0), prompt.added)
+    token_ids = prompt.token_ids
 
     from diffusers.utils.torch_utils import randn_tensor
 

@@ -1,7 +1,10 @@
-"""A tiny random-weights SD-format model, built entirely in code and written locally (no hub).
+"""Tiny random-weights models of each supported family (SD, SDXL), built entirely in code and written locally (no
+hub).
 
-Used by the tests and, until a trained model ships, by `make demo`. The components mirror diffusers' own
-`get_dummy_components` for StableDiffusionPipeline, with a CLIP tokenizer whose vocabulary is written here.
+Used by the tests and, until a trained model ships, by `make demo`. The SD components mirror diffusers' own
+`get_dummy_components` for StableDiffusionPipeline, with a CLIP tokenizer whose vocabulary is written here; the SDXL
+ones keep SDXL's layout (a first block without attention, two transformer layers per block after it, two text
+encoders, the second with a projection, "text_time" added conditioning) at a handful of channels.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+TinyFamily = Literal["sd", "sdxl"]
+TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd", "sdxl")
 
 BASE_WORDS = (
     "a an the and of on in at to with photo picture painting drawing image small large big tiny huge "
@@ -46,8 +52,10 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_length: int = 77) -> None:
-    """Write a CLIPTokenizer (vocab.json, merges.txt) in which every word of `words` is one token.
+def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_length: int = 77,
+                         pad_token: str = "<|endoftext|>") -> None:
+    """Write a CLIPTokenizer (vocab.json, merges.txt) in which every word of `words` is one token. `pad_token`:
+    SDXL's second tokenizer pads with "!" where CLIP's own pads with its end-of-text token.
 
     Byte-level base vocabulary, so any text still tokenizes. Merges are added until BPE turns each word into
     one piece: a merge added for one word can split another (merges apply by rank, not per word), so the words
@@ -82,11 +90,11 @@ def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_len
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "do_lower_case": True,
+        "pad_token": pad_token, "do_lower_case": True,
     }, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
     }, indent=2))
 
 
@@ -117,10 +125,7 @@ def build_tiny_components(seed: int = 0, sample_size: int = 16, tokenizer_dir: s
         raise ValueError("tokenizer_dir is required: the tokenizer is written to disk first")
     write_word_tokenizer(tokenizer_dir, BASE_WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    text_config.vocab_size = len(tokenizer)
-    text_config.bos_token_id = tokenizer.bos_token_id
-    text_config.eos_token_id = tokenizer.eos_token_id
-    text_config.pad_token_id = tokenizer.pad_token_id
+    _fit_text_config(text_config, tokenizer)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     modules: tuple[Any, ...] = (unet, vae, text_encoder)
@@ -129,14 +134,74 @@ def build_tiny_components(seed: int = 0, sample_size: int = 16, tokenizer_dir: s
     return {"unet": unet, "scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
-def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16) -> Path:
-    """Write the tiny model as a standard diffusers folder with safetensors weights. Returns the folder."""
-    from diffusers import StableDiffusionPipeline
+def _fit_text_config(text_config: Any, tokenizer: Any) -> None:
+    """The encoder's vocabulary and special ids from the tokenizer written for it (CLIP pools at its EOS id)."""
+    text_config.vocab_size = len(tokenizer)
+    text_config.bos_token_id = tokenizer.bos_token_id
+    text_config.eos_token_id = tokenizer.eos_token_id
+    text_config.pad_token_id = tokenizer.pad_token_id
 
+
+def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 16, folder: str | Path | None = None) -> dict:
+    """Random-weights SDXL components (fixed seed); tokenizers are written under `folder` first. Latents are
+    (4, sample_size, sample_size), images 2x that. Text encoders of width 16 each (embeddings (77, 32)), a pooled
+    projection of 16, time ids embedded at 4 per id: the UNet's added embedding takes 6 x 4 + 16 = 40."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if folder is None:
+        raise ValueError("folder is required: the tokenizers are written to disk first")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=40,
+        cross_attention_dim=32, norm_num_groups=4,
+    )
+    # SDXL base's scheduler config
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=0.13025,
+                        force_upcast=True)
+    write_word_tokenizer(folder / "tokenizer", BASE_WORDS)
+    write_word_tokenizer(folder / "tokenizer_2", BASE_WORDS, pad_token="!")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    encoders = []
+    for cls, tok in ((CLIPTextModel, tokenizer), (CLIPTextModelWithProjection, tokenizer_2)):
+        config = CLIPTextConfig(hidden_size=16, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=2,
+                                num_hidden_layers=2, max_position_embeddings=77, projection_dim=16, hidden_act="gelu")
+        _fit_text_config(config, tok)
+        torch.manual_seed(seed)
+        encoders.append(cls(config).eval())
+    modules: tuple[Any, ...] = (unet, vae)
+    for m in modules:
+        m.eval()
+    return {"unet": unet, "scheduler": scheduler, "vae": vae, "text_encoder": encoders[0],
+            "text_encoder_2": encoders[1], "tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+
+
+def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16, family: TinyFamily = "sd") -> Path:
+    """Write the tiny model of `family` as a standard diffusers folder with safetensors weights. Returns the
+    folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family: got {family!r}; allowed: {', '.join(TINY_FAMILIES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    comps = build_tiny_components(seed, sample_size, tokenizer_dir=folder / "tokenizer")
-    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
+    pipe: Any
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed, sample_size, folder),
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        comps = build_tiny_components(seed, sample_size, tokenizer_dir=folder / "tokenizer")
+        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -7,7 +7,8 @@ batching mode) every raw() call goes to the model's `UNetBatcher`, which concate
 jobs that are in DF-RISE at that moment, up to `max_batch` samples per UNet call, runs them once and hands each
 job its slice. A call is made as soon as every job in DF-RISE has a request waiting (nobody else can add to it)
 or the samples fill a call, so no timer is involved. Only requests of one shape share a call (jobs of different
-image sizes, or of different prompt lengths, run in turn).
+image sizes, or of different prompt lengths, run in turn). A family's added conditioning (SDXL's pooled embeddings
+and time ids) travels with each request and is concatenated like the embeddings.
 
 A call that runs out of device memory (torch.OutOfMemoryError, which a CUDA out-of-memory error is) is run again as
 calls of half its samples, and calls of that shape stay at most that large for the worker's life; a call of one
@@ -25,28 +26,33 @@ from dataclasses import dataclass, field
 
 import torch
 
-from difflens.engine.runner import UNetRunner
+from difflens.engine.runner import Added, UNetRunner
 from difflens.models import RWLock
 
 log = logging.getLogger(__name__)
 
-RawFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (latents, timesteps, embeds) -> output; called with a fourth argument, the added conditioning, when a request has it
+RawFn = Callable[..., torch.Tensor]
 ShapeKey = tuple
 
 
-def shape_key(latents: torch.Tensor, embeds: torch.Tensor) -> ShapeKey:
-    """What requests must share to be concatenated into one call. latents: (n, C, h, w); embeds: (n, L, D)."""
-    return (tuple(latents.shape[1:]), latents.dtype, tuple(embeds.shape[1:]), embeds.dtype)
+def shape_key(latents: torch.Tensor, embeds: torch.Tensor, added: Added | None = None) -> ShapeKey:
+    """What requests must share to be concatenated into one call. latents: (n, C, h, w); embeds: (n, L, D);
+    added: {name: (n, ...)} or None."""
+    extra = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted((added or {}).items()))
+    return (tuple(latents.shape[1:]), latents.dtype, tuple(embeds.shape[1:]), embeds.dtype, extra)
 
 
 @dataclass(eq=False)
 class _Request:
-    """One raw() call of one job. latents: (n, C, h, w); timesteps: (n,); embeds: (n, L, D)."""
+    """One raw() call of one job. latents: (n, C, h, w); timesteps: (n,); embeds: (n, L, D); added: {name: (n, ...)}
+    or None."""
 
     owner: int
     latents: torch.Tensor
     timesteps: torch.Tensor
     embeds: torch.Tensor
+    added: Added | None = None
     sent: int = 0  # samples already handed to a UNet call (a request larger than max_batch spans calls)
     parts: list[torch.Tensor] = field(default_factory=list)
     received: int = 0
@@ -64,7 +70,7 @@ class _Request:
     @property
     def key(self) -> ShapeKey:
         """Requests with the same key can be concatenated into one call."""
-        return shape_key(self.latents, self.embeds)
+        return shape_key(self.latents, self.embeds, self.added)
 
 
 @dataclass
@@ -97,11 +103,11 @@ class UNetBatcher:
         self._busy = False
         self._limits: dict[ShapeKey, int] = {}  # samples per call of a shape, where it ran out of memory at more
 
-    def limit(self, latents: torch.Tensor, embeds: torch.Tensor) -> int:
+    def limit(self, latents: torch.Tensor, embeds: torch.Tensor, added: Added | None = None) -> int:
         """The most samples a call of these requests' shape holds: max_batch, or less after running out of memory.
-        latents: (n, C, h, w); embeds: (n, L, D)."""
+        latents: (n, C, h, w); embeds: (n, L, D); added: {name: (n, ...)} or None."""
         with self._cv:
-            return self._limit(shape_key(latents, embeds))
+            return self._limit(shape_key(latents, embeds, added))
 
     def _limit(self, key: ShapeKey) -> int:
         return self._limits.get(key, self.max_batch)
@@ -118,10 +124,12 @@ class UNetBatcher:
                 self._participants -= 1
                 self._cv.notify_all()  # a waiting leader may now have every remaining participant's request
 
-    def submit(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def submit(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+               added: Added | None = None) -> tuple[torch.Tensor, bool]:
         """UNet output for one request, computed in a shared call. latents: (n, C, h, w); timesteps: (n,);
-        embeds: (n, L, D) -> ((n, C, h, w), shared). Call only from inside `participant()`."""
-        req = _Request(threading.get_ident(), latents, timesteps, embeds)
+        embeds: (n, L, D); added: {name: (n, ...)} or None -> ((n, C, h, w), shared). Call only from inside
+        `participant()`."""
+        req = _Request(threading.get_ident(), latents, timesteps, embeds, added)
         with self._cv:
             self._pending.append(req)
             self._cv.notify_all()
@@ -187,10 +195,14 @@ class UNetBatcher:
                 ts = [t.float() for t in ts]  # the UNet's time projection casts to float32 anyway: same values
             tim = torch.cat(ts)
             emb = torch.cat([r.embeds[a:b] for r, a, b in batch])
+            first = batch[0][0].added  # one shape key: every request has the same names, or none
+            added = None if first is None else {
+                k: torch.cat([r.added[k][a:b] for r, a, b in batch if r.added is not None]) for k in first}
             if size > n:
-                lat, tim, emb = (torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in (lat, tim, emb))
+                lat, tim, emb = (_padded(x, size) for x in (lat, tim, emb))
+                added = None if added is None else {k: _padded(v, size) for k, v in added.items()}
             with torch.no_grad():
-                out = self.fn(lat, tim, emb)[:n]
+                out = (self.fn(lat, tim, emb) if added is None else self.fn(lat, tim, emb, added))[:n]
         except torch.OutOfMemoryError as e:
             if size > 1:
                 self._again_halved(batch, size, e)
@@ -232,6 +244,11 @@ class UNetBatcher:
                     size, str(err).splitlines()[0] if str(err) else type(err).__name__, key[0], limit)
 
 
+def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x: (n, ...) -> (size, ...), zeros after the first n."""
+    return torch.cat([x, x.new_zeros(size - x.shape[0], *x.shape[1:])])
+
+
 class JobRunner(UNetRunner):
     """One job's runner over the model's shared UNet: alone for denoising, batched (via `batcher`) in DF-RISE.
 
@@ -246,7 +263,7 @@ class JobRunner(UNetRunner):
     halve_on_oom = False  # the shared batches halve themselves (UNetBatcher); denoising is one latent per call
 
     def __init__(self, base: UNetRunner, lock: RWLock, batcher: UNetBatcher) -> None:
-        super().__init__(base.unet, "eager")  # eager here: the compiled function is base's, reused below
+        super().__init__(base.unet, "eager", call=base.call)  # eager: the compiled function is base's, reused below
         self.base = base
         self.backend = base.backend
         self.requested_backend = base.requested_backend
@@ -257,20 +274,22 @@ class JobRunner(UNetRunner):
         self.rise_shared = False
         self.oom_batch: int | None = None
 
-    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or (N,). -> (N, C, h, w)."""
+    def raw(self, latents: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor,
+            added: Added | None = None) -> torch.Tensor:
+        """UNet output. latents: (N, C, h, w); embeds: (N, L, D); timestep: int or (N,); added: {name: (N, ...)} or
+        None. -> (N, C, h, w)."""
         if self.batching:
             t = torch.as_tensor(timestep, device=latents.device)
             t = t.expand(latents.shape[0]) if t.dim() == 0 else t
-            out, shared = self.batcher.submit(latents, t, embeds)
+            out, shared = self.batcher.submit(latents, t, embeds, added)
             self.rise_shared |= shared
-            limit = self.batcher.limit(latents, embeds)
+            limit = self.batcher.limit(latents, embeds, added)
             if limit < self.batcher.max_batch:
                 self.oom_batch = min(limit, self.oom_batch or limit)
             return out
         with self.lock.shared():
             t0 = time.perf_counter()
-            out = self.base.raw(latents, timestep, embeds)
+            out = self.base.raw(latents, timestep, embeds, added)
             self.denoise_s += time.perf_counter() - t0
         return out
 

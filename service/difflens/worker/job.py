@@ -28,7 +28,8 @@ from difflens.engine.explain import Explanation, StepExplanation, run_explanatio
 from difflens.engine.loading import Model
 from difflens.engine.sampler import decode
 from difflens.engine.tokens import prompt_tokens
-from difflens.errors import BackendUnavailable, Cancelled, DeadlineExceeded, InvalidArgument
+from difflens.engine.validate import resolve_generation
+from difflens.errors import BackendUnavailable, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobNotFound, JobQueue, Published
@@ -160,6 +161,9 @@ class JobRun:
                                 "deadline_exceeded", error="deadline_exceeded")
         except InvalidArgument as e:
             return self._finish(Failed("INVALID_ARGUMENT", str(e)), "failed", error="invalid_argument")
+        except ResourceExhausted as e:  # refused before its first UNet call: it would not fit (engine/memory.py)
+            log.warning("job %s: %s", claim.job_id, e)
+            return self._finish(Failed("RESOURCE_EXHAUSTED", str(e)), "failed", error="out_of_memory")
         except torch.OutOfMemoryError:  # the worker goes on with its next job; memory the call took is free again
             log.warning("job %s: out of memory even at one sample per UNet call", claim.job_id, exc_info=True)
             return self._finish(Failed("RESOURCE_EXHAUSTED", OUT_OF_MEMORY_MESSAGE), "failed", error="out_of_memory")
@@ -180,9 +184,25 @@ class JobRun:
 
     def _explain(self) -> Explanation:
         spec, model = self.claim.spec, self.entry.model
+        self._check_memory()
         self.words = [t.text for t in prompt_tokens(model.tokenizer, spec.params.prompt)]
         return run_explanation(model, spec.params, spec.explain, runner=self.runner, on_step=self._on_step,
                                on_progress=self._on_progress, check=self._check, guard=self.runner.guard)
+
+    def _check_memory(self) -> None:
+        """ResourceExhausted when one of the job's UNet calls would not fit in the device memory free now (the
+        family's activations per sample at this latent size, engine/memory.py): refused at its claim, before
+        anything runs, rather than dying on it. Out-of-memory errors at run time are the batcher's (it halves)."""
+        if self.entry.memory is None:
+            return
+        from difflens.engine.memory import check_fits
+
+        model = self.entry.model
+        params = resolve_generation(model, self.claim.spec.params)
+        f = model.vae_scale_factor
+        latent = (int(model.unet.config.in_channels), int(params.height or 0) // f, int(params.width or 0) // f)
+        check_fits(self.entry.memory, self.claim.spec.explain, latent, float(params.guidance_scale or 0) > 1,
+                   model.device, max_batch=self.settings.worker_max_batch)
 
     def _check(self, index: int) -> None:
         """Before denoising step `index`: ownership, cancel flag, deadline, a stopping worker (in that order)."""

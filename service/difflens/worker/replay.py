@@ -209,9 +209,9 @@ def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None
 
     import torch
 
+    from difflens.engine import families
     from difflens.engine.explain import run_explanation
     from difflens.engine.loading import load_model
-    from difflens.engine.runner import UNetRunner
     from difflens.worker.job import image_png
 
     model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
@@ -219,7 +219,7 @@ def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None
     try:
         echo(f"difflens: replaying on {settings.device}, {settings.dtype}, {settings.unet_backend}, "
              f"{threads_text(settings.apply_threads())}{recorded_threads(record, threads)}")
-        exp = run_explanation(model, spec.params, spec.explain, runner=UNetRunner(model.unet, settings.unet_backend))
+        exp = run_explanation(model, spec.params, spec.explain, runner=families.runner(model, settings.unet_backend))
     finally:
         torch.set_num_threads(before)
     return exp, audit.explanation_hashes(exp, image_png(exp.image)), configs

@@ -1,0 +1,160 @@
+"""Model families, the torch side: how each one turns a prompt into its denoiser's conditioning and calls the
+denoiser. What a family's folder holds (components, pipeline class names) is engine/model_config.FamilySpec, read
+without torch by the front as well.
+
+Everything family-specific that the sampler, the explainers and the worker need goes through a `Family`:
+
+- `encode`: prompt and negative prompt -> `Prompt`: embeddings (2, L, D) = [negative; prompt], the added
+  conditioning per branch ({name: (2, ...)}, or None) and the prompt's token ids from the first tokenizer;
+- `call`: the denoiser's forward (runner.DenoiserCall), the one place that knows its signature: every UNet call
+  of the engine (runner.raw / guided, DF-CAM's forward with gradients, the attention maps' forward, the worker's
+  shared DF-RISE batches) passes the added conditioning through it;
+- `check`: load-time consistency of the loaded components (ModelLoadError naming the file and field);
+- `conditioning_shapes`: per-sample shapes of embeddings and added conditioning, for the memory estimate;
+- `upcast_vae`: decode in float32 where the model asks for it (SDXL's VAE overflows in float16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from difflens.engine.runner import Added, DenoiserCall, RemoteUNet, UNetRunner, unet_call
+from difflens.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from difflens.engine.loading import Model
+    from difflens.engine.options import Backend
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt encoded for CFG. embeds: (2, L, D) = [negative; prompt]; added: {name: (2, ...)} or None;
+    token_ids: the prompt's L ids from the first tokenizer (what the attention maps' words index)."""
+
+    embeds: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+    token_ids: list[int]
+
+
+def _ids(tokenizer: Any, text: str, length: int | None = None) -> torch.Tensor:
+    """(1, L) token ids, padded and truncated to `length` (default: the tokenizer's model_max_length)."""
+    n = tokenizer.model_max_length if length is None else length
+    return tokenizer(text, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+
+
+class StableDiffusion:
+    """SD 1.x / 2.x and pixel-space UNets: one CLIP text encoder, its last hidden state as the embeddings."""
+
+    name = "sd"
+    upcast_vae = False
+    call: DenoiserCall = staticmethod(unet_call)
+
+    def encode(self, model: Model, prompt: str, negative_prompt: str, size: tuple[int, int]) -> Prompt:
+        """As StableDiffusionPipeline.encode_prompt: both prompts padded to the tokenizer's length. size: (H, W),
+        unused here."""
+        ids = _ids(model.tokenizer, prompt)
+        neg = _ids(model.tokenizer, negative_prompt, ids.shape[-1])
+        with torch.no_grad():
+            enc = model.text_encoder
+            pos_e = enc(ids.to(model.device), attention_mask=None)[0]
+            neg_e = enc(neg.to(model.device), attention_mask=None)[0]
+        return Prompt(torch.cat([neg_e, pos_e]).to(model.dtype), None, ids[0].tolist())
+
+    def check(self, model: Model) -> None:
+        return None
+
+    def conditioning_shapes(self, model: Model) -> tuple[tuple[int, int], dict[str, tuple[int, ...]]]:
+        """((L, D), {}) per sample."""
+        return (int(model.tokenizer.model_max_length), int(model.unet.config.cross_attention_dim)), {}
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: CLIP ViT-L (text_encoder) and OpenCLIP bigG with projection (text_encoder_2). The embeddings are both
+    encoders' penultimate hidden states concatenated per token position, (L, 768 + 1280); the added conditioning is
+    text_encoder_2's pooled projection ("text_embeds", (P,)) and the micro-conditioning "time_ids" (original size,
+    crop's top-left corner, target size: (H, W, 0, 0, H, W), as the pipeline's defaults)."""
+
+    name = "sdxl"
+    upcast_vae = True
+
+    def encode(self, model: Model, prompt: str, negative_prompt: str, size: tuple[int, int]) -> Prompt:
+        """As StableDiffusionXLPipeline.encode_prompt with prompt_2 = prompt. An empty negative prompt is the
+        pipeline's negative_prompt=None: zeros for both branches' negative embeddings where model_index.json's
+        force_zeros_for_empty_prompt is true (SDXL base's default), else the encoded empty string."""
+        ids = [_ids(tok, prompt) for tok in self._tokenizers(model)]
+        embeds, pooled = self._encode(model, ids)
+        if not negative_prompt and model.options.get("force_zeros_for_empty_prompt", True):
+            neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            length = embeds.shape[1]
+            neg_embeds, neg_pooled = self._encode(model, [_ids(tok, negative_prompt, length)
+                                                          for tok in self._tokenizers(model)])
+        h, w = size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=model.dtype, device=model.device)
+        added = {"text_embeds": torch.cat([neg_pooled, pooled]).to(model.dtype), "time_ids": time_ids.repeat(2, 1)}
+        return Prompt(torch.cat([neg_embeds, embeds]).to(model.dtype), added, ids[0][0].tolist())
+
+    def _encode(self, model: Model, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: (1, L) per tokenizer -> embeddings (1, L, D1 + D2) and text_encoder_2's pooled projection (1, P)."""
+        hidden, pooled = [], None
+        with torch.no_grad():
+            for enc, tokens in zip(self._encoders(model), ids, strict=True):
+                out = enc(tokens.to(model.device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
+                pooled = getattr(out, "text_embeds", None)
+        if pooled is None:
+            raise ValueError("text_encoder_2 gave no pooled projection (text_embeds)")
+        return torch.cat(hidden, dim=-1), pooled
+
+    @staticmethod
+    def _tokenizers(model: Model) -> tuple[Any, Any]:
+        return model.tokenizer, model.components["tokenizer_2"]
+
+    @staticmethod
+    def _encoders(model: Model) -> tuple[Any, Any]:
+        return model.text_encoder, model.components["text_encoder_2"]
+
+    def check(self, model: Model) -> None:
+        """The UNet's added embedding and cross-attention width against the two encoders (ModelLoadError naming
+        unet/config.json and the key): what the pipeline finds only at the first call."""
+        config, where = model.unet.config, str(model.path / "unet" / "config.json")
+        te1, te2 = (enc.config for enc in self._encoders(model))
+        if config.get("addition_embed_type") != "text_time":
+            raise ModelLoadError(where, f"addition_embed_type: got {config.get('addition_embed_type')!r}; an SDXL "
+                                        "UNet takes 'text_time' (pooled text embeddings and time ids)")
+        want = int(config.addition_time_embed_dim) * 6 + int(te2.projection_dim)
+        got = int(model.unet.add_embedding.linear_1.in_features)
+        if got != want:
+            raise ModelLoadError(where, f"projection_class_embeddings_input_dim: got {got}; expected {want} (6 time "
+                                        f"ids x addition_time_embed_dim {config.addition_time_embed_dim} + "
+                                        f"text_encoder_2's projection_dim {te2.projection_dim})")
+        width = int(te1.hidden_size) + int(te2.hidden_size)
+        if int(config.cross_attention_dim) != width:
+            raise ModelLoadError(where, f"cross_attention_dim: got {config.cross_attention_dim}; expected {width} "
+                                        "(text_encoder's and text_encoder_2's hidden sizes together)")
+
+    def conditioning_shapes(self, model: Model) -> tuple[tuple[int, int], dict[str, tuple[int, ...]]]:
+        """((L, D1 + D2), {"text_embeds": (P,), "time_ids": (6,)}) per sample."""
+        (seq, dim), _ = super().conditioning_shapes(model)
+        proj = int(model.components["text_encoder_2"].config.projection_dim)
+        return (seq, dim), {"text_embeds": (proj,), "time_ids": (6,)}
+
+
+Family = StableDiffusion  # the interface every family implements (SD3 and FLUX: subclasses or look-alikes)
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+
+
+def of(model: Model) -> Family:
+    """The loaded model's family behaviour."""
+    return FAMILIES[model.family.name]
+
+
+def runner(model: Model, backend: Backend = "eager", remote: RemoteUNet | None = None) -> UNetRunner:
+    """The model's UNet runner, calling its denoiser the family's way."""
+    return UNetRunner(model.unet, backend, remote=remote, call=of(model).call)
+
+
+__all__ = ["FAMILIES", "Added", "Family", "Prompt", "StableDiffusion", "StableDiffusionXL", "of", "runner"]
