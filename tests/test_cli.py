@@ -181,7 +181,7 @@ def test_explain_with_every_method(tiny_dir, tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     assert names == {"image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png",
                      "strip_rise.png", "strip_cam.png", "strip_attn.png", "rise.gif", "cam.gif", "attn.gif",
-                     "audit.json"}
+                     "overview.png", "audit.json"}
     with np.load(out / "explanation.npz") as z:
         assert z["explained_steps"].tolist() == [0, 2]
         assert z["tokens"].tolist() == ["a", "large", "red", "circle"]

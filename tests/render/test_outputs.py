@@ -10,7 +10,7 @@ from difflens.render import outputs, write_outputs
 from tests.render.conftest import LAYERS, make_explanation
 
 ALL_FILES = {"image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png",
-             "strip_rise.png", "strip_cam.png", "strip_attn.png", "rise.gif", "cam.gif", "attn.gif"}
+             "strip_rise.png", "strip_cam.png", "strip_attn.png", "rise.gif", "cam.gif", "attn.gif", "overview.png"}
 
 
 def test_writes_every_output(explanation, tmp_path):
@@ -59,7 +59,8 @@ def test_methods_none_writes_image_params_report_only(tmp_path):
 
 def test_only_present_methods_are_drawn(tmp_path):
     written = write_outputs(make_explanation(methods=("cam",)), tmp_path / "run")
-    assert set(written) == {"image.png", "params.json", "report.html", "explanation.npz", "strip_cam.png", "cam.gif"}
+    assert set(written) == {"image.png", "params.json", "report.html", "explanation.npz", "strip_cam.png", "cam.gif",
+                            "overview.png"}
 
 
 def test_a_second_run_replaces_the_first_and_clears_its_leftovers(explanation, tmp_path):
@@ -69,7 +70,7 @@ def test_a_second_run_replaces_the_first_and_clears_its_leftovers(explanation, t
     write_outputs(make_explanation(methods=("rise",)), out)
     names = {p.name for p in out.iterdir()}
     assert names == {"image.png", "params.json", "report.html", "explanation.npz", "strip_rise.png", "rise.gif",
-                     "notes.txt"}  # files that are not ours stay
+                     "overview.png", "notes.txt"}  # files that are not ours stay
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 

@@ -6,6 +6,7 @@ import re
 from difflens.render import write_outputs
 from difflens.render.report import relevance_chart
 from tests.render.conftest import make_explanation
+from tests.render.test_compose import assert_carries_the_scale
 
 
 def _report(exp, tmp_path):
@@ -52,3 +53,17 @@ def test_report_escapes_the_prompt_and_words(tmp_path):
 def test_report_lists_the_parameters(explanation, tmp_path):
     _, html = _report(explanation, tmp_path)
     assert "generation.steps" in html and "explain.steps.indices" in html and "/models/tiny" in html
+
+
+def test_the_reports_pictures_of_maps_carry_the_colour_scale_and_the_method_names(explanation, tmp_path):
+    import io
+
+    from PIL import Image
+
+    written, html = _report(explanation, tmp_path)
+    shown = {base64.b64decode(s.split(",", 1)[1]) for s in re.findall(r'<img src="([^"]+)"', html)}
+    for name in ("strip_rise.png", "strip_cam.png", "strip_attn.png", "attn_tokens.png"):
+        data = written[name].read_bytes()
+        assert data in shown, name
+        assert_carries_the_scale(Image.open(io.BytesIO(data)))
+    assert "colour scale" in html

@@ -1,7 +1,10 @@
-"""Pictures of an Explanation: per-method strips and GIFs over the explained steps, the token-map grid.
+"""Pictures of an Explanation: per-method strips and GIFs over the explained steps, the token-map grid, the
+overview (the image above one labelled row per method: the README's picture).
 
 Tiles are shown at a display size (longer side between MIN_SIDE and MAX_SIDE px): the image is resized to it and
 each map is upsampled straight to it, so the display rule's "bilinear to image size" holds at the shown size.
+Every still picture of maps ends in the colour scale (colour_scale): the heat map's colours over the display
+rule's range, so a reader can tell low from high without knowing the colour map.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from difflens.render.maps import as_array, overlay, resize_image
+from difflens.render.maps import as_array, jet, overlay, resize_image
 
 if TYPE_CHECKING:
     from difflens.engine.explain import Explanation, StepExplanation
@@ -27,6 +30,10 @@ LABEL_H = 20
 GIF_FRAME_MS = 500
 METHODS = ("rise", "cam", "attn")  # the order strips, GIFs and report sections appear in
 TITLES = {"rise": "DF-RISE", "cam": "DF-CAM", "attn": "Cross-attention (mean over words)"}
+ROW_LABELS = {"rise": "DF-RISE", "cam": "DF-CAM", "attn": "attention"}  # short: a strip's left column
+SCALE_BAR_H = 10
+SCALE_H = SCALE_BAR_H + 2 * LABEL_H  # the bar, its ends' values, what the values are
+SCALE_TEXT = "each map after ReLU, min-max scaled in its own tile"
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 
@@ -89,9 +96,7 @@ def fit_text(text: str, width: float) -> str:
 def grid(cells: list[list[Image.Image]], row_labels: list[str] | None = None) -> Image.Image:
     """Lay equally sized cells out in rows (ragged last row allowed), with an optional label left of each row."""
     cw, ch = cells[0][0].size
-    label_w = 0
-    if row_labels:
-        label_w = int(max(font().getlength(t) for t in row_labels)) + 2 * PAD
+    label_w = label_width(row_labels)
     cols = max(len(r) for r in cells)
     out = Image.new("RGB", (label_w + PAD + cols * (cw + PAD), PAD + len(cells) * (ch + PAD)), BACKGROUND)
     draw = ImageDraw.Draw(out)
@@ -104,15 +109,51 @@ def grid(cells: list[list[Image.Image]], row_labels: list[str] | None = None) ->
     return out
 
 
+def label_width(row_labels: list[str] | None) -> int:
+    """Width of grid's label column for these labels (0 without labels)."""
+    return int(max(font().getlength(t) for t in row_labels)) + 2 * PAD if row_labels else 0
+
+
 def step_tiles(exp: Explanation, method: str) -> list[Image.Image]:
     """One labelled overlay ("t=981") per explained step for `method`."""
     base = resize_image(exp.image, display_size(exp.image.shape[0], exp.image.shape[1]))
     return [label_tile(overlay(base, method_map(s, method)), f"t={s.timestep}") for s in exp.steps]
 
 
-def strip(tiles: list[Image.Image], per_row: int = PER_ROW) -> Image.Image:
-    """Per-step tiles (from step_tiles) left to right in step order, wrapping after `per_row` tiles."""
-    return grid([tiles[i:i + per_row] for i in range(0, len(tiles), per_row)])
+def strip(tiles: list[Image.Image], per_row: int = PER_ROW, label: str | None = None) -> Image.Image:
+    """Per-step tiles (from step_tiles) left to right in step order, wrapping after `per_row` tiles, with
+    `label` (the method's name) left of the first row and the colour scale underneath."""
+    rows = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
+    labels = None if label is None else first_row_label(label, len(rows))
+    return with_scale(grid(rows, labels), label_width(labels) + PAD)
+
+
+def first_row_label(label: str, n_rows: int) -> list[str]:
+    """`label` for the first of `n_rows` rows, blank for the rest: a wrapped strip names its method once."""
+    return [label] + [""] * (n_rows - 1)
+
+
+def colour_scale(width: int, left: int = PAD) -> Image.Image:
+    """(width x SCALE_H) the heat map's colour bar over the display rule's range [0, 1], from x = `left` to the
+    right edge less PAD: "0 low" and "1 high" under its ends, SCALE_TEXT under that."""
+    bar_w = max(1, width - left - PAD)
+    ramp = (jet(np.linspace(0.0, 1.0, bar_w, dtype=np.float32)) * 255.0).round().astype(np.uint8)  # (bar_w, 3)
+    out = Image.new("RGB", (width, SCALE_H), BACKGROUND)
+    out.paste(Image.fromarray(np.repeat(ramp[None], SCALE_BAR_H, axis=0)), (left, 0))
+    draw = ImageDraw.Draw(out)
+    y = SCALE_BAR_H + LABEL_H / 2
+    draw.text((left, y), "0 low", fill=INK, font=font(), anchor="lm")
+    draw.text((left + bar_w, y), "1 high", fill=INK, font=font(), anchor="rm")
+    draw.text((left, y + LABEL_H), fit_text(SCALE_TEXT, bar_w), fill=INK, font=font(), anchor="lm")
+    return out
+
+
+def with_scale(picture: Image.Image, left: int = PAD) -> Image.Image:
+    """`picture` (a grid) with the colour scale under it, its bar starting at x = `left` (under the tiles)."""
+    out = Image.new("RGB", (picture.width, picture.height + SCALE_H + PAD), BACKGROUND)
+    out.paste(picture, (0, 0))
+    out.paste(colour_scale(picture.width, left), (0, picture.height))
+    return out
 
 
 def token_grid(exp: Explanation) -> Image.Image | None:
@@ -130,7 +171,25 @@ def token_grid(exp: Explanation) -> Image.Image | None:
             label = word if rel is None else f"{word} {float(rel[j]):.2f}"
             row.append(label_tile(overlay(base, maps[j]), label))
         rows.append(row)
-    return grid(rows, [f"t={s.timestep}" for s in exp.steps])
+    labels = [f"t={s.timestep}" for s in exp.steps]
+    return with_scale(grid(rows, labels), label_width(labels) + PAD)
+
+
+def overview(exp: Explanation, per_row: int = PER_ROW) -> Image.Image | None:
+    """The image, then one row of per-step overlays per method present, each row labelled with the method's
+    name (ROW_LABELS), a long run wrapping after `per_row` tiles; the colour scale underneath. None when no
+    method was explained."""
+    present = methods_present(exp)
+    if not present:
+        return None
+    size = display_size(exp.image.shape[0], exp.image.shape[1])
+    rows, labels = [[label_tile(resize_image(exp.image, size), "final image")]], ["image"]
+    for m in present:
+        tiles = step_tiles(exp, m)
+        wrapped = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
+        rows += wrapped
+        labels += first_row_label(ROW_LABELS[m], len(wrapped))
+    return with_scale(grid(rows, labels), label_width(labels) + PAD)
 
 
 def png_bytes(img: Image.Image) -> bytes:

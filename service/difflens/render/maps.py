@@ -1,4 +1,4 @@
-"""One saliency map over one image: METHOD.md's display rule and the heat-map blend.
+"""One saliency map over one image: the display rule (docs/method.md) and the heat-map blend.
 
 Display rule: ReLU, bilinear upsample to the image's size, min-max to [0, 1]. Maps arrive as CPU tensors or numpy
 arrays; everything here is numpy and PIL, so render/ needs no torch.

@@ -23,7 +23,7 @@ from difflens.render.maps import as_array
 if TYPE_CHECKING:
     from difflens.engine.explain import Explanation
 
-FIXED_NAMES = ("image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png")
+FIXED_NAMES = ("image.png", "params.json", "report.html", "explanation.npz", "attn_tokens.png", "overview.png")
 # Written beside the outputs by the commands that have them: a served job's audit record, replay's comparison.
 COMPANION_NAMES = ("audit.json", "replay.json")
 
@@ -68,8 +68,11 @@ def render_files(exp: Explanation) -> dict[str, bytes]:
     files: dict[str, bytes] = {"image.png": compose.png_bytes(Image.fromarray(np.asarray(exp.image, np.uint8)))}
     for m in compose.methods_present(exp):
         tiles = compose.step_tiles(exp, m)
-        files[f"strip_{m}.png"] = compose.png_bytes(compose.strip(tiles))
+        files[f"strip_{m}.png"] = compose.png_bytes(compose.strip(tiles, label=compose.ROW_LABELS[m]))
         files[f"{m}.gif"] = compose.gif_bytes(tiles)
+    picture = compose.overview(exp)
+    if picture is not None:
+        files["overview.png"] = compose.png_bytes(picture)
     tokens = compose.token_grid(exp)
     if tokens is not None:
         files["attn_tokens.png"] = compose.png_bytes(tokens)
@@ -85,9 +88,9 @@ def write_outputs(explanation: Explanation, out_dir: str | os.PathLike[str],
     """Write every output of `explanation` into `out_dir` (created if missing). Returns file name -> path.
 
     Always image.png, params.json, report.html; with explained steps also explanation.npz and, per method
-    present, strip_<method>.png and <method>.gif; with attention maps attn_tokens.png; `companions` (names from
-    COMPANION_NAMES -> bytes) in the same all-or-nothing write. Files of a previous run in `out_dir` with these
-    names are replaced or, when this run does not produce them, removed.
+    present, strip_<method>.png and <method>.gif, and with any method overview.png; with attention maps
+    attn_tokens.png; `companions` (names from COMPANION_NAMES -> bytes) in the same all-or-nothing write.
+    Files of a previous run in `out_dir` with these names are replaced or, when this run does not produce them, removed.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -133,6 +133,10 @@ def report_html(exp: Explanation, images: dict[str, bytes]) -> str:
         f"{len(exp.timesteps)} denoising steps, {len(exp.steps)} explained</div>",
         f'<h2>Image</h2><div class="image">{img_tag(images["image.png"], "generated image", width=shown)}</div>',
     ]
+    if methods_present(exp):
+        body.append('<p class="muted">Each map is drawn as a heat map at half weight over the image, after ReLU and '
+                    "min-max scaling within its own tile: the colour scale under each picture runs from blue "
+                    "(0, the tile's lowest value) to red (1, its highest).</p>")
     for m in methods_present(exp):
         name = f"strip_{m}.png"
         if name in images:
