@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difflens import cli, explain_flags
+from difflens import cli
+from difflens.commands import explain_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,11 +19,17 @@ from difflens.api.cli import add_ensure_groups, add_models, add_serve
 from difflens.api.client_cli import add_client_flags, add_delete, check_client_flags
 from difflens.auth.cli import add_keys
 from difflens.backend_flags import add_backend_flags, engine_settings
+from difflens.commands.explain_flags import (
+    add_explanation_flags,
+    choices_text,
+    explanation_options,
+    parse_ints,
+    rise_summary,
+)
 from difflens.config import DTYPES
 from difflens.engine.options import SAMPLING_KINDS, SCHEDULERS  # torch-free: the parser builds fast
 from difflens.errors import BackendUnavailable, DifflensError, InvalidArgument, ModelLoadError, NotReady
 from difflens.evaluation.cli import add_evaluate
-from difflens.explain_flags import add_explanation_flags, choices_text, explanation_options, parse_ints, rise_summary
 from difflens.triton.cli import add_triton_serve
 from difflens.worker.cli import add_replay, add_worker
 

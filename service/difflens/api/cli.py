@@ -371,7 +371,7 @@ def run_explain_remote(args: argparse.Namespace) -> int:
     import grpc
 
     from difflens.client import explanation_from_events
-    from difflens.explain_flags import rise_summary
+    from difflens.commands.explain_flags import rise_summary
     from difflens.jobs import Completed, Failed, Queued, Started
     from difflens.render import write_outputs
 

@@ -50,16 +50,16 @@ FLAGS = {"fidelity_images": "--captions", "explain_captions": "--explain-caption
 
 
 def parse_steps(text: str) -> int | tuple[int, ...]:
-    from difflens.explain_flags import parse_ints
+    from difflens.commands.explain_flags import parse_ints
 
     values = parse_ints("steps", text)
     return values[0] if len(values) == 1 and "," not in text else values
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from difflens.commands.explain_flags import parse_ints
     from difflens.config import Settings
     from difflens.errors import InvalidArgument
-    from difflens.explain_flags import parse_ints
 
     if args.out.exists() and not args.out.is_dir():
         raise InvalidArgument("out", f"{args.out} exists and is not a folder")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from difflens.api.client_cli import add_client_flags, check_client_flags, client_options
 from difflens.backend_flags import add_backend_flags, engine_settings
+from difflens.commands.explain_flags import add_explanation_flags, explanation_given, explanation_options
 from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
-from difflens.explain_flags import add_explanation_flags, explanation_given, explanation_options
 
 
 def add_worker(sub: argparse._SubParsersAction) -> None:
