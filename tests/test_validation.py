@@ -78,7 +78,7 @@ def test_the_step_event_estimate_is_the_real_events_tensor_bytes(catalog, tiny_m
     from difflens.engine.options import AttentionOptions, CamOptions
     from difflens.jobs import OutputOptions
     from difflens.validation import step_event_bytes
-    from difflens.worker.job import step_event
+    from difflens.worker.events import step_event
 
     spec = JobSpec(model="tiny", params=GenerationParams("a small red circle", steps=2, guidance_scale=2.0),
                    explain=ExplainOptions(steps=StepSelector("list", (1,)), rise=RiseOptions(num_masks=4),

@@ -25,12 +25,10 @@ import torch
 from difflens import audit, metrics
 from difflens.config import ServiceSettings
 from difflens.engine.explain import Explanation, StepExplanation, run_explanation
-from difflens.engine.loading import Model
-from difflens.engine.sampler import decode
 from difflens.engine.tokens import prompt_tokens
 from difflens.engine.validate import resolve_generation
 from difflens.errors import BackendUnavailable, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
-from difflens.jobs import Completed, Event, Failed, OutputOptions, Progress, Started, Step, TokenMap
+from difflens.jobs import Completed, Event, Failed, Progress, Started, Step
 from difflens.models import LoadedModel
 from difflens.queue.base import Claim, JobNotFound, JobQueue, Published
 from difflens.queue.common import (
@@ -41,6 +39,7 @@ from difflens.queue.common import (
     storage_full,
 )
 from difflens.worker.batching import JobRunner
+from difflens.worker.events import step_event
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +61,6 @@ class HandBack(Exception):
 
 class ShuttingDown(Exception):
     """The process is going, its queue with it (serve --embedded): nobody could take the job over."""
-
-
-def step_event(se: StepExplanation, words: list[str], output: OutputOptions, model: Model,
-               latency_s: float, num_steps: int) -> Step:
-    """StepExplanation -> the Step event. Maps (h, w) and token maps (h, w) in output.map_dtype; the x0 preview
-    (3, H, W) in [0, 1], decoded with the VAE (pixel-space models: x0 is the image), when asked for."""
-    dtype = np.dtype(output.map_dtype)
-    maps = {k: v.numpy().astype(dtype) for k, v in se.maps.items() if k not in ("attn", "attn_relevance")}
-    tokens: tuple[TokenMap, ...] = ()
-    if "attn" in se.maps:
-        attn, rel = se.maps["attn"].numpy(), se.maps["attn_relevance"].numpy()
-        tokens = tuple(TokenMap(w, attn[j].astype(dtype), float(rel[j])) for j, w in enumerate(words))
-    preview = None
-    if output.include_x0_previews and se.x0 is not None:
-        preview = decode(model, se.x0).transpose(2, 0, 1).astype(dtype)
-    return Step(index=se.index, timestep=se.timestep, num_steps=num_steps, maps=maps, tokens=tokens,
-                latency_s=latency_s, x0_preview=preview, rise=se.rise)
 
 
 @dataclass
