@@ -7,7 +7,7 @@ from difflens.errors import InvalidArgument
 
 
 def reference(stage, n, lam, T=1000):
-    # METHOD.md, written out independently of the module.
+    # docs/method.md, written out independently of the module.
     a = T ** (1 / (n + lam))
     if stage == "late":
         t = sorted([int(a ** (k + 1 + lam)) for k in range(n)], reverse=True)

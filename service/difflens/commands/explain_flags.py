@@ -65,7 +65,7 @@ def add_explanation_flags(p: argparse.ArgumentParser, *, keep: str | None = None
                    help="DF-RISE: the reference code's 2*sigma_xy")
     e.add_argument("--ssim-padding", metavar=choices_text(SSIM_PADDINGS),
                    help="DF-RISE structure term's window past the border" + d(" (default reflect)") +
-                        "; zero: the paper's / reference code's padding (METHOD.md's parity option)")
+                        "; zero: the paper's / reference code's padding (docs/method.md's parity option)")
     e.add_argument("--rise-target", metavar=choices_text(RISE_TARGETS), help="DF-RISE reference" + d(" (default eps)"))
     e.add_argument("--mask-seed", type=int, help="DF-RISE mask seed" + d(" (default 0)"))
     e.add_argument("--sampler", metavar=choices_text(MASK_SAMPLERS),

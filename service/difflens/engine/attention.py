@@ -1,4 +1,4 @@
-"""Cross-attention token maps and token relevance of one denoising step (METHOD.md, R2).
+"""Cross-attention token maps and token relevance of one denoising step (docs/method.md, R2).
 
 A separate no-grad eager forward of the conditional branch runs with the cross-attention processors swapped for
 recorders (hooks.capture_cross_attention); the generation's own UNet call is never touched, so the image is

@@ -1,4 +1,4 @@
-"""DF-CAM: Grad-CAM maps from inside the UNet at one denoising step (METHOD.md, DF-CAM).
+"""DF-CAM: Grad-CAM maps from inside the UNet at one denoising step (docs/method.md, DF-CAM).
 
 One eager forward over both CFG branches with gradients on, one backward for all requested layers, activations
 and gradients of the same step. Capture is hooks.capture_outputs; this module only does the math.

@@ -1,4 +1,4 @@
-"""How faithful a saliency map is (METHOD.md, "Faithfulness"): pure functions over maps, masks and a StepState.
+"""How faithful a saliency map is (docs/faithfulness.md): pure functions over maps, masks and a StepState.
 
 - pointing_game: the map's maximum lies in the ground-truth region (with a pixel tolerance);
 - mass_ratio: the share of saliency inside a region over the region's share of the area;
@@ -100,7 +100,7 @@ def perturbation_curve(
     order: torch.Tensor | None = None,
     tie_break: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Deletion or insertion on the latent at one step (METHOD.md).
+    """Deletion or insertion on the latent at one step (docs/faithfulness.md).
 
     Latent pixels are taken in order of decreasing saliency (or `order`, a permutation of h*w pixel indices,
     e.g. random for the baseline); pixels of equal saliency go in the order of `tie_break` (a permutation of the

@@ -1,4 +1,4 @@
-"""DF-RISE's masks (METHOD.md, DF-RISE step 1): how the N masks of a request are drawn. Pure torch, no I/O.
+"""DF-RISE's masks (docs/method.md, DF-RISE step 1): how the N masks of a request are drawn. Pure torch, no I/O.
 
 A mask value comes from a uniform draw U per latent pixel (pixel masks) or per grid cell (grid masks): kept where
 U < p. The sampler decides how the draws of the N masks relate to each other:

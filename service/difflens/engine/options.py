@@ -57,7 +57,7 @@ def check_range(field_name: str, value: float, lo: float, hi: float) -> None:
 class Sampling:
     """Which timesteps the generation visits.
 
-    uniform: the scheduler's own spacing; early/late: exponential packing with shift lambda (METHOD.md);
+    uniform: the scheduler's own spacing; early/late: exponential packing with shift lambda (docs/method.md);
     explicit: `timesteps`, strictly decreasing, each in [0, num_train_timesteps).
     """
 
@@ -129,12 +129,12 @@ class StepSelector:
 
 @dataclass(frozen=True)
 class RiseOptions:
-    """DF-RISE (METHOD.md). `masks`, when given, is (N, h, w) in [0, 1] and overrides num_masks/p/kind/seed/
+    """DF-RISE (docs/method.md). `masks`, when given, is (N, h, w) in [0, 1] and overrides num_masks/p/kind/seed/
     sampler/antithetic.
 
     structure_2x: the reference code's 2*sigma_xy numerator (parity flag).
     ssim_padding: how the structure term's 15 x 15 window sees past the latent's border - "reflect" (the default:
-    the border's own pixels, mirrored) or "zero" (the paper's / reference code's padding, METHOD.md's parity
+    the border's own pixels, mirrored) or "zero" (the paper's / reference code's padding, docs/method.md's parity
     option: the padded zeros count as data, identical in both inputs, which raises the score on a 7-pixel ring; on
     a 32 x 32 latent that ring decides where the map peaks).
     sampler: how the masks' uniform draws are made (engine/masks.py) - "mc" (independent, the reference code's),

@@ -1,4 +1,4 @@
-"""DF-RISE: perturbation saliency of one denoising step (METHOD.md, section DF-RISE).
+"""DF-RISE: perturbation saliency of one denoising step (docs/method.md, section DF-RISE).
 
 Masks multiply the step's UNet input; the guided outputs of the masked latents are compared, pixel by pixel, with
 a reference (the unmasked eps_w, or x_{t_next} for parity with the reference code); H = sum_k M_k * s_k.

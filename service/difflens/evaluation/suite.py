@@ -83,7 +83,7 @@ class EvalConfig:
     schedules: tuple[Schedule, ...] = ("uniform", "early", "late")
     # R3 again at these few step counts: at the model's default (25) every schedule can be perfect, and only
     # with few steps does it show which attributes the early (high-noise) or late steps carry. lambda is scaled
-    # by n / default steps there: METHOD.md's curve packs by (k + 1 + lambda) / (n + lambda), so lambda = 60 at
+    # by n / default steps there: docs/method.md's curve packs by (k + 1 + lambda) / (n + lambda), so lambda = 60 at
     # n = 3 would put all "late" steps near t = T and the "early" ones near 0, the opposite of their stages.
     r3_steps: tuple[int, ...] = (3, 5)
     rise_mask: MaskKind = "pixel"
