@@ -228,7 +228,7 @@ def test_batched_equals_one_mask_per_call_with_reflect_padding(cfg_state):
 
 
 def test_reflect_is_the_default_padding_and_zero_the_papers():
-    """The default points at the object on the shipped model (README: pointing 0.87 against 0.31 with zeros)."""
+    """The default points at the object on the shipped model (faithfulness.md: pointing 0.87, 0.31 with zeros)."""
     assert RiseOptions().ssim_padding == "reflect"
     x, y = structured_pair()
     default = rise.score(x, y, RiseOptions())

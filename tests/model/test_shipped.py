@@ -47,7 +47,7 @@ def test_shipped_model_draws_the_colour_and_place_asked_for(shipped, prompt, col
 
 def test_diffusers_own_pipeline_loads_and_runs_the_shipped_folder():
     """Interop beyond our loader: diffusers' StableDiffusionPipeline reads the folder as is. It is pixel-space, so
-    the pipeline gets vae=None and returns the 'latent', which is the image in [-1, 1] (the README says so)."""
+    the pipeline gets vae=None and returns the 'latent', which is the image in [-1, 1] (shipped-model.md)."""
     import numpy as np
     import torch
     from diffusers import StableDiffusionPipeline
