@@ -304,14 +304,15 @@ def test_an_id_naming_another_key_of_a_job_is_not_found(front, call):
 
 def test_the_enqueue_script_run_twice_with_one_job_id_makes_one_job(redis_url, queue_name):
     """What the front's one retry on a dead connection relies on: a retried enqueue (same job id) is a no-op."""
+    from difflens.queue.redis_scripts import Enqueued
     from difflens.queue.redis_streams import RedisStreamsQueue
 
     q = RedisStreamsQueue(redis_url, settings("unused", redis_url=redis_url, queue_name=queue_name))
     try:
         spec = job(steps=2)
-        keys, args = q._enqueue_call(spec, "fixed-id", time.time())
-        assert q._enqueue(keys=keys, args=args)[0] == b"new"
-        assert q._enqueue(keys=keys, args=args) == [b"existing", b"fixed-id"]
+        call = q._enqueue_call(spec, "fixed-id", time.time())
+        assert call.run(q._enqueue).outcome == "new"
+        assert call.run(q._enqueue) == Enqueued("existing", job_id="fixed-id")
         assert q.depth(MODEL) == 1 and len(q.events("fixed-id")) == 1
     finally:
         q.close()

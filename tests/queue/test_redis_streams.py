@@ -171,9 +171,9 @@ def test_a_job_whose_spec_this_worker_cannot_read_fails_without_a_started_event(
 
     q = rb.queue()
     job_id = new_job_id()
-    keys, args = q._enqueue_call(spec(), job_id, time.time())
-    args[1] = json.dumps({"model": MODEL, "params": {"prompt": "x", "a_newer_field": 1}})  # a newer front's
-    q._enqueue(keys=keys, args=args)
+    call = q._enqueue_call(spec(), job_id, time.time())
+    call.args[1] = json.dumps({"model": MODEL, "params": {"prompt": "x", "a_newer_field": 1}})  # a newer front's
+    assert call.run(q._enqueue).outcome == "new"
     assert (q.claim_ahead("w", MODELS, block_s=1) if ahead else q.claim("w", MODELS, block_s=1, start=True)) is None
     events = [e for _, e in q.events(job_id)]
     assert [type(e).__name__ for e in events] == ["Queued", "Failed"]

@@ -16,8 +16,9 @@ from redis.backoff import NoBackoff
 
 from difflens.jobs import Event, JobRecord, JobSpec
 from difflens.queue import redis_lua as lua
+from difflens.queue import redis_scripts as scripts
 from difflens.queue.base import JobNotFound
-from difflens.queue.common import new_job_id, text
+from difflens.queue.common import new_job_id
 from difflens.queue.redis_streams import (
     TERMINAL_STATES,
     RedisStreamsQueue,
@@ -55,16 +56,16 @@ class AsyncRedisFront:
 
     async def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord:
         job_id, now = new_job_id(), time.time()
-        keys, args = self._q._enqueue_call(spec, job_id, now, max_in_flight)
-        kind, value = await self._enqueue(keys=keys, args=args)
-        if kind == b"existing":
-            return await self.get(text(value))
-        return self._q._enqueued(spec, job_id, now, kind, value, max_in_flight)
+        reply = await self._q._enqueue_call(spec, job_id, now, max_in_flight).run_async(self._enqueue)
+        if reply.outcome == "existing":
+            return await self.get(reply.job_id)
+        return self._q._enqueued(spec, job_id, now, reply, max_in_flight)
 
     async def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
         if rate_per_s <= 0:
             return 0.0
-        return int(await self._take_token(keys=[self._q._rate_key(bucket)], args=[rate_per_s, burst])) / 1000
+        call = scripts.take_token(self._q._rate_key(bucket), rate_per_s=rate_per_s, burst=burst)
+        return (await call.run_async(self._take_token)).wait_s
 
     async def get(self, job_id: str) -> JobRecord:
         h = await self._r.hgetall(self._q._job_prefix + job_id)

@@ -1,7 +1,9 @@
 """The production queue: Redis Streams with a consumer group of workers (base.py states the semantics).
 
-The keys, and the Lua scripts through which every check-then-write on a job goes: redis_lua.py. Which work entry a
-worker gets next (the per-model work streams, read in turns, and their reclaim scan): redis_work.py.
+The keys, and the Lua scripts through which every check-then-write on a job goes: redis_lua.py; each script's call,
+its KEYS and ARGV by name and its reply decoded into a dataclass: redis_scripts.py. Which work entry a worker gets
+next (the per-model work streams, read in turns, and their reclaim scan): redis_work.py. Connecting (credentials,
+TLS, waiting for Redis): redis_conn.py.
 
 A worker learns of a cancel without a read per denoising step: its queue object subscribes to P:cancel before its
 first claim (redis_cancel.CancelWatch), and `cancel_signalled` answers from what arrived, for jobs claimed while
@@ -16,19 +18,17 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
 from difflens.config import ServiceSettings
-from difflens.errors import NotReady
 from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started, decode_event, encode_event
 from difflens.queue import redis_lua as lua
+from difflens.queue import redis_scripts as scripts
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
 from difflens.queue.common import (
     CANCELLED_MESSAGE,
@@ -52,6 +52,16 @@ from difflens.queue.common import (
     text,
 )
 from difflens.queue.redis_cancel import CancelWatch
+
+# the connection helpers, here too for the callers that import them from this module
+from difflens.queue.redis_conn import (  # noqa: F401
+    MIN_REDIS_VERSION,
+    connect,
+    redacted,
+    tls_options,
+    version_tuple,
+    with_password,
+)
 from difflens.queue.redis_rewrite import ClaimWrites
 from difflens.queue.redis_work import GROUP, WorkStreams
 
@@ -61,9 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The oldest Redis the queue runs on: XAUTOCLAIM (reclaiming a dead worker's jobs) came in 6.2. An older server
-# would fail the first reclaim with "unknown command", long after start-up; connect() refuses it at once instead.
-MIN_REDIS_VERSION = (6, 2)
 # How long the first claim waits for the cancel channel's subscription before claiming without it (its jobs then
 # read the flag per step), and how often that connection pings Redis, so a dead one is noticed.
 WATCH_READY_S = 2.0
@@ -71,7 +78,6 @@ WATCH_HEALTH_CHECK_S = 5
 
 
 TERMINAL_STATES = (b"completed", b"failed", b"cancelled")
-OUT_OF_STEP = 3  # the publish and finish scripts' answer: nothing written, the job's events lost some of the claim's
 
 
 def _ahead_claim(job_id: str, fields: dict[bytes, bytes], worker: str) -> Claim | None:
@@ -124,89 +130,6 @@ def _event_of(fields: dict[bytes, bytes]) -> Event:
     return Queued(position=int(fields[b"q"]))
 
 
-def version_tuple(text: object) -> tuple[int, ...]:
-    """'7.0.15' -> (7, 0, 15); () when `text` does not start with a dotted number."""
-    found = re.match(r"\d+(?:\.\d+)*", str(text))
-    return tuple(int(p) for p in found.group().split(".")) if found else ()
-
-
-def redacted(url: str) -> str:
-    """`url` with its password, if any, replaced by ***: fit for a log line or an error message."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def with_password(url: str, password: str | None, username: str | None = None) -> str:
-    """`url` carrying `password` (DIFFLENS_REDIS_PASSWORD: one Kubernetes Secret key serves the pods and KEDA) and
-    `username` (DIFFLENS_REDIS_USERNAME: an ACL user) where the URL has none of its own; the URL's own win."""
-    parts = urlsplit(url)
-    add_user, add_password = bool(username) and not parts.username, bool(password) and parts.password is None
-    if not (add_user or add_password):
-        return url
-    if parts.scheme == "unix":  # redis-py takes a socket's credentials from the query
-        extra = [f"{k}={quote(v or '', safe='')}" for k, v, add in (("username", username, add_user),
-                                                                    ("password", password, add_password)) if add]
-        return f"{url}{'&' if parts.query else '?'}{'&'.join(extra)}"
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user, has_own, own = userinfo.partition(":")
-    user = quote(username or "", safe="") if add_user else user
-    secret = f":{quote(password or '', safe='')}" if add_password else (f":{own}" if has_own else "")
-    return urlunsplit(parts._replace(netloc=f"{user}{secret}@{hostport}"))
-
-
-def tls_options(settings: ServiceSettings, url: str) -> dict[str, str]:
-    """redis-py's options for the TLS files of a rediss:// URL (DIFFLENS_REDIS_TLS_CA, _CERT, _KEY): the CA Redis'
-    certificate must chain to (default: the system's), and a client certificate where Redis asks for one.
-    NotReady naming the variable when they are given for a URL without TLS (they would silently do nothing)."""
-    given = {"ssl_ca_certs": settings.redis_tls_ca, "ssl_certfile": settings.redis_tls_cert,
-             "ssl_keyfile": settings.redis_tls_key}
-    options = {k: v for k, v in given.items() if v}
-    if options and urlsplit(url).scheme != "rediss":
-        raise NotReady(f"DIFFLENS_REDIS_TLS_*: given for {redacted(url)}, which does not use TLS (rediss://...)")
-    if bool(settings.redis_tls_cert) != bool(settings.redis_tls_key):
-        raise NotReady("DIFFLENS_REDIS_TLS_CERT and DIFFLENS_REDIS_TLS_KEY: a client certificate needs its key")
-    return options
-
-
-def connect(settings: ServiceSettings) -> RedisStreamsQueue:
-    """The queue on settings.redis_url as soon as Redis answers, waiting up to settings.redis_wait_s for it: a front
-    or worker rolled out beside its Redis, or started while it restarts, waits instead of dying with a traceback
-    into a restart loop. After that (or at once for refused credentials): NotReady naming --redis and the URL,
-    its password hidden."""
-    url = with_password(str(settings.redis_url), settings.redis_password, settings.redis_username)
-    tls_options(settings, url)  # refused before any waiting
-    end = time.monotonic() + settings.redis_wait_s
-    told = False
-    while True:
-        queue = RedisStreamsQueue(url, settings)  # connects on its first command
-        try:
-            queue.ping()
-            version = queue.server_version()
-            if version is not None and version < MIN_REDIS_VERSION:
-                queue.close()
-                need = ".".join(map(str, MIN_REDIS_VERSION))
-                raise NotReady(f"--redis: {redacted(url)} is Redis {'.'.join(map(str, version))}; difflens needs "
-                               f"Redis >= {need} (XAUTOCLAIM reclaims the jobs of dead workers)")
-            return queue
-        except redis.AuthenticationError as e:
-            queue.close()
-            raise NotReady(f"--redis: {redacted(url)} refused the credentials: {e}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as e:  # BusyLoadingError (still loading) is one too
-            queue.close()
-            if time.monotonic() >= end:
-                raise NotReady(f"--redis: cannot reach {redacted(url)} (waited {settings.redis_wait_s:g} s, "
-                               f"DIFFLENS_REDIS_WAIT_S): {e}") from None
-            if not told:
-                log.warning("waiting up to %g s for Redis at %s: %s", settings.redis_wait_s, redacted(url), e)
-                told = True
-            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
-
-
 class RedisStreamsQueue:
     """JobQueue on Redis Streams. `url_or_client`: a redis:// URL (this object owns its connection pool) or a
     redis.Redis created with decode_responses=False. Thread-safe: commands go through redis-py's connection pool,
@@ -251,10 +174,10 @@ class RedisStreamsQueue:
 
     # ------------------------------------------------------------ keys
 
-    def _keys(self, job_id: str, model: str) -> list[str]:
+    def _keys(self, job_id: str, model: str) -> scripts.JobKeys:
         job = self._job_prefix + job_id
-        return [job, job + ":events", self._work.prefix + model, self._waiting_prefix + model,
-                self._deadlines_prefix + model]
+        return scripts.JobKeys(job=job, events=job + ":events", work=self._work.prefix + model,
+                               waiting=self._waiting_prefix + model, deadlines=self._deadlines_prefix + model)
 
     def _idem_key(self, spec: JobSpec) -> str:
         digest = hashlib.sha256(f"{idempotency_scope(spec)}\0{spec.idempotency_key}".encode()).hexdigest()
@@ -267,51 +190,49 @@ class RedisStreamsQueue:
 
     def enqueue(self, spec: JobSpec, max_in_flight: int = 0) -> JobRecord:
         job_id, now = new_job_id(), time.time()
-        keys, args = self._enqueue_call(spec, job_id, now, max_in_flight)
-        kind, value = self._enqueue(keys=keys, args=args)
-        if kind == b"existing":
-            return self.get(text(value))
-        return self._enqueued(spec, job_id, now, kind, value, max_in_flight)
+        reply = self._enqueue_call(spec, job_id, now, max_in_flight).run(self._enqueue)
+        if reply.outcome == "existing":
+            return self.get(reply.job_id)
+        return self._enqueued(spec, job_id, now, reply, max_in_flight)
 
     def _enqueue_call(self, spec: JobSpec, job_id: str, now: float,
-                      max_in_flight: int = 0) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the enqueue script."""
-        limit = max_in_flight if spec.tenant else 0
-        return ([*self._keys(job_id, spec.model), self._idem_key(spec), self._counter,
-                 f"{self.settings.queue_name}:tenant:{spec.tenant}:jobs"],
-                [job_id, spec.to_json(), spec.model, "" if spec.deadline is None else repr(spec.deadline), now,
-                 self._ttl_ms, self.settings.max_queue_depth, 1 if spec.idempotency_key else 0, self._job_prefix,
-                 request_fingerprint(spec) if spec.idempotency_key else "", spec.tenant, limit])
+                      max_in_flight: int = 0) -> scripts.Call[scripts.Enqueued]:
+        """The enqueue script's call for `spec` as job `job_id`."""
+        return scripts.enqueue(
+            self._keys(job_id, spec.model), self._idem_key(spec), self._counter,
+            f"{self.settings.queue_name}:tenant:{spec.tenant}:jobs", job_id=job_id, spec_json=spec.to_json(),
+            model=spec.model, deadline=spec.deadline, now=now, ttl_ms=self._ttl_ms,
+            max_depth=self.settings.max_queue_depth, idempotent=bool(spec.idempotency_key),
+            job_prefix=self._job_prefix, fingerprint=request_fingerprint(spec) if spec.idempotency_key else "",
+            tenant=spec.tenant, max_in_flight=max_in_flight if spec.tenant else 0)
 
-    def _enqueued(self, spec: JobSpec, job_id: str, now: float, kind: bytes, value: Any,
+    def _enqueued(self, spec: JobSpec, job_id: str, now: float, reply: scripts.Enqueued,
                   max_in_flight: int = 0) -> JobRecord:
-        if kind == b"conflict":
-            raise idempotency_conflict(text(value))
-        if kind == b"full":
-            raise queue_full(spec.model, int(value), self.settings.max_queue_depth)
-        if kind == b"busy":
-            raise TenantBusy(spec.tenant, int(value), max_in_flight)
+        """The record of a job the enqueue script queued; the refusal it answered instead, raised."""
+        if reply.outcome == "conflict":
+            raise idempotency_conflict(reply.job_id)
+        if reply.outcome == "full":
+            raise queue_full(spec.model, reply.depth, self.settings.max_queue_depth)
+        if reply.outcome == "busy":
+            raise TenantBusy(spec.tenant, reply.in_flight, max_in_flight)
         return JobRecord(id=job_id, state="queued", model=spec.model, created_at=now, updated_at=now,
-                         queue_position=int(value), created=True, tenant=spec.tenant)
+                         queue_position=reply.position, created=True, tenant=spec.tenant)
 
     def delete(self, job_id: str) -> JobRecord:
         record = self.get(job_id)
         job = self._job_prefix + job_id
-        kind, state = self._delete(keys=[job, job + ":events"], args=[job_id])
-        return self._deleted(job_id, record, kind, state)
-
-    @staticmethod
-    def _deleted(job_id: str, record: JobRecord, kind: bytes, state: bytes) -> JobRecord:
-        if kind == b"gone":  # expired or deleted since it was read
+        reply = scripts.delete(job, job + ":events", job_id=job_id).run(self._delete)
+        if reply.outcome == "gone":  # expired or deleted since it was read
             raise JobNotFound(job_id)
-        if kind == b"busy":
-            raise not_finished(job_id, text(state))
-        return dataclasses.replace(record, state=text(state))  # type: ignore[arg-type]
+        if reply.outcome == "busy":
+            raise not_finished(job_id, reply.state)
+        return dataclasses.replace(record, state=reply.state)  # type: ignore[arg-type]
 
     def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
         if rate_per_s <= 0:
             return 0.0
-        return int(self._take_token(keys=[self._rate_key(bucket)], args=[rate_per_s, burst])) / 1000
+        return scripts.take_token(self._rate_key(bucket), rate_per_s=rate_per_s, burst=burst).run(
+            self._take_token).wait_s
 
     def get(self, job_id: str) -> JobRecord:
         h = self._r.hgetall(self._job_prefix + job_id)
@@ -333,13 +254,13 @@ class RedisStreamsQueue:
 
     def cancel(self, job_id: str) -> JobRecord:
         model = self._r.hget(self._job_prefix + job_id, "model")  # names the job's work stream; never changes
-        done = None if model is None else self._cancel(
-            keys=self._keys(job_id, text(model)),
-            args=[self._cancel_bytes, f"CANCELLED: {CANCELLED_MESSAGE}", time.time(), self._ttl_ms, GROUP, job_id,
-                  self._cancel_channel])
-        if done is None or done == -1:
+        done = None if model is None else scripts.cancel(
+            self._keys(job_id, text(model)), cancelled_event=self._cancel_bytes,
+            cancelled_error=f"CANCELLED: {CANCELLED_MESSAGE}", now=time.time(), ttl_ms=self._ttl_ms, group=GROUP,
+            job_id=job_id, channel=self._cancel_channel).run(self._cancel)
+        if done is None or done.outcome == "unknown":
             raise JobNotFound(job_id)
-        if done == 1 and self.on_ended is not None:  # it was queued: this call ended it
+        if done.outcome == "cancelled" and self.on_ended is not None:  # it was queued: this call ended it
             self.on_ended(Failed("CANCELLED", CANCELLED_MESSAGE))
         return self.get(job_id)
 
@@ -376,10 +297,11 @@ class RedisStreamsQueue:
         return int(self._r.zcard(self._waiting_prefix + model))
 
     def expire_overdue(self, model: str, limit: int = 100) -> int:
-        n = int(self._expire(
-            keys=[self._waiting_prefix + model, self._deadlines_prefix + model, self._work.prefix + model],
-            args=[time.time(), self._ttl_ms, self._job_prefix, encode_event(self._overdue),
-                  error_of(self._overdue), limit, GROUP]))
+        n = scripts.expire_queued(
+            self._waiting_prefix + model, self._deadlines_prefix + model, self._work.prefix + model,
+            now=time.time(), ttl_ms=self._ttl_ms, job_prefix=self._job_prefix,
+            overdue_event=encode_event(self._overdue), overdue_error=error_of(self._overdue), limit=limit,
+            group=GROUP).run(self._expire).failed
         if self.on_ended is not None:
             for _ in range(n):
                 self.on_ended(self._overdue)
@@ -435,25 +357,23 @@ class RedisStreamsQueue:
         return self._claim_next(worker, models, block_s, start=True, ahead=True)
 
     def heartbeat(self, claim: Claim) -> bool:
-        reply = self._heartbeat(keys=self._keys(claim.job_id, claim.spec.model),
-                                args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker])
+        reply = scripts.heartbeat(self._keys(claim.job_id, claim.spec.model), token=claim.token, now=time.time(),
+                                  ttl_ms=self._ttl_ms, group=GROUP, worker=claim.worker).run(self._heartbeat)
         if self._watch is not None:
-            if reply == 2:
+            if reply.cancel_flag:
                 self._watch.mark(claim.job_id)  # a cancel whose message was lost is caught here
-            elif not reply:
+            elif not reply.held:
                 self._watch.forget(claim.job_id)  # reclaimed by another worker: it finishes the job, not us
-        if not reply:
+        if not reply.held:
             self._writes.end(claim.token)
-        return bool(reply)
+        return reply.held
 
     def publish(self, claim: Claim, event: Event) -> Published:
         if is_terminal(event):
             raise ValueError("publish takes non-terminal events; use finish() for Completed/Failed")
         data, started = encode_event(event), isinstance(event, Started)
-        reply = self._in_step(claim, lambda seq: self._append(claim, data, started, seq))
-        if reply == OUT_OF_STEP:  # its lost events could not be written again: another delivery takes the job on
-            reply = Published.LOST
-        result = Published(reply)
+        # out of step still, its lost events could not be written again: another delivery takes the job on
+        result = self._in_step(claim, lambda seq: self._append(claim, data, started, seq)).published
         if result:
             self._writes.wrote(claim.token, self._writes.next_seq(claim.token), data, started)
         else:
@@ -462,19 +382,19 @@ class RedisStreamsQueue:
                 self._watch.forget(claim.job_id)
         return result
 
-    def _append(self, claim: Claim, data: bytes, started: bool, seq: int | None) -> int:
+    def _append(self, claim: Claim, data: bytes, started: bool, seq: int | None) -> scripts.WriteReply:
         """The publish script for one event at sequence `seq` (None: wherever the stream is), through blips."""
         keys, wrote = self._keys(claim.job_id, claim.spec.model), new_token()
-        return int(self._through_blips(f"publishing an event of job {claim.job_id}", lambda: self._publish(
-            keys=keys, args=[claim.token, data, 1 if started else 0, time.time(), self._ttl_ms, wrote,
-                             "" if seq is None else seq])))
+        return self._through_blips(f"publishing an event of job {claim.job_id}", lambda: scripts.publish(
+            keys, token=claim.token, event=data, started=started, now=time.time(), ttl_ms=self._ttl_ms,
+            write_id=wrote, seq=seq).run(self._publish))
 
-    def _in_step(self, claim: Claim, write: Callable[[int | None], int]) -> int:
+    def _in_step(self, claim: Claim, write: Callable[[int | None], scripts.WriteReply]) -> scripts.WriteReply:
         """write(seq) at the sequence the claim's next event is to get; when the script finds the job's events out
         of step (Redis lost some of the claim's acknowledged writes), the claim's lost events are written again and
-        write() is tried once more. Its reply, OUT_OF_STEP if the lost events could not be written again."""
+        write() is tried once more. Its reply, still out of step if the lost events could not be written again."""
         reply = write(self._writes.next_seq(claim.token))
-        if reply == OUT_OF_STEP and self._rewrite(claim):
+        if reply.out_of_step and self._rewrite(claim):
             reply = write(self._writes.next_seq(claim.token))
         return reply
 
@@ -489,15 +409,14 @@ class RedisStreamsQueue:
             return False
         log.warning("job %s: Redis lost %d event(s) of it that it had acknowledged (restarted from an older state); "
                     "writing them again at sequences %d-%d", claim.job_id, len(lost), lost[0].seq, lost[-1].seq)
-        return all(self._append(claim, w.data, w.started, w.seq) in (Published.OK, Published.CANCEL_REQUESTED)
-                   for w in lost)
+        return all(self._append(claim, w.data, w.started, w.seq).written for w in lost)
 
     def finish(self, claim: Claim, event: Event) -> bool:
         if not is_terminal(event):
             raise ValueError(f"finish takes Completed or Failed, got {type(event).__name__}")
         try:
             return self._in_step(claim, lambda seq: self._terminate(claim.job_id, claim.spec.model, claim.token, event,
-                                                                    seq=seq)) == 1
+                                                                    seq=seq)).written
         finally:
             self._writes.end(claim.token)
 
@@ -505,14 +424,14 @@ class RedisStreamsQueue:
         self._writes.end(claim.token)
         if self._watch is not None:
             self._watch.forget(claim.job_id)
-        reply = self._through_blips(f"handing back job {claim.job_id}", lambda: self._hand_back(
-            keys=self._keys(claim.job_id, claim.spec.model),
-            args=[claim.token, time.time(), self._ttl_ms, GROUP, claim.worker,
-                  max(1, int(self.settings.visibility_timeout_s * 1000)), claim.job_id, self._cancel_bytes,
-                  f"CANCELLED: {CANCELLED_MESSAGE}"]))
-        if reply == 2 and self.on_ended is not None:
+        reply = self._through_blips(f"handing back job {claim.job_id}", lambda: scripts.hand_back(
+            self._keys(claim.job_id, claim.spec.model), token=claim.token, now=time.time(), ttl_ms=self._ttl_ms,
+            group=GROUP, worker=claim.worker, idle_ms=max(1, int(self.settings.visibility_timeout_s * 1000)),
+            job_id=claim.job_id, cancelled_event=self._cancel_bytes,
+            cancelled_error=f"CANCELLED: {CANCELLED_MESSAGE}").run(self._hand_back))
+        if reply.cancel_flag and self.on_ended is not None:  # cancelled instead of queued again
             self.on_ended(Failed("CANCELLED", CANCELLED_MESSAGE))
-        return bool(reply)
+        return reply.held
 
     # ------------------------------------------------------------ claim internals
 
@@ -562,42 +481,40 @@ class RedisStreamsQueue:
         token, model = token or new_token(), self._work.model_of(stream)
         stamp = [time.time()]
 
-        def claim_script() -> Any:
+        def claim_script() -> scripts.Claimed | None:
             stamp[0] = time.time()  # each attempt's own: a deadline may pass during a blip
-            return self._claim(keys=self._keys(job_id, model),
-                               args=[entry_id, GROUP, token, worker, stamp[0], self._ttl_ms, job_id,
-                                     1 if start else 0, self.settings.max_deliveries])
+            return scripts.claim(self._keys(job_id, model), entry_id=entry_id, group=GROUP, token=token,
+                                 worker=worker, now=stamp[0], ttl_ms=self._ttl_ms, job_id=job_id, start=start,
+                                 max_deliveries=self.settings.max_deliveries).run(self._claim)
 
         # through blips: a lost reply used to leave the job running under a claim nobody held (a Started event
         # out, a delivery spent) until the visibility timeout; a retry with the token is answered, not re-applied,
         # and one that finds the entry reclaimed by another worker meanwhile changes nothing
         reply = self._through_blips(f"claiming job {job_id}", claim_script)
         now = stamp[0]
-        if not reply:
+        if reply is None:
             return None
-        deliveries, spec_json, cancel, created_at = int(reply[0]), reply[1], reply[2] == b"1", float(reply[3])
-        started, resumed = bool(reply[4]), len(reply) > 5 and bool(reply[5])
         try:
-            spec = JobSpec.from_json(spec_json)
+            spec = JobSpec.from_json(reply.spec_json)
         except (ValueError, KeyError, TypeError) as e:
             # a front newer than this worker: fail the job rather than crash every worker it reaches
             unreadable = Failed("INTERNAL", f"this worker cannot read the job's spec: {e}")
-            if self._terminate(job_id, model, token, unreadable) and self.on_ended is not None:
+            if self._terminate(job_id, model, token, unreadable).written and self.on_ended is not None:
                 self.on_ended(unreadable)
             return None
-        failed = claim_verdict(cancel=cancel, deadline=spec.deadline, deliveries=deliveries,
+        failed = claim_verdict(cancel=reply.cancel, deadline=spec.deadline, deliveries=reply.deliveries,
                                max_deliveries=self.settings.max_deliveries, now=now)
         if failed is not None:
-            if self._terminate(job_id, model, token, failed, dead_letter=failed.code == "ABORTED") \
+            if self._terminate(job_id, model, token, failed, dead_letter=failed.code == "ABORTED").written \
                     and self.on_ended is not None:
                 self.on_ended(failed)
             return None
         if self._watch is not None:
             self._watch.track(job_id, generation)
-        if len(reply) > 6:  # the job's event count: the claim's writes are checked against it from here on
-            self._writes.begin(token, int(reply[6]))
-        return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=deliveries,
-                     enqueued_at=created_at, started=started, resumed=resumed)
+        if reply.seq is not None:  # the job's event count: the claim's writes are checked against it from here on
+            self._writes.begin(token, reply.seq)
+        return Claim(job_id=job_id, spec=spec, worker=worker, token=token, delivery=reply.deliveries,
+                     enqueued_at=reply.created_at, started=reply.started, resumed=reply.resumed)
 
     def _cancel_watch(self) -> CancelWatch:
         with self._watch_lock:
@@ -611,16 +528,16 @@ class RedisStreamsQueue:
             return self._watch
 
     def _terminate(self, job_id: str, model: str, token: str, event: Event, dead_letter: bool = False,
-                   seq: int | None = None) -> int:
-        """The at-most-once finish of the claim `token`: 1 done, 0 not (lost, or already terminal), OUT_OF_STEP
+                   seq: int | None = None) -> scripts.WriteReply:
+        """The at-most-once finish of the claim `token`: written, or not (lost, or already terminal), or out of step
         (nothing written) when `seq` is not the job's next sequence. `dead_letter` also records the job in P:dead."""
         if self._watch is not None:
             self._watch.forget(job_id)
-        keys, data, wrote = [*self._keys(job_id, model), self._dead], encode_event(event), new_token()
-        return int(self._through_blips(f"ending job {job_id}", lambda: self._finish(
-            keys=keys, args=[token, data, terminal_state(event), error_of(event), time.time(), self._ttl_ms, GROUP,
-                             job_id, 1 if dead_letter else 0, DEAD_LETTER_MAXLEN, wrote,
-                             "" if seq is None else seq])))
+        keys, data, wrote = self._keys(job_id, model), encode_event(event), new_token()
+        return self._through_blips(f"ending job {job_id}", lambda: scripts.finish(
+            keys, self._dead, token=token, event=data, state=terminal_state(event), error=error_of(event),
+            now=time.time(), ttl_ms=self._ttl_ms, group=GROUP, job_id=job_id, dead_letter=dead_letter,
+            dead_maxlen=DEAD_LETTER_MAXLEN, write_id=wrote, seq=seq).run(self._finish))
 
     def _through_blips(self, what: str, call: Callable[[], T]) -> T:
         """A worker's write to a job it holds, retried through a Redis blip (a restart, a failover, a stall: a

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import redis
 
 from difflens.config import ServiceSettings
+from difflens.queue import redis_scripts
 from difflens.queue.common import text
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class WorkStreams:
         unique per process start, so without this every start would leave one behind in every stream it read."""
         for stream in streams:
             try:
-                self._forget(keys=[stream], args=[GROUP, *workers])
+                redis_scripts.forget_consumers(stream, GROUP, workers).run(self._forget)
             except redis.ResponseError as e:
                 if not self._group_lost(e, [stream]):
                     raise
