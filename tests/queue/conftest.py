@@ -101,3 +101,14 @@ MODELS = (MODEL,)  # what the workers of these tests serve
 
 def spec(prompt: str = "a red circle", model: str = MODEL, **kw: object) -> JobSpec:
     return JobSpec(model, GenerationParams(prompt), **kw)  # type: ignore[arg-type]
+
+
+def expired(q: Any, job_id: str) -> bool:
+    """Whether `q` no longer knows job `job_id` (its records expired): a condition for tests/support/waiting."""
+    from difflens.queue.base import JobNotFound
+
+    try:
+        q.get(job_id)
+    except JobNotFound:
+        return True
+    return False

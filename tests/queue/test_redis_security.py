@@ -22,6 +22,7 @@ from difflens.jobs import Completed, JobSpec, Step
 from difflens.queue.redis_streams import connect
 from tests.support.certs import issue, make_ca
 from tests.support.redis_server import _binary
+from tests.support.waiting import wait_until
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 QUEUE = "difflens"
@@ -33,6 +34,13 @@ def documented_acl() -> str:
     found = re.search(r"^user difflens on >\S+ (.+)$", DOC.read_text(), re.MULTILINE)
     assert found, "docs/security.md lost its ACL rule"
     return found.group(1)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +62,8 @@ def secure_redis(tmp_path_factory):
     admin = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca.cert),
                         ssl_certfile=str(client.cert), ssl_keyfile=str(client.key), username="admin",
                         password="admin-pw")
-    end = time.monotonic() + 10
-    while True:
-        try:
-            admin.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < end and proc.poll() is None, "redis-server with TLS did not start"
-            time.sleep(0.05)
+    wait_until(lambda: _answers(admin) or proc.poll() is not None, 60, 0.05, "redis-server with TLS to start")
+    assert proc.poll() is None, "redis-server with TLS did not start"
     env = {"DIFFLENS_REDIS_URL": f"rediss://127.0.0.1:{port}/0", "DIFFLENS_REDIS_USERNAME": "difflens",
            "DIFFLENS_REDIS_PASSWORD": PASSWORD, "DIFFLENS_REDIS_TLS_CA": str(ca.cert),
            "DIFFLENS_REDIS_TLS_CERT": str(client.cert), "DIFFLENS_REDIS_TLS_KEY": str(client.key),
@@ -89,10 +91,7 @@ def test_every_queue_call_works_under_the_least_privilege_user_over_tls(secure_r
         claim = q.claim("w", ["m"], block_s=2, start=True)
         assert claim is not None and q.heartbeat(claim) and q.publish(claim, Step(0, 900, 2))
         q.cancel(job.id)
-        end = time.monotonic() + 5
-        while not q.cancel_signalled(job.id):  # pub/sub on the queue's channel
-            assert time.monotonic() < end
-            time.sleep(0.05)
+        wait_until(lambda: q.cancel_signalled(job.id), 60, 0.05, "the cancel heard")  # pub/sub on the queue's channel
         assert q.finish(claim, Completed(b"png", "{}")) and q.delete(job.id).state == "completed"
         second = q.enqueue(dataclasses.replace(spec, idempotency_key="k2"))
         ahead = q.claim_ahead("w", ["m"], block_s=2)
