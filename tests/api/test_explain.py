@@ -4,7 +4,6 @@ idempotency."""
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 from difflens.jobs import Completed, Failed, OutputOptions, Queued, Started, Step
 from tests.api.helpers import job
+from tests.support.waiting import wait_until
 
 
 def solo(model, spec):
@@ -128,10 +128,8 @@ def test_cancel_before_the_first_event_still_cancels_the_job(client):
     stream = client.explain(spec, timeout=120)
     stream.cancel()  # before iterating: no event received
     assert stream.job_id and not stream.events
-    deadline = time.monotonic() + 60
-    while (rec := client.get(stream.job_id)).state not in ("cancelled", "completed", "failed"):
-        assert time.monotonic() < deadline, rec
-        time.sleep(0.1)
+    rec = wait_until(lambda: (r := client.get(stream.job_id)).state in ("cancelled", "completed", "failed") and r,
+                     120, 0.1, "the job ended")
     assert rec.state == "cancelled"
     assert client.submit(spec).id == stream.job_id  # one job for the key: the cancel made no second one
 
@@ -141,9 +139,7 @@ def test_the_calls_deadline_becomes_the_jobs(client):
     with pytest.raises(grpc.RpcError) as err:
         list(stream)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    end = time.monotonic() + 30
-    while (state := client.get(stream.job_id)) and not state.done and time.monotonic() < end:
-        time.sleep(0.2)
+    state = wait_until(lambda: (s := client.get(stream.job_id)).done and s, 120, 0.2, "the job ended")
     assert state.state == "failed" and "DEADLINE_EXCEEDED" in state.error
     steps = sum(isinstance(e, Step) for e in client.watch(stream.job_id))
     assert steps < 200  # stopped between steps, not run to the end
@@ -182,9 +178,7 @@ def test_list_models_describes_the_tiny_model_without_loading(client, tiny_model
 
 def test_list_models_reports_the_live_workers_and_the_queue_depth(client):
     """The embedded server's worker announces itself; the front samples it once a second."""
-    end = time.monotonic() + 10
-    while (info := client.list_models().models[0]).live_workers == 0 and time.monotonic() < end:
-        time.sleep(0.1)
+    info = wait_until(lambda: (i := client.list_models().models[0]).live_workers and i, 60, 0.1, "a live worker")
     assert (info.live_workers, info.queue_depth) == (1, 0)
 
 

@@ -8,10 +8,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.support.waiting import wait_until
 
 
 def _free_port() -> int:
@@ -56,15 +57,17 @@ class PrivateRedis:
         import redis
 
         self._proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
+        proc = self._proc
+
+        def up() -> bool:
             try:
-                redis.Redis.from_url(self.url).ping()
-                return
+                return bool(redis.Redis.from_url(self.url).ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline or self._proc.poll() is not None:
-                    raise RuntimeError(f"private redis-server on port {self.port} did not start") from None
-                time.sleep(0.05)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"private redis-server on port {self.port} exited at start") from None
+                return False
+
+        wait_until(up, 60, 0.05, f"private redis-server on port {self.port} to start")
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -89,11 +92,8 @@ class PrivateRedis:
 
         r = redis.Redis.from_url(self.url)
         try:
-            deadline = time.monotonic() + 10
-            while int(r.info("persistence").get("aof_buffer_length", 0)) > 0:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the AOF buffer was not written out within 10 s")
-                time.sleep(0.01)
+            wait_until(lambda: int(r.info("persistence").get("aof_buffer_length", 0)) == 0, 60, 0.01,
+                       "the AOF buffer written out")
         finally:
             r.close()
         return {p: p.stat().st_size for p in Path(self._dir.name).rglob("*") if p.is_file()}

@@ -14,6 +14,7 @@ import pytest
 from difflens.cli import main
 from difflens.jobs import Completed, Started, Step
 from tests.support.promtool import promtool_report
+from tests.support.waiting import wait_until
 from tests.worker.helpers import settings, spec, wait_for, wait_terminal
 
 
@@ -146,7 +147,6 @@ def test_an_audit_dir_that_cannot_be_written_fails_before_any_job(tmp_path, caps
 def test_a_worker_is_not_ready_until_its_queue_answers(tiny_dir, tmp_path):
     """/readyz (the startup and readiness probes of its pod) says 503 while the worker loads its models or waits for
     Redis, /healthz 200: a pool scaled up while Redis restarts is not counted ready, and not restarted either."""
-    import time
     import urllib.error
 
     with socket.socket() as sock:
@@ -158,11 +158,10 @@ def test_a_worker_is_not_ready_until_its_queue_answers(tiny_dir, tmp_path):
                              "--model", f"tiny={tiny_dir}", "--metrics-port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        end = time.monotonic() + 60
         seen: list[str] = []
-        while "waiting up to" not in (tmp_path / "worker.log").read_text():  # models loaded, Redis awaited
-            assert proc.poll() is None and time.monotonic() < end, (tmp_path / "worker.log").read_text()
-            time.sleep(0.1)
+        wait_until(lambda: "waiting up to" in (tmp_path / "worker.log").read_text() or proc.poll() is not None, 300,
+                   0.1, (tmp_path / "worker.log").read_text)  # models loaded, Redis awaited
+        assert proc.poll() is None, (tmp_path / "worker.log").read_text()
         with pytest.raises(urllib.error.HTTPError) as not_ready:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
         seen.append(not_ready.value.read().decode())

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from difflens.jobs import Completed, Failed, JobSpec, Started, Step
+from tests.support.waiting import wait_until
 from tests.worker.helpers import MODEL, settings, solo, spec, wait_for, wait_terminal
 
 
@@ -76,14 +77,12 @@ def test_a_job_whose_deadline_passed_in_the_queue_is_not_logged_as_lost_to_anoth
 
     s = settings(tiny_dir, queue_name=queue_name)
     front = RedisStreamsQueue(redis_url, s)
-    job_id = front.enqueue(replace(spec(steps=2, masks=4), deadline=time.time() + 0.05)).id
-    time.sleep(0.1)
+    job_id = front.enqueue(replace(spec(steps=2, masks=4), deadline=time.time() - 1)).id  # passed while it waited
     with caplog.at_level(logging.INFO, logger="difflens.worker.job"):
         make_worker(s, RedisStreamsQueue(redis_url, s), name="late")
         events = wait_terminal(front, job_id)
-        end = time.monotonic() + 10  # the job thread logs once it notices, after the queue failed the job
-        while not any(job_id in r.getMessage() for r in caplog.records) and time.monotonic() < end:
-            time.sleep(0.05)
+        # the job thread logs once it notices, after the queue failed the job
+        wait_until(lambda: any(job_id in r.getMessage() for r in caplog.records), 60, 0.05, "the job's log line")
     assert isinstance(events[-1], Failed) and events[-1].code == "DEADLINE_EXCEEDED"
     said = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
     assert any("not taken after all" in m for m in said) and not any("another worker" in m for m in said), said
