@@ -9,12 +9,12 @@ neither the queue nor the worker needs the generated protobuf modules: only api/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
-import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -120,18 +120,31 @@ def json_type_problem(cls: type, value: Any, path: str) -> str | None:
     and fields whose annotation names a type not imported here (RiseOptions.masks: torch) are not checked."""
     if not isinstance(value, dict):
         return f"{path}: expected an object, got {value!r}"
-    module = vars(sys.modules[cls.__module__])
+    types_of = field_types(cls)
     for f in dataclasses.fields(cls):
-        if f.name not in value:
+        if f.name not in value or f.name not in types_of:
             continue
-        try:
-            tp = eval(f.type, module) if isinstance(f.type, str) else f.type  # noqa: S307 - our own annotations
-        except NameError:
-            continue
-        problem = _value_problem(tp, value[f.name], f"{path}.{f.name}" if path else f.name)
+        problem = _value_problem(types_of[f.name], value[f.name], f"{path}.{f.name}" if path else f.name)
         if problem:
             return problem
     return None
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Dataclass `cls`'s field annotations, evaluated (typing.get_type_hints in its module). A field whose
+    annotation names a type its module imports only for type checking (RiseOptions.masks: torch) is left out."""
+    try:
+        return get_type_hints(cls)
+    except NameError:  # one annotation does not resolve: take the fields one by one
+        hints: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            one = type(cls.__name__, (), {"__annotations__": {f.name: f.type}, "__module__": cls.__module__})
+            try:
+                hints.update(get_type_hints(one))
+            except NameError:
+                continue
+        return hints
 
 
 def _value_problem(tp: Any, value: Any, path: str) -> str | None:
