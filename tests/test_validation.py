@@ -9,7 +9,7 @@ from difflens.config import Limits
 from difflens.engine.options import ExplainOptions, GenerationParams, RiseOptions, Sampling, StepSelector
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec
-from difflens.validation import validate
+from difflens.validation import check_request_limits, validate
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,20 @@ def test_a_step_event_over_the_message_limit_is_refused_at_submit(catalog):
     # without an explainer there is no step event at all
     validate(JobSpec(model="tiny", params=spec.params, output=spec.output), catalog, Limits(),
              max_message_bytes=256 * 1024 + 1000)
+
+
+@pytest.mark.parametrize(("field", "most"), [("explain.steps.indices", 7), ("sampling.timesteps", 7),
+                                             ("cam.layers", 3)])
+def test_a_request_list_past_its_limit_is_refused_on_its_length(field, most):
+    """The front checks a raw request's list lengths (never their values) against the deployment's limits."""
+    limits = Limits(max_steps=7, max_cam_layers=3)
+    check_request_limits(limits, {}, {field: most})
+    with pytest.raises(InvalidArgument) as e:
+        check_request_limits(limits, {}, {field: most + 1})
+    assert (e.value.field, e.value.message) == (field, f"{most + 1} values; allowed at most {most} (each once)")
+
+
+def test_a_request_count_past_its_limit_is_refused_before_its_lists():
+    with pytest.raises(InvalidArgument) as e:
+        check_request_limits(Limits(max_masks=16), {"rise.num_masks": 17}, {"cam.layers": 10**6})
+    assert e.value.field == "rise.num_masks"

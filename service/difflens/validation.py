@@ -45,6 +45,23 @@ def check_given_limits(values: Mapping[str, float | None], limits: Limits) -> No
             check_range(field, value, 1, top)
 
 
+# A request's lists -> the Limits attribute bounding their length (each step or layer once fits; duplicates are
+# ignored, but count).
+LIST_LIMITS = {"explain.steps.indices": "max_steps", "sampling.timesteps": "max_steps", "cam.layers": "max_cam_layers"}
+
+
+def check_request_limits(limits: Limits, counts: Mapping[str, float | None], lengths: Mapping[str, int]) -> None:
+    """The deployment's limits on a raw request, before its option dataclasses are built: the counts it gives, as
+    check_given_limits, then the lengths of its lists (LIST_LIMITS' fields). Lists are bounded before they are
+    read: 3,000,000 copies of step index 0 passed, and the audit record held them twice, so the Completed event
+    passed the message limit and could never be delivered."""
+    check_given_limits(counts, limits)
+    for field, n in lengths.items():
+        most = getattr(limits, LIST_LIMITS[field])
+        if n > most:
+            raise InvalidArgument(field, f"{n} values; allowed at most {most} (each once)")
+
+
 # A prompt longer than this many characters per allowed token, whitespace runs counted as one (the tokenizer
 # collapses them), is refused before it is tokenized: the front validates on its event loop, and tokenizing an
 # 8 MB prompt held every other call for 7 s. Past 16 times that, the characters are not even counted.

@@ -42,7 +42,7 @@ from difflens.jobs import (
     Step,
     TokenMap,
 )
-from difflens.validation import check_given_limits
+from difflens.validation import check_request_limits
 
 if TYPE_CHECKING:
     from difflens.engine.loading import Model
@@ -177,24 +177,20 @@ def job_deadline(req: Any, call_remaining_s: float | None, now: float | None = N
 def request_to_spec(req: Any, *, caller: str = "", deadline: float | None = None,
                     limits: Limits | None = None) -> JobSpec:
     """ExplainRequest -> JobSpec (model name as given: '' means the default, resolved by validation). With
-    `limits` (the front's), the counts the request gives are first checked against them (the option dataclasses'
-    own ranges are engine-wide, wider). `steps` is dropped with explicit timesteps: the contract ignores it there."""
+    `limits` (the front's), the counts and list lengths the request gives are first checked against them
+    (validation.check_request_limits; the option dataclasses' own ranges are engine-wide, wider). `steps` is
+    dropped with explicit timesteps: the contract ignores it there."""
     scheduler = None
     if req.scheduler:
         scheduler = _enum("scheduler", req.scheduler, SCHEDULERS, pb.Scheduler)
     steps = None if req.sampling.WhichOneof("kind") == "explicit" else _opt(req, "steps")
     if limits is not None:
         rise = req.explain.rise if req.explain.HasField("rise") else None
-        check_given_limits({"steps": steps, "rise.num_masks": _opt(rise, "masks") if rise else None,
-                            "rise.batch_size": _opt(rise, "batch") if rise else None}, limits)
-        # Lists are bounded before they are read: 3,000,000 copies of index 0 passed, and the audit record held
-        # them twice, so the Completed event passed the message limit and could never be delivered. Duplicates
-        # are ignored, but count here (each step or layer once fits).
-        for field, values, most in (("explain.steps.indices", req.explain.steps.indices.values, limits.max_steps),
-                                    ("sampling.timesteps", req.sampling.explicit.timesteps, limits.max_steps),
-                                    ("cam.layers", req.explain.cam.layers, limits.max_cam_layers)):
-            if len(values) > most:
-                raise InvalidArgument(field, f"{len(values)} values; allowed at most {most} (each once)")
+        check_request_limits(limits, {"steps": steps, "rise.num_masks": _opt(rise, "masks") if rise else None,
+                                      "rise.batch_size": _opt(rise, "batch") if rise else None},
+                             {"explain.steps.indices": len(req.explain.steps.indices.values),
+                              "sampling.timesteps": len(req.sampling.explicit.timesteps),
+                              "cam.layers": len(req.explain.cam.layers)})
     params = GenerationParams(
         req.prompt, negative_prompt=req.negative_prompt, seed=req.seed if req.HasField("seed") else 0,
         **_given(steps=steps, guidance_scale=_opt(req, "guidance_scale"), width=_opt(req, "width"),
