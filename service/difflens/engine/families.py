@@ -66,6 +66,10 @@ class StableDiffusion:
     def check(self, model: Model) -> None:
         return None
 
+    def latent_channels(self, model: Model) -> int:
+        """Channels of the latent the sampler draws and steps (the UNet's input)."""
+        return int(model.unet.config.in_channels)
+
     def conditioning_shapes(self, model: Model) -> tuple[tuple[int, int], dict[str, tuple[int, ...]]]:
         """((L, D), {}) per sample."""
         return (int(model.tokenizer.model_max_length), int(model.unet.config.cross_attention_dim)), {}

@@ -107,7 +107,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
 class FamilySpec:
     """What a family's folder holds, as its model_index.json declares it (the torch side is engine/families.py).
 
-    `pipelines`: the model_index.json `_class_name`s that mean this family. `denoiser`: the component that predicts
+    `pipelines`: the model_index.json `_class_name`s that mean this family (`cfg`: whether it guides with a
+    negative branch). `denoiser`: the component that predicts
     the noise (SD3 and FLUX: "transformer"). `text_encoders` / `tokenizers`: in the order the family encodes a
     prompt, each encoder with the transformers class it is loaded as; the first tokenizer sets the prompt-token
     limit and splits the prompt into the words the attention maps are labelled with. `vae` may be [null, null]
@@ -120,6 +121,7 @@ class FamilySpec:
     tokenizers: tuple[str, ...]
     denoiser: str = "unet"
     status: Literal["supported", "next"] = "supported"
+    cfg: bool = True  # classifier-free guidance over a negative branch; False: one branch (FLUX)
 
     @property
     def required(self) -> tuple[str, ...]:
