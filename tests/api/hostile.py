@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from tests.api.helpers import MODEL
+from tests.support.waiting import wait_until
 
 START_TIMEOUT_S = 120.0
 
@@ -66,10 +67,9 @@ class RunningFront:
                  "--port-file", str(port_file), "--model", f"{MODEL}={tiny_dir}", *without_keys()],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         self.log = log
-        end = time.monotonic() + START_TIMEOUT_S
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert self.proc.poll() is None and time.monotonic() < end, log.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: (port_file.exists() and port_file.read_text().strip()) or self.proc.poll() is not None,
+                   START_TIMEOUT_S, 0.1, log.read_text)
+        assert self.proc.poll() is None, log.read_text()
         self.target = f"127.0.0.1:{port_file.read_text().strip()}"
         self.channel = grpc.insecure_channel(self.target)
 

@@ -9,7 +9,6 @@ the mark (what a host crash leaves of it) before it starts again."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from difflens.jobs import Completed, Failed, Started, Step
 from difflens.queue.redis_streams import RedisStreamsQueue
 from tests.api.helpers import MODEL, job, settings
 from tests.support.redis_server import PrivateRedis
+from tests.support.waiting import wait_until
 
 STEPS, MARK_AFTER, HOLD_AFTER = 8, 1, 3  # steps 2 and 3 are acknowledged, received by the client, then lost
 
@@ -102,10 +102,8 @@ def stream_job(front: Any) -> tuple[DifflensClient, Any, threading.Thread]:
 
 def crash_when_the_client_has_step(server: PrivateRedis, gated: GatedQueue, stream: Any, index: int) -> None:
     assert gated.holding.wait(60), "the worker never reached the step to hold at"
-    end = time.monotonic() + 30
-    while not any(isinstance(e, Step) and e.index == index for e in stream.events):
-        assert time.monotonic() < end, "the client never received the step"
-        time.sleep(0.02)
+    wait_until(lambda: any(isinstance(e, Step) and e.index == index for e in stream.events), 120, 0.02,
+               "the client received the step")
     assert gated.mark is not None
     server.kill(lose_after=gated.mark)
     server.start()

@@ -17,6 +17,7 @@ from difflens.cli import main
 from difflens.client import DifflensClient
 from difflens.jobs import Completed, Step
 from tests.api.helpers import MODEL, job
+from tests.support.waiting import wait_until
 
 
 def _health_watch(target: str, seen: list[int], stop: threading.Event) -> None:
@@ -33,6 +34,9 @@ def _health_watch(target: str, seen: list[int], stop: threading.Event) -> None:
             pass  # the server went away: the statuses seen are what counts
 
 
+GRACE_S = 300  # the drain's grace: the process exits long before it unless something holds the drain
+
+
 def test_sigterm_drains_running_streams_then_exits(tiny_dir, tmp_path):
     from grpc_health.v1 import health_pb2
 
@@ -42,31 +46,30 @@ def test_sigterm_drains_running_streams_then_exits(tiny_dir, tmp_path):
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "difflens", "serve", "--embedded", "--port", "0",
                                  "--port-file", str(port_file), "--model", f"{MODEL}={tiny_dir}", "--drain-grace",
-                                 "60"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                 str(GRACE_S)], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        end = time.monotonic() + 120
-        while not port_file.exists():
-            assert proc.poll() is None and time.monotonic() < end, log_path.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: port_file.exists() or proc.poll() is not None, 300, 0.1, log_path.read_text)
+        assert proc.poll() is None, log_path.read_text()
         target = f"127.0.0.1:{port_file.read_text().strip()}"
         statuses: list[int] = []
         stop = threading.Event()
         watcher = threading.Thread(target=_health_watch, args=(target, statuses, stop), daemon=True)
         watcher.start()
         with DifflensClient(target, retries=0) as client:
-            stream = client.explain(job(steps=30, masks=32, batch=8), timeout=120)
+            stream = client.explain(job(steps=30, masks=32, batch=8), timeout=600)
             for event in stream:
                 if isinstance(event, Step):
                     break
             proc.send_signal(signal.SIGTERM)
-            while health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:
-                assert time.monotonic() < end, statuses
-                time.sleep(0.05)
+            sigterm_at = time.monotonic()
+            wait_until(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses, 120, 0.05,
+                       lambda: f"NOT_SERVING among {statuses}")
             with pytest.raises(grpc.RpcError) as refused:  # no new work while draining
                 client.submit(job(steps=1))
             rest = list(stream)
-        # well inside the 60 s grace: the drain waits for job streams only, not for the open health watch
-        assert proc.wait(timeout=20) == 0
+        # before the grace ends: the drain waits for job streams only, not for the open health watch (which would
+        # hold it the whole grace); the grace is long so that a loaded machine's slow stop is no failure
+        assert proc.wait(timeout=sigterm_at + GRACE_S - 30 - time.monotonic()) == 0
         stop.set()
     finally:
         if proc.poll() is None:
@@ -165,12 +168,9 @@ def test_ctrl_c_while_the_stream_resumes_exits_130_without_a_traceback(tiny_dir,
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
     reader.start()
     try:
-        end = time.monotonic() + 60
-        while not any("queued" in line for line in lines) and time.monotonic() < end:
-            time.sleep(0.1)
+        wait_until(lambda: any("queued" in line for line in lines), 120, 0.1, lambda: "".join(lines))
         srv.stop(grace_s=0)
-        while not any("broke" in line for line in lines) and time.monotonic() < end:
-            time.sleep(0.1)
+        wait_until(lambda: any("broke" in line for line in lines), 120, 0.1, lambda: "".join(lines))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:

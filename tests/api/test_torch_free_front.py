@@ -8,7 +8,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from difflens.engine.cam import camable_layers
 from difflens.engine.options import CamOptions, ExplainOptions, Sampling
 from difflens.queue.redis_work import GROUP, work_stream
 from tests.api.helpers import MODEL, free_port, job
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,10 +78,8 @@ def front(tiny_dir, redis_url, queue_name, tmp_path):
                                  "--no-auth"],
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env=env, cwd=ROOT)
-    end = time.monotonic() + 60
-    while not port_file.exists():
-        assert proc.poll() is None and time.monotonic() < end, log_path.read_text()
-        time.sleep(0.05)
+    wait_until(lambda: port_file.exists() or proc.poll() is not None, 300, 0.05, log_path.read_text)
+    assert proc.poll() is None, log_path.read_text()
     try:
         yield f"127.0.0.1:{port_file.read_text().strip()}", log_path, metrics_port
     finally:
