@@ -102,3 +102,16 @@ def test_the_triton_backend_sends_every_raw_call_to_its_remote_unet(tiny_model):
         with pytest.raises(InvalidArgument) as e:
             UNetRunner(tiny_model.unet, backend, remote=given)
         assert e.value.field == "unet_backend"
+
+
+def test_one_branch_conditioning_keeps_cfg_off_whatever_the_scale_and_two_branches_as_they_were():
+    """A family without CFG (FLUX: guidance-distilled) gives one branch; the two-branch layout is unchanged."""
+    one = CFGConditioning(torch.randn(1, 5, 3), 7.5, {"g": torch.tensor([7.5])})
+    assert not one.cfg and one.batch(3).shape == (3, 5, 3) and one.added_batch(3)["g"].shape == (3,)
+    embeds, added = one.conditional()
+    assert torch.equal(embeds, one.embeds) and added is not None and added["g"].tolist() == [7.5]
+    two = CFGConditioning(torch.randn(2, 5, 3), 7.5, {"g": torch.tensor([0.0, 1.0])})
+    assert two.cfg and torch.equal(two.batch(2), two.embeds.repeat_interleave(2, dim=0))
+    assert two.added_batch(2)["g"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    embeds, added = two.conditional()
+    assert torch.equal(embeds, two.embeds[1:2]) and added is not None and added["g"].tolist() == [1.0]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difflens.engine.runner import Added, DenoiserCall, RemoteUNet, UNetRunner, unet_call
+from difflens.engine.runner import Added, CFGConditioning, DenoiserCall, RemoteUNet, UNetRunner, unet_call
 from difflens.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -65,6 +65,11 @@ class StableDiffusion:
 
     def check(self, model: Model) -> None:
         return None
+
+    def conditioning(self, model: Model, prompt: Prompt, scale: float) -> CFGConditioning:
+        """The guided calls' conditioning for a request's guidance scale: classifier-free guidance over the
+        prompt's two branches (a one-branch family, FLUX, puts the scale elsewhere)."""
+        return CFGConditioning(prompt.embeds, scale, prompt.added)
 
     def latent_channels(self, model: Model) -> int:
         """Channels of the latent the sampler draws and steps (the UNet's input)."""

@@ -132,7 +132,9 @@ class UNetRunner:
 class CFGConditioning:
     """The conditioning of guided calls. embeds: (2, L, D) = [uncond; cond]; added: the family's added conditioning
     per branch, {name: (2, ...)} = [uncond; cond] each, or None (SD). CFG is on when scale > 1 (as in
-    StableDiffusionPipeline); off, only the conditional branch runs.
+    StableDiffusionPipeline); off, only the conditional branch runs. A family without CFG (FLUX: guidance-distilled,
+    the scale is an input of its own) gives one branch, embeds (1, L, D) and added (1, ...): CFG is then off
+    whatever the scale.
 
     Batched conditioning is built once per batch size and reused (the explainers call with the same B
     many times per step), rather than copied for each UNet call.
@@ -142,7 +144,7 @@ class CFGConditioning:
         self.embeds = embeds
         self.added = dict(added) if added is not None else None
         self.scale = float(scale)
-        self.cfg = self.scale > 1.0
+        self.cfg = self.scale > 1.0 and embeds.shape[0] == 2
         self._cache: dict[int, torch.Tensor] = {}
         self._added_cache: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -162,12 +164,13 @@ class CFGConditioning:
 
     def conditional(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """The conditional branch alone, batch of one: embeds (1, L, D) and added (1, ...) each (attention maps)."""
-        added = None if self.added is None else {k: v[1:2] for k, v in self.added.items()}
-        return self.embeds[1:2], added
+        added = None if self.added is None else {k: v[-1:] for k, v in self.added.items()}
+        return self.embeds[-1:], added
 
     def _expand(self, x: torch.Tensor, b: int) -> torch.Tensor:
-        """x: (2, *rest) per branch -> (2B, *rest) [uncond x B; cond x B] with CFG, else (B, *rest), not copied."""
+        """x: (2, *rest) per branch (or (1, *rest), one branch) -> (2B, *rest) [uncond x B; cond x B] with CFG, else
+        (B, *rest) of the conditional (last) branch, not copied."""
         rest = x.shape[1:]
         if self.cfg:
             return x[:, None].expand(2, b, *rest).reshape(2 * b, *rest)
-        return x[1:2].expand(b, *rest)
+        return x[-1:].expand(b, *rest)
