@@ -16,6 +16,7 @@ from difflens.engine.options import (
     StepSelector,
 )
 from difflens.errors import InvalidArgument
+from difflens.job_codec import options_from_dict
 from difflens.jobs import (
     Completed,
     Failed,
@@ -57,6 +58,24 @@ def test_spec_round_trips_through_json(spec):
 def test_every_spec_the_service_writes_passes_the_type_check_of_records(spec):
     """replay refuses a record whose request fails json_type_problem: none that a front or a worker wrote may."""
     assert json_type_problem(JobSpec, json.loads(spec.to_json()), "request") is None
+
+
+def test_options_from_a_mapping_build_nested_options_and_keep_a_bases_other_fields():
+    """The one mapping -> options path (JSON, a request's given fields, command-line flags): lists become tuples,
+    objects their dataclasses; a base keeps what the mapping does not name; the dataclasses' own checks run."""
+    explain = options_from_dict(ExplainOptions, {"steps": {"kind": "list", "indices": [1, 3]},
+                                                 "cam": {"layers": ["up_blocks.1"], "target": "guided_sum"},
+                                                 "rise": None, "attention": {}})
+    assert explain == ExplainOptions(StepSelector("list", (1, 3)), None, CamOptions(("up_blocks.1",), "guided_sum"),
+                                     AttentionOptions())
+    base = RiseOptions(num_masks=32, seed=5, mask="grid", grid_size=4)
+    assert options_from_dict(RiseOptions, {"num_masks": 64}, base) == RiseOptions(num_masks=64, seed=5, mask="grid",
+                                                                                  grid_size=4)
+    with pytest.raises(InvalidArgument) as e:
+        options_from_dict(RiseOptions, {"p": 2.0}, base)
+    assert e.value.field == "rise.p"
+    with pytest.raises(TypeError):
+        options_from_dict(RiseOptions, {"masks_count": 3})
 
 
 def test_the_type_check_takes_whole_numbers_for_floats_and_names_the_first_wrong_field():

@@ -28,6 +28,7 @@ from difflens.engine.options import (
 )
 from difflens.engine.validate import model_max_side
 from difflens.errors import InvalidArgument
+from difflens.job_codec import options_from_dict
 from difflens.jobs import (
     Completed,
     Event,
@@ -139,25 +140,25 @@ def steps_from_pb(s: Any) -> StepSelector:
 
 def rise_from_pb(r: Any) -> RiseOptions:
     R = pb.RiseOptions
-    return RiseOptions(**_given(
-        num_masks=_opt(r, "masks"), p=_opt(r, "p"), grid_size=_opt(r, "grid_size"), batch_size=_opt(r, "batch"),
-        seed=_opt(r, "mask_seed"), stop_at_r=_opt(r, "stop_at_r"), min_masks=_opt(r, "min_masks")),
-        sampler=_enum("explain.rise.sampler", r.sampler, MASK_SAMPLERS, R.Sampler),  # type: ignore[arg-type]
-        antithetic=r.antithetic,
-        mask=_enum("explain.rise.mask_kind", r.mask_kind, MASK_KINDS, R.MaskKind),  # type: ignore[arg-type]
-        score=_enum("explain.rise.score", r.score, SCORES, R.Score),  # type: ignore[arg-type]
-        target=_enum("explain.rise.target", r.target, RISE_TARGETS, R.Target),  # type: ignore[arg-type]
-        substrate=_enum("explain.rise.substrate", r.substrate, SUBSTRATES, R.Substrate),  # type: ignore[arg-type]
-        ssim_padding=_enum("explain.rise.ssim_padding", r.ssim_padding, SSIM_PADDINGS,  # type: ignore[arg-type]
-                           R.SsimPadding),
-        structure_2x=r.structure_2x)
+    return options_from_dict(RiseOptions, {
+        **_given(num_masks=_opt(r, "masks"), p=_opt(r, "p"), grid_size=_opt(r, "grid_size"),
+                 batch_size=_opt(r, "batch"), seed=_opt(r, "mask_seed"), stop_at_r=_opt(r, "stop_at_r"),
+                 min_masks=_opt(r, "min_masks")),
+        "sampler": _enum("explain.rise.sampler", r.sampler, MASK_SAMPLERS, R.Sampler),
+        "antithetic": r.antithetic,
+        "mask": _enum("explain.rise.mask_kind", r.mask_kind, MASK_KINDS, R.MaskKind),
+        "score": _enum("explain.rise.score", r.score, SCORES, R.Score),
+        "target": _enum("explain.rise.target", r.target, RISE_TARGETS, R.Target),
+        "substrate": _enum("explain.rise.substrate", r.substrate, SUBSTRATES, R.Substrate),
+        "ssim_padding": _enum("explain.rise.ssim_padding", r.ssim_padding, SSIM_PADDINGS, R.SsimPadding),
+        "structure_2x": r.structure_2x})
 
 
 def explain_from_pb(e: Any) -> ExplainOptions:
     cam = None
     if e.HasField("cam"):
         target = _enum("explain.cam.target", e.cam.target, CAM_TARGETS, pb.CamOptions.Target)
-        cam = CamOptions(layers=tuple(e.cam.layers), target=target)  # type: ignore[arg-type]
+        cam = options_from_dict(CamOptions, {"layers": list(e.cam.layers), "target": target})
     return ExplainOptions(steps=steps_from_pb(e.steps), rise=rise_from_pb(e.rise) if e.HasField("rise") else None,
                           cam=cam, attention=AttentionOptions() if e.attention.enabled else None)
 

@@ -8,7 +8,6 @@ options, so a flag that is not given keeps what the record asked for. torch-free
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,9 +153,11 @@ def explanation_options(args: argparse.Namespace, base: ExplainOptions | None = 
             raise InvalidArgument(f"--{dest.replace('_', '-')}",
                                   f"a {method} option, but {method} is not among the methods "
                                   f"({','.join(methods) or 'none'})")
+    from difflens.job_codec import options_from_dict  # imports numpy: not while the parser is built
+
     return ExplainOptions(
         steps=steps,
-        rise=dataclasses.replace(base.rise or RiseOptions(), **rise_kw) if "rise" in methods else None,
-        cam=dataclasses.replace(base.cam or CamOptions(), **cam_kw) if "cam" in methods else None,
+        rise=options_from_dict(RiseOptions, rise_kw, base.rise) if "rise" in methods else None,
+        cam=options_from_dict(CamOptions, cam_kw, base.cam) if "cam" in methods else None,
         attention=AttentionOptions() if "attn" in methods else None,
     )
