@@ -61,11 +61,17 @@ def params_json(exp: Explanation) -> bytes:
     return (json.dumps(exp.params, indent=2, default=str) + "\n").encode("utf-8")
 
 
-def render_files(exp: Explanation) -> dict[str, bytes]:
-    """File name -> encoded content, for everything the explanation has. No I/O."""
+def image_png(image: np.ndarray) -> bytes:
+    """image: (H, W, 3) uint8 -> PNG bytes: image.png's, which audit records hash (a worker's, a local run's,
+    replay's)."""
     from PIL import Image
 
-    files: dict[str, bytes] = {"image.png": compose.png_bytes(Image.fromarray(np.asarray(exp.image, np.uint8)))}
+    return compose.png_bytes(Image.fromarray(np.asarray(image, np.uint8)))
+
+
+def render_files(exp: Explanation) -> dict[str, bytes]:
+    """File name -> encoded content, for everything the explanation has. No I/O."""
+    files: dict[str, bytes] = {"image.png": image_png(exp.image)}
     for m in compose.methods_present(exp):
         tiles = compose.step_tiles(exp, m)
         files[f"strip_{m}.png"] = compose.png_bytes(compose.strip(tiles, label=compose.ROW_LABELS[m]))
