@@ -66,6 +66,14 @@ class StableDiffusion:
     def check(self, model: Model) -> None:
         return None
 
+    def timestep_kwargs(self, model: Model, size: tuple[int, int], steps: int) -> dict[str, Any]:
+        """Extra keyword arguments of a flow-matching scheduler's set_timesteps for an image of `size` (H, W) in
+        `steps` steps, as the family's pipeline passes them: `mu` under dynamic shifting (computed from the
+        image's token count), `sigmas` where the pipeline lays out its own uniform schedule. The sampler gives
+        `mu` to exponential and explicit lists too and replaces `sigmas` with theirs (schedule.flow_sigmas). SD
+        and SDXL have none."""
+        return {}
+
     def conditioning(self, model: Model, prompt: Prompt, scale: float) -> CFGConditioning:
         """The guided calls' conditioning for a request's guidance scale: classifier-free guidance over the
         prompt's two branches (a one-branch family, FLUX, puts the scale elsewhere)."""

@@ -73,7 +73,8 @@ class Model:
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
-        return dict(self.scheduler.config)
+        """The scheduler's config with its `_class_name`, as scheduler_config.json has it (schedule.is_flow)."""
+        return {**dict(self.scheduler.config), "_class_name": type(self.scheduler).__name__}
 
 
 def _first_parameter(module: Any) -> torch.Tensor:

@@ -24,7 +24,13 @@ from difflens.engine import families
 from difflens.engine.loading import Model
 from difflens.engine.options import GenerationParams
 from difflens.engine.runner import CFGConditioning, UNetRunner
-from difflens.engine.schedule import check_timesteps, exponential_timesteps, new_scheduler, uniform_timesteps
+from difflens.engine.schedule import (
+    check_timesteps,
+    exponential_timesteps,
+    flow_sigmas,
+    new_scheduler,
+    uniform_timesteps,
+)
 from difflens.engine.validate import resolve_generation
 from difflens.errors import InvalidArgument
 
@@ -73,7 +79,13 @@ class Generation:
 
 
 def make_scheduler(model: Model, name: str):
-    return new_scheduler(model.scheduler.config, name)
+    return new_scheduler(model.scheduler_config, name)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether `scheduler` integrates a flow-matching velocity (SD3, FLUX): its timesteps are sigma x T, its input
+    unscaled, its noise unscaled."""
+    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
 def encode_prompt(model: Model, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, list[int]]:
@@ -89,6 +101,8 @@ def plan_timesteps(model: Model, scheduler, params: GenerationParams) -> list[in
     s = params.sampling
     n = int(params.steps or 0)
     T = model.num_train_timesteps
+    if is_flow_scheduler(scheduler):
+        return _plan_flow(model, scheduler, params)
     if s.kind == "uniform":
         ts, corrected = uniform_timesteps(scheduler, n, T, device=model.device)
         if not corrected:
@@ -103,6 +117,25 @@ def plan_timesteps(model: Model, scheduler, params: GenerationParams) -> list[in
     else:
         scheduler.set_timesteps(timesteps=ts, device=model.device)
     return ts
+
+
+def _plan_flow(model: Model, scheduler, params: GenerationParams) -> list[int]:
+    """A flow-matching schedule: the uniform one with the family's set_timesteps arguments (mu, its own sigmas),
+    or an exponential / explicit integer list as unshifted sigmas (schedule.flow_sigmas) shifted by the scheduler.
+    Returns the timesteps the denoiser runs at (sigma x T, fractional) rounded to integers, for reports."""
+    s = params.sampling
+    n = int(params.steps or 0)
+    T = model.num_train_timesteps
+    size = (int(params.height or 0), int(params.width or 0))
+    kwargs = families.of(model).timestep_kwargs(model, size, n)
+    if s.kind == "uniform":
+        scheduler.set_timesteps(None if "sigmas" in kwargs else n, device=model.device, **kwargs)
+    else:
+        ts = exponential_timesteps(s.kind, n, s.shift, T) if s.kind in ("early", "late") \
+            else check_timesteps(s.timesteps or (), T)
+        kwargs["sigmas"] = flow_sigmas(ts, T)
+        scheduler.set_timesteps(device=model.device, **kwargs)
+    return [round(float(t)) for t in scheduler.timesteps]
 
 
 def ddim_step(scheduler, eps: torch.Tensor, t: int, t_next: int | None, sample: torch.Tensor) -> torch.Tensor:
@@ -151,7 +184,10 @@ def alpha_bar_at(scheduler, timestep: float) -> torch.Tensor:
 
 def predict_x0(scheduler, latent_in: torch.Tensor, eps: torch.Tensor, timestep: float) -> torch.Tensor:
     """x0 from the (variance-preserving) UNet input and its output at `timestep` (the one the UNet ran at, which
-    may be fractional)."""
+    may be fractional). A flow model's output is the velocity v = noise - x0 at x_t = (1 - sigma) x0 + sigma
+    noise, sigma = timestep / T: x0 = x_t - sigma v."""
+    if is_flow_scheduler(scheduler):
+        return latent_in - (float(timestep) / int(scheduler.config.num_train_timesteps)) * eps
     a = alpha_bar_at(scheduler, timestep).to(latent_in.dtype)
     pt = scheduler.config.prediction_type
     if pt == "v_prediction":
@@ -181,9 +217,16 @@ def _replay(scheduler, is_ddim: bool, t: torch.Tensor, t_next: int | None, rng_s
         return s.step(eps, t, sample, generator=generators, return_dict=False)[0]
 
     def scale(sample: torch.Tensor) -> torch.Tensor:
-        return copy.deepcopy(scheduler).scale_model_input(sample, t)
+        return _scale_input(copy.deepcopy(scheduler), sample, t)
 
     return step, scale
+
+
+def _scale_input(scheduler, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's input scaling; a flow model's denoiser takes x_t as it is."""
+    if is_flow_scheduler(scheduler):
+        return sample
+    return scheduler.scale_model_input(sample, t)
 
 
 def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
@@ -202,6 +245,8 @@ def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
                     + torch.tensor(mean).view(shape).to(x)
             else:
                 x = x / vae.config.scaling_factor
+            if vae.config.get("shift_factor") is not None:  # SD3, FLUX: latents = (z - shift) * scale
+                x = x + vae.config.shift_factor
             x = vae.decode(x, return_dict=False)[0]
         x = (x / 2 + 0.5).clamp(0, 1)
     return x[0].permute(1, 2, 0).float().cpu().numpy()
@@ -232,7 +277,7 @@ def generate(
     f = model.vae_scale_factor
     shape = (1, model.unet.config.in_channels, int(params.height or 0) // f, int(params.width or 0) // f)
     latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow models: unit noise, no attribute
     is_ddim = params.scheduler == "ddim"
     n = len(timesteps)
     for i, t in enumerate(scheduler.timesteps):
@@ -243,7 +288,7 @@ def generate(
         before = None if is_ddim or on_step is None else copy.deepcopy(scheduler)
         rng_state = None if before is None else generator.get_state()
         with torch.no_grad():
-            latent_in = scheduler.scale_model_input(latents, t)
+            latent_in = _scale_input(scheduler, latents, t)
             eps = runner.guided(latent_in, t, cond)
             if is_ddim:
                 nxt = ddim_step(scheduler, eps, int(t), t_next, latents)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from difflens.engine.options import MAX_SHIFT
+from difflens.engine.options import MAX_SHIFT, SCHEDULERS
 from difflens.errors import InvalidArgument
 
 # Request name -> (diffusers class, config overrides).
@@ -24,12 +24,43 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Flow-matching models (SD3, FLUX) ship this scheduler; of the request names only "euler" means anything for them
+# (the velocity's Euler step), and it means this class on the model's own config (shift, dynamic shifting).
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_SCHEDULERS: tuple[str, ...] = ("euler",)
+
+
+def is_flow(config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config (its scheduler_config.json, with `_class_name`) is a flow-matching one."""
+    return config.get("_class_name") == FLOW_SCHEDULER
+
+
+def schedulers_for(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The request scheduler names a model with this scheduler config takes."""
+    return FLOW_SCHEDULERS if is_flow(config) else SCHEDULERS
+
+
 def new_scheduler(config: Mapping[str, Any], name: str):
-    """A fresh diffusers scheduler of request name `name` (SCHEDULER_CLASSES) on a model's scheduler config."""
+    """A fresh diffusers scheduler of request name `name` (SCHEDULER_CLASSES) on a model's scheduler config; on a
+    flow-matching config, "euler" is FlowMatchEulerDiscreteScheduler and any other name InvalidArgument."""
     import diffusers
 
+    raw = {k: v for k, v in config.items() if k != "_class_name"}
+    if is_flow(config):
+        if name not in FLOW_SCHEDULERS:
+            raise InvalidArgument("scheduler", f"got {name!r}; this flow-matching model allows: "
+                                               f"{', '.join(FLOW_SCHEDULERS)}")
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(raw)
     cls_name, extra = SCHEDULER_CLASSES[name]
-    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
+    return getattr(diffusers, cls_name).from_config(raw, **extra)
+
+
+def flow_sigmas(timesteps: Sequence[int], num_train_timesteps: int) -> list[float]:
+    """An integer timestep list (exponential or explicit sampling, each in [0, T)) as a flow model's unshifted
+    sigmas: t -> (t + 1) / T, so that T - 1 is pure noise (sigma 1, where the uniform schedule starts) and 0 the
+    last sigma of a T-step uniform schedule. The scheduler then shifts them (its `shift`, or `mu` under dynamic
+    shifting) as it shifts its own uniform sigmas."""
+    return [(int(t) + 1) / num_train_timesteps for t in timesteps]
 
 
 def uniform_timesteps(scheduler, num_steps: int, num_train_timesteps: int, device: Any = None) -> tuple[list[int],
@@ -141,6 +172,8 @@ def check_uniform_steps(config: Mapping[str, Any], name: str, num_steps: int, nu
 
     Without diffusers (the torch-free front), a config `spacing` does not reproduce is left to the worker, which
     checks it the same way when it resolves the job (INVALID_ARGUMENT on steps then, naming the same range)."""
+    if is_flow(config):  # n sigmas spaced over (0, 1]: distinct for every n in [1, T], nothing to check
+        return
     key = json.dumps(dict(config), sort_keys=True, default=str)
     _check_uniform_cached(key, name, num_steps, num_train_timesteps)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from difflens.engine.options import SCHEDULERS, GenerationParams, check_choice, check_range
-from difflens.engine.schedule import check_uniform_steps
+from difflens.engine.options import GenerationParams, check_choice, check_range
+from difflens.engine.schedule import check_uniform_steps, schedulers_for
 from difflens.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the front validates on config-only CatalogModels, without torch
@@ -36,7 +36,7 @@ def resolve_generation(model: Model, params: GenerationParams, *, max_side: int 
         height=params.height if params.height is not None else h_default,
         scheduler=params.scheduler if params.scheduler is not None else d.scheduler,  # type: ignore[arg-type]
     )
-    check_choice("scheduler", str(p.scheduler), SCHEDULERS)
+    check_choice("scheduler", str(p.scheduler), schedulers_for(model.scheduler_config))
     m = model.size_multiple
     top = model_max_side(model, max_side)
     for name in ("width", "height"):
