@@ -8,23 +8,28 @@ kept per step).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from difflens.engine.cam import min_max, upsample
-from difflens.engine.hooks import capture_cross_attention
+from difflens.engine.cam import min_max, token_grid, upsample
+from difflens.engine.hooks import capture_cross_attention, capture_joint_attention
 from difflens.engine.sampler import StepState
 from difflens.engine.tokens import Token
 
 
 def layer_grid(n: int, size: tuple[int, int]) -> tuple[int, int]:
-    """(h_l, w_l) of a layer with n = h_l * w_l query pixels, from the latent size (h, w): the UNet halves each
-    side (rounding up, as its stride-2 convolutions do) once per resolution level."""
-    h, w = size
-    while h * w > n:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != n:
-        raise ValueError(f"{n} attention queries match no resolution level of a {size[0]}x{size[1]} latent")
-    return h, w
+    """(h_l, w_l) of a layer with n = h_l * w_l query pixels (or patch tokens), from the latent size (h, w)
+    (cam.token_grid)."""
+    return token_grid(n, size)
+
+
+def capture_text_attention(unet: Any, text_len: int) -> Any:
+    """The recorders of the attention from the image to the prompt's `text_len` tokens: a UNet's cross-attention
+    (attn2) layers, or a FLUX transformer's joint attention (its image-query x text-key part, every block)."""
+    if hasattr(unet, "single_transformer_blocks"):
+        return capture_joint_attention(unet, text_len)
+    return capture_cross_attention(unet)
 
 
 def word_selector(tokens: list[Token], seq_len: int, device: torch.device) -> torch.Tensor:
@@ -68,7 +73,7 @@ def explain_step(state: StepState, tokens: list[Token]) -> dict[str, torch.Tenso
     unet = state.runner.unet
     size = (int(state.latent_in.shape[-2]), int(state.latent_in.shape[-1]))
     embeds, added = state.cond.conditional()
-    with torch.no_grad(), capture_cross_attention(unet) as records:
+    with torch.no_grad(), capture_text_attention(unet, int(embeds.shape[1])) as records:
         state.runner.eager(state.latent_in, state.t, embeds, added)
     probs = [p[0] for calls in records.values() for p in calls]  # batch of one: the conditional branch
     maps = token_maps(probs, tokens, size, state.latent_in.device)

@@ -11,18 +11,55 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from difflens.engine.hooks import Capture, capture_outputs
-from difflens.engine.model_config import BLOCK_ORDER, LAYER_PATTERN
+from difflens.engine.hooks import Capture, capture_outputs, first_tensor, image_stream
+from difflens.engine.model_config import BLOCK_ORDER, LAYER_PATTERN, TRANSFORMER_LAYER_PATTERN
 from difflens.engine.options import CamOptions, CamTarget
 from difflens.engine.runner import CFGConditioning
 from difflens.engine.sampler import StepState
 from difflens.errors import HookError, InvalidArgument
 
 
+def is_transformer(denoiser: Any) -> bool:
+    """Whether the denoiser is a transformer over patch tokens (FLUX, SD3) rather than a UNet: its blocks' outputs
+    are token sequences (N, tokens, C), not feature maps."""
+    return hasattr(denoiser, "transformer_blocks")
+
+
 def camable_layers(unet: Any) -> tuple[str, ...]:
-    """Every module path DF-CAM accepts on `unet`: down, mid, then up blocks (registration order within)."""
+    """Every module path DF-CAM accepts on `unet`: down, mid, then up blocks (registration order within); on a
+    transformer, its blocks in forward order (FLUX: transformer_blocks.N, then single_transformer_blocks.N)."""
+    if is_transformer(unet):
+        return tuple(name for name, _ in unet.named_modules() if TRANSFORMER_LAYER_PATTERN.fullmatch(name))
     names = [name for name, _ in unet.named_modules() if LAYER_PATTERN.fullmatch(name)]
     return tuple(sorted(names, key=lambda n: BLOCK_ORDER[n.split(".")[0]]))
+
+
+def capture_layers(unet: Any, layers: tuple[str, ...]) -> Any:
+    """hooks.capture_outputs on `layers`, capturing what DF-CAM explains of each: a UNet block's output, a
+    transformer block's image tokens (its second stream; the first is the text's)."""
+    return capture_outputs(unet, layers, select=image_stream if is_transformer(unet) else first_tensor)
+
+
+def token_grid(n: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(h_l, w_l) of a layer with n = h_l * w_l positions, from the latent size (h, w): a UNet halves each side
+    (rounding up, as its stride-2 convolutions do) once per resolution level; a transformer's 2 x 2 patches halve it
+    once."""
+    h, w = size
+    while h * w > n:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != n:
+        raise ValueError(f"{n} attention queries (or tokens) match no resolution level of a "
+                         f"{size[0]}x{size[1]} latent")
+    return h, w
+
+
+def as_grid(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A layer's activation or gradient as feature maps: (K, h_l, w_l) as it is, or tokens (n, K) of a transformer
+    folded back to their row-major patch grid (K, h_l, w_l) (token_grid of the latent size (h, w))."""
+    if x.dim() == 3:
+        return x
+    n, k = x.shape
+    return x.T.reshape(k, *token_grid(n, size))
 
 
 def resolve_layers(unet: Any, layers: tuple[str, ...]) -> tuple[str, ...]:
@@ -83,10 +120,11 @@ def grad_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
 def forward_backward(state: StepState, layers: tuple[str, ...], target: CamTarget) -> Capture:
     """One eager forward of both CFG branches on a leaf copy of the latent and one backward of the target.
 
-    Returns the hooks.Capture: activations and gradients (2, K, h_l, w_l) per layer ((1, ...) without CFG).
+    Returns the hooks.Capture: activations and gradients (2, K, h_l, w_l) per layer ((1, ...) without CFG; a
+    transformer block's image tokens (2, n, K)).
     """
     unet, cond = state.runner.unet, state.cond
-    with torch.enable_grad(), capture_outputs(unet, layers) as cap:
+    with torch.enable_grad(), capture_layers(unet, layers) as cap:
         # The UNet's parameters do not require grad: the leaf latent is what makes the graph exist.
         x = state.latent_in.detach().clone().requires_grad_(True)
         batch = torch.cat([x, x]) if cond.cfg else x  # runner.guided's layout, [uncond; cond]
@@ -111,8 +149,8 @@ def explain_step(state: StepState, opts: CamOptions, layers: tuple[str, ...]) ->
     maps: dict[str, torch.Tensor] = {}
     total = torch.zeros(size, device=state.latent_in.device)
     for path in layers:
-        a = cfg_combine(cap.activations[path].float(), state.cond)
-        g = cfg_combine(cap.gradients[path].float(), state.cond)
+        a = as_grid(cfg_combine(cap.activations[path].float(), state.cond), size)
+        g = as_grid(cfg_combine(cap.gradients[path].float(), state.cond), size)
         layer_map = min_max(upsample(grad_cam(a, g), size))
         maps[f"cam/{path}"] = layer_map
         total += layer_map

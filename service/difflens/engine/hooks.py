@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +37,16 @@ def first_tensor(output: Any) -> torch.Tensor:
             if isinstance(v, torch.Tensor):
                 return v
     raise HookError(f"cannot capture a module output of type {type(output).__name__}: it holds no tensor")
+
+
+def image_stream(output: Any) -> torch.Tensor:
+    """The image tokens of a transformer block's output: FLUX's double- and single-stream blocks and SD3's joint
+    blocks return (text tokens, image tokens) (SD3's last block None for the text); the last tensor is the image's."""
+    if isinstance(output, tuple | list):
+        tensors = [v for v in output if isinstance(v, torch.Tensor)]
+        if tensors:
+            return tensors[-1]
+    return first_tensor(output)
 
 
 def _claim(registry: weakref.WeakSet, items: Sequence[nn.Module], names: Sequence[str], what: str) -> None:
@@ -68,10 +78,12 @@ class Capture:
 
 
 @contextmanager
-def capture_outputs(root: nn.Module, paths: Sequence[str]) -> Iterator[Capture]:
+def capture_outputs(root: nn.Module, paths: Sequence[str],
+                    select: Callable[[Any], torch.Tensor] = first_tensor) -> Iterator[Capture]:
     """Capture the forward output and its gradient of each module `root.get_submodule(path)`.
 
-    A forward hook stores the output (the first tensor of a tuple / BaseOutput) and, when it requires grad,
+    A forward hook stores the output (`select` of it: the first tensor of a tuple / BaseOutput; `image_stream` for
+    a transformer block) and, when it requires grad,
     registers a tensor hook that stores its gradient. Forward and tensor hooks are removed on exit. One forward per
     context: a module that runs twice raises HookError, since its activation and gradient could then come from
     different calls (a UNet calls each of its blocks once per forward).
@@ -90,7 +102,7 @@ def capture_outputs(root: nn.Module, paths: Sequence[str]) -> Iterator[Capture]:
         def on_forward(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if path in cap.activations:
                 raise HookError(f"module {path} ran twice while captured; capture one forward at a time")
-            out = first_tensor(output)
+            out = select(output)
             cap.activations[path] = out.detach()
             if out.requires_grad:
                 handles.append(out.register_hook(store_grad))
@@ -184,3 +196,77 @@ def capture_cross_attention(unet: Any) -> Iterator[dict[str, list[torch.Tensor]]
             unet.set_attn_processor(dict(originals))  # set_attn_processor consumes the dict it is given
     finally:
         _release(_swapped_unets, [unet])
+
+
+class JointAttentionRecorder:
+    """FLUX's attention processor for one block, wrapping the block's own (FluxAttnProcessor), that records the
+    attention of the image tokens' queries to the text tokens' keys.
+
+    The block's output is the wrapped processor's, unchanged. The probabilities are computed again beside it the
+    way FluxAttnProcessor computes attention (q, k projections, RMS norms, the text's added projections in a
+    double-stream block, rotary embedding, softmax(q k^T / sqrt(d)) over all keys, text and image), one head at
+    a time, and only the image-query x text-key block is kept, averaged over heads: `sink[name]` gets one
+    (B, 1, N, S) tensor per call (N image tokens, S text tokens), detached, float32. A double-stream block gets the
+    text as encoder_hidden_states; a single-stream block gets [text; image] concatenated, its first `text_len`
+    tokens the text's.
+    """
+
+    def __init__(self, name: str, sink: dict[str, list[torch.Tensor]], processor: Any, text_len: int) -> None:
+        self.name = name
+        self.sink = sink
+        self.processor = processor
+        self.text_len = text_len
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        """hidden_states: (B, N, C) image tokens, or (B, S + N, C) text and image; encoder_hidden_states: (B, S, C)
+        or None. -> the wrapped processor's output."""
+        out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        with torch.no_grad():
+            probs = self._text_probs(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        self.sink.setdefault(self.name, []).append(probs)
+        return out
+
+    def _text_probs(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                    rotary: Any) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (-1, attn.head_dim))  # (B, L, H, d)
+
+        query, key = attn.norm_q(heads(attn.to_q(hidden_states))), attn.norm_k(heads(attn.to_k(hidden_states)))
+        text_len = self.text_len
+        if encoder_hidden_states is not None:
+            text_len = encoder_hidden_states.shape[1]
+            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
+        if rotary is not None:
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        q, k = query[:, text_len:].transpose(1, 2).float(), key.transpose(1, 2).float()  # (B, H, N, d), (B, H, L, d)
+        scale = q.shape[-1] ** -0.5
+        total = torch.zeros(q.shape[0], q.shape[2], text_len, device=q.device)
+        for h in range(q.shape[1]):  # one head at a time: a head's N x L logits, not all heads' at once
+            total += ((q[:, h] @ k[:, h].transpose(-1, -2)) * scale).softmax(dim=-1)[..., :text_len]
+        return (total / q.shape[1])[:, None].detach()
+
+
+@contextmanager
+def capture_joint_attention(transformer: Any, text_len: int) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Wrap every attention processor of a FLUX transformer (its double- and single-stream blocks' `attn`) in a
+    JointAttentionRecorder; `text_len`: the text tokens' count S (the embeddings' length).
+
+    Yields {processor key: [(B, 1, N, S) per call]}. On exit the exact original processor objects are put back.
+    HookError when `transformer` is already under this capture or capture_cross_attention."""
+    _claim(_swapped_unets, [transformer], ["attention processors of this transformer"], "transformer")
+    sink: dict[str, list[torch.Tensor]] = {}
+    try:
+        originals = dict(transformer.attn_processors)
+        swapped = {k: JointAttentionRecorder(k, sink, p, text_len) for k, p in originals.items()}
+        try:
+            transformer.set_attn_processor(swapped)
+            yield sink
+        finally:
+            transformer.set_attn_processor(dict(originals))
+    finally:
+        _release(_swapped_unets, [transformer])

@@ -77,11 +77,12 @@ class FusedAttention(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        names = ("attn_mask", "dropout_p", "is_causal", "scale")
-        given = {**dict(zip(names, args[3:], strict=False)), **kwargs}
+        # by position or by name (diffusers' attention dispatcher, FLUX's processor, passes query= key= value=)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *args[:3], float(given.get("dropout_p", 0.0)), bool(given.get("is_causal", False)),
-            attn_mask=given.get("attn_mask"), scale=given.get("scale"))[0]
+            given["query"], given["key"], given["value"], float(given.get("dropout_p", 0.0)),
+            bool(given.get("is_causal", False)), attn_mask=given.get("attn_mask"), scale=given.get("scale"))[0]
 
 
 class MemoryEstimator:
@@ -113,8 +114,8 @@ class MemoryEstimator:
         return self._meta
 
     def _trace(self, kind: Kind, latent: tuple[int, int, int]) -> int:
-        from difflens.engine.cam import camable_layers
-        from difflens.engine.hooks import capture_cross_attention, capture_outputs
+        from difflens.engine.attention import capture_text_attention
+        from difflens.engine.cam import camable_layers, capture_layers
 
         family, meta, dtype = families.of(self.model), self._denoiser(), self.model.dtype
         (seq, dim), added_shapes = family.conditioning_shapes(self.model)
@@ -126,11 +127,11 @@ class MemoryEstimator:
         embeds, added = zeros(1, seq, dim), {k: zeros(1, *s) for k, s in added_shapes.items()} or None
         count = LiveBytes()
         if kind == "cam":
-            with torch.enable_grad(), capture_outputs(meta, camable_layers(meta)), FusedAttention(), count:
+            with torch.enable_grad(), capture_layers(meta, camable_layers(meta)), FusedAttention(), count:
                 out = family.call(meta, x, 999, embeds, added)
                 torch.autograd.backward(out.sum(), inputs=[x])
         else:
-            capture: Any = capture_cross_attention(meta) if kind == "attn" else nullcontext()
+            capture: Any = capture_text_attention(meta, seq) if kind == "attn" else nullcontext()
             with torch.no_grad(), capture, FusedAttention(), count:
                 family.call(meta, x, 999, embeds, added)
         return count.peak

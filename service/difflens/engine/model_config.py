@@ -172,6 +172,8 @@ def family_of(index: dict[str, Any], index_path: Path) -> FamilySpec:
 LAYER_PATTERN = re.compile(
     r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions|downsamplers|upsamplers)\.\d+")
 BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+# A transformer denoiser's blocks (FLUX: double-stream, then single-stream; SD3: joint blocks), in forward order.
+TRANSFORMER_LAYER_PATTERN = re.compile(r"(transformer_blocks|single_transformer_blocks)\.\d+")
 
 # Per block type of UNet2DConditionModel: whether each layer has an attention module beside its resnet. Within a
 # block diffusers registers attentions before resnets and the sampler last; camable_layers lists modules in that
@@ -202,10 +204,25 @@ def _block_paths(prefix: str, attention: bool, layers: int, sampler: str | None)
     return paths + ([f"{prefix}.{sampler}.0"] if sampler else [])
 
 
+def transformer_layer_paths(config: dict[str, Any]) -> tuple[str, ...]:
+    """Every block path DF-CAM accepts on a transformer denoiser built from `config`: transformer_blocks.0 ..
+    num_layers - 1, then single_transformer_blocks.0 .. num_single_layers - 1 (FLUX's; absent: none), the order
+    engine.cam.camable_layers lists them in. ValueError naming the key for a count that is not an integer >= 0."""
+    counts = {key: config.get(key, 0) for key in ("num_layers", "num_single_layers")}
+    for key, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{key}: got {n!r}; expected an integer >= 0")
+    return (*(f"transformer_blocks.{i}" for i in range(counts["num_layers"])),
+            *(f"single_transformer_blocks.{i}" for i in range(counts["num_single_layers"])))
+
+
 def cam_layer_paths(unet_config: dict[str, Any]) -> tuple[str, ...]:
     """Every module path DF-CAM accepts on a UNet2DConditionModel built from `unet_config` (its config.json), in
-    engine.cam.camable_layers' order: down, mid, then up blocks. ValueError naming the key for a config diffusers'
+    engine.cam.camable_layers' order: down, mid, then up blocks; on a transformer denoiser's config (num_layers, no
+    down blocks: FLUX, SD3), `transformer_layer_paths`. ValueError naming the key for a config diffusers'
     UNet2DConditionModel would not build this way (an unknown block type, mismatched list lengths)."""
+    if "down_block_types" not in unet_config and "num_layers" in unet_config:
+        return transformer_layer_paths(unet_config)
     down = list(unet_config.get("down_block_types") or ())
     up = list(unet_config.get("up_block_types") or ())
     n = len(down)
