@@ -87,16 +87,39 @@ def step_timings(exp: Explanation, denoise_s: Mapping[int, float]) -> list[dict[
 
 
 def runtime_of(device: str, dtype: str, backend: str, requested_backend: str,
-               remote: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               remote: Mapping[str, Any] | None = None, oom_batch: int | None = None) -> dict[str, Any]:
     """A record's "runtime": where and how the UNet ran (`backend` the one used, after any fallback; `remote`: the
-    server that ran its batched calls, backend triton: url, model, max_batch)."""
+    server that ran its batched calls, backend triton: url, model, max_batch; `oom_batch`: the samples per call a
+    worker's DF-RISE calls were cut to when they ran out of device memory at --max-batch, None: they never did)."""
     import torch
 
     runtime = {"device": device, "dtype": dtype, "unet_backend": backend, "requested_backend": requested_backend,
                "torch_threads": torch.get_num_threads()}
     if remote is not None:
         runtime["triton"] = dict(remote)
+    if oom_batch is not None:
+        runtime["unet_batch_after_oom"] = oom_batch
     return runtime
+
+
+def run_record(*, job_id: str, worker: str, attempt: int, model_name: str, folder: str,
+               weights: Mapping[str, str], configs: Mapping[str, str], spec: JobSpec, exp: Explanation, png: bytes,
+               runtime: Mapping[str, Any], started: float, denoise_s: Mapping[int, float],
+               enqueued_at: float | None = None, rise_exact: Mapping[int, bool] | None = None,
+               finished: float | None = None) -> dict[str, Any]:
+    """The audit record of one run, a worker's job or a local `difflens explain` (replay takes either): the one
+    builder both call. Timings from when it was queued (`enqueued_at`; None: a local run, never queued), started
+    and `finished` (None: now), and each step's denoise seconds; `rise_exact` as build_record's (None: a local run,
+    whose DF-RISE calls all ran alone)."""
+    finished = time.time() if finished is None else finished
+    enqueued_at = started if enqueued_at is None else enqueued_at
+    timings = {"queue_wait_s": round(max(0.0, started - enqueued_at), 6), "run_s": round(finished - started, 6),
+               "total_s": round(finished - enqueued_at, 6), "steps": step_timings(exp, denoise_s)}
+    if rise_exact is None:
+        rise_exact = {s.index: True for s in exp.steps if "rise" in s.seconds}
+    return build_record(job_id=job_id, worker=worker, attempt=attempt, model_name=model_name, weights=weights,
+                        configs=configs, folder=folder, spec=spec, exp=exp, png=png, runtime=runtime,
+                        timings=timings, rise_exact=rise_exact)
 
 
 def build_record(*, job_id: str, worker: str, attempt: int, model_name: str, weights: Mapping[str, str],

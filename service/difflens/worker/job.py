@@ -352,20 +352,14 @@ class JobRun:
         self.state.cancel_seen = result == Published.CANCEL_REQUESTED
 
     def _record(self, exp: Explanation, png: bytes, started: float) -> dict[str, Any]:
-        claim, engine = self.claim, self.settings.engine
-        now = time.time()
-        timings = {"queue_wait_s": round(max(0.0, started - claim.enqueued_at), 6),
-                   "run_s": round(now - started, 6), "total_s": round(now - claim.enqueued_at, 6),
-                   "steps": audit.step_timings(exp, self.state.denoise_s)}
-        runtime = audit.runtime_of(engine.device, engine.dtype, self.runner.backend, self.runner.requested_backend,
-                                   self.entry.unet_server)
-        if self.runner.oom_batch is not None:  # out of memory at --max-batch: its DF-RISE calls were this small
-            runtime["unet_batch_after_oom"] = self.runner.oom_batch
-        return audit.build_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
-                                  model_name=self.entry.name, weights=self.entry.weights, configs=self.entry.configs,
-                                  folder=str(self.entry.folder),
-                                  spec=claim.spec, exp=exp,
-                                  png=png, runtime=runtime, timings=timings, rise_exact=self.state.rise_exact)
+        claim, engine, runner = self.claim, self.settings.engine, self.runner
+        runtime = audit.runtime_of(engine.device, engine.dtype, runner.backend, runner.requested_backend,
+                                   self.entry.unet_server, oom_batch=runner.oom_batch)
+        return audit.run_record(job_id=claim.job_id, worker=claim.worker, attempt=claim.delivery,
+                                model_name=self.entry.name, folder=str(self.entry.folder), weights=self.entry.weights,
+                                configs=self.entry.configs, spec=claim.spec, exp=exp, png=png, runtime=runtime,
+                                enqueued_at=claim.enqueued_at, started=started, denoise_s=self.state.denoise_s,
+                                rise_exact=self.state.rise_exact)
 
     def _hand_back(self) -> None:
         """Give the job back (the worker is stopping): its events so far stay, another worker runs it again, and
