@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from difflens.client import DifflensClient
 from difflens.jobs import Completed
 from tests.api.helpers import CAM_LAYERS, free_port, job, settings
 from tests.support.promtool import MISSING, promtool_report
+from tests.support.waiting import wait_until
 
 
 def test_health_reports_serving_for_the_server_and_the_service(embedded):
@@ -294,9 +294,8 @@ def test_explain_server_timeout_is_the_jobs_deadline(embedded, tmp_path, capsys)
     assert "DEADLINE_EXCEEDED" in err and not out.exists()
     job_id = re.search(r"job ([0-9a-f]{32})", err).group(1)  # named whether the call or the job ended first
     with DifflensClient(embedded.target) as client:
-        end = time.monotonic() + 60
-        while (rec := client.get(job_id)).state not in ("failed", "completed") and time.monotonic() < end:
-            time.sleep(0.2)
+        rec = wait_until(lambda: (r := client.get(job_id)).state in ("failed", "completed") and r, 120, 0.2,
+                         "the job ended")
     assert rec.state == "failed" and "DEADLINE_EXCEEDED" in rec.error
 
 

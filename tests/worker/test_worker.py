@@ -14,6 +14,7 @@ from PIL import Image
 
 from difflens import metrics
 from difflens.jobs import Completed, Failed, OutputOptions, Queued, Started, Step
+from tests.support.waiting import wait_until
 from tests.worker.helpers import MODEL, settings, solo, spec, wait_for, wait_terminal
 
 MODELS = (MODEL,)
@@ -366,10 +367,7 @@ def test_denoising_goes_on_while_a_step_event_is_being_published(make_worker, wo
     queue = _SteeredQueue.make(worker_settings, gate_step=0)
     job_id = queue.enqueue(spec(steps=3, masks=4, batch=4)).id  # one DF-RISE UNet call per step
     worker = make_worker(worker_settings, queue)
-    end = time.monotonic() + 60
-    while worker.stats.calls < 2 and time.monotonic() < end:
-        time.sleep(0.01)
-    assert worker.stats.calls >= 2, "step 1 was never explained while step 0's event waited"
+    wait_until(lambda: worker.stats.calls >= 2, 120, 0.01, "step 1 explained while step 0's event waited")
     queue.gate.set()
     events = wait_terminal(queue, job_id)
     assert [type(e) for e in events] == [Queued, Started, Step, Step, Step, Completed]
@@ -431,10 +429,7 @@ def test_a_job_handed_out_ahead_publishes_nothing_until_its_claim_holds_and_stop
     waits = _queue_waits()
     job_id = queue.enqueue(spec(steps=6, masks=4, batch=4)).id
     worker = make_worker(s, queue)
-    end = time.monotonic() + 60
-    while worker.stats.calls < 2 and time.monotonic() < end:
-        time.sleep(0.01)
-    assert worker.stats.calls >= 2, "the job did not start before its claim was settled"
+    wait_until(lambda: worker.stats.calls >= 2, 120, 0.01, "the job started before its claim was settled")
     assert [type(e) for _, e in queue.events(job_id)] == [Queued, Started]  # two steps explained, none out
     queue.gate.set()
     events = wait_terminal(queue, job_id)
