@@ -391,7 +391,7 @@ def test_no_image_is_delivered_when_its_record_cannot_be_kept(tiny_dir, tiny_mod
     ({}, False),
 ])
 def test_replay_on_a_server_says_when_its_runtime_differs_from_the_records(other, differs):
-    from difflens.worker.replay import runtimes_differ
+    from difflens.replay import runtimes_differ
 
     base = {"device": "cpu", "dtype": "float32", "unet_backend": "eager", "torch_threads": 1}
     changed = {k: v for k, v in {**base, **other}.items() if v is not None}

@@ -164,7 +164,7 @@ def test_the_cli_loads_no_torch_so_the_worker_can_set_the_spin_first():
     # In a fresh interpreter: import the CLI modules, set the spin, then load torch and see it in the environment.
     code = ("import os, sys\n"
             "from difflens.config import limit_idle_spin\n"
-            "import difflens.cli, difflens.worker.cli\n"
+            "import difflens.cli, difflens.commands.worker\n"
             "assert 'torch' not in sys.modules, 'the CLI imported torch at import time'\n"
             "assert limit_idle_spin()\n"
             "import torch\n"

@@ -227,10 +227,10 @@ def test_explain_server_bad_input_exits_2_naming_the_flag(embedded, tmp_path, ca
 def test_the_remote_progress_bar_is_filled_only_for_a_completed_job(completed, shown, capsys):
     """Steps after the last explained one send no event: a completed job's bar is filled at the end, a failed
     job's bar stays where the job stopped (it used to read 10/10 above the error line)."""
-    from difflens.api.cli import RemoteProgress
+    from difflens.commands.common import ProgressBar
     from difflens.jobs import Step
 
-    progress = RemoteProgress()
+    progress = ProgressBar()
     for index in (0, 2):
         progress.on_event(Step(index=index, timestep=900 - 100 * index, num_steps=10))
     bar = progress.bar
@@ -246,14 +246,14 @@ def test_the_remote_progress_says_when_the_stream_broke_and_when_it_resumed(caps
     again."""
     import grpc
 
-    from difflens.api.cli import RemoteProgress
+    from difflens.commands.common import ProgressBar
     from difflens.jobs import Step
 
     class Unavailable(grpc.RpcError):
         def code(self):
             return grpc.StatusCode.UNAVAILABLE
 
-    progress = RemoteProgress()
+    progress = ProgressBar()
     progress.on_event(Step(index=0, timestep=900, num_steps=10))
     progress.on_break("j1", Unavailable())
     progress.on_event(Step(index=1, timestep=800, num_steps=10))

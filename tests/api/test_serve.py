@@ -106,8 +106,8 @@ def test_bad_serve_flags_exit_2_naming_the_flag(argv, message, capsys, monkeypat
 
 
 def test_only_an_embedded_server_on_loopback_goes_without_keys_unless_told(monkeypatch):
-    from difflens.api.cli import serve_settings
     from difflens.cli import build_parser
+    from difflens.commands.serve import serve_settings
 
     monkeypatch.setenv("DIFFLENS_AUTH_KEYS", "/etc/difflens/auth/keys.json")
     front = ["serve", "--redis", "redis://r:6379/0", "--host", "0.0.0.0"]

@@ -110,11 +110,11 @@ def check_service_args(args, monkeypatch) -> None:
     (a bad port or model spec raises InvalidArgument)."""
     monkeypatch.setenv("DIFFLENS_REDIS_URL", "redis://redis:6379/0")
     if args.command == "serve":
-        from difflens.api.cli import serve_settings
+        from difflens.commands.serve import serve_settings
 
         settings = serve_settings(args)
     else:
-        from difflens.worker.cli import worker_settings
+        from difflens.commands.worker import worker_settings
 
         settings = worker_settings(args)
     assert settings.metrics_port is not None, "no --metrics-port: nothing to scrape, no /readyz to probe"

@@ -120,7 +120,7 @@ def test_cli_with_the_checker_excludes_what_it_cannot_score(pixel_dir, tmp_path,
 
 
 def test_steps_flag_parses_a_count_or_indices():
-    from difflens.evaluation.cli import parse_steps
+    from difflens.commands.evaluate import parse_steps
 
     assert parse_steps("6") == 6
     assert parse_steps("0,12,24") == (0, 12, 24)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from difflens.triton.cli import DEFAULT_VENV
+from difflens.commands.triton_serve import DEFAULT_VENV
 
 SHM = Path("/dev/shm")
 START_TIMEOUT_S = 180.0  # about 7 s on a quiet 2-core machine; a busy one takes several times that

@@ -59,7 +59,7 @@ def test_a_server_gone_mid_job_fails_that_job_and_the_worker_serves_the_next(tri
 
 def test_replay_runs_a_triton_record_eager_in_process():
     """The record's server may be gone, and its UNet is the model folder's (start-up checked): replay needs neither."""
-    from difflens.worker.replay import runtime_settings
+    from difflens.replay import runtime_settings
 
     runtime = {"device": "cpu", "dtype": "float32", "unet_backend": "triton", "requested_backend": "triton",
                "torch_threads": 1, "triton": {"url": "10.0.0.9:8001", "model": "sd15", "max_batch": 8}}

@@ -89,6 +89,12 @@ def render_files(exp: Explanation) -> dict[str, bytes]:
     return files
 
 
+def out_folder_problem(out: Path) -> str | None:
+    """Why `out` cannot take the outputs (it exists and is not a folder), or None: the commands ask before any
+    work (naming --out), write_outputs again when it writes."""
+    return f"{out} exists and is not a folder" if out.exists() and not out.is_dir() else None
+
+
 def write_outputs(explanation: Explanation, out_dir: str | os.PathLike[str],
                   companions: Mapping[str, bytes] | None = None) -> dict[str, Path]:
     """Write every output of `explanation` into `out_dir` (created if missing). Returns file name -> path.
@@ -99,8 +105,9 @@ def write_outputs(explanation: Explanation, out_dir: str | os.PathLike[str],
     Files of a previous run in `out_dir` with these names are replaced or, when this run does not produce them, removed.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a folder")
+    problem = out_folder_problem(out)
+    if problem:
+        raise NotADirectoryError(problem)
     unknown = set(companions or {}) - set(COMPANION_NAMES)
     if unknown:
         raise ValueError(f"companion files {sorted(unknown)}; allowed: {', '.join(COMPANION_NAMES)}")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-def add_evaluate(sub: argparse._SubParsersAction) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="prompt fidelity and faithfulness of the explanations (issue 3)",
                        description="Generate held-out captions with MODEL_DIR, score them with the checker "
                                    "(uniform, early and late schedules), explain accepted images with DF-RISE, "
@@ -38,7 +38,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", metavar="cpu|cuda|cuda:N")
-    p.set_defaults(run=run_evaluate)
+    p.set_defaults(run=run)
 
 
 # EvalConfig field -> the flag a user typed (for error lines).
@@ -56,13 +56,13 @@ def parse_steps(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 and "," not in text else values
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from difflens.commands.common import check_out
     from difflens.commands.explain_flags import parse_ints
     from difflens.config import Settings
     from difflens.errors import InvalidArgument
 
-    if args.out.exists() and not args.out.is_dir():
-        raise InvalidArgument("out", f"{args.out} exists and is not a folder")
+    check_out(args.out)
     if args.threads is not None and args.threads < 1:
         raise InvalidArgument("--threads", f"got {args.threads}; must be >= 1 (default: torch's)")
     settings = Settings.from_env(device=args.device)

@@ -19,7 +19,7 @@ BOOT = ("import runpy, sys; sys.path.append(sys.argv.pop(1)); "
         "runpy.run_module('difflens.triton.server', run_name='__main__', alter_sys=True)")
 
 
-def add_triton_serve(sub: argparse._SubParsersAction) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("triton-serve", help="serve a model folder's UNet on a local Triton server (--backend triton)",
                        description="Serve MODEL_DIR's UNet with nvidia-pytriton (tritonserver with the Python "
                                    "backend; dynamic batching on) as the Triton model `--backend triton` calls: "
@@ -42,7 +42,7 @@ def add_triton_serve(sub: argparse._SubParsersAction) -> None:
                    help='once serving, write {"port": N, "metrics_port": M} here')
     p.add_argument("--venv", type=Path, metavar="DIR", help="the Triton environment (default: DIFFLENS_TRITON_VENV, "
                                                             f"else {DEFAULT_VENV})")
-    p.set_defaults(run=run_triton_serve)
+    p.set_defaults(run=run)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -86,7 +86,7 @@ def _here_is_triton_env() -> bool:
     return int(numpy.__version__.split(".")[0]) < 2
 
 
-def run_triton_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     _check(args)
     argv = server_argv(args)
     if _here_is_triton_env():

@@ -11,7 +11,7 @@ from difflens.errors import InvalidArgument
 FILE_HELP = "the key file (default: DIFFLENS_AUTH_KEYS)"
 
 
-def add_keys(sub: argparse._SubParsersAction) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="make, revoke and list the API keys of the key file",
                        description="The key file `difflens serve --auth-keys` reads (re-read within seconds of a "
                                    "change, no restart). It stores only each key's SHA-256: a new key is printed "

@@ -212,7 +212,7 @@ def run_local(record: Mapping[str, Any], spec: JobSpec, *, model_dir: str | None
     from difflens.engine import families
     from difflens.engine.explain import run_explanation
     from difflens.engine.loading import load_model
-    from difflens.worker.job import image_png
+    from difflens.render.outputs import image_png
 
     model = load_model(folder, device=settings.device, dtype=settings.torch_dtype)
     before = torch.get_num_threads()

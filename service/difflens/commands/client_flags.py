@@ -1,5 +1,5 @@
 """How the `difflens` commands that call a server connect to it (explain --server, models, replay --server,
-delete): an API key and TLS files, the same flags on each; and `difflens delete`.
+delete): an API key and TLS files, the same flags on each.
 
 The key comes from --api-key or, better (a command line is visible to every user of the machine), DIFFLENS_API_KEY.
 grpc is imported only when a command runs.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from difflens.errors import InvalidArgument
@@ -57,34 +56,3 @@ def connect(args: argparse.Namespace, **kwargs: Any) -> Any:
     from difflens.client import DifflensClient
 
     return DifflensClient(args.server, **client_options(args), **kwargs)
-
-
-def add_delete(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("delete", help="delete jobs that ended, with their events and records, before they expire",
-                       description="DeleteJob on a running server: each job's events (its maps) and record leave the "
-                                   "queue now instead of when they expire. A queued or running job is refused "
-                                   "(cancel it first). Audit records a worker wrote to its --audit-dir stay.")
-    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the gRPC front")
-    add_client_flags(p)
-    p.set_defaults(run=run_delete)
-
-
-def run_delete(args: argparse.Namespace) -> int:
-    import grpc
-
-    from difflens.api.cli import check_server, rpc_error_line
-
-    check_server(args.server)
-    status = 0
-    with connect(args) as client:
-        for job_id in args.job_ids:
-            try:
-                job = client.delete(job_id, timeout=30)
-            except grpc.RpcError as e:
-                line, code = rpc_error_line(e)
-                print(f"{line} (job {job_id})", file=sys.stderr)
-                status = max(status, code)
-                continue
-            print(f"difflens: deleted job {job.id} ({job.state})")
-    return status

@@ -1,4 +1,5 @@
-"""`difflens worker` (one worker process on the Redis queue) and `difflens replay` (re-run an audit record)."""
+"""`difflens worker`: one worker process on the Redis queue. torch is imported only when it runs, after the idle
+spin of its threads is limited."""
 
 from __future__ import annotations
 
@@ -7,16 +8,14 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 
-from difflens.api.client_cli import add_client_flags, check_client_flags, client_options
-from difflens.backend_flags import add_backend_flags, engine_settings
-from difflens.commands.explain_flags import add_explanation_flags, explanation_given, explanation_options
-from difflens.config import AUDIT_DIR_HELP, DTYPES, THREADS_ALLOWED, ServiceSettings, limit_idle_spin
+from difflens.commands.backend_flags import add_backend_flags, engine_settings
+from difflens.commands.common import check_process_flags
+from difflens.config import AUDIT_DIR_HELP, DTYPES, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
 
 
-def add_worker(sub: argparse._SubParsersAction) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one worker: take jobs from the Redis queue and explain them",
                        description="Load the models once, then claim jobs from the Redis queue and run them, up to "
                                    "--max-jobs at once (their DF-RISE masks share UNet calls of up to --max-batch "
@@ -42,45 +41,11 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
                         "queue for another worker (default 30; a second SIGTERM hands them back at once)")
     p.add_argument("--name", help="worker name in job records (default: host-pid-random)")
     p.add_argument("--audit-dir", metavar="DIR", help=AUDIT_DIR_HELP)
-    p.set_defaults(run=run_worker)
-
-
-def add_replay(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay", help="re-run a job from its audit record and compare every hash",
-                       description="Regenerate the image and maps of AUDIT.json in-process and compare their hashes "
-                                   "with the record's. Explanation flags re-explain the same image: other methods, "
-                                   "steps or options (the image is still checked; maps the record lacks are new). "
-                                   "Exit 0 if all compared items match, 1 if not, 2 on bad input.")
-    p.add_argument("audit", metavar="AUDIT.json", type=Path)
-    p.add_argument("--model", action="append", metavar="NAME=DIR", help="where the record's model is (by name)")
-    p.add_argument("--model-dir", metavar="DIR", help="the model folder (overrides the name lookup)")
-    p.add_argument("--device", metavar="cpu|cuda|cuda:N", help="default: the record's device")
-    p.add_argument("--server", metavar="HOST:PORT", help="run it as a new job on a difflens server instead of "
-                                                          "in-process (the record's model by name; its weights are "
-                                                          "checked against the record's)")
-    add_client_flags(p)
-    p.add_argument("--out", type=Path, help="also write the outputs (pictures, npz, report, replay.json) here; "
-                                            "required when re-explaining")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the record's; maps "
-                                                            "depend on it)")
-    add_explanation_flags(p, keep="the record")
-    p.set_defaults(run=run_replay)
-
-
-def _positive(flag: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise InvalidArgument(flag, f"got {value}; must be >= 1")
+    p.set_defaults(run=run)
 
 
 def worker_settings(args: argparse.Namespace) -> ServiceSettings:
-    _positive("--max-jobs", args.max_jobs)
-    if args.drain_grace is not None and not args.drain_grace >= 0:
-        raise InvalidArgument("--drain-grace", f"got {args.drain_grace}; must be >= 0 (seconds)")
-    _positive("--max-batch", args.max_batch)
-    if args.threads is not None and args.threads < 0:
-        raise InvalidArgument("--threads", f"got {args.threads}; {THREADS_ALLOWED}")
-    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
-        raise InvalidArgument("--metrics-port", f"got {args.metrics_port}; allowed 1..65535")
+    check_process_flags(args)
     engine = engine_settings(args, device=args.device, dtype=args.dtype, threads=args.threads)
     settings = ServiceSettings.from_env(
         engine=engine, models=ServiceSettings.parse_models(args.model), redis_url=args.redis, queue_name=args.queue,
@@ -97,7 +62,7 @@ def worker_settings(args: argparse.Namespace) -> ServiceSettings:
     return settings
 
 
-def run_worker(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     limit_idle_spin()  # before anything imports torch
     settings = worker_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -144,37 +109,3 @@ def run_worker(args: argparse.Namespace) -> int:
     finally:
         queue.close()
     return 0
-
-
-def run_replay(args: argparse.Namespace) -> int:
-    import grpc
-
-    from difflens.api.cli import check_server, rpc_error_line
-    from difflens.worker.replay import ReplayFailed, replay
-
-    models = dict(ServiceSettings.parse_models(args.model))
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise InvalidArgument("--out", f"{args.out} exists and is not a folder")
-    _positive("--threads", args.threads)
-    if args.server is not None:
-        for flag in ("model", "model_dir", "device", "threads"):
-            if getattr(args, flag) is not None:
-                raise InvalidArgument(f"--{flag.replace('_', '-')}",
-                                      "not used with --server (the server's models and settings apply)")
-        check_server(args.server)
-    else:
-        check_client_flags(args)
-    overrides = (lambda base: explanation_options(args, base)) if explanation_given(args) else None
-    try:
-        return replay(args.audit, model_dir=args.model_dir, models=models, device=args.device, out=args.out,
-                      explain=overrides, server=args.server, threads=args.threads, client=client_options(args))
-    except ReplayFailed as e:
-        print(f"difflens: error: {e}", file=sys.stderr)
-        return 1
-    except grpc.RpcError as e:
-        line, status = rpc_error_line(e)
-        print(line, file=sys.stderr)
-        return status
-    except OSError as e:  # writing --out (as explain reports it)
-        print(f"difflens: error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 1
