@@ -84,16 +84,13 @@ def local_record(args: argparse.Namespace, request: dict[str, Any], model: Any, 
                    explain=request["explain"])
     explained = {s.index: sum(s.seconds.values()) for s in exp.steps}
     denoise = {i: max(0.0, t - explained.get(i, 0.0)) for i, t in step_s.items()}
-    run_s = round(time.time() - started, 6)
-    record = audit.build_record(
+    record = audit.run_record(
         job_id=new_job_id(), worker=f"local ({socket.gethostname()})", attempt=1, model_name=name,
-        weights=weights_sha256(folder), configs=config_sha256(folder), folder=str(folder), spec=spec, exp=exp,
+        folder=str(folder), weights=weights_sha256(folder), configs=config_sha256(folder), spec=spec, exp=exp,
         png=image_png(exp.image),
         runtime=audit.runtime_of(settings.device, settings.dtype, settings.unet_backend, settings.unet_backend,
                                  unet_server),
-        timings={"queue_wait_s": 0.0, "run_s": run_s, "total_s": run_s,
-                 "steps": audit.step_timings(exp, denoise)},
-        rise_exact={s.index: True for s in exp.steps if "rise" in s.seconds})
+        started=started, denoise_s=denoise)
     return audit.dumps(record)
 
 
