@@ -1,5 +1,6 @@
 """The pytriton server of one model folder's UNet (`difflens triton-serve`, which runs this module in the Triton
-environment: see triton/cli.py). It declares difflens's contract (triton/contract.py) with dynamic batching on.
+environment: see commands/triton_serve.py). It declares difflens's contract (triton/contract.py) with dynamic
+batching on.
 
 Runs where numpy < 2, torch, diffusers and nvidia-pytriton are installed, and imports nothing else of difflens but
 the contract. pytriton starts `tritonserver` as a child process and answers its Python backend from this one (the

@@ -1,7 +1,7 @@
 """The worker: takes jobs from the queue, runs the engine on its loaded models, publishes each step as it happens.
 
-`Worker` (worker.py) is the loop; `JobRun` (job.py) one job; batching.py the cross-job UNet batching; cli.py the
-`difflens worker` and `difflens replay` commands; replay.py the re-run of an audit record.
+`Worker` (worker.py) is the loop; `JobRun` (job.py) one job; batching.py the cross-job UNet batching. The
+`difflens worker` command is commands/worker.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["Worker"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `difflens --help` imports worker.cli, and must not pay for torch.
+    # Lazy: importing the package must not pay for torch (`difflens --help` stays quick).
     if name == "Worker":
         from difflens.worker.worker import Worker
 
