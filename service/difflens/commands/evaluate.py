@@ -25,7 +25,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="DF-RISE per-pixel score (default structure)")
     p.add_argument("--ssim-padding", choices=("zero", "reflect"), default="zero",
                    help="DF-RISE structure term's window past the latent's border (default here zero, the paper's "
-                        "padding, as the README's measured table; `difflens explain` defaults to reflect)")
+                        "padding, as docs/faithfulness.md's table; `difflens explain` defaults to reflect)")
     p.add_argument("--sampler", choices=("mc", "stratified", "sobol"), default="mc",
                    help="DF-RISE mask draws (default mc)")
     p.add_argument("--antithetic", action="store_true", help="DF-RISE masks in antithetic pairs (--masks even)")

@@ -1,4 +1,4 @@
-"""Timestep lists: the schedulers' uniform spacing, exponential early/late packing (METHOD.md, R3) and validation
+"""Timestep lists: the schedulers' uniform spacing, exponential early/late packing (docs/method.md, R3) and validation
 of explicit lists."""
 
 from __future__ import annotations
