@@ -75,7 +75,7 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
 
     root = Path(folder).resolve()
     index = read_json_object(root / "model_index.json")
-    family = family_of(index, root / "model_index.json")
+    family = family_of(index, root / "model_index.json").present(index)
     unet_config = read_json_object(root / family.denoiser / "config.json")
     scheduler_config = read_json_object(root / "scheduler" / "scheduler_config.json")
     factor = 1

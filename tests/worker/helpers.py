@@ -59,10 +59,11 @@ def wait_for(queue: JobQueue, job_id: str, kind: type, timeout: float = 60.0) ->
 
 def solo(model: Any, job: JobSpec) -> Any:
     """The engine-only run of a job (what `difflens explain` computes): the reference for every worker result."""
+    from difflens.engine import families
     from difflens.engine.explain import run_explanation
-    from difflens.engine.runner import UNetRunner
 
-    return run_explanation(model, job.params, job.explain, runner=UNetRunner(model.unet))
+    # the family's runner: a transformer (SD3, FLUX) is called its own way, not as a UNet
+    return run_explanation(model, job.params, job.explain, runner=families.runner(model))
 
 
 def run_one(model: Any, s: ServiceSettings, job: JobSpec, name: str = "w") -> list[Event]:

@@ -15,6 +15,7 @@ import torch
 from difflens.engine.cam import min_max, token_grid, upsample
 from difflens.engine.hooks import capture_cross_attention, capture_joint_attention
 from difflens.engine.sampler import StepState
+from difflens.engine.sd3 import capture_joint_text_attention
 from difflens.engine.tokens import Token
 
 
@@ -29,6 +30,8 @@ def capture_text_attention(unet: Any, text_len: int) -> Any:
     (attn2) layers, or a FLUX transformer's joint attention (its image-query x text-key part, every block)."""
     if hasattr(unet, "single_transformer_blocks"):
         return capture_joint_attention(unet, text_len)
+    if hasattr(unet, "transformer_blocks"):  # SD3's joint blocks: image queries first, then the text's
+        return capture_joint_text_attention(unet)
     return capture_cross_attention(unet)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from difflens.engine import flux, sd3
 from difflens.engine.runner import Added, CFGConditioning, DenoiserCall, RemoteUNet, UNetRunner, unet_call
 from difflens.errors import ModelLoadError
 
@@ -160,8 +161,89 @@ class StableDiffusionXL(StableDiffusion):
         return (seq, dim), {"text_embeds": (proj,), "time_ids": (6,)}
 
 
+class StableDiffusion3(StableDiffusion):
+    """SD3 / SD3.5 (SD3Transformer2DModel, flow matching). Two CLIP encoders with projection and an optional T5
+    (text_encoder_3 / tokenizer_3 declared [null, null]: zeros in its place, as the pipeline has them). The
+    embeddings are (77 + 256, D): both CLIPs' penultimate hidden states concatenated per token position and
+    zero-padded to T5's width D (the transformer's joint_attention_dim), then T5's 256 tokens along the sequence;
+    the added conditioning is both CLIPs' pooled projections concatenated ("pooled_projections", (P,)). The first
+    tokenizer (CLIP) gives the prompt's words: the attention maps read the first 77 text positions, CLIP's."""
+
+    name = "sd3"
+    call: DenoiserCall = staticmethod(sd3.sd3_call)
+
+    def encode(self, model: Model, prompt: str, negative_prompt: str, size: tuple[int, int]) -> Prompt:
+        """As StableDiffusion3Pipeline.encode_prompt with prompt_2 = prompt_3 = prompt (the negative the same way;
+        an empty one is encoded as "", as the pipeline does for negative_prompt=None)."""
+        embeds, pooled, ids = self._encode(model, prompt)
+        neg_embeds, neg_pooled, _ = self._encode(model, negative_prompt)
+        added = {"pooled_projections": torch.cat([neg_pooled, pooled]).to(model.dtype)}
+        return Prompt(torch.cat([neg_embeds, embeds]).to(model.dtype), added, ids)
+
+    def _encode(self, model: Model, text: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """text -> embeddings (1, 77 + 256, D), pooled (1, P1 + P2), the first tokenizer's ids."""
+        length = int(model.tokenizer.model_max_length)  # the pipeline pads both CLIPs to the first's length
+        ids = [_ids(tok, text, length) for tok in (model.tokenizer, model.components["tokenizer_2"])]
+        hidden, pooled = [], []
+        with torch.no_grad():
+            for enc, tokens in zip((model.text_encoder, model.components["text_encoder_2"]), ids, strict=True):
+                out = enc(tokens.to(model.device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled.append(out[0])
+            t5 = self._t5(model, text)
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1), ids[0][0].tolist()
+
+    @staticmethod
+    def _t5(model: Model, text: str) -> torch.Tensor:
+        """T5's last hidden state (1, 256, D), or zeros of that shape without T5."""
+        encoder = model.components.get("text_encoder_3")
+        if encoder is None:
+            width = int(model.unet.config.joint_attention_dim)
+            return torch.zeros(1, sd3.T5_LENGTH, width, device=model.device, dtype=model.text_encoder.dtype)
+        ids = _ids(model.components["tokenizer_3"], text, sd3.T5_LENGTH)
+        return encoder(ids.to(model.device))[0]
+
+    def timestep_kwargs(self, model: Model, size: tuple[int, int], steps: int) -> dict[str, Any]:
+        """`mu` from the image's patch-token count where the scheduler shifts dynamically (as the pipeline does);
+        SD3's own configs shift by a fixed `shift` (3.0) and need none."""
+        config = model.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return {}
+        f = model.vae_scale_factor * int(model.unet.config.patch_size)
+        return {"mu": flux.mu((size[0] // f) * (size[1] // f), config)}
+
+    def check(self, model: Model) -> None:
+        """The transformer's text, pooled and latent widths against the encoders and the VAE (ModelLoadError naming
+        transformer/config.json and the key): what the pipeline finds only at the first call, or never (a CLIP
+        wider than T5 would be cut by the padding)."""
+        config, where = model.unet.config, str(model.path / "transformer" / "config.json")
+        te1, te2 = model.text_encoder.config, model.components["text_encoder_2"].config
+        width, joint = int(te1.hidden_size) + int(te2.hidden_size), int(config.joint_attention_dim)
+        wants = [("pooled_projection_dim", int(te1.projection_dim) + int(te2.projection_dim),
+                  "text_encoder's and text_encoder_2's projection_dim together")]
+        t5 = model.components.get("text_encoder_3")
+        if t5 is not None:
+            wants.append(("joint_attention_dim", int(t5.config.d_model), "text_encoder_3's (T5's) d_model"))
+        if model.vae is not None:
+            wants.append(("in_channels", int(model.vae.config.latent_channels), "the VAE's latent_channels"))
+        for key, want, what in wants:
+            if int(config.get(key)) != want:
+                raise ModelLoadError(where, f"{key}: got {config.get(key)}; expected {want} ({what})")
+        if joint < width:
+            raise ModelLoadError(where, f"joint_attention_dim: got {joint}; must be at least {width} (text_encoder's "
+                                        "and text_encoder_2's hidden sizes together, zero-padded to it)")
+
+    def conditioning_shapes(self, model: Model) -> tuple[tuple[int, int], dict[str, tuple[int, ...]]]:
+        """((77 + 256, joint_attention_dim), {"pooled_projections": (P,)}) per sample."""
+        config = model.unet.config
+        seq = int(model.tokenizer.model_max_length) + sd3.T5_LENGTH
+        return (seq, int(config.joint_attention_dim)), {"pooled_projections": (int(config.pooled_projection_dim),)}
+
+
 Family = StableDiffusion  # the interface every family implements (SD3 and FLUX: subclasses or look-alikes)
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
 
 
 def of(model: Model) -> Family:
@@ -174,4 +256,5 @@ def runner(model: Model, backend: Backend = "eager", remote: RemoteUNet | None =
     return UNetRunner(model.unet, backend, remote=remote, call=of(model).call)
 
 
-__all__ = ["FAMILIES", "Added", "Family", "Prompt", "StableDiffusion", "StableDiffusionXL", "of", "runner"]
+__all__ = ["FAMILIES", "Added", "Family", "Prompt", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "of",
+           "runner"]

@@ -151,7 +151,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces beside local_files_only
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     from difflens.engine import families
 
@@ -163,7 +163,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     check_device(device)
     folder = Path(path).resolve()
     index = _read_index(folder)
-    family = family_of(index, folder / "model_index.json")
+    family = family_of(index, folder / "model_index.json").present(index)
     for name in family.required:
         if not _declared(index, name):
             raise ModelLoadError(str(folder / "model_index.json"), f"required component '{name}' is not declared")
@@ -175,15 +175,18 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
             raise ModelLoadError(str(folder / name), f"component '{name}' folder is missing")
 
     kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
-    unet = _load("unet", folder / "unet",
-                 lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kw))
+    denoiser = _component_class(diffusers, index, family.denoiser, folder)
+    unet = _load(family.denoiser, folder / family.denoiser,
+                 lambda: denoiser.from_pretrained(folder / family.denoiser, torch_dtype=dtype, **kw))
     loaded: dict[str, Any] = {}
     for name, cls_name in family.text_encoders:
         cls = getattr(transformers, cls_name)
         loaded[name] = _load(name, folder / name,
                              lambda cls=cls, name=name: cls.from_pretrained(folder / name, dtype=dtype, **kw))
     for name in family.tokenizers:
-        loaded[name] = _load(name, folder / name, lambda name=name: _load_tokenizer(folder / name))
+        tokenizer = _component_class(transformers, index, name, folder)
+        loaded[name] = _load(name, folder / name,
+                             lambda name=name, cls=tokenizer: cls.from_pretrained(folder / name, local_files_only=True))
     scheduler = _load("scheduler", folder / "scheduler", lambda: _load_scheduler(folder / "scheduler", index))
     vae = None
     if has_vae:
@@ -205,10 +208,16 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     return model
 
 
-def _load_tokenizer(sub: Path) -> Any:
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(sub, local_files_only=True)
+def _component_class(library: Any, index: dict[str, Any], name: str, folder: Path) -> Any:
+    """The class model_index.json names for component `name` (the denoiser: UNet2DConditionModel,
+    FluxTransformer2DModel, ...; a tokenizer: CLIPTokenizer, T5TokenizerFast), from `library` (diffusers or
+    transformers). ModelLoadError naming the file and the component for a class the library lacks."""
+    cls_name = index[name][1]
+    cls = getattr(library, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(str(folder / "model_index.json"),
+                             f"{name}: unknown class {cls_name!r} (not a {library.__name__} model class)")
+    return cls
 
 
 def _load_scheduler(sub: Path, index: dict[str, Any]) -> Any:

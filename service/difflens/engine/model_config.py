@@ -6,6 +6,7 @@ torch); the engine's loader uses the same readers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -121,12 +122,24 @@ class FamilySpec:
     tokenizers: tuple[str, ...]
     denoiser: str = "unet"
     status: Literal["supported", "next"] = "supported"
+    # Components a folder may declare [null, null] (SD3's T5: text_encoder_3, tokenizer_3): `present` drops them.
+    optional: tuple[str, ...] = ()
     cfg: bool = True  # classifier-free guidance over a negative branch; False: one branch (FLUX)
 
     @property
     def required(self) -> tuple[str, ...]:
         """Components model_index.json must declare."""
         return (self.denoiser, "scheduler", *(name for name, _ in self.text_encoders), *self.tokenizers)
+
+    def present(self, index: dict[str, Any]) -> FamilySpec:
+        """This family as a folder's model_index.json declares it: the optional components it declares [null, null]
+        (or not at all) dropped from its encoders and tokenizers, so that they are neither required nor loaded."""
+        gone = {name for name in self.optional
+                if not (isinstance(index.get(name), list) and None not in index[name] and len(index[name]) == 2)}
+        if not gone:
+            return self
+        return dataclasses.replace(self, text_encoders=tuple(e for e in self.text_encoders if e[0] not in gone),
+                                   tokenizers=tuple(t for t in self.tokenizers if t not in gone))
 
 
 FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
@@ -135,11 +148,13 @@ FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
     FamilySpec("sdxl", ("StableDiffusionXLPipeline",),
                (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
                ("tokenizer", "tokenizer_2")),
-    # Recognised so that a folder of theirs is refused by name; their loading and conditioning come next.
+    # SD3 / SD3.5: CLIP first (its 77 positions open the embeddings: the attention maps' words), T5 optional
     FamilySpec("sd3", ("StableDiffusion3Pipeline",),
                (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
                 ("text_encoder_3", "T5EncoderModel")),
-               ("tokenizer", "tokenizer_2", "tokenizer_3"), denoiser="transformer", status="next"),
+               ("tokenizer", "tokenizer_2", "tokenizer_3"), denoiser="transformer",
+               optional=("text_encoder_3", "tokenizer_3")),
+    # Recognised so that a folder of theirs is refused by name; its loading and conditioning come next.
     FamilySpec("flux", ("FluxPipeline",), (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
                ("tokenizer", "tokenizer_2"), denoiser="transformer", status="next"),
 )}

@@ -237,7 +237,7 @@ def decode(model: Model, latents: torch.Tensor) -> np.ndarray:
         x = latents
         vae = model.vae
         if vae is not None:
-            x = latents.to(next(vae.post_quant_conv.parameters()).dtype)
+            x = latents.to(next(vae.decoder.parameters()).dtype)  # FLUX's and SD3's VAEs have no post_quant_conv
             mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
             if mean is not None and std is not None:
                 shape = (1, -1, 1, 1)

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-TinyFamily = Literal["sd", "sdxl"]
-TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd", "sdxl")
+TinyFamily = Literal["sd", "sdxl", "sd3"]
+TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd", "sdxl", "sd3")
 
 BASE_WORDS = (
     "a an the and of on in at to with photo picture painting drawing image small large big tiny huge "
@@ -196,6 +196,10 @@ def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16, fa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipe: Any
+    if family == "sd3":
+        from difflens.engine.tiny_sd3 import write_tiny_sd3
+
+        return write_tiny_sd3(folder, seed, sample_size)
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed, sample_size, folder),
                                          force_zeros_for_empty_prompt=True, add_watermarker=False)
