@@ -37,6 +37,12 @@ SDXL_UNET = {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers
              "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
              "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}
+# SD3-medium's transformer/config.json (24 joint blocks of 24 heads x 64, 2 x 2 patches of 16 latent channels,
+# text 4096 wide: T5's d_model, pooled 2048: both CLIPs' projections).
+SD3_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+              "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+              "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}
+
 
 
 def timed(fn: Any, repeats: int) -> float:
@@ -117,7 +123,25 @@ def published_memory() -> dict[str, dict[str, int]]:
         est = MemoryEstimator(model)  # type: ignore[arg-type]
         side = int(config["sample_size"])
         out[label] = {kind: est.per_sample(kind, (4, side, side)) for kind in ("forward", "cam", "attn")}
+    out["SD3-medium, 1024 px"] = sd3_medium_memory()
     return out
+
+
+def sd3_medium_memory() -> dict[str, int]:
+    """Per-sample bytes of SD3-medium at 1024 px in float16: 77 CLIP + 256 T5 positions of 4096, pooled 2048."""
+    from types import SimpleNamespace
+
+    from diffusers import SD3Transformer2DModel
+
+    from difflens.engine.memory import MemoryEstimator
+    from difflens.engine.model_config import FAMILIES
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(SD3_MEDIUM).to(torch.float16)
+    model = SimpleNamespace(unet=transformer, dtype=torch.float16, family=FAMILIES["sd3"],
+                            tokenizer=SimpleNamespace(model_max_length=77), components={})
+    est = MemoryEstimator(model)  # type: ignore[arg-type]
+    return {kind: est.per_sample(kind, (16, 128, 128)) for kind in ("forward", "cam", "attn")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": platform.platform(), "torch_threads": torch.get_num_threads(),
                                "masks": args.masks, "batch": args.batch, "repeats": args.repeats, "families": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for family in ("sd", "sdxl"):
+        for family in ("sd", "sdxl", "sd3"):
             model = load_model(make_tiny_model(Path(tmp) / family, family=family))
             results["families"][family] = {"step": step_costs(model, args.repeats, args.masks, args.batch),
                                            "memory_per_sample": memory_per_sample(model, (4, 16, 16))}

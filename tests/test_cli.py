@@ -38,6 +38,18 @@ def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):
     assert "tiny sdxl model written to" in capsys.readouterr().out
 
 
+def test_make_tiny_model_writes_an_sd3_folder_with_t5(tmp_path, capsys):
+    from difflens.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "sd3"), "--family", "sd3"]) == 0
+    index = json.loads((tmp_path / "sd3" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["transformer"][1] == "SD3Transformer2DModel"
+    assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"]
+    assert (tmp_path / "sd3" / "tokenizer_3" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "sd3" / "difflens.json").read_text())["scheduler"] == "euler"
+    assert "tiny sd3 model written to" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_make_tiny_model_then_explain_without_methods(tmp_path):
     model = tmp_path / "tiny"

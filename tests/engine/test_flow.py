@@ -17,7 +17,7 @@ from difflens.engine.options import GenerationParams, Sampling
 from difflens.engine.runner import CFGConditioning
 from difflens.engine.sampler import generate
 from difflens.engine.schedule import exponential_timesteps
-from difflens.errors import InvalidArgument
+from difflens.errors import InvalidArgument, ModelLoadError
 
 SHIFT = 3.0
 
@@ -95,3 +95,17 @@ def test_a_flow_model_takes_the_euler_scheduler_alone(flow_model):
         generate(flow_model, GenerationParams("a", steps=2, scheduler="ddim"))
     assert e.value.field == "scheduler"
     assert "allowed: euler" in e.value.message
+
+
+def test_a_flow_model_defaults_to_euler_and_refuses_a_defaults_file_naming_another(flow_model, tmp_path):
+    assert not (flow_model.path / "difflens.json").exists()
+    assert flow_model.defaults.scheduler == "euler"  # SD's default, ddim, is not one it takes
+    gen = generate(flow_model, GenerationParams("a red circle", steps=2))
+    assert gen.params.scheduler == "euler"
+    folder = tmp_path / "m"
+    shutil.copytree(flow_model.path, folder)
+    (folder / "difflens.json").write_text(json.dumps({"scheduler": "ddim"}))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(folder)
+    assert str(e.value) == (f"{folder.resolve() / 'difflens.json'}: malformed defaults file: scheduler: got 'ddim'; "
+                            "this model's scheduler allows: euler")

@@ -36,10 +36,13 @@ class ModelDefaults:
         """The folder's defaults file, checked as a request's fields are (so that a bad file stops the model at
         load, not every request that leaves a field unset); `size_multiple`: what width and height must divide
         by; `unet_side`: the UNet's own size in pixels, what an unset width or height means. ModelLoadError naming
-        the file and the field."""
+        the file and the field. A flow-matching model's scheduler default is "euler" (the only one it takes),
+        and a file naming another is refused."""
         f = folder / DEFAULTS_FILE
+        allowed = _allowed_schedulers(folder)
+        base = cls() if cls.scheduler in allowed else cls(scheduler=allowed[0])
         if not f.exists():
-            return cls()
+            return base
         try:
             raw = json.loads(f.read_text())
         except ValueError as e:
@@ -53,9 +56,24 @@ class ModelDefaults:
                                          f"allowed: {', '.join(fields)}")
         known = {k: raw[k] for k in fields if k in raw}
         problem = _defaults_problem(known, size_multiple, unet_side)
+        if not problem and known.get("scheduler", base.scheduler) not in allowed:
+            problem = f"scheduler: got {known['scheduler']!r}; this model's scheduler allows: {', '.join(allowed)}"
         if problem:
             raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
-        return cls(**known)
+        return dataclasses.replace(base, **known)
+
+
+def _allowed_schedulers(folder: Path) -> tuple[str, ...]:
+    """The request scheduler names the folder's scheduler config takes (schedule.schedulers_for); all of them
+    where the config is missing or unreadable (the loader and the catalog report that file themselves)."""
+    from difflens.engine.options import SCHEDULERS
+    from difflens.engine.schedule import schedulers_for
+
+    try:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return SCHEDULERS
+    return schedulers_for(config) if isinstance(config, dict) else SCHEDULERS
 
 
 def _defaults_problem(d: dict[str, Any], size_multiple: int, unet_side: int = 0) -> str | None:
