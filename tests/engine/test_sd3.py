@@ -184,3 +184,37 @@ def test_sd3_attention_keeps_the_image_to_text_part_of_the_joint_softmax_and_put
         share = p.sum(dim=-1)
         assert (share > 0).all() and (share < 1).all()
     assert {k: id(p) for k, p in sd3.unet.attn_processors.items()} == before
+
+
+def test_sd35_blocks_record_their_joint_attention_only_with_qk_norm():
+    """SD3.5's layout: RMS-normed q and k (qk_norm) and a second, image-only attention (attn2) in the dual blocks;
+    only the joint attentions are recorded, and a recorder's probabilities agree with the processor's own
+    attention: with the values replaced by the identity, the block's attention output is the probabilities."""
+    from diffusers import SD3Transformer2DModel
+
+    from difflens.engine.sd3 import capture_joint_text_attention, text_probs
+
+    torch.manual_seed(0)
+    t = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                              caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+                              qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
+    assert any(k.endswith(".attn2.processor") for k in t.attn_processors)
+    before = {k: id(p) for k, p in t.attn_processors.items()}
+    with torch.no_grad(), capture_joint_text_attention(t) as records:
+        t(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500.0]),
+          encoder_hidden_states=torch.randn(1, 5, 32), pooled_projections=torch.randn(1, 32), return_dict=False)
+    assert sorted(records) == ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]
+    assert all(calls[0].shape == (1, 1, 16, 5) for calls in records.values())
+    assert {k: id(p) for k, p in t.attn_processors.items()} == before
+
+    attn = t.transformer_blocks[0].attn
+    image, text = torch.randn(1, 16, 16), torch.randn(1, 5, 16)
+    heads, d = attn.heads, 16 // attn.heads
+    q = attn.norm_q(attn.to_q(image).view(1, -1, heads, d).transpose(1, 2))
+    k = torch.cat([attn.norm_k(attn.to_k(image).view(1, -1, heads, d).transpose(1, 2)),
+                   attn.norm_added_k(attn.add_k_proj(text).view(1, -1, heads, d).transpose(1, 2))], dim=2)
+    eye = torch.eye(21).expand(1, heads, 21, 21)  # values = identity: SDPA's output is its probabilities
+    probs = torch.nn.functional.scaled_dot_product_attention(q, k, eye).mean(dim=1)  # (1, 16, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(text_probs(attn, image, text)[:, 0], probs[..., 16:], atol=1e-5, rtol=1e-4)
