@@ -218,3 +218,13 @@ def test_sd35_blocks_record_their_joint_attention_only_with_qk_norm():
     probs = torch.nn.functional.scaled_dot_product_attention(q, k, eye).mean(dim=1)  # (1, 16, 21)
     with torch.no_grad():
         torch.testing.assert_close(text_probs(attn, image, text)[:, 0], probs[..., 16:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_sd3_model_loads_in_the_dtype_asked_for(sd3_dir, dtype):
+    m = load_model(sd3_dir, dtype=dtype)
+    modules = (m.unet, m.vae, m.text_encoder, m.components["text_encoder_2"])
+    assert {p.dtype for module in modules for p in module.parameters()} == {dtype}  # one copy, in that dtype
+    t5 = m.components["text_encoder_3"]  # transformers keeps T5's feed-forward output (`wo`) in float32 on purpose
+    assert {p.dtype for n, p in t5.named_parameters() if not n.endswith(".wo.weight")} == {dtype}
+    assert np.isfinite(generate(m, GenerationParams(PROMPT, steps=2, guidance_scale=5.0)).image).all()

@@ -196,6 +196,8 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
         if behaviour.upcast_vae and dtype == torch.float16 and vae.config.get("force_upcast", False):
             vae.to(torch.float32)  # it overflows in float16; the pipeline decodes in float32 too
     first_encoder, first_tokenizer = family.text_encoders[0][0], family.tokenizers[0]
+    if _first_parameter(unet).dtype != dtype:  # diffusers 0.42 without accelerate leaves SD3's transformer float32
+        unet.to(dtype)
     for module in (unet, vae, *(loaded[e] for e, _ in family.text_encoders)):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
