@@ -37,6 +37,30 @@ def tiny_sdxl(tiny_sdxl_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """The tiny random-weights FLUX.1-dev-like model (FluxPipeline layout, guidance embedding), once per session."""
+    from difflens.engine.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_flux_dir):
+    from difflens.engine.loading import load_model
+
+    return load_model(tiny_flux_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory):
+    """The tiny FLUX.1-schnell-like model: no guidance input, a fixed shift."""
+    from difflens.engine.loading import load_model
+    from difflens.engine.tiny import make_tiny_model
+
+    return load_model(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", family="flux-schnell"))
+
+
+@pytest.fixture(scope="session")
 def redis_url():
     """A real Redis (REDIS_URL, else a private server); tests isolate themselves with their own queue name."""
     from tests.support.redis_server import redis_server

@@ -38,6 +38,18 @@ def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):
     assert "tiny sdxl model written to" in capsys.readouterr().out
 
 
+def test_make_tiny_model_writes_a_flux_folder_with_its_t5_tokenizer(tmp_path, capsys):
+    from difflens.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "flux"), "--family", "flux"]) == 0
+    index = json.loads((tmp_path / "flux" / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["transformer"][1] == "FluxTransformer2DModel"
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert (tmp_path / "flux" / "tokenizer_2" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "flux" / "difflens.json").read_text())["guidance_scale"] == 3.5
+    assert "tiny flux model written to" in capsys.readouterr().out
+
+
 def test_make_tiny_model_writes_an_sd3_folder_with_t5(tmp_path, capsys):
     from difflens.cli import main
 

@@ -11,7 +11,9 @@ fails there with ModelLoadError naming it.
 A family with several tokenizers (SDXL: tokenizer, tokenizer_2) is described by its first: SDXL's attention layers
 see both encoders' embeddings concatenated per token position, and both tokenizers split a prompt into the same
 positions (one CLIP vocabulary; only the padding differs), so the first one's limit and words are the model's.
-The others are read too, so that a broken one stops the front at start-up as it would stop a worker.
+FLUX's first is its T5 tokenizer (tokenizer_2): T5's sequence is what its transformer attends to, CLIP gives only a
+pooled vector, so the limit is T5's 512 less its end token and the words are T5's. The others are read too, so that
+a broken one stops the front at start-up as it would stop a worker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from difflens.config import ServiceSettings
 from difflens.engine.model_config import SD, FamilySpec, ModelDefaults, cam_layer_paths, family_of, read_json_object
+from difflens.engine.model_config import sample_size as model_sample_size
 from difflens.errors import InvalidArgument, ModelLoadError, shown
 
 LATENT_MULTIPLE = 8  # the UNet's three downsamplings: latent sides must be multiples of 8
@@ -55,12 +58,12 @@ class CatalogModel:
 
     @property
     def max_prompt_tokens(self) -> int:
-        """Words-pieces the text encoder sees, BOS and EOS excluded (75 for CLIP)."""
-        return int(self.tokenizer.model_max_length) - 2
+        """Words-pieces the text encoder sees, BOS and EOS excluded (75 for CLIP, 511 for FLUX's T5)."""
+        return int(self.tokenizer.model_max_length) - self.tokenizer.num_special_tokens
 
     def prompt_token_count(self, text: str) -> int:
         """Tokens of `text`, BOS/EOS excluded, untruncated (so an over-long prompt is seen as such)."""
-        return max(0, len(self.tokenizer(text, truncation=False).input_ids) - 2)
+        return max(0, len(self.tokenizer(text, truncation=False).input_ids) - self.tokenizer.num_special_tokens)
 
 
 def _has_vae(index: dict[str, Any]) -> bool:
@@ -89,7 +92,9 @@ def describe(name: str, folder: str | Path) -> CatalogModel:
                              f"cannot derive the UNet's layers: {e}") from e
     tokenizer, *others = (FileTokenizer(root / t) for t in family.tokenizers)
     del others  # read to fail here if broken; the first tokenizer speaks for the model (module docstring)
-    sample_size = int(unet_config.get("sample_size", 64))
+    # a transformer's config may lack sample_size (FLUX's): the loader's default then, not a UNet's 64
+    unet = family.denoiser == "unet"
+    sample_size = int(unet_config.get("sample_size", 64)) if unet else model_sample_size(unet_config)
     return CatalogModel(name=name, folder=root, defaults=ModelDefaults.read(root, 8 * factor, sample_size * factor),
                         vae_scale_factor=factor, sample_size=sample_size, cam_layers=layers, tokenizer=tokenizer,
                         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),

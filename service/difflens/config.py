@@ -217,7 +217,9 @@ class Limits:
 
     max_steps: int = 200
     max_side: int = 1024  # width and height, pixels
-    max_prompt_tokens: int = 75  # CLIP's 77 minus BOS/EOS
+    # T5's 512 minus its EOS (FLUX's prompt words); each model's own tokenizer caps it further (CLIP's 77 minus
+    # BOS/EOS: 75 for SD and SDXL)
+    max_prompt_tokens: int = 511
     max_masks: int = 8192
     max_mask_steps: int = 200_000  # masks x explained steps: the DF-RISE work budget of one job
     max_rise_batch: int = 1024

@@ -1,6 +1,7 @@
-"""A model's CLIP tokenizer read from its files with the `tokenizers` package alone, for the gRPC front: it counts
-a prompt's tokens and splits it into words exactly as the workers' transformers CLIPTokenizer does, without
-transformers or torch in the process.
+"""A model's CLIP (or FLUX's T5) tokenizer read from its files with the `tokenizers` package alone, for the gRPC
+front: it counts a prompt's tokens and splits it into words exactly as the workers' transformers tokenizer does,
+without transformers or torch in the process. A T5 folder (tokenizer.json, no BOS in its config) keeps the file's
+own specials and post-processor ("... </s>").
 
 A folder with tokenizer.json is read as it stands; one with only vocab.json and merges.txt (the usual SD layout) is
 built the way transformers builds a CLIP tokenizer from them: NFC, whitespace runs folded, lower case; split into
@@ -83,7 +84,11 @@ class FileTokenizer:
         if not folder.is_dir():
             raise ModelLoadError(str(folder), "the tokenizer folder is missing")
         config = {**_read_object(folder / "special_tokens_map.json"), **_read_object(folder / "tokenizer_config.json")}
-        specials = {k: _token_text(config.get(k)) or v for k, v in DEFAULT_SPECIALS.items()}
+        # A sentencepiece tokenizer (T5's: tokenizer.json, no BOS) keeps its file's own specials and post-processor
+        # ("... </s>"); a CLIP one is given CLIP's where its files leave them out.
+        sentencepiece = "bos_token" not in config and (folder / "tokenizer.json").exists()
+        specials = {k: _token_text(config.get(k)) or ("" if sentencepiece else v) for k, v in DEFAULT_SPECIALS.items()}
+        specials = {k: v for k, v in specials.items() if v}
         try:
             if (folder / "tokenizer.json").exists():
                 tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -96,15 +101,17 @@ class FileTokenizer:
         tok.add_special_tokens(sorted(set(specials.values())))
         # added where the vocabulary lacks them, as transformers does: every special has an id from here on
         ids = {k: int(tok.token_to_id(v) or 0) for k, v in specials.items()}
-        tok.post_processor = processors.RobertaProcessing((specials["eos_token"], ids["eos_token"]),
-                                                          (specials["bos_token"], ids["bos_token"]),
-                                                          trim_offsets=False, add_prefix_space=False)
+        if not sentencepiece:
+            tok.post_processor = processors.RobertaProcessing((specials["eos_token"], ids["eos_token"]),
+                                                              (specials["bos_token"], ids["bos_token"]),
+                                                              trim_offsets=False, add_prefix_space=False)
         tok.no_truncation()
         tok.no_padding()
         self._tok = tok
-        self.bos_token_id: int = ids["bos_token"]
-        self.eos_token_id: int = ids["eos_token"]
-        self.pad_token_id: int = ids["pad_token"]
+        self.bos_token_id: int | None = ids.get("bos_token")
+        self.eos_token_id: int = ids.get("eos_token", 0)
+        self.pad_token_id: int = ids.get("pad_token", self.eos_token_id)
+        self.num_special_tokens = len(tok.encode("").ids)  # what every encoding adds: CLIP's BOS and EOS, T5's EOS
         length = config.get("model_max_length", 77)
         if not isinstance(length, int) or isinstance(length, bool) or not 2 < length <= 1_000_000:
             raise ModelLoadError(str(folder / "tokenizer_config.json"),
@@ -113,8 +120,8 @@ class FileTokenizer:
 
     def __call__(self, text: str, padding: bool | str = False, max_length: int | None = None,
                  truncation: bool = False) -> Encoding:
-        """BOS, the text's tokens, EOS; cut to `max_length` (EOS kept last) with truncation, padded to it with
-        padding="max_length", as transformers does for one sequence."""
+        """BOS (where the tokenizer has one), the text's tokens, EOS; cut to `max_length` (EOS kept last) with
+        truncation, padded to it with padding="max_length", as transformers does for one sequence."""
         ids = self._tok.encode(text).ids
         n = self.model_max_length if max_length is None else max_length
         if truncation and len(ids) > n:

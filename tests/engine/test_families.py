@@ -85,7 +85,6 @@ def test_a_float16_sdxl_keeps_its_vae_in_float32_as_the_pipeline_decodes(tiny_sd
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("FluxPipeline", "_class_name: 'FluxPipeline' (flux) is not supported yet"),
     ("KandinskyPipeline", "_class_name: 'KandinskyPipeline' is not a supported pipeline"),
     (None, "_class_name: missing"),
 ])
@@ -103,7 +102,7 @@ def test_an_unsupported_family_is_refused_naming_the_file_the_field_and_the_supp
             load(folder)
         assert str(e.value).startswith(f"{folder.resolve() / 'model_index.json'}: {message}")
         assert str(e.value).endswith("supported: StableDiffusionPipeline (sd), StableDiffusionXLPipeline (sdxl), "
-                                     "StableDiffusion3Pipeline (sd3)")
+                                     "StableDiffusion3Pipeline (sd3), FluxPipeline (flux)")
 
 
 def test_an_sdxl_folder_without_its_second_tokenizer_is_refused(tiny_sdxl_dir, tmp_path):

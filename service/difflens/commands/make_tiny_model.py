@@ -12,9 +12,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weights model of a family (tests, demo)")
     p.add_argument("dir", metavar="DIR", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=("sd", "sdxl", "sd3"), default="sd",
-                   help="sd (StableDiffusionPipeline, the default), sdxl (StableDiffusionXLPipeline) or sd3 "
-                        "(StableDiffusion3Pipeline, with T5)")
+    p.add_argument("--family", choices=("sd", "sdxl", "sd3", "flux", "flux-schnell"), default="sd",
+                   help="sd (StableDiffusionPipeline, the default), sdxl (StableDiffusionXLPipeline), sd3 "
+                        "(StableDiffusion3Pipeline, with T5), flux (FluxPipeline, FLUX.1-dev-like: guidance "
+                        "embedding) or flux-schnell (no guidance input)")
     p.set_defaults(run=run)
 
 

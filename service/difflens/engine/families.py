@@ -161,6 +161,78 @@ class StableDiffusionXL(StableDiffusion):
         return (seq, dim), {"text_embeds": (proj,), "time_ids": (6,)}
 
 
+class Flux(StableDiffusion):
+    """FLUX.1 (FluxTransformer2DModel): T5's sequence as the embeddings (model.text_encoder / model.tokenizer: T5 is
+    the family's first encoder, so the attention maps' words and the prompt limit are T5's) and CLIP's pooled output
+    ("pooled_projections", (P,)) as added conditioning. One branch, no classifier-free guidance: FLUX-dev is
+    guidance-distilled and takes the request's guidance scale as an input ("guidance", embedded by the transformer
+    where its config has guidance_embeds); FLUX-schnell has no guidance input and ignores the scale. Latents are the
+    VAE's (C, h, w); `call` packs them into 2 x 2 patch tokens and back (engine/flux.py)."""
+
+    name = "flux"
+    call: DenoiserCall = staticmethod(flux.flux_call)
+
+    def encode(self, model: Model, prompt: str, negative_prompt: str, size: tuple[int, int]) -> Prompt:
+        """As FluxPipeline.encode_prompt: T5's last hidden state over the prompt padded to the T5 tokenizer's length
+        (FluxPipeline's max_sequence_length), CLIP's pooled output over it padded to 77. embeds (1, L, D): one
+        branch; `negative_prompt` must be empty (validate.resolve_generation refuses one first)."""
+        if negative_prompt:
+            raise ValueError("FLUX has no negative branch: negative_prompt must be empty")
+        ids = _ids(model.tokenizer, prompt)
+        clip_ids = _ids(model.components["tokenizer"], prompt)
+        with torch.no_grad():
+            embeds = model.text_encoder(ids.to(model.device), output_hidden_states=False)[0]
+            pooled = model.components["text_encoder"](clip_ids.to(model.device), output_hidden_states=False)
+        added = {"pooled_projections": pooled.pooler_output.to(model.dtype)}
+        return Prompt(embeds.to(model.dtype), added, ids[0].tolist())
+
+    def conditioning(self, model: Model, prompt: Prompt, scale: float) -> CFGConditioning:
+        """One branch (prompt.embeds is (1, L, D), so CFG is off whatever the scale); a guidance-distilled model
+        gets the scale as added["guidance"] (1,), float32 as the pipeline passes it."""
+        added = dict(prompt.added or {})
+        if model.unet.config.get("guidance_embeds", False):
+            added["guidance"] = torch.full([1], scale, device=model.device, dtype=torch.float32)
+        return CFGConditioning(prompt.embeds, scale, added)
+
+    def latent_channels(self, model: Model) -> int:
+        """The VAE's latent channels: the transformer's in_channels are 4 of them per 2 x 2 patch."""
+        return int(model.unet.config.in_channels) // (flux.PATCH * flux.PATCH)
+
+    def timestep_kwargs(self, model: Model, size: tuple[int, int], steps: int) -> dict[str, Any]:
+        """FluxPipeline's schedule: sigmas linspace(1, 1/n, n) (none where the scheduler makes its own flow sigmas)
+        and `mu` from the image's packed token count (h/2 x w/2 of the latent)."""
+        import numpy as np
+
+        f = model.vae_scale_factor * flux.PATCH
+        config = model.scheduler.config
+        kwargs: dict[str, Any] = {"mu": flux.mu((size[0] // f) * (size[1] // f), config)}
+        if not config.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        return kwargs
+
+    def check(self, model: Model) -> None:
+        """The transformer's text and latent widths against the encoders and the VAE (ModelLoadError naming
+        transformer/config.json and the key): what the pipeline finds only at the first call."""
+        config, where = model.unet.config, str(model.path / "transformer" / "config.json")
+        t5, clip = model.text_encoder.config, model.components["text_encoder"].config
+        wants = [("joint_attention_dim", int(t5.d_model), "text_encoder_2's (T5's) d_model"),
+                 ("pooled_projection_dim", int(clip.hidden_size), "text_encoder's (CLIP's) hidden_size")]
+        if model.vae is not None:
+            wants.append(("in_channels", 4 * int(model.vae.config.latent_channels),
+                          "4 x the VAE's latent_channels (2 x 2 patches per token)"))
+        for key, want, what in wants:
+            if int(config.get(key)) != want:
+                raise ModelLoadError(where, f"{key}: got {config.get(key)}; expected {want} ({what})")
+
+    def conditioning_shapes(self, model: Model) -> tuple[tuple[int, int], dict[str, tuple[int, ...]]]:
+        """((L, D), {"pooled_projections": (P,)} and, guidance-distilled, "guidance": ()) per sample."""
+        config = model.unet.config
+        added: dict[str, tuple[int, ...]] = {"pooled_projections": (int(config.pooled_projection_dim),)}
+        if config.get("guidance_embeds", False):
+            added["guidance"] = ()
+        return (int(model.tokenizer.model_max_length), int(config.joint_attention_dim)), added
+
+
 class StableDiffusion3(StableDiffusion):
     """SD3 / SD3.5 (SD3Transformer2DModel, flow matching). Two CLIP encoders with projection and an optional T5
     (text_encoder_3 / tokenizer_3 declared [null, null]: zeros in its place, as the pipeline has them). The
@@ -243,7 +315,8 @@ class StableDiffusion3(StableDiffusion):
 
 
 Family = StableDiffusion  # the interface every family implements (SD3 and FLUX: subclasses or look-alikes)
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), Flux(),
+                                                   StableDiffusion3())}
 
 
 def of(model: Model) -> Family:
@@ -256,5 +329,5 @@ def runner(model: Model, backend: Backend = "eager", remote: RemoteUNet | None =
     return UNetRunner(model.unet, backend, remote=remote, call=of(model).call)
 
 
-__all__ = ["FAMILIES", "Added", "Family", "Prompt", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "of",
-           "runner"]
+__all__ = ["FAMILIES", "Added", "Family", "Flux", "Prompt", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL",
+           "of", "runner"]

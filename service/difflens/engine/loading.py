@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from difflens.engine.model_config import DEFAULTS_FILE, SD, FamilySpec, ModelDefaults, family_of, read_json_object
+from difflens.engine.model_config import (
+    DEFAULTS_FILE,
+    SD,
+    FamilySpec,
+    ModelDefaults,
+    family_of,
+    read_json_object,
+    sample_size,
+)
 from difflens.errors import InvalidArgument, ModelLoadError
 
 __all__ = ["DEFAULTS_FILE", "Model", "ModelDefaults", "check_device", "load_model", "read_json_object"]
@@ -53,7 +61,7 @@ class Model:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        side = int(self.unet.config.sample_size) * self.vae_scale_factor
+        side = sample_size(self.unet.config) * self.vae_scale_factor
         return (self.defaults.width or side, self.defaults.height or side)
 
     # The UNet's first parameter, not ModelMixin.device/.dtype: those walk every module looking for diffusers'
@@ -204,7 +212,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
     model = Model(folder, unet, scheduler, loaded.pop(first_encoder), loaded.pop(first_tokenizer), vae,
-                  ModelDefaults.read(folder, 8 * factor, int(unet.config.sample_size) * factor),
+                  ModelDefaults.read(folder, 8 * factor, sample_size(unet.config) * factor),
                   family=family, components=loaded, options=options)
     families.of(model).check(model)
     return model

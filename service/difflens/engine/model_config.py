@@ -105,6 +105,12 @@ def _defaults_problem(d: dict[str, Any], size_multiple: int, unet_side: int = 0)
 
 
 
+def sample_size(denoiser_config: Any) -> int:
+    """The denoiser's latent side when a request sets no size: its config's sample_size; FLUX's transformer
+    config has none, and FluxPipeline's default_sample_size is 128 (1024 px at a VAE factor of 8)."""
+    return int(denoiser_config.get("sample_size", 128))
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A config file holding one JSON object; errors name the file and what is wrong with it."""
     if not path.exists():
@@ -172,9 +178,10 @@ FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
                 ("text_encoder_3", "T5EncoderModel")),
                ("tokenizer", "tokenizer_2", "tokenizer_3"), denoiser="transformer",
                optional=("text_encoder_3", "tokenizer_3")),
-    # Recognised so that a folder of theirs is refused by name; its loading and conditioning come next.
-    FamilySpec("flux", ("FluxPipeline",), (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
-               ("tokenizer", "tokenizer_2"), denoiser="transformer", status="next"),
+    # FLUX: T5 first, as its sequence is the embeddings the attention maps' words index (CLIP gives the pooled
+    # vector only); guidance-distilled, one branch: no negative prompt
+    FamilySpec("flux", ("FluxPipeline",), (("text_encoder_2", "T5EncoderModel"), ("text_encoder", "CLIPTextModel")),
+               ("tokenizer_2", "tokenizer"), denoiser="transformer", cfg=False),
 )}
 SD = FAMILIES["sd"]
 

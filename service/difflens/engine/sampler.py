@@ -268,14 +268,14 @@ def generate(
     params = dataclasses.replace(params, steps=len(timesteps))
     size = (int(params.height or 0), int(params.width or 0))
     prompt = families.of(model).encode(model, params.prompt, params.negative_prompt, size)
-    cond = CFGConditioning(prompt.embeds, float(params.guidance_scale or 0.0), prompt.added)
+    cond = families.of(model).conditioning(model, prompt, float(params.guidance_scale or 0.0))
     token_ids = prompt.token_ids
 
     from diffusers.utils.torch_utils import randn_tensor
 
     generator = torch.Generator(device=model.device).manual_seed(params.seed)
     f = model.vae_scale_factor
-    shape = (1, model.unet.config.in_channels, int(params.height or 0) // f, int(params.width or 0) // f)
+    shape = (1, families.of(model).latent_channels(model), int(params.height or 0) // f, int(params.width or 0) // f)
     latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow models: unit noise, no attribute
     is_ddim = params.scheduler == "ddim"

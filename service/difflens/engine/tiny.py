@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-TinyFamily = Literal["sd", "sdxl", "sd3"]
-TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd", "sdxl", "sd3")
+TinyFamily = Literal["sd", "sdxl", "flux", "flux-schnell", "sd3"]
+TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd", "sdxl", "flux", "flux-schnell", "sd3")
 
 BASE_WORDS = (
     "a an the and of on in at to with photo picture painting drawing image small large big tiny huge "
@@ -196,6 +196,10 @@ def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16, fa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipe: Any
+    if family in ("flux", "flux-schnell"):
+        from difflens.engine.tiny_flux import write_tiny_flux
+
+        return write_tiny_flux(folder, seed, sample_size, guidance_embeds=family == "flux")
     if family == "sd3":
         from difflens.engine.tiny_sd3 import write_tiny_sd3
 

@@ -1,8 +1,11 @@
-"""Prompt tokens as words: BPE pieces of one word merged, BOS/EOS and padding excluded."""
+"""Prompt tokens as words: the pieces of one word merged, BOS/EOS and padding excluded. CLIP's BPE closes a word's
+last piece with "</w>"; a sentencepiece tokenizer's (T5's, FLUX's words) opens a word's first piece with "▁"."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+WORD_START = "\u2581"  # sentencepiece's word-start mark ("▁")
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,10 @@ def prompt_tokens(tokenizer, prompt: str) -> list[Token]:
                 break
             continue
         piece = tokenizer.convert_ids_to_tokens(tid)
-        text += piece.replace("</w>", "")
+        if piece.startswith(WORD_START) and pos:  # sentencepiece: this piece starts the next word
+            words.append(Token(text, tuple(pos)))
+            text, pos = "", []
+        text += piece.replace("</w>", "").removeprefix(WORD_START)
         pos.append(i)
         if piece.endswith("</w>"):
             words.append(Token(text, tuple(pos)))

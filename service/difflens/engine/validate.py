@@ -37,6 +37,9 @@ def resolve_generation(model: Model, params: GenerationParams, *, max_side: int 
         scheduler=params.scheduler if params.scheduler is not None else d.scheduler,  # type: ignore[arg-type]
     )
     check_choice("scheduler", str(p.scheduler), schedulers_for(model.scheduler_config))
+    if p.negative_prompt and not model.family.cfg:
+        raise InvalidArgument("negative_prompt", f"must be empty for this model: a {model.family.name} model is "
+                                                 "guidance-distilled, with no negative branch to condition")
     m = model.size_multiple
     top = model_max_side(model, max_side)
     for name in ("width", "height"):
