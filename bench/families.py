@@ -1,14 +1,16 @@
 """What explaining a step costs per model family, as ratios to the step's own denoising call measured in the same
 run, and the activation memory each kind of call needs per sample.
 
-Time: the tiny SD and SDXL models (engine/tiny.py, built here), 16 x 16 latents, CFG on, eager on the CPU: per
-explained step, the wall time of DF-RISE (N masks in batches of B), DF-CAM (every layer: one forward of both
-branches with gradients, one backward) and the attention maps (one forward of the conditional branch), each over
-the guided denoising call of that step (median of --repeats). UNet calls are counted, not assumed.
+Time: the tiny SD, SDXL and FLUX models (engine/tiny.py, built here), 16 x 16 latents, CFG on (FLUX: one branch,
+the guidance an input), eager on the CPU: per explained step, the wall time of DF-RISE (N masks in batches of B),
+DF-CAM (every layer: one forward of both branches with gradients, one backward) and the attention maps (one
+forward of the conditional branch), each over the guided denoising call of that step (median of --repeats). UNet
+calls are counted, not assumed.
 
 Memory: engine/memory.py's trace on the meta device (no weights, no arithmetic) of a forward, DF-CAM's forward and
-backward, and the attention maps' forward, batch 1, for the tiny models and for SD 1.5 at 512 px and SDXL base at
-1024 px from their published UNet configs (block layout and widths, written out below), in float16.
+backward, and the attention maps' forward, batch 1, for the tiny models and for SD 1.5 at 512 px, SDXL base at
+1024 px and FLUX.1-dev at 1024 px from their published configs (block layout and widths, written out below and in
+bench/gpu_families.py), in float16.
 
     PYTHONPATH=service .venv/bin/python -m bench.families [--repeats 5] [--masks 32] [--batch 8]
 """
@@ -44,7 +46,6 @@ SD3_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_chann
               "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}
 
 
-
 def timed(fn: Any, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -67,7 +68,9 @@ def step_costs(model: Any, repeats: int, masks: int, batch: int) -> dict[str, An
              on_step=states.append)
     state, words = states[0], prompt_tokens(model.tokenizer, "a red circle")
     calls: list[int] = []
-    hook = model.unet.register_forward_pre_hook(lambda _m, args: calls.append(int(args[0].shape[0])))
+    hook = model.unet.register_forward_pre_hook(  # FLUX's call passes everything by name
+        lambda _m, args, kwargs: calls.append(int((args[0] if args else kwargs["hidden_states"]).shape[0])),
+        with_kwargs=True)
     opts = RiseOptions(num_masks=masks, batch_size=batch)
     mask_set = rise.make_masks(opts, tuple(state.latent_in.shape[-2:]), model.device)
     layers = cam.resolve_layers(model.unet, ())
@@ -105,8 +108,9 @@ def published_memory() -> dict[str, dict[str, int]]:
     device (the text side as their encoders give it: 77 positions of 768, or 2048 with 1280 pooled)."""
     from types import SimpleNamespace
 
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
+    from bench.gpu_families import FLUX_DEV
     from difflens.engine.memory import MemoryEstimator
     from difflens.engine.model_config import FAMILIES
 
@@ -123,6 +127,12 @@ def published_memory() -> dict[str, dict[str, int]]:
         est = MemoryEstimator(model)  # type: ignore[arg-type]
         side = int(config["sample_size"])
         out[label] = {kind: est.per_sample(kind, (4, side, side)) for kind in ("forward", "cam", "attn")}
+    with torch.device("meta"):  # FLUX.1-dev at 1024 px: T5's 512 positions of 4096, CLIP's pooled 768, 16 channels
+        flux = FluxTransformer2DModel.from_config(FLUX_DEV).to(torch.float16)
+    model = SimpleNamespace(unet=flux, dtype=torch.float16, family=FAMILIES["flux"],
+                            tokenizer=SimpleNamespace(model_max_length=512), components={})
+    est = MemoryEstimator(model)  # type: ignore[arg-type]
+    out["FLUX.1-dev, 1024 px"] = {kind: est.per_sample(kind, (16, 128, 128)) for kind in ("forward", "cam", "attn")}
     out["SD3-medium, 1024 px"] = sd3_medium_memory()
     return out
 
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": platform.platform(), "torch_threads": torch.get_num_threads(),
                                "masks": args.masks, "batch": args.batch, "repeats": args.repeats, "families": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for family in ("sd", "sdxl", "sd3"):
+        for family in ("sd", "sdxl", "flux", "sd3"):
             model = load_model(make_tiny_model(Path(tmp) / family, family=family))
             results["families"][family] = {"step": step_costs(model, args.repeats, args.masks, args.batch),
                                            "memory_per_sample": memory_per_sample(model, (4, 16, 16))}

@@ -10,6 +10,8 @@ A random-weights UNet2DConditionModel with SD1.5's config (built in code with a 
   6 bare_unet       the bare guided UNet at the best batch against DF-RISE at that batch (eager)
   7 service         bench.service: gRPC front + Redis + worker, each on CPUs of its own when there are enough
   8 precision       float16 and bfloat16 maps against float32 maps (relative L2, Spearman)
+  9 families        an SDXL-shaped and a FLUX-shaped row: DF-RISE, DF-CAM and the attention maps of one step over
+                    its denoising call (bench.gpu_families)
 `--tiny --device cpu` runs the same code on a tiny UNet in seconds (CUDA-only sections skipped, with the reason).
 
     PYTHONPATH=service .venv/bin/python -m bench.gpu [--tiny] [--device cuda|cpu] [--budget-s 480] [--sections ..]
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from bench import gpu_sections as S
+from bench.gpu_families import families_section
 from bench.gpu_graphs import GraphedRunner
 from bench.gpu_model import SD15, TINY, build_unet, in_dtype, make_inputs, parameter_count
 from bench.gpu_precision import precision
@@ -43,11 +46,11 @@ from difflens.engine.runner import UNetRunner
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = {  # name: number in the issue's list; run in this dict's order (compile late: its time is unbounded)
     "reference_loop": 1, "batched": 2, "bare_unet": 6, "cam": 5, "precision": 8, "cuda_graphs": 4, "compile": 3,
-    "service": 7,
+    "service": 7, "families": 9,
 }
 # planned seconds per section on an H100 (the budget shares what is left in these proportions)
 WEIGHTS = {"reference_loop": 15, "batched": 60, "bare_unet": 30, "cam": 15, "precision": 30, "cuda_graphs": 40,
-           "compile": 150, "service": 90}
+           "compile": 150, "service": 90, "families": 120}
 GPU_PLAN = S.Plan(loop_masks=16, batches=(8, 16, 32, 64, 128), min_masks=128, repeats=7, precision_masks=64,
                   service_runs=50, service_warmup=5)
 TINY_PLAN = S.Plan(loop_masks=2, batches=(2, 4), min_masks=4, repeats=2, precision_masks=4,
@@ -305,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gc.collect()
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
+    run.section("families", lambda: families_section(env, args.tiny))
+    gc.collect()
     service_section(run, out, args.threads)
     result = {"benchmark": "gpu", "started": started.isoformat(timespec="seconds"),
               "elapsed_s": env.budget.elapsed(), "budget_s": args.budget_s, "machine": machine, "model": model,

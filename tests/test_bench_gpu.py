@@ -125,3 +125,26 @@ def test_a_tiny_cpu_run_reports_every_section_and_a_finite_ratio_wherever_one_ra
     ran = [g for g in goals.values() if g["section"] in ("bare_unet", "batched", "service")]
     assert ran and all(isinstance(g["met"], bool) and math.isfinite(g["value_over_limit"]) for g in ran)
     assert goals["DF-RISE time over bare UNet, same batch (CUDA graphs)"]["met"] is None
+
+
+def test_the_family_rows_build_sdxl_and_flux_shapes_with_their_published_parameter_counts():
+    from bench.gpu_families import FLUX_DEV_PARAMETERS, SDXL_PARAMETERS, build, rows
+
+    sdxl, flux = (build(r, torch.device("meta"), torch.bfloat16) for r in rows(tiny=False))
+    assert parameter_count(sdxl) == SDXL_PARAMETERS and parameter_count(flux) == FLUX_DEV_PARAMETERS
+    assert all(p.dtype == torch.bfloat16 for p in flux.parameters())
+    assert flux.config.guidance_embeds and len(flux.single_transformer_blocks) == 38
+
+
+def test_the_family_rows_time_every_explainer_of_a_tiny_sdxl_and_flux_step(one_thread):
+    from bench.gpu import TINY_PLAN, WEIGHTS
+    from bench.gpu_families import families_section
+
+    env = gpu_sections.Env(torch.device("cpu"), torch.float32, TINY, make_inputs(TINY), TINY_PLAN,
+                           gpu_sections.Budget(60.0, WEIGHTS))
+    out = families_section(env, tiny=True)
+    assert set(out["rows"]) == {"sdxl", "flux"}
+    assert out["rows"]["flux"]["cam_layers"] == 3 and out["rows"]["flux"]["eps_finite"]
+    assert set(out["ratios"]) == {f"{f}_{k}" for f in ("sdxl", "flux")
+                                  for k in ("rise_per_mask_vs_denoise", "cam_vs_denoise", "attn_vs_denoise")}
+    assert all(math.isfinite(v) and v > 0 for v in out["ratios"].values())
