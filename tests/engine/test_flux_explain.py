@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from difflens.catalog import describe
@@ -31,9 +32,11 @@ def first_state(model, guidance=3.5):
     return states[0]
 
 
-def test_df_rise_in_batches_equals_one_mask_per_call(tiny_flux):
+@pytest.mark.parametrize("target", ["eps", "x_prev"])
+def test_df_rise_in_batches_equals_one_mask_per_call(tiny_flux, target):
+    """Against the unmasked velocity (eps), or against the Euler step's x_{t_next} it gives (x_prev)."""
     state = first_state(tiny_flux)
-    opts = RiseOptions(num_masks=8, batch_size=8)
+    opts = RiseOptions(num_masks=8, batch_size=8, target=target)
     masks = rise.make_masks(opts, (16, 16), tiny_flux.device)
     batched, single = rise.explain_step(state, opts, masks), rise.explain_step_reference(state, opts, masks)
     for name in batched:
