@@ -163,7 +163,11 @@ def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
         needed[name] = crossing(points, curves["r"][name])
     others = {k: v for k, v in needed.items() if k != "mc" and v is not None}
     best = min(others, key=lambda k: others[k]) if others else None
-    ratio = others[best] / needed["mc"] if best is not None and needed.get("mc") else None
+    # A crossing at the ladder's first point means "that many masks or fewer": plain MC there leaves the ratio
+    # unknown, the best sampler there makes it an upper bound.
+    ratio = others[best] / needed["mc"] if best is not None and needed.get("mc") and needed["mc"] > points[0] \
+        else None
+    bound = None if ratio is None else "upper" if others[best] <= points[0] else "exact"
     early = {name: {"masks_used": mean([c["early_stop"][name]["masks_used"] for c in cases]),
                     "r": mean([c["early_stop"][name]["r"] for c in cases]),
                     "stopped": sum(c["early_stop"][name]["masks_used"] < points[-1] for c in cases)}
@@ -172,7 +176,7 @@ def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
                  "masks_to_target": {name: crossing(points, [c["curves"][name][str(n)]["r"] for n in points])
                                      for name in needed}} for c in cases]
     return {"points": points, "curves": curves, "masks_to_target": needed, "best": best, "masks_ratio": ratio,
-            "per_case": per_case,
+            "masks_ratio_bound": bound, "per_case": per_case,
             "refused": {n: cases[0]["curves"][n]["refused"] for n in names if "refused" in cases[0]["curves"][n]},
             "early_stop": early,
             "reference_split_half_r": mean([c["reference"]["split_half_r"] for c in cases])}
@@ -185,23 +189,27 @@ def table(summary: dict[str, Any]) -> str:
     mc = summary["masks_to_target"].get("mc")
     for name, rs in summary["curves"]["r"].items():
         need = summary["masks_to_target"][name]
-        ratio = f"{need / mc:.2f}" if need is not None and mc else "-"
+        ratio = f"{need / mc:.2f}" if need is not None and mc and mc > points[0] else "-"
         lines.append(f"| {name} | " + " | ".join(f"{r:.3f}" for r in rs)
-                     + f" | {'> ' + str(points[-1]) if need is None else f'{need:.0f}'} | {ratio} |")
+                     + f" | {'> ' + str(points[-1]) if need is None else shown(need, points)} | {ratio} |")
     for name, why in summary["refused"].items():
         lines.append(f"| {name} | refused: {why} |")
     names = list(summary["masks_to_target"])
     lines += ["", "| case: masks to r >= 0.95 | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     for c in summary["per_case"]:
         lines.append(f"| t={c['timestep']} {c['prompt']} | " + " | ".join(
-            f"<= {points[0]}" if v == points[0] else f"> {points[-1]}" if v is None else f"{v:.0f}"
-            for v in c["masks_to_target"].values()) + " |")
+            f"> {points[-1]}" if v is None else shown(v, points) for v in c["masks_to_target"].values()) + " |")
     if summary["early_stop"]:
         lines += ["", "| sampler | early stop: mean masks used | steps stopped | mean r vs reference |",
                   "| --- | --- | --- | --- |"]
         lines += [f"| {k} | {v['masks_used']:.0f} | {v['stopped']} | {v['r']:.3f} |"
                   for k, v in summary["early_stop"].items()]
     return "\n".join(lines)
+
+
+def shown(masks: float, points: list[int]) -> str:
+    """Masks to the target as a table shows them: at the ladder's first point, "that many or fewer"."""
+    return f"<= {points[0]}" if masks <= points[0] else f"{masks:.0f}"
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
@@ -282,7 +290,9 @@ def report(result: dict[str, Any], path: Path) -> None:
     print()
     print(table(summary))
     print(f"\nmasks_ratio (best sampler {summary['best']} / mc, to r >= {TARGET_R}): "
-          + (f"{summary['masks_ratio']:.2f}" if summary["masks_ratio"] is not None else "n/a") + " (target <= 0.25)")
+          + ("n/a (the ladder does not resolve it)" if summary["masks_ratio"] is None
+             else ("<= " if summary.get("masks_ratio_bound") == "upper" else "") + f"{summary['masks_ratio']:.2f}")
+          + " (target <= 0.25)")
     print(f"reference split-half r (mean): {summary['reference_split_half_r']:.4f}")
     print(f"wrote {path} and {png} (run: {result['seconds']:.0f} s)")
 
