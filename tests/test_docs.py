@@ -49,22 +49,10 @@ def relative_links(page: Path) -> list[str]:
     return [t for t in LINK.findall(prose(page.read_text())) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
 
 
-# Links to pages and headings that other work in flight writes (issue 24's measurement and model-family parts);
-# each may stay missing until that work lands, and nothing else may. Delete an entry once its target exists.
-IN_FLIGHT = {
-    ("docs/README.md", "benchmarks-masks.md"),  # make bench-masks' figures
-    ("docs/benchmarks.md", "benchmarks-masks.md"),
-    ("docs/security.md", "#chaos-issue-23"),  # make chaos' figures, under "Measured"
-    ("docs/architecture.md", "models.md"),  # the model families page
-}
-
-
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves_to_a_file_and_heading(page):
     broken = []
     for target in relative_links(page):
-        if (str(page.relative_to(ROOT)), target) in IN_FLIGHT:
-            continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
