@@ -71,3 +71,26 @@ def test_a_config_it_cannot_follow_is_refused_naming_the_key(change, message):
     with pytest.raises(ValueError) as e:
         cam_layer_paths(config)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("pipeline", "guidance_embeds", "steps", "guidance"), [
+    ("StableDiffusionPipeline", None, 50, 7.5),
+    ("StableDiffusionXLPipeline", None, 50, 5.0),
+    ("StableDiffusion3Pipeline", None, 28, 7.0),
+    ("FluxPipeline", True, 28, 3.5),
+    ("FluxPipeline", False, 4, 3.5),  # schnell: no guidance input, so its scale is never used
+    ("NoSuchPipeline", None, 50, 7.5),  # the loader refuses it; the defaults do not guess
+])
+def test_a_folder_without_difflens_json_samples_as_its_family_s_pipeline(tmp_path, pipeline, guidance_embeds, steps,
+                                                                         guidance):
+    from difflens.engine.model_config import ModelDefaults
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    if guidance_embeds is not None:
+        (tmp_path / "transformer").mkdir()
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": guidance_embeds}))
+    d = ModelDefaults.read(tmp_path)
+    assert (d.steps, d.guidance_scale) == (steps, guidance)
+    (tmp_path / "difflens.json").write_text(json.dumps({"steps": 9, "guidance_scale": 2.0}))
+    d = ModelDefaults.read(tmp_path)
+    assert (d.steps, d.guidance_scale) == (9, 2.0)  # the folder's own file wins

@@ -40,7 +40,9 @@ class ModelDefaults:
         and a file naming another is refused."""
         f = folder / DEFAULTS_FILE
         allowed = _allowed_schedulers(folder)
-        base = cls() if cls.scheduler in allowed else cls(scheduler=allowed[0])
+        steps, guidance = _family_sampling(folder)
+        base = cls(steps=steps, guidance_scale=guidance,
+                   scheduler=cls.scheduler if cls.scheduler in allowed else allowed[0])
         if not f.exists():
             return base
         try:
@@ -61,6 +63,25 @@ class ModelDefaults:
         if problem:
             raise ModelLoadError(str(f), f"malformed defaults file: {problem}")
         return dataclasses.replace(base, **known)
+
+
+def _family_sampling(folder: Path) -> tuple[int, float]:
+    """(steps, guidance_scale) the folder's family's pipeline defaults to (FamilySpec); SD's where model_index.json
+    is missing, unreadable or names no known family (the loader and the catalog report that file themselves). A
+    FLUX transformer without a guidance input (FLUX.1-schnell) samples in 4 steps, as its model card says."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        family = family_of(index, folder / "model_index.json") if isinstance(index, dict) else SD
+    except (OSError, ValueError, ModelLoadError):
+        return ModelDefaults.steps, ModelDefaults.guidance_scale
+    if family.name == "flux":
+        try:
+            config = json.loads((folder / family.denoiser / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if isinstance(config, dict) and config.get("guidance_embeds") is False:
+            return 4, family.guidance_scale
+    return family.steps, family.guidance_scale
 
 
 def _allowed_schedulers(folder: Path) -> tuple[str, ...]:
@@ -149,6 +170,10 @@ class FamilySpec:
     # Components a folder may declare [null, null] (SD3's T5: text_encoder_3, tokenizer_3): `present` drops them.
     optional: tuple[str, ...] = ()
     cfg: bool = True  # classifier-free guidance over a negative branch; False: one branch (FLUX)
+    # What the family's diffusers pipeline samples with when a call leaves them out: a folder without a difflens.json
+    # gets these, not SD's (SDXL 50 at 5.0, SD3 28 at 7.0, FLUX.1-dev 28 at 3.5; FLUX.1-schnell, no guidance input, 4)
+    steps: int = 50
+    guidance_scale: float = 7.5
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -171,17 +196,17 @@ FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
     FamilySpec("sd", ("StableDiffusionPipeline",), (("text_encoder", "CLIPTextModel"),), ("tokenizer",)),
     FamilySpec("sdxl", ("StableDiffusionXLPipeline",),
                (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-               ("tokenizer", "tokenizer_2")),
+               ("tokenizer", "tokenizer_2"), guidance_scale=5.0),
     # SD3 / SD3.5: CLIP first (its 77 positions open the embeddings: the attention maps' words), T5 optional
     FamilySpec("sd3", ("StableDiffusion3Pipeline",),
                (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
                 ("text_encoder_3", "T5EncoderModel")),
                ("tokenizer", "tokenizer_2", "tokenizer_3"), denoiser="transformer",
-               optional=("text_encoder_3", "tokenizer_3")),
+               optional=("text_encoder_3", "tokenizer_3"), steps=28, guidance_scale=7.0),
     # FLUX: T5 first, as its sequence is the embeddings the attention maps' words index (CLIP gives the pooled
     # vector only); guidance-distilled, one branch: no negative prompt
     FamilySpec("flux", ("FluxPipeline",), (("text_encoder_2", "T5EncoderModel"), ("text_encoder", "CLIPTextModel")),
-               ("tokenizer_2", "tokenizer"), denoiser="transformer", cfg=False),
+               ("tokenizer_2", "tokenizer"), denoiser="transformer", cfg=False, steps=28, guidance_scale=3.5),
 )}
 SD = FAMILIES["sd"]
 
