@@ -184,18 +184,31 @@ def capture_cross_attention(unet: Any) -> Iterator[dict[str, list[torch.Tensor]]
     exact original processor objects are put back (identity, not copies). HookError when `unet` is already under
     this capture.
     """
-    _claim(_swapped_unets, [unet], ["cross-attention processors of this UNet"], "UNet")
+    with swap_processors(unet, lambda k, p, sink: CrossAttentionRecorder(k, sink) if is_cross_attention(k) else p,
+                         "cross-attention processors of this UNet", "UNet") as sink:
+        yield sink
+
+
+Recorder = Callable[[str, Any, dict[str, list[torch.Tensor]]], Any]
+
+
+@contextmanager
+def swap_processors(model: Any, make: Recorder, what: str, kind: str) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Set every attention processor of `model` to make(key, original, sink) (the original itself to leave one
+    as it is) and yield the sink the recorders fill; on exit the exact original processor objects are put back
+    (identity, not copies). HookError naming `what` when `model` is already under a processor swap."""
+    _claim(_swapped_unets, [model], [what], kind)
     sink: dict[str, list[torch.Tensor]] = {}
     try:
-        originals = dict(unet.attn_processors)
-        swapped = {k: CrossAttentionRecorder(k, sink) if is_cross_attention(k) else p for k, p in originals.items()}
+        originals = dict(model.attn_processors)
+        swapped = {k: make(k, p, sink) for k, p in originals.items()}
         try:
-            unet.set_attn_processor(swapped)
+            model.set_attn_processor(swapped)
             yield sink
         finally:
-            unet.set_attn_processor(dict(originals))  # set_attn_processor consumes the dict it is given
+            model.set_attn_processor(dict(originals))  # set_attn_processor consumes the dict it is given
     finally:
-        _release(_swapped_unets, [unet])
+        _release(_swapped_unets, [model])
 
 
 class JointAttentionRecorder:
@@ -258,15 +271,6 @@ def capture_joint_attention(transformer: Any, text_len: int) -> Iterator[dict[st
 
     Yields {processor key: [(B, 1, N, S) per call]}. On exit the exact original processor objects are put back.
     HookError when `transformer` is already under this capture or capture_cross_attention."""
-    _claim(_swapped_unets, [transformer], ["attention processors of this transformer"], "transformer")
-    sink: dict[str, list[torch.Tensor]] = {}
-    try:
-        originals = dict(transformer.attn_processors)
-        swapped = {k: JointAttentionRecorder(k, sink, p, text_len) for k, p in originals.items()}
-        try:
-            transformer.set_attn_processor(swapped)
-            yield sink
-        finally:
-            transformer.set_attn_processor(dict(originals))
-    finally:
-        _release(_swapped_unets, [transformer])
+    with swap_processors(transformer, lambda k, p, sink: JointAttentionRecorder(k, sink, p, text_len),
+                         "attention processors of this transformer", "transformer") as sink:
+        yield sink

@@ -94,18 +94,10 @@ def capture_joint_text_attention(transformer: Any) -> Iterator[dict[str, list[to
 
     Yields {processor key: [(B, 1, N, S) per call]}. On exit the exact original processor objects are put back.
     HookError when `transformer` is already under this capture or another processor swap (hooks' registry)."""
-    from difflens.engine.hooks import _claim, _release, _swapped_unets
+    from difflens.engine.hooks import swap_processors
 
-    _claim(_swapped_unets, [transformer], ["attention processors of this transformer"], "transformer")
-    sink: dict[str, list[torch.Tensor]] = {}
-    try:
-        originals = dict(transformer.attn_processors)
-        swapped = {k: JointAttentionTextRecorder(k, sink, p) if k.endswith(".attn.processor") else p
-                   for k, p in originals.items()}
-        try:
-            transformer.set_attn_processor(swapped)
-            yield sink
-        finally:
-            transformer.set_attn_processor(dict(originals))
-    finally:
-        _release(_swapped_unets, [transformer])
+    def make(key: str, processor: Any, sink: dict[str, list[torch.Tensor]]) -> Any:
+        return JointAttentionTextRecorder(key, sink, processor) if key.endswith(".attn.processor") else processor
+
+    with swap_processors(transformer, make, "attention processors of this transformer", "transformer") as sink:
+        yield sink
