@@ -80,3 +80,13 @@ def run_one(model: Any, s: ServiceSettings, job: JobSpec, name: str = "w") -> li
         return wait_terminal(queue, job_id)
     finally:
         worker.stop(timeout=60)
+
+
+def png_image(event: Any) -> Any:
+    """A Completed event's image as (H, W, 3) uint8."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(event.image_png)).convert("RGB"))

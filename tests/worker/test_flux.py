@@ -5,23 +5,19 @@ the torch-free front describes it and checks its prompt against T5's limit."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from difflens.catalog import ModelCatalog
 from difflens.cli import main
 from difflens.config import Limits, Settings
-from difflens.engine import families
-from difflens.engine.explain import run_explanation
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.errors import InvalidArgument
 from difflens.jobs import Completed, Failed, JobSpec, OutputOptions, Queued, Started, Step
 from difflens.validation import validate
-from tests.worker.helpers import MODEL, settings, wait_terminal
+from tests.worker.helpers import MODEL, png_image, settings, solo, wait_terminal
 
 CAM_LAYERS = ("transformer_blocks.0", "single_transformer_blocks.1")
 
@@ -37,42 +33,15 @@ def flux_spec(prompt: str, *, seed: int, methods: tuple[str, ...] = ("rise",), m
     return JobSpec(model=MODEL, params=params, explain=explain, output=output or OutputOptions())
 
 
-def solo(model, job: JobSpec):
-    """The engine-only run of the job, calling the transformer the family's way."""
-    return run_explanation(model, job.params, job.explain, runner=families.runner(model))
-
-
 @pytest.fixture
-def flux_worker(tiny_flux):
+def flux_worker(serve_preloaded, tiny_flux):
     """start(queue, settings) -> a Worker serving the tiny FLUX model as MODEL; stopped at the end."""
-    from difflens.models import ModelRegistry
-    from difflens.worker import Worker
-
-    started = []
-
-    def start(queue, s):
-        w = Worker(s, queue, ModelRegistry(s, preloaded={MODEL: tiny_flux}), name="w-flux")
-        w.start()
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop(timeout=120)
+    return lambda queue, s: serve_preloaded(tiny_flux, queue, s, "w-flux")
 
 
 @pytest.fixture
-def queue_and_settings(tiny_flux_dir):
-    from difflens.queue.memory import InProcessQueue
-
-    s = settings(tiny_flux_dir)
-    q = InProcessQueue(s)
-    yield q, s
-    q.close()
-
-
-def _image(event: Completed) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(event.image_png)).convert("RGB"))
+def queue_and_settings(family_queue, tiny_flux_dir):
+    return family_queue(tiny_flux_dir)
 
 
 def test_a_flux_job_streams_the_engine_s_maps_and_its_record_replays(flux_worker, queue_and_settings, tiny_flux,
@@ -99,7 +68,7 @@ def test_a_flux_job_streams_the_engine_s_maps_and_its_record_replays(flux_worker
         assert st.x0_preview is not None and st.x0_preview.shape == (3, 32, 32)
     done = events[-1]
     assert isinstance(done, Completed)
-    np.testing.assert_array_equal(_image(done), ref.image)
+    np.testing.assert_array_equal(png_image(done), ref.image)
     record = json.loads(done.audit_json)
     assert record["model"]["family"] == "flux" and record["resolved"]["family"] == "flux"
     assert {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
@@ -126,7 +95,7 @@ def test_two_flux_rise_jobs_share_transformer_batches_and_match_solo_runs(flux_w
     for job, events in zip(jobs, results, strict=True):
         assert isinstance(events[-1], Completed), events[-1]
         ref = solo(tiny_flux, job)
-        np.testing.assert_array_equal(_image(events[-1]), ref.image)
+        np.testing.assert_array_equal(png_image(events[-1]), ref.image)
         for st, r in zip([e for e in events if isinstance(e, Step)], ref.steps, strict=True):
             for name in ("rise", "rise_raw"):  # each job's own pooled text and guidance in the shared call
                 np.testing.assert_allclose(st.maps[name], r.maps[name].numpy(), rtol=0, atol=1e-5)

@@ -4,21 +4,19 @@ replay, and a job refused RESOURCE_EXHAUSTED at its claim when its calls would n
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difflens.cli import main
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.runner import unet_call
 from difflens.jobs import Completed, Failed, JobSpec, OutputOptions, Queued, Started, Step
 from difflens.worker.batching import BatchStats, UNetBatcher
-from tests.worker.helpers import MODEL, settings, solo, wait_terminal
+from tests.worker.helpers import MODEL, png_image, solo, wait_terminal
 
 CAM_LAYERS = ("down_blocks.1.attentions.0", "up_blocks.0.resnets.0")  # SDXL's first block has no attention
 
@@ -34,36 +32,14 @@ def sdxl_spec(prompt: str, *, seed: int, methods: tuple[str, ...] = ("rise",), m
 
 
 @pytest.fixture
-def sdxl_worker(tiny_sdxl_dir, tiny_sdxl):
-    """start(queue) -> a Worker serving the tiny SDXL model as MODEL; stopped at the end."""
-    from difflens.models import ModelRegistry
-    from difflens.worker import Worker
-
-    started = []
-
-    def start(queue, s):
-        w = Worker(s, queue, ModelRegistry(s, preloaded={MODEL: tiny_sdxl}), name="w-sdxl")
-        w.start()
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop(timeout=120)
+def sdxl_worker(serve_preloaded, tiny_sdxl):
+    """start(queue, settings) -> a Worker serving the tiny SDXL model as MODEL; stopped at the end."""
+    return lambda queue, s: serve_preloaded(tiny_sdxl, queue, s, "w-sdxl")
 
 
 @pytest.fixture
-def queue_and_settings(tiny_sdxl_dir):
-    from difflens.queue.memory import InProcessQueue
-
-    s = settings(tiny_sdxl_dir)
-    q = InProcessQueue(s)
-    yield q, s
-    q.close()
-
-
-def _image(event: Completed) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(event.image_png)).convert("RGB"))
+def queue_and_settings(family_queue, tiny_sdxl_dir):
+    return family_queue(tiny_sdxl_dir)
 
 
 def test_an_sdxl_job_streams_the_engine_s_maps_and_its_record_replays(sdxl_worker, queue_and_settings, tiny_sdxl,
@@ -90,7 +66,7 @@ def test_an_sdxl_job_streams_the_engine_s_maps_and_its_record_replays(sdxl_worke
         assert st.x0_preview is not None and st.x0_preview.shape == (3, 32, 32)
     done = events[-1]
     assert isinstance(done, Completed)
-    np.testing.assert_array_equal(_image(done), ref.image)
+    np.testing.assert_array_equal(png_image(done), ref.image)
     record = json.loads(done.audit_json)
     assert record["model"]["family"] == "sdxl" and record["resolved"]["family"] == "sdxl"
     assert {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
@@ -117,7 +93,7 @@ def test_two_sdxl_rise_jobs_share_unet_batches_and_match_solo_runs(sdxl_worker, 
     for job, events in zip(jobs, results, strict=True):
         assert isinstance(events[-1], Completed), events[-1]
         ref = solo(tiny_sdxl, job)
-        np.testing.assert_array_equal(_image(events[-1]), ref.image)
+        np.testing.assert_array_equal(png_image(events[-1]), ref.image)
         for st, r in zip([e for e in events if isinstance(e, Step)], ref.steps, strict=True):
             for name in ("rise", "rise_raw"):  # each job's own pooled embeddings and time ids in the shared call
                 np.testing.assert_allclose(st.maps[name], r.maps[name].numpy(), rtol=0, atol=1e-5)
