@@ -37,6 +37,21 @@ def tiny_sdxl(tiny_sdxl_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """The tiny random-weights SD3 model (StableDiffusion3Pipeline layout, with T5), written once per session."""
+    from difflens.engine.tiny_sd3 import write_tiny_sd3
+
+    return write_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    from difflens.engine.loading import load_model
+
+    return load_model(tiny_sd3_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     """The tiny random-weights FLUX.1-dev-like model (FluxPipeline layout, guidance embedding), once per session."""
     from difflens.engine.tiny import make_tiny_model

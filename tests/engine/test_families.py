@@ -23,8 +23,7 @@ from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions
 from difflens.engine.sampler import generate, make_scheduler
 from difflens.engine.tokens import prompt_tokens
 from difflens.errors import ModelLoadError
-
-PROMPT = "a red circle on the left"
+from tests.engine.family_steps import PROMPT, first_state
 
 
 def pipeline_image(model, params, negative, force_zeros=True):
@@ -131,13 +130,6 @@ def test_the_catalog_describes_sdxl_as_the_loader_does(tiny_sdxl_dir, tiny_sdxl)
     assert prompt_tokens(entry.tokenizer, PROMPT) == prompt_tokens(tiny_sdxl.tokenizer, PROMPT)
 
 
-def first_state(model, guidance=5.0):
-    states = []
-    generate(model, GenerationParams(PROMPT, seed=1, steps=2, guidance_scale=guidance, scheduler="euler"),
-             on_step=states.append)
-    return states[0]
-
-
 def test_every_unet_call_of_every_explainer_carries_the_added_conditioning(tiny_sdxl):
     seen = []
 
@@ -174,18 +166,6 @@ def test_sdxl_explanations_have_their_shapes_and_are_deterministic(tiny_sdxl):
             assert torch.equal(m, t.maps[name]), name
     plain = generate(tiny_sdxl, params)
     assert np.array_equal(a.generation.image, plain.image)  # explaining never changes the image
-
-
-def test_sdxl_df_rise_in_batches_equals_one_mask_per_call(tiny_sdxl):
-    from difflens.engine import rise
-
-    state = first_state(tiny_sdxl)
-    opts = RiseOptions(num_masks=8, batch_size=8)
-    masks = rise.make_masks(opts, (16, 16), tiny_sdxl.device)
-    batched, single = rise.explain_step(state, opts, masks), rise.explain_step_reference(state, opts, masks)
-    for name in batched:
-        torch.testing.assert_close(batched[name], single[name], rtol=0, atol=1e-5)
-    assert batched["rise_raw"].abs().sum() > 0
 
 
 def test_sdxl_attention_records_every_transformer_layer_and_puts_the_processors_back(tiny_sdxl):

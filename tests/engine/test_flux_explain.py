@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from difflens.catalog import describe
-from difflens.engine import rise
 from difflens.engine.cam import as_grid, camable_layers, capture_layers
 from difflens.engine.explain import run_explanation
 from difflens.engine.hooks import capture_joint_attention
@@ -20,28 +18,9 @@ from difflens.engine.model_config import cam_layer_paths
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.sampler import generate
 from difflens.engine.tokens import prompt_tokens
+from tests.engine.family_steps import PROMPT, first_state
 
-PROMPT = "a red circle on the left"
 LAYERS = ("transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1")
-
-
-def first_state(model, guidance=3.5):
-    states = []
-    generate(model, GenerationParams(PROMPT, seed=1, steps=2, guidance_scale=guidance, scheduler="euler"),
-             on_step=states.append)
-    return states[0]
-
-
-@pytest.mark.parametrize("target", ["eps", "x_prev"])
-def test_df_rise_in_batches_equals_one_mask_per_call(tiny_flux, target):
-    """Against the unmasked velocity (eps), or against the Euler step's x_{t_next} it gives (x_prev)."""
-    state = first_state(tiny_flux)
-    opts = RiseOptions(num_masks=8, batch_size=8, target=target)
-    masks = rise.make_masks(opts, (16, 16), tiny_flux.device)
-    batched, single = rise.explain_step(state, opts, masks), rise.explain_step_reference(state, opts, masks)
-    for name in batched:
-        torch.testing.assert_close(batched[name], single[name], rtol=0, atol=1e-5)
-    assert batched["rise_raw"].abs().sum() > 0
 
 
 def test_the_cam_layers_are_the_transformer_blocks_on_the_front_as_on_the_worker(tiny_flux, tiny_flux_dir):
@@ -53,7 +32,7 @@ def test_the_cam_layers_are_the_transformer_blocks_on_the_front_as_on_the_worker
 
 
 def test_df_cam_captures_the_image_tokens_of_every_block(tiny_flux):
-    state = first_state(tiny_flux)
+    state = first_state(tiny_flux, 3.5)
     embeds, added = state.cond.conditional()
     with torch.no_grad(), capture_layers(tiny_flux.unet, LAYERS) as cap:
         state.runner.eager(state.latent_in, state.t, embeds, added)
@@ -102,7 +81,7 @@ def test_every_transformer_call_of_every_explainer_carries_the_pooled_text_and_t
 
 
 def test_the_attention_maps_read_the_image_to_text_part_of_every_block_and_put_the_processors_back(tiny_flux):
-    state = first_state(tiny_flux)
+    state = first_state(tiny_flux, 3.5)
     before = dict(tiny_flux.unet.attn_processors)
     embeds, added = state.cond.conditional()
     with torch.no_grad():

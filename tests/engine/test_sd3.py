@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from difflens.catalog import describe
-from difflens.engine import families, rise
+from difflens.engine import families
 from difflens.engine.attention import capture_text_attention
 from difflens.engine.cam import camable_layers
 from difflens.engine.explain import run_explanation
@@ -23,13 +23,12 @@ from difflens.engine.sampler import generate, make_scheduler
 from difflens.engine.tiny_sd3 import write_tiny_sd3
 from difflens.engine.tokens import prompt_tokens
 from difflens.errors import ModelLoadError
+from tests.engine.family_steps import PROMPT, first_state
 
-PROMPT = "a red circle on the left"
 
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return write_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+@pytest.fixture
+def sd3_dir(tiny_sd3_dir):
+    return tiny_sd3_dir
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,9 @@ def sd3_no_t5_dir(tmp_path_factory):
     return write_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3-no-t5", t5=False)
 
 
-@pytest.fixture(scope="module")
-def sd3(sd3_dir):
-    return load_model(sd3_dir)
+@pytest.fixture
+def sd3(tiny_sd3):
+    return tiny_sd3
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +116,6 @@ def test_the_catalog_describes_sd3_as_the_loader_does(sd3_dir, sd3, sd3_no_t5_di
         ("transformer_blocks.0", "transformer_blocks.1")
 
 
-def first_state(model, guidance=5.0):
-    states = []
-    generate(model, GenerationParams(PROMPT, seed=1, steps=2, guidance_scale=guidance, scheduler="euler"),
-             on_step=states.append)
-    return states[0]
-
-
 def test_sd3_explanations_have_their_shapes_and_are_deterministic(sd3):
     params = GenerationParams("a red circle", seed=5, steps=3, guidance_scale=5.0)
     options = ExplainOptions(rise=RiseOptions(num_masks=8, batch_size=4), cam=CamOptions(),
@@ -142,16 +134,6 @@ def test_sd3_explanations_have_their_shapes_and_are_deterministic(sd3):
         assert s.maps["cam"].abs().sum() > 0 and s.maps["attn"].abs().sum() > 0
     plain = generate(sd3, params)
     assert np.array_equal(a.generation.image, plain.image)  # explaining never changes the image
-
-
-def test_sd3_df_rise_in_batches_equals_one_mask_per_call(sd3):
-    state = first_state(sd3)
-    opts = RiseOptions(num_masks=8, batch_size=8)
-    masks = rise.make_masks(opts, (16, 16), sd3.device)
-    batched, single = rise.explain_step(state, opts, masks), rise.explain_step_reference(state, opts, masks)
-    for name in batched:
-        torch.testing.assert_close(batched[name], single[name], rtol=0, atol=1e-5)
-    assert batched["rise_raw"].abs().sum() > 0
 
 
 def test_sd3_cam_folds_each_blocks_image_tokens_back_to_the_patch_grid(sd3):

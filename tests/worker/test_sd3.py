@@ -17,27 +17,15 @@ from PIL import Image
 
 from difflens.cli import main
 from difflens.engine import families
-from difflens.engine.loading import load_model
 from difflens.engine.memory import LiveBytes, MemoryEstimator
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.runner import UNetRunner
-from difflens.engine.tiny_sd3 import write_tiny_sd3
 from difflens.errors import InvalidArgument
 from difflens.jobs import Completed, JobSpec, OutputOptions, Queued, Started, Step
 from tests.worker.helpers import MODEL, settings, solo, wait_terminal
 
 CAM_LAYERS = ("transformer_blocks.0", "transformer_blocks.1")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory):
-    return write_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tiny_sd3_dir):
-    return load_model(tiny_sd3_dir)
 
 
 def sd3_spec(prompt: str, *, seed: int, output: OutputOptions | None = None) -> JobSpec:
