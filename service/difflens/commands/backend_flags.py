@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from difflens.config import Settings
+from difflens.config import DTYPES, Settings
 from difflens.engine.options import BACKENDS
 from difflens.errors import InvalidArgument
 
@@ -26,6 +26,17 @@ def add_backend_flags(group: argparse._ActionsContainer) -> None:
                        help="with --backend triton: the Triton model that serves the UNet; MODEL=NAME for one served "
                             "model (repeatable), NAME for all (default: DIFFLENS_TRITON_MODEL, comma-separated, else "
                             "the model's own name: a worker's --model NAME, a local run's folder name)")
+
+
+def add_worker_flags(group: argparse._ActionsContainer, threads_default: str) -> None:
+    """What a worker runs its jobs with, for `worker` and `serve --embedded`'s worker: the backend flags, --device,
+    --dtype, --threads (`threads_default`: its help's default), --max-jobs, --max-batch."""
+    add_backend_flags(group)
+    group.add_argument("--device", metavar="cpu|cuda|cuda:N")
+    group.add_argument("--dtype", metavar="|".join(DTYPES))
+    group.add_argument("--threads", type=int, metavar="N", help=f"torch CPU threads (default: {threads_default})")
+    group.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
+    group.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
 
 
 def engine_settings(args: argparse.Namespace, **overrides: Any) -> Settings:

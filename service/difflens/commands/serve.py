@@ -12,10 +12,10 @@ import signal
 import sys
 from pathlib import Path
 
-from difflens.commands.backend_flags import add_backend_flags, engine_settings
+from difflens.commands.backend_flags import add_worker_flags, engine_settings
 from difflens.commands.common import check_positive, check_process_flags
 from difflens.commands.security_flags import add_security_flags, security_settings
-from difflens.config import AUDIT_DIR_HELP, DTYPES, ServiceSettings, limit_idle_spin
+from difflens.config import AUDIT_DIR_HELP, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
 
 
@@ -43,13 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                                                                    "(default 30)")
     add_security_flags(p)
     w = p.add_argument_group("embedded worker (default: DIFFLENS_* environment)")
-    add_backend_flags(w)
-    w.add_argument("--device", metavar="cpu|cuda|cuda:N")
-    w.add_argument("--dtype", metavar="|".join(DTYPES))
-    w.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the CPUs this process may "
-                                                            "use, container limit included)")
-    w.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
-    w.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
+    add_worker_flags(w, "the CPUs this process may use, container limit included")
     w.add_argument("--audit-dir", metavar="DIR", help=AUDIT_DIR_HELP)
     p.set_defaults(run=run)
 

@@ -9,9 +9,9 @@ import signal
 import sys
 import threading
 
-from difflens.commands.backend_flags import add_backend_flags, engine_settings
+from difflens.commands.backend_flags import add_worker_flags, engine_settings
 from difflens.commands.common import check_process_flags
-from difflens.config import AUDIT_DIR_HELP, DTYPES, ServiceSettings, limit_idle_spin
+from difflens.config import AUDIT_DIR_HELP, ServiceSettings, limit_idle_spin
 from difflens.errors import InvalidArgument
 
 
@@ -25,13 +25,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="a model to serve (repeatable; default: the shipped model as 'default')")
     p.add_argument("--redis", metavar="URL", help="Redis URL (default: DIFFLENS_REDIS_URL)")
     p.add_argument("--queue", metavar="NAME", help="queue (stream key prefix; default: DIFFLENS_QUEUE or difflens)")
-    add_backend_flags(p)
-    p.add_argument("--device", metavar="cpu|cuda|cuda:N")
-    p.add_argument("--dtype", metavar="|".join(DTYPES))
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: DIFFLENS_THREADS, else "
-                                                            "the CPUs this process may use, container limit included)")
-    p.add_argument("--max-jobs", type=int, help="jobs run at once (default 4)")
-    p.add_argument("--max-batch", type=int, help="samples per shared UNet call (default 64)")
+    add_worker_flags(p, "DIFFLENS_THREADS, else the CPUs this process may use, container limit included")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default: "
                                                            "DIFFLENS_METRICS_HOST, else 127.0.0.1; 0.0.0.0 for a "
