@@ -213,3 +213,16 @@ def make_tiny_model(folder: str | Path, seed: int = 0, sample_size: int = 16, fa
                                        requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_flow_vae(sample_size: int, scaling_factor: float, shift_factor: float) -> Any:
+    """The tiny models' VAE for the flow-matching families (SD3, FLUX): 4 latent channels, a factor 2, and the
+    family's own scaling and shift (the real VAEs' values), without the quant convolutions those VAEs drop.
+    Built from torch's current seed, as its callers draw it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, norm_num_groups=4, sample_size=sample_size * 2,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from difflens.engine.tiny import BASE_WORDS, _fit_text_config, write_word_tokenizer
+from difflens.engine.tiny import BASE_WORDS, _fit_text_config, tiny_flow_vae, write_word_tokenizer
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length for FLUX-dev, T5's model_max_length here
 WIDTH = 32  # the encoders' hidden sizes: T5's d_model is the transformer's joint_attention_dim, CLIP's its pooled
@@ -45,7 +45,7 @@ def build_tiny_flux_components(folder: str | Path, seed: int = 0, sample_size: i
                                guidance_embeds: bool = True) -> dict[str, Any]:
     """Random-weights FLUX components (fixed seed); tokenizers are written under `folder` first. Latents are
     (4, sample_size, sample_size), images 2x that; the transformer takes 2 x 2 patches of them, 16 channels."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     folder = Path(folder)
@@ -60,10 +60,7 @@ def build_tiny_flux_components(folder: str | Path, seed: int = 0, sample_size: i
     else:  # FLUX.1-schnell's
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = tiny_flow_vae(sample_size, scaling_factor=0.3611, shift_factor=0.1159)
     write_word_tokenizer(folder / "tokenizer", BASE_WORDS)
     write_t5_tokenizer(folder / "tokenizer_2")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from difflens.engine.sd3 import T5_LENGTH
-from difflens.engine.tiny import BASE_WORDS, _fit_text_config, write_word_tokenizer
+from difflens.engine.tiny import BASE_WORDS, _fit_text_config, tiny_flow_vae, write_word_tokenizer
 
 T5_WIDTH = 32  # T5's d_model: the transformer's joint_attention_dim
 CLIP_WIDTHS = (16, 8)  # text_encoder's and text_encoder_2's hidden sizes (24 < 32: the padding is exercised)
@@ -26,7 +26,7 @@ def build_tiny_sd3_components(folder: str | Path, seed: int = 0, sample_size: in
                               t5: bool = True) -> dict[str, Any]:
     """Random-weights SD3 components (fixed seed); tokenizers are written under `folder` first. Latents are
     (4, sample_size, sample_size), images 2x that. `t5`: False leaves text_encoder_3 / tokenizer_3 out (None)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
@@ -46,10 +46,7 @@ def build_tiny_sd3_components(folder: str | Path, seed: int = 0, sample_size: in
         pooled_projection_dim=2 * PROJECTION, pos_embed_max_size=sample_size)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3-medium's scheduler config
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=1.5305,
-                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    vae = tiny_flow_vae(sample_size, scaling_factor=1.5305, shift_factor=0.0609)
     write_word_tokenizer(folder / "tokenizer", BASE_WORDS)
     write_word_tokenizer(folder / "tokenizer_2", BASE_WORDS, pad_token="!")
     tokenizers = [CLIPTokenizer.from_pretrained(folder / name) for name in ("tokenizer", "tokenizer_2")]
