@@ -90,3 +90,28 @@ def png_image(event: Any) -> Any:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(event.image_png)).convert("RGB"))
+
+
+def assert_streamed_as_the_engine(events: list[Any], ref: Any, cam_layers: tuple[str, ...]) -> Any:
+    """A three-step job with every method, float16 maps and x0 previews on a family's tiny model (16 x 16
+    latents, prompt "a red circle"): its events are Queued, Started, a Step per step with exactly the engine's maps
+    (`ref`, from solo) as float16, the three words' attention maps and a preview, then Completed with the engine's
+    image. Returns the Completed event."""
+    import numpy as np
+
+    from difflens.jobs import Completed, Queued, Started, Step
+
+    assert [type(e) for e in events] == [Queued, Started, Step, Step, Step, Completed]
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [st.timestep for st in steps] == ref.timesteps
+    for st, r in zip(steps, ref.steps, strict=True):
+        assert set(st.maps) == {"rise", "rise_raw", "rise_mean", "cam", *(f"cam/{p}" for p in cam_layers)}
+        for name, m in st.maps.items():
+            assert m.shape == (16, 16)
+            np.testing.assert_array_equal(m, r.maps[name].numpy().astype(np.float16), err_msg=name)
+        assert [t.token for t in st.tokens] == ["a", "red", "circle"]
+        np.testing.assert_array_equal(np.stack([t.map for t in st.tokens]), r.maps["attn"].numpy().astype(np.float16))
+        assert st.x0_preview is not None and st.x0_preview.shape == (3, 32, 32)
+    done = events[-1]
+    np.testing.assert_array_equal(png_image(done), ref.image)
+    return done

@@ -4,16 +4,13 @@ memory estimate traces the transformer's call, and the triton backend refuses it
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difflens.cli import main
 from difflens.engine import families
@@ -21,8 +18,8 @@ from difflens.engine.memory import LiveBytes, MemoryEstimator
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.runner import UNetRunner
 from difflens.errors import InvalidArgument
-from difflens.jobs import Completed, JobSpec, OutputOptions, Queued, Started, Step
-from tests.worker.helpers import MODEL, settings, solo, wait_terminal
+from difflens.jobs import JobSpec, OutputOptions
+from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, settings, solo, wait_terminal
 
 CAM_LAYERS = ("transformer_blocks.0", "transformer_blocks.1")
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,23 +50,10 @@ def test_an_sd3_job_streams_the_engine_s_maps_and_its_record_replays(tiny_sd3_di
         worker.stop(timeout=120)
         queue.close()
 
-    assert [type(e) for e in events] == [Queued, Started, Step, Step, Step, Completed]
-    steps = [e for e in events if isinstance(e, Step)]
+    done = assert_streamed_as_the_engine(events, ref, CAM_LAYERS)
     flow = tiny_sd3.scheduler.__class__.from_config(tiny_sd3.scheduler.config)
     flow.set_timesteps(3)
-    assert [st.timestep for st in steps] == ref.timesteps == [round(float(t)) for t in flow.timesteps]  # sigma x T
-    for st, r in zip(steps, ref.steps, strict=True):
-        assert set(st.maps) == {"rise", "rise_raw", "rise_mean", "cam", *(f"cam/{p}" for p in CAM_LAYERS)}
-        for name, m in st.maps.items():
-            assert m.shape == (16, 16)
-            np.testing.assert_array_equal(m, r.maps[name].numpy().astype(np.float16), err_msg=name)
-        assert [t.token for t in st.tokens] == ["a", "red", "circle"]
-        np.testing.assert_array_equal(np.stack([t.map for t in st.tokens]),
-                                      r.maps["attn"].numpy().astype(np.float16))
-        assert st.x0_preview is not None and st.x0_preview.shape == (3, 32, 32)
-    done = events[-1]
-    assert isinstance(done, Completed)
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(done.image_png)).convert("RGB")), ref.image)
+    assert ref.timesteps == [round(float(t)) for t in flow.timesteps]  # sigma x T
     record = json.loads(done.audit_json)
     assert record["model"]["family"] == "sd3" and record["resolved"]["family"] == "sd3"
     assert {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "text_encoder_3/model.safetensors",

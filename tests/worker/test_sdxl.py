@@ -16,7 +16,7 @@ from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions
 from difflens.engine.runner import unet_call
 from difflens.jobs import Completed, Failed, JobSpec, OutputOptions, Queued, Started, Step
 from difflens.worker.batching import BatchStats, UNetBatcher
-from tests.worker.helpers import MODEL, png_image, solo, wait_terminal
+from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, png_image, solo, wait_terminal
 
 CAM_LAYERS = ("down_blocks.1.attentions.0", "up_blocks.0.resnets.0")  # SDXL's first block has no attention
 
@@ -52,21 +52,7 @@ def test_an_sdxl_job_streams_the_engine_s_maps_and_its_record_replays(sdxl_worke
     sdxl_worker(queue, s)
     events = wait_terminal(queue, job_id)
 
-    assert [type(e) for e in events] == [Queued, Started, Step, Step, Step, Completed]
-    steps = [e for e in events if isinstance(e, Step)]
-    assert [st.timestep for st in steps] == ref.timesteps
-    for st, r in zip(steps, ref.steps, strict=True):
-        assert set(st.maps) == {"rise", "rise_raw", "rise_mean", "cam", *(f"cam/{p}" for p in CAM_LAYERS)}
-        for name, m in st.maps.items():
-            assert m.shape == (16, 16)
-            np.testing.assert_array_equal(m, r.maps[name].numpy().astype(np.float16), err_msg=name)
-        assert [t.token for t in st.tokens] == ["a", "red", "circle"]
-        np.testing.assert_array_equal(np.stack([t.map for t in st.tokens]),
-                                      r.maps["attn"].numpy().astype(np.float16))
-        assert st.x0_preview is not None and st.x0_preview.shape == (3, 32, 32)
-    done = events[-1]
-    assert isinstance(done, Completed)
-    np.testing.assert_array_equal(png_image(done), ref.image)
+    done = assert_streamed_as_the_engine(events, ref, CAM_LAYERS)
     record = json.loads(done.audit_json)
     assert record["model"]["family"] == "sdxl" and record["resolved"]["family"] == "sdxl"
     assert {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
