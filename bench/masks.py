@@ -33,6 +33,7 @@ import torch
 from difflens.engine import rise
 from difflens.engine.loading import load_model
 from difflens.engine.options import GenerationParams, RiseOptions
+from difflens.engine.rise_regression import RegressionFit
 from difflens.engine.sampler import StepState, generate
 from difflens.errors import InvalidArgument
 
@@ -41,14 +42,15 @@ RESULTS = Path(__file__).parent / "results"
 PROMPTS = ("a large red striped circle in the center", "a small blue square on the left",
            "a large green dotted triangle at the top")
 STEPS = (0, 12, 24)  # of the shipped model's 25: t = 999, 519, 39
-VARIANTS = (("mc", False), ("mc", True), ("stratified", False), ("stratified", True), ("sobol", False),
-            ("sobol", True))
+VARIANTS = (("mc", False, "ratio"), ("mc", True, "ratio"), ("stratified", False, "ratio"),
+            ("stratified", True, "ratio"), ("sobol", False, "ratio"), ("sobol", True, "ratio"),
+            ("mc", False, "regression"), ("stratified", False, "regression"))
 TARGET_R = 0.95
 REF_SEED = 1_000_000  # the reference's masks share no generator stream with the samplers' seeds 1, 2, ...
 
 
-def name_of(sampler: str, antithetic: bool) -> str:
-    return f"{sampler}+antithetic" if antithetic else sampler
+def name_of(sampler: str, antithetic: bool, estimator: str = "ratio") -> str:
+    return sampler + ("+antithetic" if antithetic else "") + ("+regression" if estimator == "regression" else "")
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,9 +71,11 @@ def own(maps: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def prefix_maps(state: StepState, opts: RiseOptions, points: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """The maps of the first n masks of one draw of max(points) masks, for each n in points (one UNet pass: chunks
-    end at every point)."""
+    end at every point); with the regression estimator, its fit over those n masks."""
     masks = rise.make_masks(dataclasses.replace(opts, num_masks=max(points)), tuple(state.latent_in.shape[-2:]), "cpu")
     sub, ref = rise.substrate(state.latent_in, opts), rise.reference(state, opts)
+    fit = RegressionFit(state.latent_in, sub, ref, opts.p, opts.ssim_padding, halves=1) \
+        if opts.estimator == "regression" else None
     raw = torch.zeros(masks.shape[1:])
     total = torch.zeros_like(raw)
     out, used = {}, 0
@@ -79,11 +83,15 @@ def prefix_maps(state: StepState, opts: RiseOptions, points: list[int]) -> dict[
         for point in sorted(points):
             while used < point:
                 chunk = masks[used:min(point, used + opts.batch_size)]
-                weighted, summed = rise.masked_contribution(state, opts, sub, ref, chunk)
-                raw += weighted.sum(dim=0)
-                total += summed
+                s = rise.masked_scores(state, opts, sub, ref, chunk)
+                raw += (chunk * s).sum(dim=0)
+                total += s.sum(dim=0)
+                if fit is not None:
+                    fit.add(chunk, s, torch.zeros(len(chunk), dtype=torch.int64))
                 used += len(chunk)
             maps = {"rise": rise.normalise(raw, masks[:used]), "rise_mean": total / used}
+            if fit is not None:
+                maps["rise"] = fit.map(maps["rise"])
             out[point] = {"rise": maps["rise"], "own": own(maps)}
     return out
 
@@ -109,10 +117,10 @@ def run_case(state: StepState, args: argparse.Namespace, points: list[int], log:
     log(f"  reference: {args.ref_masks} masks, split-half r {ref.stats.split_half_r:.4f} "
         f"({case['reference']['seconds']} s)")
     ref_maps = {"rise": ref.maps["rise"], "own": own(ref.maps)}
-    for sampler, antithetic in VARIANTS:
-        name = name_of(sampler, antithetic)
+    for sampler, antithetic, estimator in VARIANTS:
+        name = name_of(sampler, antithetic, estimator)
         try:
-            base = RiseOptions(batch_size=args.batch, sampler=sampler, antithetic=antithetic)
+            base = RiseOptions(batch_size=args.batch, sampler=sampler, antithetic=antithetic, estimator=estimator)
         except InvalidArgument as e:
             case["curves"][name] = {"refused": f"{e.field}: {e.message}"}
             continue
@@ -152,7 +160,7 @@ def crossing(points: list[int], rs: list[float], target: float = TARGET_R) -> fl
 
 
 def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
-    names = [name_of(s, a) for s, a in VARIANTS]
+    names = [n for n in (name_of(*v) for v in VARIANTS) if cases and n in cases[0]["curves"]]  # older JSONs: fewer
     curves, needed = {}, {}
     for name in names:
         if any("refused" in c["curves"][name] for c in cases):

@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from difflens.engine.rise import BLUR_SIGMA, BLUR_SIZE, gaussian_1d, gaussian_filter
+from difflens.engine.rise import BLUR_SIGMA, BLUR_SIZE
 from difflens.engine.sampler import StepState
+from difflens.engine.ssim import gaussian_1d, gaussian_filter
 from difflens.errors import InvalidArgument
 
 CurveKind = Literal["deletion", "insertion"]

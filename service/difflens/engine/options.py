@@ -20,6 +20,8 @@ SamplingKind = Literal["uniform", "early", "late", "explicit"]
 MAX_SHIFT = 10_000.0  # lambda of exponential sampling
 MaskKind = Literal["pixel", "grid"]
 MaskSampler = Literal["mc", "stratified", "sobol"]
+RiseEstimator = Literal["ratio", "regression"]
+REGRESSION_MIN_MASKS = 16  # per-pixel fits of 4 coefficients: below this, noisier than the ratio (bench.masks)
 Substrate = Literal["zero", "blur"]
 SsimPadding = Literal["zero", "reflect"]
 ScoreKind = Literal["structure", "cosine"]
@@ -146,6 +148,11 @@ class RiseOptions:
     DF-RISE map (even-numbered masks' map against odd-numbered masks'; antithetic pairs, and Sobol's consecutive
     points, which at p = 0.5 mirror each other too, go whole to one half) is >= stop_at_r; None: run all
     num_masks. The masks used and r are reported with the step (RiseStats).
+    estimator: how the map is read off the scores (engine/rise_regression.py) - "ratio" (RISE's H / sum_k M_k, the
+    reference code's; the default) or "regression" (per pixel, a least-squares fit of the scores on the pixel's
+    own mask bit and two mask covariates whose expectation the design fixes: an estimate of the same
+    E[s(u) | M(u) = 1] with a fraction of the masks' noise). regression needs drawn pixel masks (mask "pixel",
+    no explicit masks): the covariates' expectation comes from the design; and at least 16 masks.
     """
 
     num_masks: int = 256
@@ -164,6 +171,7 @@ class RiseOptions:
     antithetic: bool = False
     stop_at_r: float | None = None
     min_masks: int = 64
+    estimator: RiseEstimator = "ratio"
 
     def __post_init__(self) -> None:
         check_range("rise.num_masks", self.num_masks, 1, 1_000_000)
@@ -189,6 +197,16 @@ class RiseOptions:
             # the first binary digit of consecutive Sobol points differs: at p = 0.5 mask 2j + 1 is already 1 - mask 2j
             raise InvalidArgument("rise.antithetic", "sobol masks at p = 0.5 already come in mirrored pairs; "
                                                      "antithetic would draw every mask twice")
+        check_choice("rise.estimator", self.estimator, get_args(RiseEstimator))
+        if self.estimator == "regression" and (self.mask != "pixel" or self.masks is not None):
+            what = "explicit masks" if self.masks is not None else f"mask {self.mask!r}"
+            raise InvalidArgument("rise.estimator", f"'regression' needs drawn pixel masks (mask 'pixel', no explicit "
+                                                    f"masks): its covariates' expectation comes from the design; got "
+                                                    f"{what} (use estimator 'ratio')")
+        if self.estimator == "regression" and self.num_masks < REGRESSION_MIN_MASKS:
+            raise InvalidArgument("rise.num_masks", f"got {self.num_masks}; estimator 'regression' needs at least "
+                                                    f"{REGRESSION_MIN_MASKS} (four coefficients per pixel: with "
+                                                    "fewer masks its map is noisier than the ratio's)")
         check_range("rise.min_masks", self.min_masks, 4, 1_000_000)  # two a half, or one pair a half
         if self.stop_at_r is not None:
             check_range("rise.stop_at_r", self.stop_at_r, 0.0, 1.0)

@@ -10,96 +10,22 @@ map has settled, and with `stop_at_r` ends the step early once it is high enough
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from difflens.engine.masks import grid_masks, make_masks, pixel_masks  # noqa: F401 - rise.make_masks, as before
-from difflens.engine.options import RiseOptions, RiseStats, SsimPadding
+from difflens.engine.options import RiseOptions, RiseStats
+from difflens.engine.rise_regression import RegressionFit
 from difflens.engine.sampler import StepState
+from difflens.engine.ssim import gaussian_filter, ssim_structure
 
-SSIM_WINDOW = 15
-SSIM_SIGMA = 1.5
-SSIM_C2 = (0.03 * 1.0) ** 2  # dynamic range L = 1, as the reference code
-SSIM_C3 = SSIM_C2 / 2
 BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
 
 
 # --- scores ----------------------------------------------------------------------------------------------------
-
-
-def gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Normalised 1-D Gaussian window: (size,). The 2-D window is its outer product (also normalised)."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum()).to(device=device, dtype=dtype)
-
-
-def gaussian_filter(z: torch.Tensor, size: int, sigma: float, padding_mode: str = "zeros") -> torch.Tensor:
-    """Depthwise Gaussian filter of every channel, output the same size. z: (B, C, h, w) -> (B, C, h, w).
-
-    The separable window applied as two matrix products, K_h @ z @ K_w^T, where row i of K_n holds the 1-D taps
-    around i with the padding folded in (zero: taps past the edge dropped; reflect: mirrored back inside as
-    F.pad's "reflect" does). The same linear operator as the padded 2-D outer-product window, and 4-13x faster
-    than a grouped convolution on a CPU for maps of 16 to 128 pixels a side.
-    """
-    h, w = z.shape[-2:]
-    k_h = filter_matrix(h, size, sigma, padding_mode, z.dtype, z.device)
-    k_w = k_h if w == h else filter_matrix(w, size, sigma, padding_mode, z.dtype, z.device)
-    return k_h @ z @ k_w.T
-
-
-@functools.lru_cache(maxsize=32)
-def filter_matrix(n: int, size: int, sigma: float, padding_mode: str, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """(n, n) matrix of the 1-D Gaussian filter over n samples: out = K @ z. padding_mode: zeros | reflect."""
-    pad = size // 2
-    if padding_mode not in ("zeros", "reflect"):
-        raise ValueError(f"padding_mode: got {padding_mode!r}; allowed: zeros, reflect")
-    if padding_mode == "reflect" and pad >= n:
-        raise ValueError(f"reflect padding of a {size}-tap window needs more than {pad} samples a side, got {n}")
-    src = torch.arange(n)[:, None] + torch.arange(size)[None, :] - pad  # (n, size): the sample each tap reads
-    taps = gaussian_1d(size, sigma, torch.float64, torch.device("cpu")).expand(n, size)
-    if padding_mode == "reflect":
-        src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
-    inside = (src >= 0) & (src < n)
-    k = torch.zeros(n, n, dtype=torch.float64)
-    k.index_put_((torch.arange(n)[:, None].expand(n, size)[inside], src[inside]), taps[inside], accumulate=True)
-    return k.to(device=device, dtype=dtype)
-
-
-def _local_stats(z: torch.Tensor, mode: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian-weighted local mean and variance (clamped at 0). z: (B, C, h, w) -> two (B, C, h, w)."""
-    c = z.shape[1]
-    both = gaussian_filter(torch.cat([z, z * z], dim=1), SSIM_WINDOW, SSIM_SIGMA, mode)
-    mu, mean_sq = both[:, :c], both[:, c:]
-    return mu, (mean_sq - mu * mu).clamp_min(0)
-
-
-def ssim_structure(x: torch.Tensor, y: torch.Tensor, *, double_covariance: bool = False,
-                   padding: SsimPadding = "zero") -> torch.Tensor:
-    """SSIM structure term per pixel, averaged over channels. x, y: (B, C, h, w) -> (B, h, w).
-
-    Per channel S = (sigma_xy + C3) / (sigma_x * sigma_y + C3) with C3 = C2 / 2, C2 = (0.03 * 1)^2; local
-    statistics from the normalised 15 x 15 Gaussian window (sigma 1.5) with zero padding 7, so the map keeps the
-    input size. Variances are clamped at 0 before the square root (the reference code can produce NaN there).
-    Statistics are computed in float64 (E[z^2] - E[z]^2 cancels in float32 where the local variance is small
-    against the mean); the result comes back in the inputs' dtype. Either batch may be 1 and is then broadcast
-    against the other (its statistics are computed once).
-    double_covariance: the reference code's 2 * sigma_xy numerator (parity option).
-    padding: "reflect" mirrors the border pixels into the window instead of zeros (needs h, w > 7).
-    """
-    mode = "zeros" if padding == "zero" else "reflect"
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    x, y = x.double(), y.double()
-    mu_x, var_x = _local_stats(x, mode)
-    mu_y, var_y = _local_stats(y, mode)
-    cov = gaussian_filter(x * y, SSIM_WINDOW, SSIM_SIGMA, mode) - mu_x * mu_y
-    num = (2 * cov if double_covariance else cov) + SSIM_C3
-    return (num / (var_x.sqrt() * var_y.sqrt() + SSIM_C3)).mean(dim=1).to(dtype)
 
 
 def score(ref: torch.Tensor, out: torch.Tensor, opts: RiseOptions) -> torch.Tensor:
@@ -140,16 +66,25 @@ def reference(state: StepState, opts: RiseOptions) -> torch.Tensor:
     return ref.float()
 
 
-def masked_contribution(state: StepState, opts: RiseOptions, sub: torch.Tensor | None, ref: torch.Tensor,
-                        masks: torch.Tensor, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """M_k * s_k for each mask of one chunk, and sum_k s_k, from ONE guided UNet call (both CFG branches).
+def masked_scores(state: StepState, opts: RiseOptions, sub: torch.Tensor | None, ref: torch.Tensor,
+                  masks: torch.Tensor) -> torch.Tensor:
+    """s_k, each mask's score map, from ONE guided UNet call (both CFG branches): (B, h, w) float32.
 
-    sub: (1, C, h, w) or None; ref: (1, C, h, w) float32; masks: (B, h, w) -> (B, h, w) and (h, w) float32.
-    `real`: only the first `real` masks count toward sum_k s_k (the rest pad a compiled batch). Scores are
-    computed in float32 whatever the model's dtype (local variances in fp16 lose everything).
+    sub: (1, C, h, w) or None; ref: (1, C, h, w) float32; masks: (B, h, w). Scores are computed in float32
+    whatever the model's dtype (local variances in fp16 lose everything).
     """
     eps = state.runner.guided(perturb(state.latent_in, masks, sub), state.t, state.cond)
-    s = score(ref, eps.float(), opts)
+    return score(ref, eps.float(), opts)
+
+
+def masked_contribution(state: StepState, opts: RiseOptions, sub: torch.Tensor | None, ref: torch.Tensor,
+                        masks: torch.Tensor, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """M_k * s_k for each mask of one chunk, and sum_k s_k, from one guided UNet call (`masked_scores`).
+
+    masks: (B, h, w) -> (B, h, w) and (h, w) float32. `real`: only the first `real` masks count toward sum_k s_k
+    (the rest pad a compiled batch).
+    """
+    s = masked_scores(state, opts, sub, ref, masks)
     return masks.float() * s, s[:real].sum(dim=0)
 
 
@@ -195,12 +130,16 @@ def split_halves(n: int, paired: bool) -> torch.Tensor:
 
 def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_size: int) -> RiseRun:
     """masks: (N, h, w) -> maps {"rise", "rise_raw", "rise_mean"}: (h, w) each, and RiseStats; `batch_size` masks
-    per UNet call, stopping after a chunk once the split-half r reaches `opts.stop_at_r` (from `opts.min_masks`)."""
+    per UNet call, stopping after a chunk once the split-half r reaches `opts.stop_at_r` (from `opts.min_masks`).
+    With `opts.estimator` "regression", "rise" (and the split-half maps) come from the per-pixel fit
+    (engine/rise_regression.py) instead of H / sum_k M_k."""
     # no_grad, not inference_mode: the conditioning cache filled here is reused by DF-CAM under autograd.
     with torch.no_grad():
         masks = masks.to(state.latent_in.device)
         sub = substrate(state.latent_in, opts)
         ref = reference(state, opts)
+        fit = RegressionFit(state.latent_in, sub, ref, opts.p, opts.ssim_padding) \
+            if opts.estimator == "regression" else None
         raw = torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
         total = torch.zeros_like(raw)
         paired = opts.masks is None and (opts.antithetic or opts.sampler == "sobol")
@@ -213,28 +152,39 @@ def _explain(state: StepState, opts: RiseOptions, masks: torch.Tensor, batch_siz
                 # A compiled UNet recompiles for every new batch shape; all-zero masks pad the last chunk to
                 # the compiled one at no cost to the map (their weight M_k is 0 everywhere).
                 chunk = torch.cat([chunk, chunk.new_zeros(batch_size - real, *chunk.shape[1:])])
-            weighted, summed = masked_contribution(state, opts, sub, ref, chunk, real)
+            s = masked_scores(state, opts, sub, ref, chunk)[:real]
+            kept = chunk[:real].float()
+            weighted = kept * s
             raw += weighted.sum(dim=0)
-            total += summed
+            total += s.sum(dim=0)
             which = half[used:used + real]
-            halves[:, 0].index_add_(0, which, weighted[:real])
-            halves[:, 1].index_add_(0, which, chunk[:real].float())
+            halves[:, 0].index_add_(0, which, weighted)
+            halves[:, 1].index_add_(0, which, kept)
+            if fit is not None:
+                fit.add(kept, s, which)
             used += real
             if opts.stop_at_r is not None and used >= opts.min_masks and not (paired and used % 2):
-                r, r_at = split_half_r(halves), used
+                r, r_at = split_half_r(halves, fit), used
                 if r is not None and r >= opts.stop_at_r:
                     break
         if r_at != used:
-            r = split_half_r(halves)
-        maps = {"rise": normalise(raw, masks[:used]), "rise_raw": raw, "rise_mean": total / used}
+            r = split_half_r(halves, fit)
+        rise = normalise(raw, masks[:used])
+        if fit is not None:
+            rise = fit.map(rise)
+        maps = {"rise": rise, "rise_raw": raw, "rise_mean": total / used}
         return RiseRun(maps, RiseStats(masks_used=used, masks_planned=len(masks), split_half_r=r,
                                        stop_at_r=opts.stop_at_r))
 
 
-def split_half_r(halves: torch.Tensor) -> float | None:
-    """Pearson r over pixels between the two halves' count-normalised maps. halves: (2, 2, h, w), per half the
-    weighted sum and the mask count. None where undefined (a map constant, e.g. no mask of a half kept any pixel)."""
-    a, b = (normalised_by(h[0], h[1]).double().flatten() for h in halves)
+def split_half_r(halves: torch.Tensor, fit: RegressionFit | None = None) -> float | None:
+    """Pearson r over pixels between the two halves' maps: count-normalised, or each half's regression fit.
+    halves: (2, 2, h, w), per half the weighted sum and the mask count. None where undefined (a map constant,
+    e.g. no mask of a half kept any pixel)."""
+    maps = [normalised_by(h[0], h[1]) for h in halves]
+    if fit is not None:
+        maps = [fit.map(m, which=k) for k, m in enumerate(maps)]
+    a, b = (m.double().flatten() for m in maps)
     a, b = a - a.mean(), b - b.mean()
     den = float((a.square().sum() * b.square().sum()).sqrt())
     return float((a * b).sum()) / den if den > 0 else None
