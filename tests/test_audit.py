@@ -415,9 +415,11 @@ def _rise_record(tiny_model, tiny_dir, **rise_kw) -> dict:
 
 
 def test_a_record_with_the_mask_sampling_fields_replays_them(tiny_dir, tiny_model, tmp_path, capsys):
-    record = _rise_record(tiny_model, tiny_dir, sampler="stratified", antithetic=True, stop_at_r=0.5, min_masks=4)
+    record = _rise_record(tiny_model, tiny_dir, sampler="stratified", antithetic=True, stop_at_r=0.5, min_masks=4,
+                          estimator="regression")
     rise = record["request"]["explain"]["rise"]
     assert (rise["sampler"], rise["antithetic"], rise["stop_at_r"], rise["min_masks"]) == ("stratified", True, 0.5, 4)
+    assert rise["estimator"] == "regression"
     assert all(s["masks_planned"] == 16 and s["stop_at_r"] == 0.5 for s in record["resolved"]["rise_stats"].values())
     assert main(["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir)]) == 0
     rows = _rows(capsys.readouterr().out)
@@ -430,7 +432,7 @@ def test_a_record_from_before_the_sampling_and_padding_options_replays_as_it_ran
     padding, the default of its day): replay must run exactly that, not today's reflect default."""
     record = _rise_record(tiny_model, tiny_dir, ssim_padding="zero")
     rise = record["request"]["explain"]["rise"]
-    assert not {"sampler", "antithetic", "stop_at_r", "min_masks"} & set(rise)  # defaults are left out
+    assert not {"sampler", "antithetic", "stop_at_r", "min_masks", "estimator"} & set(rise)  # defaults left out
     del rise["ssim_padding"]
     assert main(["replay", _write(tmp_path, record), "--model-dir", str(tiny_dir)]) == 0
     rows = _rows(capsys.readouterr().out)

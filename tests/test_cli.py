@@ -116,6 +116,9 @@ def test_make_tiny_model_then_explain_without_methods(tmp_path):
     (["--stop-at-r", "0.9", "--min-masks", "300"], "--min-masks"),  # more than the 256 masks
     (["--min-masks", "1"], "--min-masks"),
     (["--methods", "cam", "--sampler", "sobol"], "--sampler"),
+    (["--estimator", "ols"], "--estimator"),
+    (["--estimator", "regression", "--mask", "grid"], "--estimator"),  # needs pixel masks
+    (["--estimator", "regression", "--masks", "8"], "--masks"),  # needs 16
 ])
 def test_bad_values_exit_2_naming_the_option_and_write_nothing(tiny_dir, tmp_path, capsys, args, flag):
     out = tmp_path / "run"
@@ -144,11 +147,13 @@ def test_out_must_be_a_folder(tiny_dir, tmp_path, capsys):
 def test_sampling_flags_reach_the_rise_options_and_padding_defaults_to_reflect():
     parse = cli.build_parser().parse_args
     args = parse(["explain", "m", "p", "--out", "o", "--sampler", "stratified", "--antithetic", "--stop-at-r",
-                  "0.95", "--min-masks", "16"])
+                  "0.95", "--min-masks", "16", "--estimator", "regression"])
     rise = explain_flags.explanation_options(args).rise
     assert (rise.sampler, rise.antithetic, rise.stop_at_r, rise.min_masks) == ("stratified", True, 0.95, 16)
+    assert rise.estimator == "regression"
     plain = explain_flags.explanation_options(parse(["explain", "m", "p", "--out", "o"])).rise
     assert (plain.sampler, plain.antithetic, plain.stop_at_r, plain.ssim_padding) == ("mc", False, None, "reflect")
+    assert plain.estimator == "ratio"
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["explain"].format_help()
     assert "zero: the paper's" in " ".join(help_text.split())
 

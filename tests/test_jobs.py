@@ -33,7 +33,8 @@ from difflens.jobs import (
 )
 
 SAMPLING_SPEC = JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions(
-    num_masks=32, sampler="stratified", antithetic=True, stop_at_r=0.9, min_masks=8, ssim_padding="zero")))
+    num_masks=32, sampler="stratified", antithetic=True, stop_at_r=0.9, min_masks=8, ssim_padding="zero",
+    estimator="regression")))
 SPECS = [
     JobSpec("default", GenerationParams("a red circle")),
     JobSpec("m", GenerationParams("a blue square", negative_prompt="x", seed=7, steps=5, guidance_scale=2.5,
@@ -107,6 +108,7 @@ def test_a_default_rise_spec_writes_the_fields_an_earlier_release_wrote():
     assert rise["explain"]["rise"]["ssim_padding"] == "reflect"  # always named: its default changed
     used = json.loads(SAMPLING_SPEC.to_json())["explain"]["rise"]
     assert (used["sampler"], used["antithetic"], used["stop_at_r"], used["min_masks"]) == ("stratified", True, 0.9, 8)
+    assert used["estimator"] == "regression"
 
 
 def test_a_spec_recorded_before_the_padding_option_ran_with_zero_padding():

@@ -40,7 +40,7 @@ T = TypeVar("T")
 # record) stays what an earlier release wrote, and a worker of the previous release, which passes the "rise"
 # object to RiseOptions(**...), still runs it.
 RISE_LATER_FIELDS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RiseOptions)
-                                     if f.name in ("sampler", "antithetic", "stop_at_r", "min_masks")}
+                                     if f.name in ("sampler", "antithetic", "stop_at_r", "min_masks", "estimator")}
 # Where a recorded request lacks a field whose default has changed since, the value it ran with: records made
 # before ssim_padding existed ran with zero padding (the default until it became reflect).
 RISE_LEGACY_DEFAULTS: dict[str, Any] = {"ssim_padding": "zero"}

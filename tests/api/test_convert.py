@@ -54,6 +54,8 @@ SPECS = [
                                                     stop_at_r=0.95, min_masks=16, ssim_padding="zero"))),
     JobSpec(model="m", params=GenerationParams("x"),
             explain=ExplainOptions(rise=RiseOptions(sampler="stratified", stop_at_r=0.0))),
+    JobSpec(model="m", params=GenerationParams("x"),
+            explain=ExplainOptions(rise=RiseOptions(num_masks=32, sampler="stratified", estimator="regression"))),
 ]
 
 
@@ -77,6 +79,7 @@ def test_unset_rise_fields_take_the_defaults_and_unset_padding_is_reflect():
     rise = convert.request_to_spec(req).explain.rise
     assert rise == RiseOptions() and rise.ssim_padding == "reflect"
     assert (rise.sampler, rise.antithetic, rise.stop_at_r, rise.min_masks) == ("mc", False, None, 64)
+    assert rise.estimator == "ratio"
     req.explain.rise.ssim_padding = pb.RiseOptions.SSIM_PADDING_ZERO
     assert convert.request_to_spec(req).explain.rise.ssim_padding == "zero"
     sent = convert.spec_to_request(JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions())))
@@ -88,6 +91,7 @@ def test_unset_rise_fields_take_the_defaults_and_unset_padding_is_reflect():
     ("sampler", 9, "explain.rise.sampler", "SAMPLER_MC, SAMPLER_STRATIFIED, SAMPLER_SOBOL"),
     ("stop_at_r", 1.5, "explain.rise.stop_at_r", "allowed range [0.0, 1.0]"),
     ("min_masks", 1, "explain.rise.min_masks", "allowed range [4, 1000000]"),
+    ("estimator", 7, "explain.rise.estimator", "ESTIMATOR_RATIO, ESTIMATOR_REGRESSION"),
 ])
 def test_bad_sampling_fields_are_named_as_the_contract_names_them(field, value, path, text):
     req = pb.ExplainRequest(prompt="p")

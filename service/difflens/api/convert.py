@@ -59,6 +59,7 @@ RISE_TARGETS = {0: "eps", 1: "eps", 2: "x_prev"}
 SUBSTRATES = {0: "zero", 1: "zero", 2: "blur"}
 SSIM_PADDINGS = {0: "reflect", 1: "zero", 2: "reflect"}
 MASK_SAMPLERS = {0: "mc", 1: "mc", 2: "stratified", 3: "sobol"}
+RISE_ESTIMATORS = {0: "ratio", 1: "ratio", 2: "regression"}
 CAM_TARGETS = {0: "output_sum", 1: "output_sum", 2: "guided_sum", 3: "guided_sqnorm"}
 MAP_DTYPES = {0: "float32", 1: "float16", 2: "float32"}
 TENSOR_DTYPES = {pb.Tensor.D_TYPE_FLOAT16: "float16", pb.Tensor.D_TYPE_FLOAT32: "float32",
@@ -146,6 +147,7 @@ def rise_from_pb(r: Any) -> RiseOptions:
                  min_masks=_opt(r, "min_masks")),
         "sampler": _enum("explain.rise.sampler", r.sampler, MASK_SAMPLERS, R.Sampler),
         "antithetic": r.antithetic,
+        "estimator": _enum("explain.rise.estimator", r.estimator, RISE_ESTIMATORS, R.Estimator),
         "mask": _enum("explain.rise.mask_kind", r.mask_kind, MASK_KINDS, R.MaskKind),
         "score": _enum("explain.rise.score", r.score, SCORES, R.Score),
         "target": _enum("explain.rise.target", r.target, RISE_TARGETS, R.Target),
@@ -236,7 +238,8 @@ def spec_to_request(spec: JobSpec, timeout_s: float | None = None) -> Any:
             score=_number(SCORES, r.score), target=_number(RISE_TARGETS, r.target), batch=r.batch_size,
             substrate=_number(SUBSTRATES, r.substrate), structure_2x=r.structure_2x, mask_seed=r.seed,
             ssim_padding=_number(SSIM_PADDINGS, r.ssim_padding), sampler=_number(MASK_SAMPLERS, r.sampler),
-            antithetic=r.antithetic, min_masks=r.min_masks, **_given(stop_at_r=r.stop_at_r)))
+            antithetic=r.antithetic, min_masks=r.min_masks, estimator=_number(RISE_ESTIMATORS, r.estimator),
+            **_given(stop_at_r=r.stop_at_r)))
     if e.cam is not None:
         req.explain.cam.CopyFrom(pb.CamOptions(layers=list(e.cam.layers), target=_number(CAM_TARGETS, e.cam.target)))
     req.explain.attention.enabled = e.attention is not None

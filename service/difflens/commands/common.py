@@ -27,7 +27,7 @@ FLAG_OF_FIELD = {
     "rise.grid_size": "--grid-size", "rise.p": "--p", "rise.substrate": "--substrate", "rise.score": "--score",
     "rise.ssim_padding": "--ssim-padding", "rise.target": "--rise-target", "rise.seed": "--mask-seed",
     "rise.sampler": "--sampler", "rise.antithetic": "--antithetic", "rise.stop_at_r": "--stop-at-r",
-    "rise.min_masks": "--min-masks",
+    "rise.min_masks": "--min-masks", "rise.estimator": "--estimator",
     "cam.layers": "--cam-layers",
     "cam.target": "--cam-target", "unet_backend": "--backend", "device": "--device", "dtype": "--dtype",
     "triton_url": "--triton-url", "triton_models": "--triton-model",

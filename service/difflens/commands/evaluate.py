@@ -29,6 +29,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=("mc", "stratified", "sobol"), default="mc",
                    help="DF-RISE mask draws (default mc)")
     p.add_argument("--antithetic", action="store_true", help="DF-RISE masks in antithetic pairs (--masks even)")
+    p.add_argument("--estimator", choices=("ratio", "regression"), default="ratio",
+                   help="DF-RISE map from the scores: RISE's ratio or the per-pixel regression (default ratio)")
     p.add_argument("--steps", default="6", metavar="N|i,j,...",
                    help="explained steps: N spread over the trajectory, or step indices (default 6)")
     p.add_argument("--chunks", type=int, default=16, help="deletion / insertion points - 1 (default 16)")
@@ -46,6 +48,7 @@ FLAGS = {"fidelity_images": "--captions", "explain_captions": "--explain-caption
          "chunks": "--chunks", "steps": "--steps", "sampling.shift": "--shift", "rise.mask": "--mask",
          "rise.grid_size": "--grid-size", "rise.score": "--score", "rise.num_masks": "--masks",
          "rise.ssim_padding": "--ssim-padding", "rise.sampler": "--sampler", "rise.antithetic": "--antithetic",
+         "rise.estimator": "--estimator",
          "r3_steps": "--r3-steps"}
 
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                          steps=parse_steps(args.steps), chunks=args.chunks, shift=args.shift, seed=args.seed,
                          rise_mask=args.mask, rise_grid_size=args.grid_size, rise_score=args.score,
                          rise_ssim_padding=args.ssim_padding, rise_sampler=args.sampler,
-                         rise_antithetic=args.antithetic,
+                         rise_antithetic=args.antithetic, rise_estimator=args.estimator,
                          r3_steps=parse_ints("r3_steps", args.r3_steps) if args.r3_steps.strip() else ())
     except InvalidArgument as e:
         raise InvalidArgument(FLAGS.get(e.field, e.field), e.message) from None

@@ -16,6 +16,7 @@ from difflens.engine.options import (
     MASK_KINDS,
     MASK_SAMPLERS,
     METHODS,
+    RISE_ESTIMATORS,
     RISE_TARGETS,
     SCORES,
     SSIM_PADDINGS,
@@ -32,7 +33,8 @@ from difflens.errors import InvalidArgument
 RISE_FLAGS = {"masks": "num_masks", "batch": "batch_size", "mask": "mask", "grid_size": "grid_size", "p": "p",
               "substrate": "substrate", "score": "score", "structure_2x": "structure_2x",
               "ssim_padding": "ssim_padding", "rise_target": "target", "mask_seed": "seed", "sampler": "sampler",
-              "antithetic": "antithetic", "stop_at_r": "stop_at_r", "min_masks": "min_masks"}
+              "antithetic": "antithetic", "stop_at_r": "stop_at_r", "min_masks": "min_masks",
+              "estimator": "estimator"}
 CAM_FLAGS = {"cam_layers": "layers", "cam_target": "target"}
 
 
@@ -71,6 +73,9 @@ def add_explanation_flags(p: argparse.ArgumentParser, *, keep: str | None = None
                    help="DF-RISE mask draws: independent, stratified per pixel or scrambled Sobol" + d(" (default mc)"))
     e.add_argument("--antithetic", action="store_true", default=None,
                    help="DF-RISE: masks in pairs, M and its mirror (1 - M for p 0.5); --masks must be even")
+    e.add_argument("--estimator", metavar=choices_text(RISE_ESTIMATORS),
+                   help="DF-RISE map from the scores: RISE's ratio, or a per-pixel regression on mask covariates "
+                        "(the same map from fewer masks; pixel masks, --masks >= 16)" + d(" (default ratio)"))
     e.add_argument("--stop-at-r", type=float, metavar="R",
                    help="DF-RISE: stop a step's masks once the split-half r of its map is >= R" + d(" (default: off)"))
     e.add_argument("--min-masks", type=int,

@@ -38,6 +38,7 @@ from difflens.engine.options import (
     GenerationParams,
     MaskKind,
     MaskSampler,
+    RiseEstimator,
     RiseOptions,
     Sampling,
     ScoreKind,
@@ -67,8 +68,8 @@ EXPLAIN_SEED_OFFSET = 10_000  # explained images never share noise with the fide
 class EvalConfig:
     """Sizes of a run. steps: how many explained steps, spread evenly over the trajectory (first and last
     included), or explicit step indices. rise_mask / rise_grid_size / rise_score / rise_ssim_padding / rise_sampler /
-    rise_antithetic: the DF-RISE variant judged (RiseOptions' mask, grid_size, score, ssim_padding, sampler,
-    antithetic)."""
+    rise_antithetic / rise_estimator: the DF-RISE variant judged (RiseOptions' mask, grid_size, score,
+    ssim_padding, sampler, antithetic, estimator)."""
 
     fidelity_images: int = 200
     explain_captions: int = 16
@@ -92,13 +93,14 @@ class EvalConfig:
     rise_ssim_padding: SsimPadding = "zero"
     rise_sampler: MaskSampler = "mc"
     rise_antithetic: bool = False
+    rise_estimator: RiseEstimator = "ratio"
 
     def rise_options(self) -> RiseOptions:
         """The DF-RISE options every explained step uses (InvalidArgument naming rise.<field> when invalid)."""
         return RiseOptions(num_masks=self.masks, batch_size=self.rise_batch, seed=self.seed,
                            mask=self.rise_mask, grid_size=self.rise_grid_size, score=self.rise_score,
                            ssim_padding=self.rise_ssim_padding, sampler=self.rise_sampler,
-                           antithetic=self.rise_antithetic)
+                           antithetic=self.rise_antithetic, estimator=self.rise_estimator)
 
     def __post_init__(self) -> None:
         for name in ("fidelity_images", "explain_captions", "max_candidates_factor", "masks", "rise_batch",
