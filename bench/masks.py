@@ -1,15 +1,16 @@
-"""Fewer DF-RISE masks for the same map: mask samplers against a plain Monte Carlo reference (issue 22).
+"""Fewer DF-RISE masks for the same map: mask samplers and estimators against a plain Monte Carlo reference (issue 22).
 
 On the shipped model (models/shapes), at steps spread over the trajectory of a few prompts: a reference map from
-many plain Monte Carlo masks; then, for each sampler (mc, stratified, sobol, each with and without antithetic
-pairs), the Pearson r of the map from N masks against the reference as N grows, averaged over mask seeds; the
-masks each needs to reach r >= 0.95; and the headline masks_ratio = the best sampler's masks / plain MC's (target
-<= 0.25). Also early stopping at split-half r >= 0.95: the masks used and the r against the reference then.
+many plain Monte Carlo masks; then, for each variant (the samplers mc, stratified, sobol, each with and without
+antithetic pairs, read off by RISE's ratio; and mc and stratified read off by the regression estimator), the Pearson
+r of the map from N masks against the reference as N grows, averaged over mask seeds; the masks each needs to
+reach r >= 0.95; and the headline masks_ratio = the best variant's masks / plain MC's (target <= 0.25). Also early
+stopping at split-half r >= 0.95: the masks used and the r against the reference then.
 
-The map compared is DF-RISE's "rise" (count-normalised); "own" (rise - rise_mean, what a pixel's own mask adds)
-is reported beside it: it is the harder one to pin down. Samplers whose draws nest (mc, sobol, antithetic pairs)
-are read at every N from one run's prefixes; stratified masks are a Latin hypercube over exactly N draws, so they
-are drawn anew for each N.
+The map compared is DF-RISE's "rise"; "own" (rise - rise_mean, what a pixel's own mask adds) is reported beside
+it: it is the harder one to pin down. Samplers whose draws nest (mc, sobol, antithetic pairs) are read at every N
+from one run's prefixes; stratified masks are a Latin hypercube over exactly N draws, so they are drawn anew for
+each N.
 
     PYTHONPATH=service .venv/bin/python -m bench.masks            # 3 cases, 2000-mask references (~10 min, 2 CPUs)
     PYTHONPATH=service .venv/bin/python -m bench.masks --full     # 3 prompts x 3 steps, 4000-mask references
