@@ -16,7 +16,7 @@ from difflens.engine.options import (
     StepSelector,
 )
 from difflens.errors import InvalidArgument
-from difflens.job_codec import options_from_dict
+from difflens.job_codec import decode_event, encode_event, json_type_problem, options_from_dict
 from difflens.jobs import (
     Completed,
     Failed,
@@ -27,9 +27,6 @@ from difflens.jobs import (
     Started,
     Step,
     TokenMap,
-    decode_event,
-    encode_event,
-    json_type_problem,
 )
 
 SAMPLING_SPEC = JobSpec("m", GenerationParams("p"), ExplainOptions(rise=RiseOptions(

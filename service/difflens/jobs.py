@@ -2,24 +2,17 @@
 
 A `JobSpec` is a validated request (engine option dataclasses plus serving fields); it travels through the queue
 as JSON. An `Event` is one thing that happened to a job (queued, started, an explained step, completed, failed);
-it travels as bytes. Both codecs (and the type check of JSON written by someone else) are in job_codec.py; the
-names it had here (encode_event, decode_event, json_type_problem, field_types) are still importable from here.
+it travels as bytes. Both codecs (and the type check of JSON written by someone else) are in job_codec.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
 
 from difflens.engine.options import ExplainOptions, GenerationParams, RiseStats, check_choice
-
-if TYPE_CHECKING:
-    from difflens.job_codec import decode_event as decode_event
-    from difflens.job_codec import encode_event as encode_event
-    from difflens.job_codec import field_types as field_types
-    from difflens.job_codec import json_type_problem as json_type_problem
 
 JobStateName = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -157,14 +150,3 @@ class Failed:
 
 Event = Queued | Started | Step | Progress | Completed | Failed
 TERMINAL_EVENTS = (Completed, Failed)
-_CODEC_NAMES = frozenset({"decode_event", "encode_event", "field_types", "json_type_problem"})
-
-
-def __getattr__(name: str) -> Any:
-    """The codecs' names, from job_codec.py on first use: it imports this module, so this one cannot import it
-    at its top."""
-    if name in _CODEC_NAMES:
-        from difflens import job_codec
-
-        return getattr(job_codec, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

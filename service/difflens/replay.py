@@ -27,7 +27,8 @@ from difflens import audit
 from difflens.config import ServiceSettings, Settings
 from difflens.engine.options import ExplainOptions, GenerationParams
 from difflens.errors import InvalidArgument
-from difflens.jobs import JobSpec, json_type_problem
+from difflens.job_codec import json_type_problem
+from difflens.jobs import JobSpec
 from difflens.models import config_sha256, weights_sha256
 
 if TYPE_CHECKING:

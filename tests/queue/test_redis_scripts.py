@@ -12,7 +12,8 @@ import redis
 import redis.asyncio
 
 from difflens.config import ServiceSettings
-from difflens.jobs import Completed, Failed, Progress, encode_event
+from difflens.job_codec import encode_event
+from difflens.jobs import Completed, Failed, Progress
 from difflens.queue import redis_scripts as scripts
 from difflens.queue.base import Published
 from difflens.queue.common import new_job_id, new_token

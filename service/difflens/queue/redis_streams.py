@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis
 
 from difflens.config import ServiceSettings
-from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started, decode_event, encode_event
+from difflens.job_codec import decode_event, encode_event
+from difflens.jobs import Event, Failed, JobRecord, JobSpec, Queued, Started
 from difflens.queue import redis_lua as lua
 from difflens.queue import redis_scripts as scripts
 from difflens.queue.base import Claim, JobNotFound, Published, is_terminal
