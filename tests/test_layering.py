@@ -4,7 +4,9 @@ those inside functions too: a function-level import is how the command line's mo
 - difflens.engine imports nothing of difflens outside the engine but the shared leaves (SHARED_LEAVES: errors.py,
   the domain exceptions, which itself imports nothing of difflens);
 - difflens.queue imports no grpc, neither itself nor through the difflens modules it imports;
-- nothing below the command line (CLI: difflens.cli, difflens.__main__, difflens.commands) imports it.
+- nothing below the command line (CLI: difflens.cli, difflens.__main__, difflens.commands) imports it;
+- only the gRPC front (api/) and the gRPC client (client.py) import the generated stubs (difflens._gen, or
+  difflens.api.pb, api/'s door to them); everything else speaks the domain types.
 
 The checker is run on a synthetic tree that breaks each rule, so a checker that finds nothing fails too.
 """
@@ -21,7 +23,9 @@ ENGINE = "difflens.engine"
 QUEUE = "difflens.queue"
 SHARED_LEAVES = ("difflens.errors",)
 CLI = ("difflens.cli", "difflens.__main__", "difflens.commands")
-GENERATED = "difflens._gen"  # made by `make proto`; only api/ imports it (its own test)
+GENERATED = "difflens._gen"  # made by `make proto`
+STUBS = (GENERATED, "difflens.api.pb")
+STUB_USERS = ("difflens.api", "difflens.client")
 
 
 def within(name: str, packages: str | tuple[str, ...]) -> bool:
@@ -85,6 +89,8 @@ def violations(root: Path) -> list[str]:
                 found.append(f"{where}:{line}: the shared leaf {module} imports {name}")
             if within(name, CLI) and not within(module, CLI):
                 found.append(f"{where}:{line}: {module} imports the command line ({name})")
+            if within(name, STUBS) and not within(module, STUB_USERS):
+                found.append(f"{where}:{line}: {module} imports the generated stubs ({name})")
     for module in (m for m in graph if within(m, QUEUE)):
         chain = grpc_chain(module, graph)
         if chain:
@@ -136,7 +142,9 @@ CLEAN = {"__init__.py": "", "__main__.py": "from difflens.cli import main\n", "e
          "engine/__init__.py": "", "engine/hooks.py": "",
          "engine/api.py": "from difflens.errors import InvalidArgument\nfrom . import hooks\n",
          "jobs.py": "", "queue/__init__.py": "", "queue/base.py": "from difflens.jobs import x\n",
-         "api/__init__.py": "", "api/server.py": "import grpc\nfrom difflens.queue.base import Queue\n"}
+         "api/__init__.py": "", "api/pb.py": "from difflens._gen.difflens.v1 import difflens_pb2 as pb\n",
+         "api/server.py": "import grpc\nfrom difflens.queue.base import Queue\nfrom difflens.api.pb import pb\n",
+         "client.py": "from difflens.api.pb import pb\n"}
 
 
 def test_the_checker_passes_a_clean_tree(tmp_path):
@@ -156,6 +164,10 @@ def test_the_checker_passes_a_clean_tree(tmp_path):
                                                                    "the command line (difflens.cli)"),
     ("queue/base.py", "from ..commands.explain import x\n", "queue/base.py:1: difflens.queue.base imports the "
                                                             "command line (difflens.commands"),
+    ("commands/explain.py", "def f():\n    from difflens.api.pb import pb\n", "commands/explain.py:2: "
+                            "difflens.commands.explain imports the generated stubs (difflens.api.pb)"),
+    ("jobs.py", "from difflens._gen.difflens.v1 import difflens_pb2\n", "jobs.py:1: difflens.jobs imports the "
+                                                                       "generated stubs (difflens._gen"),
 ])
 def test_the_checker_finds_each_kind_of_violation(tmp_path, rel, text, says):
     found = violations(_tree(tmp_path, {**CLEAN, rel: text}))

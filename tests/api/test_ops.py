@@ -308,6 +308,7 @@ def test_models_lists_what_the_server_serves_with_its_live_workers(embedded, cap
     assert main(["models", "--server", embedded.target]) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["model", "workers", "waiting", "steps", "guidance", "scheduler", "size"]
+    assert set(row.split()) & {"ddim", "ddpm", "dpmsolver++", "euler"}  # as --scheduler spells it
     assert main(["models", "--server", embedded.target, "--json"]) == 0
     (info,) = json.loads(capsys.readouterr().out)["models"]
     assert (info["name"], info["live_workers"], info["is_default"]) == ("tiny", 1, True)

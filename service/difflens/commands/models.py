@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToJson
 
-    from difflens.api.pb import pb
+    from difflens.api.convert import SCHEDULERS
 
     with connect(args) as client:
         try:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = [("model", "workers", "waiting", "steps", "guidance", "scheduler", "size")]
     for m in response.models:
-        scheduler = pb.Scheduler.Name(m.default_scheduler).removeprefix("SCHEDULER_").lower()
+        scheduler = SCHEDULERS.get(m.default_scheduler, "unset")
         rows.append((m.name + (" (default)" if m.is_default else ""), str(m.live_workers), str(m.queue_depth),
                      str(m.default_steps), f"{m.default_guidance_scale:g}", scheduler,
                      f"{m.default_width}x{m.default_height}"))
