@@ -275,21 +275,23 @@ def main(argv: list[str] | None = None) -> None:
     points = [16 * 2**k for k in range(int(math.log2(args.max_masks // 16)) + 1)]
     model = load_model(args.model)
     started = time.perf_counter()
-    cases = []
+    planned = len(PROMPTS) * (len(STEPS) if args.full else 1)
+    result = {"benchmark": "masks", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "commit": git_commit(),
+              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                          "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "target_r": TARGET_R, "cases_planned": planned, "cases": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(PROMPTS):
         steps = STEPS if args.full else (STEPS[i],)  # the quick profile: one step per prompt, spread over them
         for state in capture(model, prompt, steps):
             print(f"{prompt!r} step {state.index} (t={state.timestep})", flush=True)
-            cases.append({"prompt": prompt, **run_case(state, args, points, lambda m: print(m, flush=True))})
-    summary = summarise(cases, points)
-    result = {"benchmark": "masks", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "commit": git_commit(), "seconds": round(time.perf_counter() - started, 1),
-              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                          "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "target_r": TARGET_R, "summary": summary, "cases": cases}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+            result["cases"].append({"prompt": prompt, **run_case(state, args, points, lambda m: print(m, flush=True))})
+            # After every case, so that a run cut short (hours with --full) leaves what it measured.
+            result.update(seconds=round(time.perf_counter() - started, 1),
+                          complete=len(result["cases"]) == planned, summary=summarise(result["cases"], points))
+            args.out.write_text(json.dumps(result, indent=2))
     report(result, args.out)
 
 
@@ -303,7 +305,9 @@ def report(result: dict[str, Any], path: Path) -> None:
              else ("<= " if summary.get("masks_ratio_bound") == "upper" else "") + f"{summary['masks_ratio']:.2f}")
           + " (target <= 0.25)")
     print(f"reference split-half r (mean): {summary['reference_split_half_r']:.4f}")
-    print(f"wrote {path} and {png} (run: {result['seconds']:.0f} s)")
+    done = len(result["cases"])
+    print(f"wrote {path} and {png} (run: {result['seconds']:.0f} s"
+          + ("" if result.get("complete", True) else f"; incomplete: {done} of {result['cases_planned']} cases") + ")")
 
 
 if __name__ == "__main__":
