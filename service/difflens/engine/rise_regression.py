@@ -17,7 +17,7 @@ The two covariates (Gaussian window w of the structure score, 15 x 15, sigma 1.5
   that the mask keeps (x the step's UNet input, sub what masked pixels become);
 - alignment: sum_v w(u, v) mean_c (r_c(v) - mu_c(u)) / sd_c(u) M(v), the kept pixels' reference standardised
   within u's window (r the reference the scores compare with; sd_c^2 = its local variance + C3).
-On the shipped model they explain 80-93% of the score's variance across masks where the pixel's own bit explains
+On the shipped model they explain 88-94% of the score's variance across masks where the pixel's own bit explains
 12% (docs/benchmarks-masks.md).
 
 Sufficient statistics (X^T X and X^T s per pixel, float64) are accumulated chunk by chunk like the ratio's H, so

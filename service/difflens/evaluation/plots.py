@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 from difflens.evaluation.metrics import KINDS, METHODS, REFERENCES, REGIONS
 
 Series = dict[str, tuple[Sequence[float], Sequence[float | None]]]
-PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (120, 120, 120))
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (120, 120, 120),
+           (140, 86, 75), (23, 190, 207), (188, 189, 34))  # distinct for up to 9 series (the dashed one included)
 W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 400, 60, 170, 36, 46
 
 
