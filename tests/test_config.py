@@ -196,3 +196,17 @@ def test_the_triton_backend_needs_a_url_and_a_dtype_numpy_has():
     assert e.value.field == "DIFFLENS_TRITON_MODEL" and "one Triton model per difflens model" in e.value.message
     # other backends leave the Triton variables unused (an exported DIFFLENS_TRITON_URL does not stop an eager run)
     assert Settings.from_env({**env, "DIFFLENS_UNET_BACKEND": "eager"}).unet_backend == "eager"
+
+
+def test_the_triton_call_timeout_is_a_positive_finite_number_of_seconds():
+    env = {"DIFFLENS_UNET_BACKEND": "triton", "DIFFLENS_TRITON_URL": "triton.ml.svc:8001"}
+    assert Settings.from_env(env).triton_call_timeout_s == 120.0
+    assert Settings.from_env({**env, "DIFFLENS_TRITON_CALL_TIMEOUT_S": "2.5"}).triton_call_timeout_s == 2.5
+    for value, says in (("soon", "got 'soon'"), ("0", "must be > 0 and finite"), ("-1", "must be > 0 and finite"),
+                        ("inf", "must be > 0 and finite"), ("nan", "must be > 0 and finite")):
+        with pytest.raises(InvalidArgument) as e:  # from the environment: the variable is named
+            Settings.from_env({**env, "DIFFLENS_TRITON_CALL_TIMEOUT_S": value})
+        assert e.value.field == "DIFFLENS_TRITON_CALL_TIMEOUT_S" and says in e.value.message, value
+    with pytest.raises(InvalidArgument) as e:
+        Settings(triton_call_timeout_s=0.0)
+    assert e.value.field == "triton_call_timeout_s"

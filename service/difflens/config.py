@@ -4,7 +4,8 @@ Nothing deeper in the code reads os.environ. Environment variables (all optional
 DIFFLENS_DEVICE (cpu | cuda | cuda:N), DIFFLENS_DTYPE (float32 | float16 | bfloat16),
 DIFFLENS_UNET_BACKEND (eager | compile | triton), DIFFLENS_THREADS (torch's CPU threads, else OMP_NUM_THREADS; 0 or
 unset: the CPUs this process may use), and for the triton backend DIFFLENS_TRITON_URL (HOST:PORT of the server's gRPC
-endpoint), DIFFLENS_TRITON_MODEL ([MODEL=]NAME, comma-separated) and DIFFLENS_TRITON_WAIT_S.
+endpoint), DIFFLENS_TRITON_MODEL ([MODEL=]NAME, comma-separated), DIFFLENS_TRITON_WAIT_S and
+DIFFLENS_TRITON_CALL_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -99,10 +100,12 @@ class Settings:
     unet_backend: UNetBackend = "eager"
     threads: int = 0  # torch intra-op threads; 0: available_cpus()
     # The triton backend: where the server's gRPC endpoint is, which of its models serves each difflens model
-    # (("", NAME) for every model; none named: the difflens model's own name), and how long start-up waits for it.
+    # (("", NAME) for every model; none named: the difflens model's own name), how long start-up waits for it, and
+    # how long one UNet call may take before its job fails UNAVAILABLE (a stalled server must not hold a job forever).
     triton_url: str | None = None
     triton_models: tuple[tuple[str, str], ...] = ()
     triton_wait_s: float = 60.0
+    triton_call_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -126,6 +129,9 @@ class Settings:
                 raise InvalidArgument("triton_models", f"got {shown!r}; {TRITON_MODEL_ALLOWED}")
         if not self.triton_wait_s >= 0:
             raise InvalidArgument("triton_wait_s", f"got {self.triton_wait_s}; must be >= 0 (seconds)")
+        if not 0 < self.triton_call_timeout_s < math.inf:  # gRPC takes no infinite deadline
+            raise InvalidArgument("triton_call_timeout_s",
+                                  f"got {self.triton_call_timeout_s}; must be > 0 and finite (seconds)")
         if self.unet_backend != "triton":
             return
         if self.triton_url is None:
@@ -186,12 +192,14 @@ class Settings:
                     [v.strip() for v in env["DIFFLENS_TRITON_MODEL"].split(",") if v.strip()])
             except InvalidArgument as e:
                 raise InvalidArgument("DIFFLENS_TRITON_MODEL", e.message) from None
-        if "DIFFLENS_TRITON_WAIT_S" in env:
-            try:
-                values["triton_wait_s"] = float(env["DIFFLENS_TRITON_WAIT_S"])
-            except ValueError as e:
-                raise InvalidArgument("DIFFLENS_TRITON_WAIT_S", f"got {env['DIFFLENS_TRITON_WAIT_S']!r}: {e}") from e
-            origin["triton_wait_s"] = "DIFFLENS_TRITON_WAIT_S"
+        for key, var in (("triton_wait_s", "DIFFLENS_TRITON_WAIT_S"),
+                         ("triton_call_timeout_s", "DIFFLENS_TRITON_CALL_TIMEOUT_S")):
+            if var in env:
+                try:
+                    values[key] = float(env[var])
+                except ValueError as e:
+                    raise InvalidArgument(var, f"got {env[var]!r}: {e}") from e
+                origin[key] = var
         for var in ("DIFFLENS_THREADS", "OMP_NUM_THREADS"):  # the OpenMP convention too, as torch honours it
             if var in env:
                 # OMP_NUM_THREADS may list a count per nesting level ("4,2"): the first is this level's

@@ -74,11 +74,15 @@ class Health:
     """What a process tells its probes on the metrics port: GET /healthz (liveness: 200 while the process serves
     HTTP at all) and /readyz (200 once it can take work: a front that reaches its queue, a worker whose models are
     loaded and whose queue answered; 503 with the reason before that and while draining). Kubernetes' startup and
-    readiness probes read /readyz; a worker has no gRPC port to probe."""
+    readiness probes read /readyz; a worker has no gRPC port to probe.
 
-    def __init__(self) -> None:
+    `check` (a worker on the triton backend: its Triton servers' readiness) is asked while the process itself is
+    ready: not ready, its reason is the answer. It caches its own answer (probes come every few seconds)."""
+
+    def __init__(self, check: Callable[[], tuple[bool, str]] | None = None) -> None:
         self._lock = threading.Lock()
         self._ready, self._why = False, "starting"
+        self.check = check
 
     def set(self, ready: bool, why: str = "") -> None:
         with self._lock:
@@ -86,7 +90,12 @@ class Health:
 
     def readiness(self) -> tuple[bool, str]:
         with self._lock:
-            return self._ready, self._why
+            ready, why = self._ready, self._why
+        if ready and self.check is not None:
+            ok, reason = self.check()
+            if not ok:
+                return False, reason
+        return ready, why
 
 
 def _app(health: Health) -> Callable[..., Any]:

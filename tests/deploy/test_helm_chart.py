@@ -199,8 +199,9 @@ def test_custom_objects_have_their_required_fields(case):
     ({"worker.dtype": "float8"}, "/worker/dtype"),
     ({"triton.url": "grpc://triton:8001"}, "/triton/url"),
     ({"models": [{"name": "sd", "hostPath": {"path": "/m"}, "tritonModel": "sd 15"}]}, "/models/0/tritonModel"),
+    ({"triton.callTimeoutSeconds": 0}, "/triton/callTimeoutSeconds"),
 ], ids=["wrong-type", "unknown-key", "bad-model-name", "missing-volume", "two-volumes", "no-models", "redis-6",
-        "bad-dtype", "triton-url-scheme", "bad-triton-model"])
+        "bad-dtype", "triton-url-scheme", "bad-triton-model", "zero-call-timeout"])
 def test_schema_refuses_bad_values(set_values, named):
     done = template([], set_values)
     assert done.returncode != 0
@@ -689,7 +690,8 @@ def worker_settings_of(container: dict):
 
     return Settings.from_env({k: v for k, v in env(container).items() if k.startswith("DIFFLENS_")
                               and k in ("DIFFLENS_DEVICE", "DIFFLENS_DTYPE", "DIFFLENS_UNET_BACKEND",
-                                        "DIFFLENS_TRITON_URL", "DIFFLENS_TRITON_MODEL", "DIFFLENS_TRITON_WAIT_S")})
+                                        "DIFFLENS_TRITON_URL", "DIFFLENS_TRITON_MODEL", "DIFFLENS_TRITON_WAIT_S",
+                                        "DIFFLENS_TRITON_CALL_TIMEOUT_S")})
 
 
 def test_triton_sidecar_serves_each_worker_pod_on_localhost(renders):
@@ -701,6 +703,8 @@ def test_triton_sidecar_serves_each_worker_pod_on_localhost(renders):
         worker, triton = spec["containers"]
         settings = worker_settings_of(worker)
         assert (settings.unet_backend, settings.triton_url, settings.device) == ("triton", "127.0.0.1:8001", "cpu")
+        assert (settings.triton_wait_s, settings.triton_call_timeout_s) == (values["triton"]["waitSeconds"],
+                                                                            values["triton"]["callTimeoutSeconds"])
         assert settings.triton_model(model) == {"sd15": "sd15-unet-fp16", "shapes": "shapes"}[model]
         assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
         assert triton["args"][:5] == ["tritonserver", "--model-repository=/triton/models", "--grpc-port=8001",

@@ -14,8 +14,8 @@ from difflens.config import Settings
 from difflens.engine.explain import run_explanation
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.runner import UNetRunner
-from difflens.errors import InvalidArgument, NotReady
-from difflens.triton.client import connect_unet
+from difflens.errors import BackendUnavailable, InvalidArgument, NotReady
+from difflens.triton.client import connect_unet, probe_inputs
 from tests.worker.helpers import CAM_LAYERS
 
 
@@ -67,6 +67,46 @@ def test_a_server_with_other_weights_is_refused(triton_server, triton_settings, 
         connect_unet(triton_settings, "tiny", other.unet)
     assert e.value.field == "triton_models" and e.value.message.startswith("tiny: its output on a probe input is ")
     assert "other weights than the model folder's" in e.value.message
+
+
+def test_a_call_past_its_timeout_fails_unavailable_naming_the_variable_and_the_next_call_succeeds(
+        triton_server, triton_settings, tiny_model):
+    remote = connect_unet(triton_settings, "tiny", tiny_model.unet)
+    try:
+        assert remote.call_timeout_s == triton_settings.triton_call_timeout_s == 120.0
+        latents, t, embeds = probe_inputs(tiny_model.unet, remote.served)
+        remote.call_timeout_s = 1e-4  # no server answers within 100 us: gRPC's deadline ends the call
+        with pytest.raises(BackendUnavailable) as e:
+            remote(latents, t, embeds)
+        assert str(e.value) == (f"the UNet's Triton server at {triton_server.url} (model 'tiny') did not answer within "
+                                "0.0001 s (DIFFLENS_TRITON_CALL_TIMEOUT_S); submit the job again")
+        remote.call_timeout_s = 120.0
+        got = remote(latents, t, embeds)
+    finally:
+        remote.close()
+    with torch.no_grad():
+        want = tiny_model.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_stalled_server_fails_the_call_at_its_timeout_and_is_not_ready():
+    """A peer that takes the connection and never answers (a hung server, a black-holed route): the call ends at
+    its timeout with BackendUnavailable, and the readiness check says so within its own short timeout."""
+    from difflens.triton.client import READY_CALL_TIMEOUT_S, ServedModel, TritonUNet
+
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(8)
+        url = f"127.0.0.1:{stalled.getsockname()[1]}"
+        remote = TritonUNet(url, "tiny", ServedModel(max_batch=4, dims={}), call_timeout_s=0.5)
+        try:
+            with pytest.raises(BackendUnavailable) as e:
+                remote(torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), torch.zeros(1, 8, 32))
+            assert "did not answer within 0.5 s (DIFFLENS_TRITON_CALL_TIMEOUT_S)" in str(e.value)
+            assert remote.ready() == (False, f"Triton model 'tiny' at {url}: no answer within "
+                                             f"{READY_CALL_TIMEOUT_S:g} s")
+        finally:
+            remote.close()
 
 
 def test_an_unknown_model_or_no_server_names_its_flag(triton_server, tiny_model):

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 from PIL import Image
@@ -14,6 +20,7 @@ from PIL import Image
 from difflens import metrics
 from difflens.config import Settings
 from difflens.jobs import Completed, Failed, Step
+from tests.support.waiting import wait_until
 from tests.worker.helpers import MODEL, settings, solo, spec, wait_for, wait_terminal
 
 
@@ -55,6 +62,50 @@ def test_a_server_gone_mid_job_fails_that_job_and_the_worker_serves_the_next(tri
         worker.stop(timeout=60)
         queue.close()
     assert metrics.REGISTRY.get_sample_value("difflens_errors_total", {"type": "unet_backend"}) == errors + 2
+
+
+def _readyz(port):
+    """(status, body) of the worker's /readyz; None before its metrics port listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except urllib.error.URLError:
+        return None
+
+
+def test_a_worker_is_not_ready_while_its_triton_server_is_gone(triton_server, tiny_dir, redis_url, queue_name,
+                                                               tmp_path):
+    """`difflens worker --backend triton` as a process: /readyz 200 once it serves, 503 naming the server once the
+    server is killed (the readiness probe's answer is reused for a few seconds), 200 again once it is back."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "difflens", "worker", "--redis", redis_url, "--queue", queue_name, "--model",
+             f"tiny={tiny_dir}", "--name", "w-ready", "--backend", "triton", "--triton-url", triton_server.url,
+             "--metrics-port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        def answer(code):
+            assert proc.poll() is None, log_path.read_text()
+            got = _readyz(port)
+            return got if got and got[0] == code else None
+
+        assert wait_until(lambda: answer(200), 300, 0.2, log_path.read_text) == (200, "worker w-ready ready\n")
+        triton_server.kill()
+        _, why = wait_until(lambda: answer(503), 60, 0.2, log_path.read_text)
+        assert why.startswith(f"Triton model 'tiny' at {triton_server.url}: "), why
+        triton_server.start()  # the same gRPC port
+        assert wait_until(lambda: answer(200), 60, 0.2, log_path.read_text) == (200, "worker w-ready ready\n")
+    finally:
+        proc.kill()
+        proc.wait()
+        if triton_server.proc is None or triton_server.proc.poll() is not None:
+            triton_server.start()  # for the module's other tests
 
 
 def test_replay_runs_a_triton_record_eager_in_process():

@@ -66,18 +66,26 @@ def run(args: argparse.Namespace) -> int:
     from difflens.queue.redis_streams import connect
     from difflens.worker.worker import Worker
 
-    probe = Health()  # /readyz: 503 while the models load (a startup probe sized for it), then 200 until draining
+    # /readyz: 503 while the models load (a startup probe sized for it), then 200 until draining, and on the triton
+    # backend while a Triton server does not answer ready (the worker goes on taking jobs; they fail UNAVAILABLE)
+    probe = Health()
     if settings.metrics_port is not None:  # first: a busy port fails before the models load
         serve_metrics(settings.metrics_port, settings.metrics_host or "127.0.0.1", probe)
         probe.set(False, "loading models")
     threads = settings.engine.apply_threads()
     registry = ModelRegistry(settings)
-    for entry in registry.load_all():  # a bad folder fails here, before any job is taken
+    entries = registry.load_all()  # a bad folder fails here, before any job is taken
+    for entry in entries:
         server = entry.unet_server
         backend = entry.runner.backend + (f" {server['model']!r} at {server['url']}" if server else "")
         print(f"difflens: worker: model {entry.name!r} loaded from {entry.folder} "
               f"({settings.engine.device}, {settings.engine.dtype}, {backend}, {threads} threads)",
               file=sys.stderr)
+    if settings.engine.unet_backend == "triton":
+        from difflens.triton.client import TritonUNet, all_ready
+
+        remotes = [e.runner.remote for e in entries if isinstance(e.runner.remote, TritonUNet)]
+        probe.check = lambda: all_ready(remotes)
     probe.set(False, "models loaded; waiting for the queue")
     queue = connect(settings)
     stop = threading.Event()

@@ -8,7 +8,12 @@ the ones the server runs. Every error names the flag to fix.
 
 Per call: tensors travel as numpy over tritonclient's gRPC API, split at the model's max_batch_size. A server that
 cannot be reached fails the call with BackendUnavailable (the job fails UNAVAILABLE); the channel is then made
-anew, so the next job connects at once when the server is back instead of waiting out gRPC's reconnect backoff.
+anew, so the next job connects at once when the server is back instead of waiting out gRPC's reconnect backoff. A
+call that takes longer than triton_call_timeout_s (DIFFLENS_TRITON_CALL_TIMEOUT_S) fails the same way: a stalled
+server does not hold a job forever.
+
+Readiness (`TritonUNet.ready`, a worker's /readyz): the server and the model ready, asked with a short timeout and
+the answer kept for READY_CACHE_S, so a probe every few seconds costs the server little.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from difflens.triton import contract
 log = logging.getLogger(__name__)
 
 STARTUP_CALL_TIMEOUT_S = 5.0  # one health or config call at start-up
+READY_CALL_TIMEOUT_S = 1.0  # one health call of a readiness probe (the chart's worker probes time out at 5 s)
+READY_CACHE_S = 5.0  # how long a readiness answer is reused
 # Relative L2 distance between the server's and the local UNet's output on the probe input above which they are taken
 # for different weights. The same weights differ by float noise (~1e-6 here; a GPU's TF32 or a TensorRT engine by
 # ~1e-3); other weights by ~1.
@@ -42,6 +49,10 @@ TRITON_DATATYPE = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16"}  # config type -> t
 
 def _unreachable(err: InferenceServerException) -> bool:
     return "UNAVAILABLE" in str(err.status() or "")
+
+
+def _timed_out(err: InferenceServerException) -> bool:
+    return "DEADLINE_EXCEEDED" in str(err.status() or "")
 
 
 @dataclass(frozen=True)
@@ -100,15 +111,19 @@ def check_config(name: str, config: Mapping[str, Any], dtype: str, unet_config: 
 
 
 class TritonUNet:
-    """RemoteUNet over one Triton model. `served` as check_config found it; thread-safe (tritonclient's gRPC
-    infer is), so a worker's job threads and its DF-RISE batcher share one."""
+    """RemoteUNet over one Triton model. `served` as check_config found it; each call may take up to
+    `call_timeout_s`. Thread-safe (tritonclient's gRPC infer is), so a worker's job threads and its DF-RISE batcher
+    share one."""
 
-    def __init__(self, url: str, model: str, served: ServedModel) -> None:
+    def __init__(self, url: str, model: str, served: ServedModel, call_timeout_s: float = 120.0) -> None:
         self.url = url
         self.model = model
         self.served = served
+        self.call_timeout_s = call_timeout_s
         self._lock = threading.Lock()
         self._client = grpcclient.InferenceServerClient(url)
+        self._ready_lock = threading.Lock()  # one readiness check at a time; the others wait for its answer
+        self._ready: tuple[float, bool, str] | None = None  # (when, ready, why)
 
     def close(self) -> None:
         with self._lock:
@@ -143,12 +158,21 @@ class TritonUNet:
             inputs.append(tensor)
         client = self._client
         try:
-            result = client.infer(self.model, inputs, outputs=[grpcclient.InferRequestedOutput(contract.OUTPUT)])
+            result = client.infer(self.model, inputs, outputs=[grpcclient.InferRequestedOutput(contract.OUTPUT)],
+                                  client_timeout=self.call_timeout_s)
         except InferenceServerException as e:
             if _unreachable(e):
                 self._renew(client)
                 raise BackendUnavailable(f"the UNet's Triton server at {self.url} (model {self.model!r}) cannot be "
                                          f"reached: {e.message()}; submit the job again") from None
+            if _timed_out(e):
+                # The connection may be the stalled part (tritonclient sends no keepalive pings): the next call
+                # gets a fresh one. The old one is not closed under the calls other threads have in flight on it
+                # (a slow server may still answer them); it closes when the last of them lets go of it.
+                self._renew(client, close=False)
+                raise BackendUnavailable(f"the UNet's Triton server at {self.url} (model {self.model!r}) did not "
+                                         f"answer within {self.call_timeout_s:g} s (DIFFLENS_TRITON_CALL_TIMEOUT_S); "
+                                         "submit the job again") from None
             if "INVALID_ARGUMENT" in str(e.status() or ""):
                 raise InvalidArgument("triton_models", f"{self.model}: the server refused the call: "
                                                        f"{e.message()}") from None
@@ -161,15 +185,52 @@ class TritonUNet:
                                f"{arrays[0][1].shape[0]} samples")
         return np.array(out, copy=True)  # the response's buffer is read-only; torch wants its own
 
-    def _renew(self, broken: Any) -> None:
-        """A fresh channel for the next call (once per broken one, whichever thread saw it first)."""
+    def _renew(self, broken: Any, close: bool = True) -> None:
+        """A fresh channel for the next call (once per broken one, whichever thread saw it first); the broken one
+        closed now, or (close=False) when the last call holding it ends (tritonclient closes it when collected)."""
         with self._lock:
             if self._client is broken:
                 self._client = grpcclient.InferenceServerClient(self.url)
+                if not close:
+                    return
                 try:
                     broken.close()
                 except Exception:  # noqa: BLE001 - a dead channel may refuse to close cleanly; it is dropped anyway
                     log.debug("closing the old Triton channel failed", exc_info=True)
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the server and the model are ready now, and why not: (ready, reason). Each health call waits up
+        to READY_CALL_TIMEOUT_S; the answer is reused for READY_CACHE_S. A server that does not answer gets a fresh
+        channel, as a failed call does, so the first check after it is back finds it."""
+        with self._ready_lock:
+            now = time.monotonic()
+            if self._ready is not None and now - self._ready[0] < READY_CACHE_S:
+                return self._ready[1:]
+            client = self._client
+            where = f"Triton model {self.model!r} at {self.url}"
+            try:
+                if not client.is_server_ready(client_timeout=READY_CALL_TIMEOUT_S):
+                    answer = (False, f"{where}: the server is not ready")
+                elif not client.is_model_ready(self.model, client_timeout=READY_CALL_TIMEOUT_S):
+                    answer = (False, f"{where}: the server has no model {self.model!r} ready")
+                else:
+                    answer = (True, f"{where} ready")
+            except InferenceServerException as e:
+                if _unreachable(e) or _timed_out(e):
+                    self._renew(client, close=False)  # a job's call may be in flight on it
+                said = f"no answer within {READY_CALL_TIMEOUT_S:g} s" if _timed_out(e) else e.message() or str(e)
+                answer = (False, f"{where}: {said}")
+            self._ready = (time.monotonic(), *answer)
+            return answer
+
+
+def all_ready(remotes: Sequence[TritonUNet]) -> tuple[bool, str]:
+    """(True, '') when every remote's server and model are ready (TritonUNet.ready), else the first one's reason."""
+    for remote in remotes:
+        ok, why = remote.ready()
+        if not ok:
+            return False, why
+    return True, ""
 
 
 def wait_ready(client: Any, url: str, model: str, wait_s: float) -> None:
@@ -229,7 +290,7 @@ def check_weights(remote: TritonUNet, unet: Any, dtype: str) -> None:
 
 def connect_unet(settings: Settings, model_name: str, unet: Any) -> TritonUNet:
     """The checked RemoteUNet of difflens model `model_name` (its local `unet` gives the config and the probe's
-    reference), per `settings` (triton_url, triton_model(), triton_wait_s, dtype)."""
+    reference), per `settings` (triton_url, triton_model(), triton_wait_s, triton_call_timeout_s, dtype)."""
     url, model = str(settings.triton_url), settings.triton_model(model_name)
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -240,7 +301,8 @@ def connect_unet(settings: Settings, model_name: str, unet: Any) -> TritonUNet:
             raise NotReady(f"--triton-url: reading model {model!r}'s config at {url}: {e.message()}") from None
     finally:
         client.close()
-    remote = TritonUNet(url, model, check_config(model, config, settings.dtype, unet.config))
+    remote = TritonUNet(url, model, check_config(model, config, settings.dtype, unet.config),
+                        call_timeout_s=settings.triton_call_timeout_s)
     try:
         check_weights(remote, unet, settings.dtype)
     except BaseException:
