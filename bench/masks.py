@@ -170,13 +170,6 @@ def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
             curves.setdefault(key, {})[name] = [mean([c["curves"][name][str(n)][key] for c in cases])
                                                 for n in points]
         needed[name] = crossing(points, curves["r"][name])
-    others = {k: v for k, v in needed.items() if k != "mc" and v is not None}
-    best = min(others, key=lambda k: others[k]) if others else None
-    # A crossing at the ladder's first point means "that many masks or fewer": plain MC there leaves the ratio
-    # unknown, the best sampler there makes it an upper bound.
-    ratio = others[best] / needed["mc"] if best is not None and needed.get("mc") and needed["mc"] > points[0] \
-        else None
-    bound = None if ratio is None else "upper" if others[best] <= points[0] else "exact"
     early = {name: {"masks_used": mean([c["early_stop"][name]["masks_used"] for c in cases]),
                     "r": mean([c["early_stop"][name]["r"] for c in cases]),
                     "stopped": sum(c["early_stop"][name]["masks_used"] < points[-1] for c in cases)}
@@ -184,23 +177,56 @@ def summarise(cases: list[dict[str, Any]], points: list[int]) -> dict[str, Any]:
     per_case = [{"prompt": c["prompt"], "timestep": c["timestep"],
                  "masks_to_target": {name: crossing(points, [c["curves"][name][str(n)]["r"] for n in points])
                                      for name in needed}} for c in cases]
-    return {"points": points, "curves": curves, "masks_to_target": needed, "best": best, "masks_ratio": ratio,
-            "masks_ratio_bound": bound, "per_case": per_case,
+    return {"points": points, "curves": curves, "masks_to_target": needed, **headline(per_case, needed, points),
+            "per_case": per_case,
             "refused": {n: cases[0]["curves"][n]["refused"] for n in names if "refused" in cases[0]["curves"][n]},
             "early_stop": early,
             "reference_split_half_r": mean([c["reference"]["split_half_r"] for c in cases])}
 
 
+def headline(per_case: list[dict[str, Any]], needed: dict[str, float | None], points: list[int]) -> dict[str, Any]:
+    """masks_ratio: per case, a variant's masks to r >= 0.95 over plain MC's, geometric mean over the cases that
+    can tell (plain MC needs more than the ladder's first point there, and reaches it within the ladder); the best
+    variant is the one with the smallest mean. A crossing at the ladder's first point means "that many masks or
+    fewer", so where the best variant's is, the ratio is an upper bound. Also the same read off the mean curve over
+    all cases (masks_ratio_mean_curve): cases where every variant is already at r >= 0.95 with 16 masks pull the
+    mean curve up and plain MC's crossing down, which makes that figure a weak bound when the best variant sits at
+    the ladder's first point."""
+    first = points[0]
+    telling = [c["masks_to_target"] for c in per_case if (c["masks_to_target"].get("mc") or 0) > first]
+    ratios = {name: [c[name] / c["mc"] for c in telling] for name in needed
+              if name != "mc" and telling and all(c[name] is not None for c in telling)}
+    geo = {name: math.exp(mean([math.log(r) for r in rs])) for name, rs in ratios.items()}
+    best = min(geo, key=lambda k: geo[k]) if geo else None
+    others = {k: v for k, v in needed.items() if k != "mc" and v is not None}
+    best_curve = min(others, key=lambda k: others[k]) if others else None
+    curve_ratio = others[best_curve] / needed["mc"] \
+        if best_curve is not None and needed.get("mc") and needed["mc"] > first else None  # type: ignore[operator]
+    return {"best": best, "masks_ratio": geo.get(best) if best else None,
+            "masks_ratio_bound": None if best is None else
+            "upper" if any(c[best] <= first for c in telling) else "exact",
+            "masks_ratio_per_case": {name: rs for name, rs in ratios.items()}, "cases_telling": len(telling),
+            "best_mean_curve": best_curve, "masks_ratio_mean_curve": curve_ratio,
+            "masks_ratio_mean_curve_bound": None if curve_ratio is None else
+            "upper" if others[best_curve] <= first else "exact"}  # type: ignore[index]
+
+
 def table(summary: dict[str, Any]) -> str:
     points = summary["points"]
-    head = "| sampler | " + " | ".join(f"r @ {n}" for n in points) + " | masks to r >= 0.95 | vs mc |"
-    lines = [head, "|" + " --- |" * (len(points) + 3)]
+    head = "| variant | " + " | ".join(f"r @ {n}" for n in points) \
+        + " | masks to r >= 0.95 (mean curve) | vs mc (mean curve) | vs mc, per case (geometric mean) |"
+    lines = [head, "|" + " --- |" * (len(points) + 4)]
     mc = summary["masks_to_target"].get("mc")
+    per_case = summary.get("masks_ratio_per_case", {})
     for name, rs in summary["curves"]["r"].items():
         need = summary["masks_to_target"][name]
-        ratio = f"{need / mc:.2f}" if need is not None and mc and mc > points[0] else "-"
+        ratio = "-" if need is None or not mc or mc <= points[0] else \
+            ("<= " if need <= points[0] else "") + f"{need / mc:.2f}"
+        cases = per_case.get(name)
+        geo = "1.00" if name == "mc" else "-" if not cases else \
+            ("<= " if name_bounded(summary, name) else "") + f"{math.exp(mean([math.log(r) for r in cases])):.2f}"
         lines.append(f"| {name} | " + " | ".join(f"{r:.3f}" for r in rs)
-                     + f" | {'> ' + str(points[-1]) if need is None else shown(need, points)} | {ratio} |")
+                     + f" | {'> ' + str(points[-1]) if need is None else shown(need, points)} | {ratio} | {geo} |")
     for name, why in summary["refused"].items():
         lines.append(f"| {name} | refused: {why} |")
     names = list(summary["masks_to_target"])
@@ -214,6 +240,13 @@ def table(summary: dict[str, Any]) -> str:
         lines += [f"| {k} | {v['masks_used']:.0f} | {v['stopped']} | {v['r']:.3f} |"
                   for k, v in summary["early_stop"].items()]
     return "\n".join(lines)
+
+
+def name_bounded(summary: dict[str, Any], name: str) -> bool:
+    """Whether a variant's per-case ratio is an upper bound: it is at the ladder's first point in a telling case."""
+    first = summary["points"][0]
+    return any(c["masks_to_target"][name] is not None and c["masks_to_target"][name] <= first
+               for c in summary["per_case"] if (c["masks_to_target"].get("mc") or 0) > first)
 
 
 def shown(masks: float, points: list[int]) -> str:
@@ -300,14 +333,20 @@ def report(result: dict[str, Any], path: Path) -> None:
     png = plot(summary, path.with_suffix(".png"))
     print()
     print(table(summary))
-    print(f"\nmasks_ratio (best sampler {summary['best']} / mc, to r >= {TARGET_R}): "
-          + ("n/a (the ladder does not resolve it)" if summary["masks_ratio"] is None
-             else ("<= " if summary.get("masks_ratio_bound") == "upper" else "") + f"{summary['masks_ratio']:.2f}")
-          + " (target <= 0.25)")
+    print(f"\nmasks_ratio (best variant {summary['best']} / mc, masks to r >= {TARGET_R} per case, geometric mean "
+          f"over the {summary.get('cases_telling', 0)} cases where plain MC needs more than {summary['points'][0]}): "
+          + ratio_text(summary.get("masks_ratio"), summary.get("masks_ratio_bound")) + " (target <= 0.25)")
+    print(f"on the mean curve over all cases ({summary.get('best_mean_curve')}): "
+          + ratio_text(summary.get("masks_ratio_mean_curve"), summary.get("masks_ratio_mean_curve_bound")))
     print(f"reference split-half r (mean): {summary['reference_split_half_r']:.4f}")
     done = len(result["cases"])
     print(f"wrote {path} and {png} (run: {result['seconds']:.0f} s"
           + ("" if result.get("complete", True) else f"; incomplete: {done} of {result['cases_planned']} cases") + ")")
+
+
+def ratio_text(ratio: float | None, bound: str | None) -> str:
+    return "n/a (the ladder does not resolve it)" if ratio is None else ("<= " if bound == "upper" else "") \
+        + f"{ratio:.2f}"
 
 
 if __name__ == "__main__":
