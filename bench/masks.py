@@ -223,7 +223,7 @@ def table(summary: dict[str, Any]) -> str:
         ratio = "-" if need is None or not mc or mc <= points[0] else \
             ("<= " if need <= points[0] else "") + f"{need / mc:.2f}"
         cases = per_case.get(name)
-        geo = "1.00" if name == "mc" else "-" if not cases else \
+        geo = ("1.00" if summary.get("cases_telling") else "-") if name == "mc" else "-" if not cases else \
             ("<= " if name_bounded(summary, name) else "") + f"{math.exp(mean([math.log(r) for r in cases])):.2f}"
         lines.append(f"| {name} | " + " | ".join(f"{r:.3f}" for r in rs)
                      + f" | {'> ' + str(points[-1]) if need is None else shown(need, points)} | {ratio} | {geo} |")
