@@ -117,3 +117,37 @@ def test_replay_runs_a_triton_record_eager_in_process():
     settings = runtime_settings({"runtime": runtime}, None)
     assert (settings.unet_backend, settings.dtype, settings.threads, settings.triton_url) == ("eager", "float32", 1,
                                                                                              None)
+
+
+def test_serve_embedded_readiness_follows_its_triton_server(triton_server, triton_settings, tiny_dir):
+    """`serve --embedded` on the triton backend: its /readyz check asks the embedded worker's Triton server, as a
+    worker's does - ready while it answers, not ready naming it once it is gone, ready again once it is back."""
+    from difflens.api.server import DifflensServer
+    from tests.api.helpers import settings as service_settings
+
+    probe = metrics.Health()
+    server = DifflensServer(service_settings(tiny_dir, engine=triton_settings), run_worker=True, probe=probe)
+    assert probe.check is not None and probe.check() == (True, "")
+    try:
+        triton_server.kill()
+        def unready():
+            ok, why = probe.check()
+            return None if ok else why
+
+        why = wait_until(unready, 60, 0.2)
+        assert why.startswith(f"Triton model 'tiny' at {triton_server.url}: "), why
+        triton_server.start()
+        assert wait_until(lambda: probe.check()[0] or None, 60, 0.2)
+    finally:
+        if triton_server.proc is None or triton_server.proc.poll() is not None:
+            triton_server.start()
+        del server
+
+
+def test_serve_embedded_on_eager_has_no_triton_check(tiny_dir):
+    from difflens.api.server import DifflensServer
+    from tests.api.helpers import settings as service_settings
+
+    probe = metrics.Health()
+    DifflensServer(service_settings(tiny_dir), run_worker=True, probe=probe)
+    assert probe.check is None

@@ -90,8 +90,13 @@ class DifflensServer:
             from difflens.worker import Worker
 
             registry = registry or ModelRegistry(settings)
-            registry.load_all()  # a broken folder fails now, not on the first job
+            entries = registry.load_all()  # a broken folder fails now, not on the first job
             self.worker = Worker(settings, self.queue, registry)
+            if probe is not None and settings.engine.unet_backend == "triton":
+                from difflens.triton.client import readiness_check
+
+                # /readyz follows the embedded worker's Triton servers, as a worker's does (commands/worker.py)
+                probe.check = readiness_check(entries)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None

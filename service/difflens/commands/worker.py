@@ -82,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
               f"({settings.engine.device}, {settings.engine.dtype}, {backend}, {threads} threads)",
               file=sys.stderr)
     if settings.engine.unet_backend == "triton":
-        from difflens.triton.client import TritonUNet, all_ready
+        from difflens.triton.client import readiness_check
 
-        remotes = [e.runner.remote for e in entries if isinstance(e.runner.remote, TritonUNet)]
-        probe.check = lambda: all_ready(remotes)
+        probe.check = readiness_check(entries)
     probe.set(False, "models loaded; waiting for the queue")
     queue = connect(settings)
     stop = threading.Event()

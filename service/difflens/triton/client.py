@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +222,13 @@ class TritonUNet:
                 answer = (False, f"{where}: {said}")
             self._ready = (time.monotonic(), *answer)
             return answer
+
+
+def readiness_check(entries: Sequence[Any]) -> Callable[[], tuple[bool, str]] | None:
+    """/readyz's check for a process whose loaded models (ModelRegistry entries) run their UNet on Triton: every
+    server and model ready (`all_ready`); None when none of them does."""
+    remotes = [e.runner.remote for e in entries if isinstance(e.runner.remote, TritonUNet)]
+    return (lambda: all_ready(remotes)) if remotes else None
 
 
 def all_ready(remotes: Sequence[TritonUNet]) -> tuple[bool, str]:
