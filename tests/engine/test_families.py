@@ -23,7 +23,7 @@ from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions
 from difflens.engine.sampler import generate, make_scheduler
 from difflens.engine.tokens import prompt_tokens
 from difflens.errors import ModelLoadError
-from tests.engine.family_steps import PROMPT, first_state
+from tests.engine.family_steps import PROMPT, explained_twice_alike, first_state
 
 
 def pipeline_image(model, params, negative, force_zeros=True):
@@ -150,22 +150,9 @@ def test_every_unet_call_of_every_explainer_carries_the_added_conditioning(tiny_
 
 
 def test_sdxl_explanations_have_their_shapes_and_are_deterministic(tiny_sdxl):
-    params = GenerationParams("a red circle", seed=5, steps=3, guidance_scale=5.0)
-    options = ExplainOptions(rise=RiseOptions(num_masks=8, batch_size=4), cam=CamOptions(),
-                             attention=AttentionOptions())
-    a, b = (run_explanation(tiny_sdxl, params, options) for _ in range(2))
-    assert np.array_equal(a.image, b.image) and a.tokens == ["a", "red", "circle"]
     layers = camable_layers(tiny_sdxl.unet)
     assert "down_blocks.1.attentions.0" in layers and not any(p.startswith("down_blocks.0.attentions") for p in layers)
-    for s, t in zip(a.steps, b.steps, strict=True):
-        assert set(s.maps) == {"rise", "rise_raw", "rise_mean", "cam", "attn", "attn_relevance",
-                               *(f"cam/{p}" for p in layers)}
-        for name, m in s.maps.items():
-            want = {"attn": (3, 16, 16), "attn_relevance": (3,)}.get(name, (16, 16))
-            assert m.shape == want and torch.isfinite(m).all(), name
-            assert torch.equal(m, t.maps[name]), name
-    plain = generate(tiny_sdxl, params)
-    assert np.array_equal(a.generation.image, plain.image)  # explaining never changes the image
+    explained_twice_alike(tiny_sdxl, 5.0, layers)
 
 
 def test_sdxl_attention_records_every_transformer_layer_and_puts_the_processors_back(tiny_sdxl):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 from difflens.catalog import describe
@@ -16,9 +15,8 @@ from difflens.engine.explain import run_explanation
 from difflens.engine.hooks import capture_joint_attention
 from difflens.engine.model_config import cam_layer_paths
 from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
-from difflens.engine.sampler import generate
 from difflens.engine.tokens import prompt_tokens
-from tests.engine.family_steps import PROMPT, first_state
+from tests.engine.family_steps import PROMPT, explained_twice_alike, first_state
 
 LAYERS = ("transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1")
 
@@ -44,21 +42,10 @@ def test_df_cam_captures_the_image_tokens_of_every_block(tiny_flux):
 
 
 def test_flux_explanations_have_their_shapes_and_are_deterministic(tiny_flux):
-    params = GenerationParams("a red circle", seed=5, steps=3, guidance_scale=3.5)
-    options = ExplainOptions(rise=RiseOptions(num_masks=8, batch_size=4), cam=CamOptions(),
-                             attention=AttentionOptions())
-    a, b = (run_explanation(tiny_flux, params, options) for _ in range(2))
-    assert np.array_equal(a.image, b.image) and a.tokens == ["a", "red", "circle"]
-    for s, t in zip(a.steps, b.steps, strict=True):
-        assert set(s.maps) == {"rise", "rise_raw", "rise_mean", "cam", "attn", "attn_relevance",
-                               *(f"cam/{p}" for p in LAYERS)}
-        for name, m in s.maps.items():
-            want = {"attn": (3, 16, 16), "attn_relevance": (3,)}.get(name, (16, 16))
-            assert m.shape == want and torch.isfinite(m).all(), name
-            assert torch.equal(m, t.maps[name]), name
+    a = explained_twice_alike(tiny_flux, 3.5, LAYERS)
+    for s in a.steps:
         assert all(s.maps[f"cam/{p}"].max() > 0 for p in LAYERS)
         assert s.maps["attn"].sum() > 0
-    assert np.array_equal(a.generation.image, generate(tiny_flux, params).image)  # explaining never changes it
 
 
 def test_every_transformer_call_of_every_explainer_carries_the_pooled_text_and_the_guidance(tiny_flux):
