@@ -24,12 +24,13 @@ def settings(tiny_dir: Any, **kw: Any) -> ServiceSettings:
 
 def spec(prompt: str = "a red circle", *, seed: int = 0, steps: int = 3, methods: tuple[str, ...] = ("rise",),
          masks: int = 8, batch: int = 4, output: OutputOptions | None = None, deadline: float | None = None,
-         **gen: Any) -> JobSpec:
+         guidance: float = 2.0, cam_layers: tuple[str, ...] = CAM_LAYERS, **gen: Any) -> JobSpec:
+    """A job for MODEL; the family tests pass their guidance, DF-CAM layers and scheduler."""
     explain = ExplainOptions(
         rise=RiseOptions(num_masks=masks, batch_size=batch, seed=seed) if "rise" in methods else None,
-        cam=CamOptions(layers=CAM_LAYERS) if "cam" in methods else None,
+        cam=CamOptions(layers=cam_layers) if "cam" in methods else None,
         attention=AttentionOptions() if "attn" in methods else None)
-    params = GenerationParams(prompt, seed=seed, steps=steps, guidance_scale=2.0, **gen)
+    params = GenerationParams(prompt, seed=seed, steps=steps, guidance_scale=guidance, **gen)
     return JobSpec(model=MODEL, params=params, explain=explain, output=output or OutputOptions(), deadline=deadline)
 
 

@@ -6,6 +6,7 @@ the torch-free front describes it and checks its prompt against T5's limit."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,24 +14,17 @@ import pytest
 from difflens.catalog import ModelCatalog
 from difflens.cli import main
 from difflens.config import Limits, Settings
-from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.errors import InvalidArgument
 from difflens.jobs import Completed, Failed, JobSpec, OutputOptions, Queued, Started, Step
 from difflens.validation import validate
-from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, png_image, settings, solo, wait_terminal
+from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, png_image, settings, solo, spec, wait_terminal
 
 CAM_LAYERS = ("transformer_blocks.0", "single_transformer_blocks.1")
 
 
-def flux_spec(prompt: str, *, seed: int, methods: tuple[str, ...] = ("rise",), masks: int = 8, batch: int = 4,
-              steps: int = 3, output: OutputOptions | None = None, negative: str = "") -> JobSpec:
-    explain = ExplainOptions(
-        rise=RiseOptions(num_masks=masks, batch_size=batch, seed=seed) if "rise" in methods else None,
-        cam=CamOptions(layers=CAM_LAYERS) if "cam" in methods else None,
-        attention=AttentionOptions() if "attn" in methods else None)
-    params = GenerationParams(prompt, seed=seed, steps=steps, guidance_scale=3.5, scheduler="euler",
-                              negative_prompt=negative)
-    return JobSpec(model=MODEL, params=params, explain=explain, output=output or OutputOptions())
+def flux_spec(prompt: str, *, seed: int, negative: str = "", **kw: Any) -> JobSpec:
+    return spec(prompt, seed=seed, guidance=3.5, cam_layers=CAM_LAYERS, scheduler="euler", negative_prompt=negative,
+                **kw)
 
 
 @pytest.fixture

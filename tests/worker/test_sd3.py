@@ -15,21 +15,18 @@ import torch
 from difflens.cli import main
 from difflens.engine import families
 from difflens.engine.memory import LiveBytes, MemoryEstimator
-from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.runner import UNetRunner
 from difflens.errors import InvalidArgument
 from difflens.jobs import JobSpec, OutputOptions
-from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, settings, solo, wait_terminal
+from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, settings, solo, spec, wait_terminal
 
 CAM_LAYERS = ("transformer_blocks.0", "transformer_blocks.1")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def sd3_spec(prompt: str, *, seed: int, output: OutputOptions | None = None) -> JobSpec:
-    explain = ExplainOptions(rise=RiseOptions(num_masks=8, batch_size=4, seed=seed), cam=CamOptions(layers=CAM_LAYERS),
-                             attention=AttentionOptions())
-    params = GenerationParams(prompt, seed=seed, steps=3, guidance_scale=5.0, scheduler="euler")
-    return JobSpec(model=MODEL, params=params, explain=explain, output=output or OutputOptions())
+    return spec(prompt, seed=seed, methods=("rise", "cam", "attn"), output=output, guidance=5.0,
+                cam_layers=CAM_LAYERS, scheduler="euler")
 
 
 def test_an_sd3_job_streams_the_engine_s_maps_and_its_record_replays(tiny_sd3_dir, tiny_sd3, tmp_path, capsys):

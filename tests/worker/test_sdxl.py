@@ -6,29 +6,23 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from difflens.cli import main
-from difflens.engine.options import AttentionOptions, CamOptions, ExplainOptions, GenerationParams, RiseOptions
 from difflens.engine.runner import unet_call
 from difflens.jobs import Completed, Failed, JobSpec, OutputOptions, Queued, Started, Step
 from difflens.worker.batching import BatchStats, UNetBatcher
-from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, png_image, solo, wait_terminal
+from tests.worker.helpers import MODEL, assert_streamed_as_the_engine, png_image, solo, spec, wait_terminal
 
 CAM_LAYERS = ("down_blocks.1.attentions.0", "up_blocks.0.resnets.0")  # SDXL's first block has no attention
 
 
-def sdxl_spec(prompt: str, *, seed: int, methods: tuple[str, ...] = ("rise",), masks: int = 8, batch: int = 4,
-              steps: int = 3, output: OutputOptions | None = None) -> JobSpec:
-    explain = ExplainOptions(
-        rise=RiseOptions(num_masks=masks, batch_size=batch, seed=seed) if "rise" in methods else None,
-        cam=CamOptions(layers=CAM_LAYERS) if "cam" in methods else None,
-        attention=AttentionOptions() if "attn" in methods else None)
-    params = GenerationParams(prompt, seed=seed, steps=steps, guidance_scale=5.0, scheduler="euler")
-    return JobSpec(model=MODEL, params=params, explain=explain, output=output or OutputOptions())
+def sdxl_spec(prompt: str, *, seed: int, **kw: Any) -> JobSpec:
+    return spec(prompt, seed=seed, guidance=5.0, cam_layers=CAM_LAYERS, scheduler="euler", **kw)
 
 
 @pytest.fixture
